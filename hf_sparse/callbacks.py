@@ -1,0 +1,128 @@
+"""`SparsityCallback`: drives the 2:4 dense warm-up from the Trainer's optimizer step and
+merges sparsity telemetry into every logging backend."""
+
+import logging
+import math
+import sys
+
+from transformers import TrainerCallback
+from transformers.trainer_callback import CallbackHandler
+from transformers.integrations import INTEGRATION_TO_CALLBACK
+
+from .modeling_sparse_llama import set_training_step
+from .telemetry import sparsity_metrics
+
+
+logger = logging.getLogger(__name__)
+
+_REPORTING_CALLBACK_TYPES = tuple(
+    cb for cb in INTEGRATION_TO_CALLBACK.values() if isinstance(cb, type)
+)
+
+_ORDER_HELP = (
+    "{name} must run before the reporting integrations (wandb, TensorBoard, ...) "
+    "or its metrics reach the console only. Insert it first: "
+    "trainer.callback_handler.callbacks.insert(0, {name}())."
+)
+
+
+def _calling_handler():
+    """The `CallbackHandler` that is calling the current callback event, if any.
+
+    `CallbackHandler.call_event` does not hand callbacks a reference to itself, and the
+    order it calls them in decides whether our metrics reach wandb/TensorBoard (they run
+    before callbacks passed in `Trainer(callbacks=...)`), so we look a few frames up for
+    `call_event`.
+    """
+    frame = sys._getframe(1)
+    for _ in range(6):
+        if frame is None:
+            return None
+        candidate = frame.f_locals.get("self")
+        if isinstance(candidate, CallbackHandler):
+            return candidate
+        frame = frame.f_back
+    return None
+
+
+class _FirstCallback(TrainerCallback):
+    """A callback that adds keys to `logs` and so must run before the reporting
+    integrations; it moves itself to the front of the handler the first time it is
+    called, and refuses to log silently to the console only."""
+
+    def _move_first(self):
+        handler = _calling_handler()
+        if handler is None or (handler.callbacks and handler.callbacks[0] is self):
+            return
+        # A new list: call_event keeps iterating the old one, so no callback runs twice.
+        handler.callbacks = [self] + [cb for cb in handler.callbacks if cb is not self]
+
+    def _check_order(self):
+        handler = _calling_handler()
+        if handler is None:
+            return
+        position = next(i for i, cb in enumerate(handler.callbacks) if cb is self)
+        if any(isinstance(cb, _REPORTING_CALLBACK_TYPES) for cb in handler.callbacks[:position]):
+            raise RuntimeError(_ORDER_HELP.format(name=type(self).__name__))
+
+    def on_init_end(self, args, state, control, **kwargs):
+        self._move_first()
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self._move_first()
+
+    @staticmethod
+    def _merge(state, logs, metrics):
+        logs.update(metrics)
+        # Trainer.log appends a copy of `logs` to log_history *before* on_log runs.
+        if state.log_history and all(state.log_history[-1].get(k) == v for k, v in logs.items() if k not in metrics):
+            state.log_history[-1].update(metrics)
+
+
+class EvalPerplexityCallback(_FirstCallback):
+    """Adds `eval_perplexity = exp(eval_loss)` to every evaluation log row."""
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        self._check_order()
+        if logs and "eval_loss" in logs and "eval_perplexity" not in logs:
+            loss = float(logs["eval_loss"])
+            self._merge(state, logs, {"eval_perplexity": math.exp(loss) if loss < 700 else float("inf")})
+
+
+class SparsityCallback(_FirstCallback):
+    """Sets the optimizer step on the sparse MLPs (dense warm-up, resume-safe) and, at each
+    training logging step, merges `sparsity_metrics` into the Trainer's `logs` and the
+    matching `state.log_history` row.
+
+    Attach it any documented way: `Trainer(callbacks=[SparsityCallback()])`,
+    `trainer.add_callback(...)` or at index 0 of `trainer.callback_handler.callbacks`. It
+    moves itself ahead of the reporting integrations the first time the handler calls it;
+    if that is not possible it raises instead of silently logging to the console only.
+    """
+
+    def __init__(self, activation_metrics: bool = True, weight_metrics: bool = True):
+        self.activation_metrics = activation_metrics
+        self.weight_metrics = weight_metrics
+
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        self._move_first()
+        set_training_step(model, state.global_step)
+
+    def on_step_begin(self, args, state, control, model=None, **kwargs):
+        # global_step = optimizer steps completed; restored by the Trainer on resume.
+        set_training_step(model, state.global_step)
+
+    def on_log(self, args, state, control, logs=None, model=None, **kwargs):
+        self._check_order()
+        # Only training rows carry the metrics; eval and end-of-training summary rows
+        # would see an empty activation window.
+        if logs is None or model is None or "loss" not in logs:
+            return
+        metrics = sparsity_metrics(
+            model, reset=True, activations=self.activation_metrics, weights=self.weight_metrics
+        )
+        # Plain floats: TensorBoard drops tensors and numpy scalars.
+        self._merge(state, logs, {k: float(v) for k, v in metrics.items() if math.isfinite(v)})
+
+
+__all__ = ["EvalPerplexityCallback", "SparsityCallback"]

@@ -1,0 +1,133 @@
+"""Configuration of the `sparse_llama` model family: Llama with a Squared-ReLU FFN,
+optional 2:4 activation sparsity and optional low-rank (LORO) linears."""
+
+import math
+
+from huggingface_hub.dataclasses import strict
+from transformers import LlamaConfig
+from transformers.utils import logging
+
+
+logger = logging.get_logger(__name__)
+
+SQU_RELU_CHOICES = ("silu", "relu", "relu2")
+SPARSE_METHOD_CHOICES = ("naive", "mvue", "soft_threshold")
+ACTIVATION_BACKWARD_CHOICES = ("split_gemm", "naive", "exact")
+LORO_SCOPE_CHOICES = (None, "all", "attn", "mlp")
+LORO_INIT_PREFIXES = ("xavier", "auto", "kaiming", "orth", "randn_")
+
+# Non-gated FFN widths are rounded up to this multiple: it keeps the 4-feature groups of
+# the 2:4 mask whole and matches the alignment sparse GEMM kernels want.
+NONGATED_WIDTH_MULTIPLE = 64
+
+
+def _choice_error(key, value, choices):
+    return ValueError(f"{key}={value!r} is not valid; choose one of {', '.join(repr(c) for c in choices)}.")
+
+
+@strict
+class SparseLlamaConfig(LlamaConfig):
+    r"""Identical to [`LlamaConfig`] except for the FFN and low-rank fields below.
+
+    squ_relu (`str`, *optional*, defaults to `"silu"`):
+        `"silu"` is the stock gated SwiGLU FFN (gate/up/down). `"relu"` and `"relu2"` are
+        non-gated, `down(act(up(x)))`, with `act` = ReLU or Squared ReLU.
+    nongated_intermediate_size (`int`, *optional*):
+        Width of the non-gated FFN. Default: `1.5 * intermediate_size` (same parameter
+        count as SwiGLU) rounded up to a multiple of 64.
+    activation_2by4 (`bool`, *optional*, defaults to `False`):
+        2:4-sparsify the ReLU² output before `down_proj` (only with `squ_relu="relu2"`).
+    activation_sparse_method (`str`, *optional*, defaults to `"naive"`):
+        `"naive"` (keep the 2 largest of 4), `"mvue"` or `"soft_threshold"`.
+    activation_dense_warmup_steps (`int`, *optional*, defaults to 1000):
+        Optimizer steps trained with the dense FFN before 2:4 sparsity switches on.
+    permute_2by4 (`bool`, *optional*, defaults to `True`):
+        Apply a fixed token permutation before the token-wise 2:4 of the backward pass.
+    permute_2by4_seed (`int`, *optional*, defaults to 0):
+        Seed of that permutation; `train_hf.py` sets it from the training seed. It lives
+        in the config so a resumed or reloaded model uses the same permutation.
+    activation_backward (`str`, *optional*, defaults to `"split_gemm"`):
+        `"split_gemm"`, `"naive"` or `"exact"` (see `hf_sparse.sparse_ffn`).
+    activation_dense_features (`float`, *optional*, defaults to 0.05):
+        Fraction of densest features kept dense in the `split_gemm` weight gradients.
+    loro_scope (`str`, *optional*):
+        `None` (full rank), `"all"`, `"attn"` or `"mlp"`: which decoder linears are low-rank.
+    loro_attn_rank / loro_mlp_rank (`int`, *optional*, defaults to 256):
+        Ranks of the low-rank attention / FFN linears.
+    loro_init (`str`, *optional*, defaults to `"xavier"`):
+        Factor initialisation: `xavier`, `auto`, `kaiming`, `orth` or `randn_<std>`.
+    """
+
+    model_type = "sparse_llama"
+
+    squ_relu: str = "silu"
+    nongated_intermediate_size: int | None = None
+    activation_2by4: bool = False
+    activation_sparse_method: str = "naive"
+    activation_dense_warmup_steps: int = 1000
+    permute_2by4: bool = True
+    permute_2by4_seed: int = 0
+    activation_backward: str = "split_gemm"
+    activation_dense_features: float | int = 0.05
+    loro_scope: str | None = None
+    loro_attn_rank: int = 256
+    loro_mlp_rank: int = 256
+    loro_init: str = "xavier"
+
+    def __post_init__(self, **kwargs):
+        super().__post_init__(**kwargs)
+        self.validate_sparsity_settings()
+
+    def validate_sparsity_settings(self):
+        """Raises a `ValueError` naming the offending key and its valid values.
+
+        Plain `ValueError`s (not the strict-dataclass wrappers) so that callers and users
+        get one readable line.
+        """
+        if self.squ_relu not in SQU_RELU_CHOICES:
+            raise _choice_error("squ_relu", self.squ_relu, SQU_RELU_CHOICES)
+        if self.activation_sparse_method not in SPARSE_METHOD_CHOICES:
+            raise _choice_error("activation_sparse_method", self.activation_sparse_method, SPARSE_METHOD_CHOICES)
+        if self.activation_backward not in ACTIVATION_BACKWARD_CHOICES:
+            raise _choice_error("activation_backward", self.activation_backward, ACTIVATION_BACKWARD_CHOICES)
+        if self.activation_2by4 and self.squ_relu != "relu2":
+            raise ValueError(
+                f"activation_2by4=True requires squ_relu='relu2' (got squ_relu={self.squ_relu!r}); "
+                "2:4 activation sparsity is defined on the Squared-ReLU output."
+            )
+        if self.activation_2by4 and self.mlp_bias:
+            raise ValueError("activation_2by4=True does not support mlp_bias=True; set mlp_bias=False.")
+        if not 0.0 <= self.activation_dense_features <= 1.0:
+            raise ValueError(
+                f"activation_dense_features={self.activation_dense_features!r} must be in [0, 1]."
+            )
+        if self.activation_dense_warmup_steps < 0:
+            raise ValueError(
+                f"activation_dense_warmup_steps={self.activation_dense_warmup_steps!r} must be >= 0."
+            )
+        if self.nongated_intermediate_size is not None:
+            if self.nongated_intermediate_size <= 0 or self.nongated_intermediate_size % 4:
+                raise ValueError(
+                    f"nongated_intermediate_size={self.nongated_intermediate_size!r} must be a positive "
+                    "multiple of 4 (2:4 groups span 4 features)."
+                )
+        if self.loro_scope not in LORO_SCOPE_CHOICES:
+            raise _choice_error("loro_scope", self.loro_scope, LORO_SCOPE_CHOICES)
+        if not any(self.loro_init == p or (p.endswith("_") and self.loro_init.startswith(p)) for p in LORO_INIT_PREFIXES):
+            raise _choice_error("loro_init", self.loro_init, ("xavier", "auto", "kaiming", "orth", "randn_<std>"))
+        for key in ("loro_attn_rank", "loro_mlp_rank"):
+            if getattr(self, key) <= 0:
+                raise ValueError(f"{key}={getattr(self, key)!r} must be a positive integer.")
+
+    @property
+    def ffn_width(self) -> int:
+        """Hidden width of the FFN actually built (the non-gated rule lives here only)."""
+        if self.squ_relu == "silu":
+            return self.intermediate_size
+        if self.nongated_intermediate_size is not None:
+            return self.nongated_intermediate_size
+        width = 1.5 * self.intermediate_size
+        return int(math.ceil(width / NONGATED_WIDTH_MULTIPLE) * NONGATED_WIDTH_MULTIPLE)
+
+
+__all__ = ["SparseLlamaConfig"]

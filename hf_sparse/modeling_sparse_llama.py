@@ -1,0 +1,199 @@
+"""`sparse_llama`: Llama with a Squared-ReLU FFN, 2:4 activation sparsity and stat buffers.
+
+A declared delta on `transformers`' Llama: attention, norms, rotary embeddings, the
+decoder layer's forward and the model forwards are the stock ones; only the MLP (and the
+constructors that build it) differ.
+
+This file is shipped as remote code with every checkpoint: it may only import torch,
+transformers and same-folder modules with `from .x import y`.
+"""
+
+import torch
+from torch import nn
+from transformers.modeling_layers import GradientCheckpointingLayer
+from transformers.models.llama.modeling_llama import (
+    LlamaAttention,
+    LlamaDecoderLayer,
+    LlamaForCausalLM,
+    LlamaModel,
+    LlamaPreTrainedModel,
+    LlamaRMSNorm,
+    LlamaRotaryEmbedding,
+)
+from transformers.activations import ACT2FN
+from transformers.utils import logging
+
+from .configuration_sparse_llama import SparseLlamaConfig
+from .sparse_ffn import TokenPermutation, count_2to4_stats, relu2_2to4_ffn
+
+
+logger = logging.get_logger(__name__)
+
+# Layout of each MLP's activation-stat tensor (float64: exact integer counts up to 2**53).
+STAT_ZEROS, STAT_TOTAL, STAT_DROPPED_24 = 0, 1, 2
+NUM_ACTIVATION_STATS = 3
+
+
+def _in_backward_pass() -> bool:
+    # Gradient checkpointing re-runs forward from inside the backward graph task (both the
+    # reentrant and the non-reentrant variants); counting there would double the stats.
+    return torch._C._current_graph_task_id() != -1
+
+
+class SparseLlamaMLP(nn.Module):
+    """Identical to `LlamaMLP` for `squ_relu="silu"`; otherwise a non-gated
+    `down(act(up(x)))` with ReLU or ReLU², optional 2:4 sparsity of the ReLU² output, and
+    device-side activation statistics for telemetry."""
+
+    def __init__(self, config: SparseLlamaConfig, layer_idx: int):
+        super().__init__()
+        self.config = config
+        self.layer_idx = layer_idx
+        self.hidden_size = config.hidden_size
+        self.intermediate_size = config.ffn_width
+        self.squ_relu = config.squ_relu
+        if self.squ_relu == "silu":
+            self.gate_proj = nn.Linear(self.hidden_size, self.intermediate_size, bias=config.mlp_bias)
+            self.act_fn = ACT2FN[config.hidden_act]
+        else:
+            self.act_fn = ACT2FN[self.squ_relu]
+        self.up_proj = nn.Linear(self.hidden_size, self.intermediate_size, bias=config.mlp_bias)
+        self.down_proj = nn.Linear(self.intermediate_size, self.hidden_size, bias=config.mlp_bias)
+
+        # Optimizer steps completed, set by `SparsityCallback` (or `set_training_step`);
+        # None means "not under a trainer": a 2:4 model then runs sparse, as it was trained.
+        self.training_step: int | None = None
+        self.track_activation_stats = True
+        # Plain attribute, not a buffer: it must never reach a checkpoint, never be
+        # broadcast by DDP, and is (re)created lazily on the input's device.
+        self.activation_stats: torch.Tensor | None = None
+        self.token_permutation = TokenPermutation(config.permute_2by4_seed) if config.permute_2by4 else None
+
+    @property
+    def sparse_2by4_active(self) -> bool:
+        if not self.config.activation_2by4:
+            return False
+        step = self.training_step
+        return step is None or step >= self.config.activation_dense_warmup_steps
+
+    def _stats_for(self, x: torch.Tensor) -> torch.Tensor | None:
+        """The stat tensor to accumulate into for this forward, or None to skip counting."""
+        if not (self.training and self.track_activation_stats) or self.squ_relu == "silu":
+            return None
+        if _in_backward_pass():
+            return None
+        stats = self.activation_stats
+        if stats is None or stats.device != x.device:
+            stats = torch.zeros(NUM_ACTIVATION_STATS, dtype=torch.float64, device=x.device)
+            self.activation_stats = stats
+        return stats
+
+    def forward(self, x):
+        if self.squ_relu == "silu":
+            return self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))
+
+        stats = self._stats_for(x)
+        if self.sparse_2by4_active:
+            if self.training and self.training_step is None:
+                logger.warning_once(
+                    "sparse_llama: training with activation_2by4 but no training step was set, so the "
+                    "dense warm-up cannot apply. Add hf_sparse.SparsityCallback to the Trainer."
+                )
+            permutation = None
+            if self.token_permutation is not None and torch.is_grad_enabled():
+                permutation = self.token_permutation(x.numel() // x.shape[-1], x.device)
+            return relu2_2to4_ffn(
+                x,
+                self.up_proj.weight,
+                self.down_proj.weight,
+                method=self.config.activation_sparse_method,
+                backward=self.config.activation_backward,
+                dense_features=self.config.activation_dense_features,
+                permutation=permutation,
+                stats=stats,
+            )
+
+        activation = self.act_fn(self.up_proj(x))
+        if stats is not None:
+            with torch.no_grad():
+                if self.config.activation_2by4:
+                    # Dense warm-up: count what the 2:4 mask *would* drop.
+                    count_2to4_stats(activation, stats, method=self.config.activation_sparse_method)
+                else:
+                    stats[STAT_TOTAL] += activation.numel()
+                    stats[STAT_ZEROS] += activation.numel() - torch.count_nonzero(activation)
+        return self.down_proj(activation)
+
+
+class SparseLlamaDecoderLayer(LlamaDecoderLayer):
+    """Identical to `LlamaDecoderLayer` except that its MLP is a `SparseLlamaMLP`."""
+
+    def __init__(self, config: SparseLlamaConfig, layer_idx: int):
+        # Skip LlamaDecoderLayer.__init__ so no throw-away LlamaMLP is allocated.
+        GradientCheckpointingLayer.__init__(self)
+        self.hidden_size = config.hidden_size
+        self.self_attn = LlamaAttention(config=config, layer_idx=layer_idx)
+        self.mlp = SparseLlamaMLP(config, layer_idx)
+        self.input_layernorm = LlamaRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.post_attention_layernorm = LlamaRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+
+
+class SparseLlamaPreTrainedModel(LlamaPreTrainedModel):
+    """Identical to `LlamaPreTrainedModel` except for the config class and layer names."""
+
+    config: SparseLlamaConfig
+    config_class = SparseLlamaConfig
+    _no_split_modules = ["SparseLlamaDecoderLayer"]
+    _can_record_outputs = {
+        "hidden_states": SparseLlamaDecoderLayer,
+        "attentions": LlamaAttention,
+    }
+
+
+class SparseLlamaModel(SparseLlamaPreTrainedModel, LlamaModel):
+    """Identical to `LlamaModel` except that its layers are `SparseLlamaDecoderLayer`s."""
+
+    def __init__(self, config: SparseLlamaConfig):
+        SparseLlamaPreTrainedModel.__init__(self, config)
+        self.padding_idx = config.pad_token_id
+        self.vocab_size = config.vocab_size
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, self.padding_idx)
+        self.layers = nn.ModuleList(
+            [SparseLlamaDecoderLayer(config, layer_idx) for layer_idx in range(config.num_hidden_layers)]
+        )
+        self.norm = LlamaRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.rotary_emb = LlamaRotaryEmbedding(config=config)
+        self.gradient_checkpointing = False
+        self.post_init()
+
+
+class SparseLlamaForCausalLM(SparseLlamaPreTrainedModel, LlamaForCausalLM):
+    """Identical to `LlamaForCausalLM` except that its body is a `SparseLlamaModel`."""
+
+    def __init__(self, config: SparseLlamaConfig):
+        SparseLlamaPreTrainedModel.__init__(self, config)
+        self.model = SparseLlamaModel(config)
+        self.vocab_size = config.vocab_size
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.post_init()
+
+
+def sparse_mlps(model: nn.Module):
+    """(layer_idx, SparseLlamaMLP) pairs of `model`, in layer order; works through wrappers."""
+    return [(m.layer_idx, m) for m in model.modules() if isinstance(m, SparseLlamaMLP)]
+
+
+def set_training_step(model: nn.Module, step: int | None) -> None:
+    """Tell every sparse MLP how many optimizer steps are done (drives the dense warm-up)."""
+    for _, mlp in sparse_mlps(model):
+        mlp.training_step = step
+
+
+__all__ = [
+    "SparseLlamaPreTrainedModel",
+    "SparseLlamaModel",
+    "SparseLlamaForCausalLM",
+    "SparseLlamaMLP",
+    "sparse_mlps",
+    "set_training_step",
+]

@@ -1,0 +1,128 @@
+"""Plots and a text summary of a run's sparsity, from `trainer_state.json` alone.
+
+    python -m hf_sparse.report RUN_DIR
+
+Writes `RUN_DIR/sparsity_relu_heatmap.png` (layer x step) and
+`RUN_DIR/sparsity_over_steps.png` (mean ReLU² sparsity and 2:4 drop rate), and logs a
+short summary. No wandb needed.
+"""
+
+import argparse
+import json
+import logging
+import os
+import re
+import sys
+
+logger = logging.getLogger(__name__)
+
+HEATMAP_NAME = "sparsity_relu_heatmap.png"
+CURVES_NAME = "sparsity_over_steps.png"
+_LAYER_KEY = re.compile(r"^sparsity_relu/layer_(\d+)$")
+
+
+class NotARunError(ValueError):
+    """RUN_DIR has no usable trainer_state.json."""
+
+
+def load_log_history(run_dir: str) -> list[dict]:
+    path = os.path.join(run_dir, "trainer_state.json")
+    if not os.path.isdir(run_dir):
+        raise NotARunError(f"{run_dir!r} is not a directory.")
+    if not os.path.isfile(path):
+        raise NotARunError(
+            f"{run_dir!r} is not a training run: it has no trainer_state.json "
+            "(train_hf.py writes one at the end of every run; checkpoint-* folders have one too)."
+        )
+    try:
+        with open(path, encoding="utf-8") as handle:
+            state = json.load(handle)
+    except json.JSONDecodeError as err:
+        raise NotARunError(f"{path} is not valid JSON ({err.msg} at line {err.lineno}).") from None
+    history = state.get("log_history") if isinstance(state, dict) else None
+    if not isinstance(history, list):
+        raise NotARunError(f"{path} has no log_history list.")
+    return history
+
+
+def sparsity_series(history: list[dict]) -> dict:
+    """Steps, the per-layer ReLU² sparsity matrix and the mean curves, from training rows."""
+    rows = [row for row in history if any(_LAYER_KEY.match(k) for k in row)]
+    layers = sorted({int(m.group(1)) for row in rows for k in row if (m := _LAYER_KEY.match(k))})
+    return {
+        "steps": [row.get("step") for row in rows],
+        "layers": layers,
+        "per_layer": [[row.get(f"sparsity_relu/layer_{i}", float("nan")) for row in rows] for i in layers],
+        "mean": [row.get("sparsity_relu/mean_across_layers", float("nan")) for row in rows],
+        "drop_24": [row.get("sparsity_24/mean_across_layers", float("nan")) for row in rows],
+        "has_24": any("sparsity_24/mean_across_layers" in row for row in rows),
+    }
+
+
+def write_report(run_dir: str) -> dict:
+    """Write both PNGs and return {"heatmap", "curves", "summary"}."""
+    history = load_log_history(run_dir)
+    series = sparsity_series(history)
+    if not series["steps"]:
+        raise NotARunError(
+            f"{run_dir!r} has no sparsity metrics in its log history; train with wandb_sparsityrelu=true "
+            "(SparsityCallback with activation metrics) on a relu/relu2 model."
+        )
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only; no display on training machines
+    import matplotlib.pyplot as plt
+
+    steps = series["steps"]
+    fig, ax = plt.subplots(figsize=(max(6, len(steps) * 0.15 + 3), max(3, len(series["layers"]) * 0.3 + 2)))
+    image = ax.imshow(series["per_layer"], aspect="auto", origin="lower", vmin=0.0, vmax=1.0, cmap="viridis",
+                      extent=(steps[0] - 0.5, steps[-1] + 0.5, -0.5, len(series["layers"]) - 0.5))
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("layer")
+    ax.set_title("ReLU² activation sparsity (fraction of exact zeros)")
+    fig.colorbar(image, ax=ax)
+    heatmap = os.path.join(run_dir, HEATMAP_NAME)
+    fig.savefig(heatmap, dpi=100, bbox_inches="tight")
+    plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    ax.plot(steps, series["mean"], marker=".", label="mean ReLU² sparsity")
+    if series["has_24"]:
+        ax.plot(steps, series["drop_24"], marker=".", label="2:4 drop rate (of non-zeros)")
+    ax.set_xlabel("optimizer step")
+    ax.set_ylim(0, 1)
+    ax.legend()
+    ax.grid(alpha=0.3)
+    curves = os.path.join(run_dir, CURVES_NAME)
+    fig.savefig(curves, dpi=100, bbox_inches="tight")
+    plt.close(fig)
+
+    last = {i: series["per_layer"][n][-1] for n, i in enumerate(series["layers"])}
+    summary = [
+        f"run: {os.path.abspath(run_dir)}",
+        f"logging steps with sparsity: {len(steps)} (step {steps[0]} .. {steps[-1]})",
+        f"mean ReLU² sparsity: first {series['mean'][0]:.4f}, last {series['mean'][-1]:.4f}",
+        "last per-layer: " + ", ".join(f"L{i}={v:.3f}" for i, v in last.items()),
+    ]
+    if series["has_24"]:
+        summary.append(f"2:4 drop rate: last {series['drop_24'][-1]:.4f}")
+    summary += [f"heatmap: {heatmap}", f"curves:  {curves}"]
+    return {"heatmap": heatmap, "curves": curves, "summary": "\n".join(summary)}
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m hf_sparse.report", description=__doc__.splitlines()[0])
+    parser.add_argument("run_dir", help="output_dir of a train_hf.py run (or a checkpoint folder)")
+    args = parser.parse_args(argv)
+    logging.basicConfig(format="%(message)s", level=logging.INFO)
+    try:
+        result = write_report(args.run_dir)
+    except NotARunError as err:
+        logger.error("error: %s", err)
+        return 2
+    logger.info("%s", result["summary"])
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,263 @@
+"""One flat run JSON -> (TrainingArguments, SparseLlamaConfig, DataArguments, ScriptArguments).
+
+Everything here runs before any model is built or file written, so bad input fails fast
+with one line naming the key and its valid values.
+"""
+
+import dataclasses
+import difflib
+import json
+import os
+import types
+import typing
+from dataclasses import dataclass, field
+
+import torch
+from huggingface_hub.errors import StrictDataclassError
+from transformers import HfArgumentParser, TrainingArguments
+
+from .configuration_sparse_llama import SparseLlamaConfig
+from .data import DataArguments, validate_data_args
+
+
+class ConfigError(ValueError):
+    """A bad run configuration; its message is one line meant for the user."""
+
+
+@dataclass
+class ModelArguments:
+    """Model keys of the run JSON; None keeps the value of the `model_config` file."""
+
+    model_config: str = field(default=None, metadata={"help": "Model JSON (this project's or the original LLaMA JSON)."})
+    squ_relu: str | None = field(default=None, metadata={"help": "silu | relu | relu2"})
+    nongated_intermediate_size: int | None = field(default=None, metadata={"help": "Non-gated FFN width."})
+    activation_2by4: bool | None = field(default=None, metadata={"help": "2:4-sparsify the ReLU² output."})
+    activation_sparse_method: str | None = field(default=None, metadata={"help": "naive | mvue | soft_threshold"})
+    activation_dense_warmup_steps: int | None = field(default=None, metadata={"help": "Dense optimizer steps first."})
+    permute_2by4: bool | None = field(default=None, metadata={"help": "Token permutation for the backward 2:4."})
+    activation_backward: str | None = field(default=None, metadata={"help": "split_gemm | naive | exact"})
+    activation_dense_features: float | None = field(default=None, metadata={"help": "Dense feature fraction."})
+    loro_scope: str | None = field(default=None, metadata={"help": "None | all | attn | mlp"})
+    loro_attn_rank: int | None = field(default=None, metadata={"help": "Rank of low-rank attention linears."})
+    loro_mlp_rank: int | None = field(default=None, metadata={"help": "Rank of low-rank FFN linears."})
+    loro_init: str | None = field(default=None, metadata={"help": "xavier | auto | kaiming | orth | randn_<std>"})
+
+
+@dataclass
+class ScriptArguments:
+    """Keys of `train_hf.py` itself (names follow the original research script)."""
+
+    wandb_sparsityrelu: bool = field(default=False, metadata={"help": "Log per-layer activation sparsity."})
+    weight_sparsity_metrics: bool = field(default=True, metadata={"help": "Log per-matrix weight sparsity."})
+    optimizer: str = field(default="adamw", metadata={"help": "adamw | loro_adamw"})
+    loro_freq: int = field(default=500, metadata={"help": "Exact Riemannian step every N optimizer steps."})
+    loro_refresh: str | None = field(default=None, metadata={"help": "all | lrk | reg: Adam moments to reset."})
+    loro_refresh_freq: int = field(default=500, metadata={"help": "Moment refresh period (optimizer steps)."})
+    loro_lr_scaler: float = field(default=-1.0, metadata={"help": "Lazy-step scale; -1 means rank / hidden."})
+    loro_type: str = field(default="loro", metadata={"help": "loro | eucl (lazy steps only)"})
+    overwrite_output_dir: bool = field(
+        default=False, metadata={"help": "Allow writing into an output_dir that holds another run."}
+    )
+
+
+OPTIMIZER_CHOICES = ("adamw", "loro_adamw")
+MODEL_JSON_DROPPED_KEYS = ("architectures", "transformers_version", "_name_or_path", "auto_map", "dtype", "torch_dtype")
+
+
+@dataclass
+class RunConfig:
+    training_args: TrainingArguments
+    model_config: SparseLlamaConfig
+    data_args: DataArguments
+    script_args: ScriptArguments
+    raw: dict
+
+
+ARGUMENT_CLASSES = (ModelArguments, DataArguments, ScriptArguments, TrainingArguments)
+
+
+def _known_keys():
+    return {f.name: cls for cls in ARGUMENT_CLASSES for f in dataclasses.fields(cls) if f.init}
+
+
+def _parse_cli_value(text: str):
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        return text
+
+
+def read_run_json(path: str) -> dict:
+    if not os.path.isfile(path):
+        raise ConfigError(f"config file {path!r} does not exist.")
+    with open(path, encoding="utf-8") as handle:
+        text = handle.read()
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise ConfigError(f"{path}: invalid JSON at line {err.lineno}, column {err.colno}: {err.msg}.") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: the run config must be a JSON object of keys to values.")
+    return data
+
+
+def apply_cli_overrides(data: dict, overrides: list[str]) -> dict:
+    """`--key value` pairs (value parsed as JSON when it parses, else kept as a string);
+    a bare `--flag` means true."""
+    data = dict(data)
+    i = 0
+    while i < len(overrides):
+        token = overrides[i]
+        if not token.startswith("--") or len(token) == 2:
+            raise ConfigError(f"unexpected argument {token!r}; overrides are written --key value.")
+        key, _, inline = token[2:].partition("=")
+        if inline:
+            data[key] = _parse_cli_value(inline)
+            i += 1
+        elif i + 1 < len(overrides) and not overrides[i + 1].startswith("--"):
+            data[key] = _parse_cli_value(overrides[i + 1])
+            i += 2
+        else:
+            data[key] = True
+            i += 1
+    return data
+
+
+def _type_name(annotation) -> str:
+    return getattr(annotation, "__name__", str(annotation))
+
+
+def _value_fits(value, annotation) -> bool:
+    """Does a JSON value fit a dataclass field annotation? (HfArgumentParser does not check.)"""
+    if annotation is typing.Any:
+        return True
+    origin = typing.get_origin(annotation)
+    if origin in (typing.Union, types.UnionType):
+        return any(_value_fits(value, arg) for arg in typing.get_args(annotation))
+    if annotation is type(None):
+        return value is None
+    if annotation is bool:
+        return isinstance(value, bool)
+    if annotation is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if annotation is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if annotation is str:
+        return isinstance(value, str)
+    if origin in (list, tuple):
+        return isinstance(value, (list, tuple))
+    if origin is dict or annotation is dict:
+        return isinstance(value, dict) or isinstance(value, str)
+    if isinstance(annotation, type) and issubclass(annotation, str):  # str enums
+        return isinstance(value, str)
+    # Enums, literals and other rich types are validated by the dataclasses themselves.
+    return True
+
+
+def check_keys_and_types(data: dict) -> None:
+    known = _known_keys()
+    for key, value in data.items():
+        if key not in known:
+            close = difflib.get_close_matches(key, list(known), n=1)
+            hint = f" Did you mean {close[0]!r}?" if close else ""
+            raise ConfigError(f"unknown config key {key!r}.{hint}")
+        hints = typing.get_type_hints(known[key])
+        annotation = hints.get(key, typing.Any)
+        if not _value_fits(value, annotation):
+            raise ConfigError(
+                f"{key}: expected {_type_name(annotation)}, got {value!r} ({type(value).__name__})."
+            )
+
+
+def load_model_config(path: str, overrides: dict) -> SparseLlamaConfig:
+    """Build a `SparseLlamaConfig` from a model JSON plus the run's model keys.
+
+    Accepts this project's model JSONs and the original research code's LLaMA JSONs
+    unchanged (`model_type: llama`, `max_sequence_length`, `pad_token_id: -1`).
+    """
+    if not path:
+        raise ConfigError("model_config is required: the path of a model JSON such as configs/llama_130m.json.")
+    if not os.path.isfile(path):
+        raise ConfigError(f"model_config: file {path!r} does not exist.")
+    try:
+        with open(path, encoding="utf-8") as handle:
+            raw = json.load(handle)
+    except json.JSONDecodeError as err:
+        raise ConfigError(f"model_config {path}: invalid JSON at line {err.lineno}, column {err.colno}.") from None
+    model_type = raw.pop("model_type", "llama")
+    if model_type not in ("llama", "sparse_llama"):
+        raise ConfigError(f"model_config {path}: model_type {model_type!r} is not 'llama' or 'sparse_llama'.")
+    for key in MODEL_JSON_DROPPED_KEYS:
+        raw.pop(key, None)
+    # The original LLaMA JSONs name the context length differently and mark "no pad" as -1.
+    if "max_sequence_length" in raw:
+        raw.setdefault("max_position_embeddings", raw.pop("max_sequence_length"))
+        raw.pop("max_sequence_length", None)
+    if raw.get("pad_token_id") == -1:
+        raw["pad_token_id"] = None
+    raw.update({k: v for k, v in overrides.items() if v is not None})
+    try:
+        return SparseLlamaConfig(**raw)
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
+    except StrictDataclassError as err:
+        # Keep the one informative line of the strict-dataclass report.
+        lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+        raise ConfigError(f"model_config {path}: {lines[-1]}") from None
+
+
+def parse_run_config(argv: list[str]) -> RunConfig:
+    """argv = [CONFIG.json, --key, value, ...] -> a validated `RunConfig`."""
+    if not argv or argv[0].startswith("--"):
+        raise ConfigError("usage: train_hf.py CONFIG.json [--key value ...]")
+    data = apply_cli_overrides(read_run_json(argv[0]), argv[1:])
+    check_keys_and_types(data)
+
+    if "use_cpu" not in data and not torch.cuda.is_available():
+        # Without this, each torchrun rank on a GPU-less machine would train alone.
+        data["use_cpu"] = True
+    model_args, data_args, script_args, training_args = HfArgumentParser(ARGUMENT_CLASSES).parse_dict(
+        data, allow_extra_keys=False
+    )
+
+    if script_args.optimizer not in OPTIMIZER_CHOICES:
+        raise ConfigError(
+            f"optimizer={script_args.optimizer!r} is not valid; choose one of {', '.join(map(repr, OPTIMIZER_CHOICES))}."
+        )
+    overrides = {k: v for k, v in dataclasses.asdict(model_args).items() if k != "model_config"}
+    model_config = load_model_config(model_args.model_config, overrides)
+    # The backward token permutation follows the training seed (and the config carries it
+    # into checkpoints, so a resumed run permutes identically).
+    model_config.permute_2by4_seed = training_args.seed
+
+    try:
+        validate_data_args(data_args)
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
+    if data_args.max_length > model_config.max_position_embeddings:
+        raise ConfigError(
+            f"max_length={data_args.max_length} is larger than the model's max_position_embeddings="
+            f"{model_config.max_position_embeddings}; use max_length <= {model_config.max_position_embeddings}."
+        )
+    check_output_dir(training_args, script_args)
+    return RunConfig(training_args, model_config, data_args, script_args, data)
+
+
+def output_dir_holds_run(output_dir: str) -> bool:
+    if not output_dir or not os.path.isdir(output_dir):
+        return False
+    return any(
+        name in ("trainer_state.json", "config.json", "all_results.json") or name.startswith("checkpoint-")
+        for name in os.listdir(output_dir)
+    )
+
+
+def check_output_dir(training_args: TrainingArguments, script_args: ScriptArguments) -> None:
+    """Refuse to mix a new run into the folder of another one."""
+    if script_args.overwrite_output_dir or training_args.resume_from_checkpoint:
+        return
+    if output_dir_holds_run(training_args.output_dir):
+        raise ConfigError(
+            f"output_dir {training_args.output_dir!r} already holds a run; set overwrite_output_dir=true, "
+            "resume it with resume_from_checkpoint, or choose another output_dir."
+        )

@@ -1,0 +1,111 @@
+#!/usr/bin/env python
+"""Pretrain a `sparse_llama` model with the stock HuggingFace Trainer.
+
+    python train_hf.py CONFIG.json [--key value ...]
+    accelerate launch train_hf.py CONFIG.json
+
+CONFIG.json is one flat object: TrainingArguments keys, model keys, data keys and the
+keys of this script (see README). This file is wiring only; the logic lives in hf_sparse.
+"""
+
+import logging
+import os
+import shutil
+import sys
+
+import transformers
+from transformers import AutoModelForCausalLM, Trainer, default_data_collator, set_seed
+
+import hf_sparse
+from hf_sparse.callbacks import EvalPerplexityCallback
+from hf_sparse.data import build_datasets, load_tokenizer
+from hf_sparse.evaluation import build_compute_metrics, preprocess_logits_for_metrics
+from hf_sparse.run_config import ConfigError, parse_run_config
+
+
+logger = logging.getLogger("train_hf")
+
+
+def save_final_model(trainer: Trainer, output_dir: str) -> None:
+    """Write the final model so that a crash mid-write never leaves something that looks
+    finished: everything goes to a temporary folder first, config.json moves in last."""
+    staging = os.path.join(output_dir, ".final_model.tmp")
+    shutil.rmtree(staging, ignore_errors=True)
+    trainer.save_model(staging)
+    if not trainer.is_world_process_zero():
+        return
+    names = sorted(os.listdir(staging), key=lambda name: name == "config.json")
+    for name in names:
+        target = os.path.join(output_dir, name)
+        if os.path.isdir(target):
+            shutil.rmtree(target)
+        os.replace(os.path.join(staging, name), target)
+    shutil.rmtree(staging, ignore_errors=True)
+
+
+def main(argv: list[str]) -> dict:
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
+    run = parse_run_config(argv)
+    args, data_args = run.training_args, run.data_args
+    transformers.utils.logging.set_verbosity_warning()
+    set_seed(args.seed)
+
+    tokenizer = load_tokenizer(data_args.tokenizer_name, vocab_size=data_args.tokenizer_vocab_size or run.model_config.vocab_size)
+    if len(tokenizer) > run.model_config.vocab_size:
+        raise ConfigError(
+            f"tokenizer_name: the tokenizer has {len(tokenizer)} tokens but the model's vocab_size is "
+            f"{run.model_config.vocab_size}; raise vocab_size in the model_config or pick another tokenizer."
+        )
+    # Generation and the saved config should speak the tokenizer's special ids.
+    run.model_config.eos_token_id = tokenizer.eos_token_id
+    run.model_config.bos_token_id = tokenizer.bos_token_id
+    run.model_config.pad_token_id = tokenizer.pad_token_id
+
+    train_dataset, eval_dataset = build_datasets(data_args, tokenizer, seed=args.seed)
+    model = AutoModelForCausalLM.from_config(run.model_config)
+    logger.info(
+        "model: sparse_llama squ_relu=%s activation_2by4=%s, %.2fM parameters",
+        run.model_config.squ_relu,
+        run.model_config.activation_2by4,
+        sum(p.numel() for p in model.parameters()) / 1e6,
+    )
+
+    trainer = Trainer(
+        model=model,
+        args=args,
+        train_dataset=train_dataset,
+        eval_dataset=eval_dataset,
+        processing_class=tokenizer,
+        data_collator=default_data_collator,
+        compute_metrics=build_compute_metrics(),
+        preprocess_logits_for_metrics=preprocess_logits_for_metrics,
+        callbacks=[
+            hf_sparse.SparsityCallback(
+                activation_metrics=run.script_args.wandb_sparsityrelu,
+                weight_metrics=run.script_args.weight_sparsity_metrics,
+            ),
+            EvalPerplexityCallback(),
+        ],
+    )
+    train_result = trainer.train(resume_from_checkpoint=args.resume_from_checkpoint)
+    metrics = dict(train_result.metrics)
+    if eval_dataset is not None:
+        metrics.update(trainer.evaluate())
+    trainer.log_metrics("all", metrics)
+    trainer.save_metrics("all", metrics)
+
+    save_final_model(trainer, args.output_dir)
+    # trainer_state.json (full log_history) is written whatever save_strategy is.
+    trainer.save_state()
+    if trainer.is_world_process_zero():
+        logger.info("model, tokenizer and config saved to %s", os.path.abspath(args.output_dir))
+        logger.info("metrics: %s", os.path.abspath(os.path.join(args.output_dir, "all_results.json")))
+        logger.info("log history: %s", os.path.abspath(os.path.join(args.output_dir, "trainer_state.json")))
+    return metrics
+
+
+if __name__ == "__main__":
+    try:
+        main(sys.argv[1:])
+    except ConfigError as err:
+        sys.exit(f"train_hf.py: error: {err}")
