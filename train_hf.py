@@ -20,6 +20,7 @@ import hf_sparse
 from hf_sparse.callbacks import EvalPerplexityCallback
 from hf_sparse.data import build_datasets, load_tokenizer
 from hf_sparse.evaluation import build_compute_metrics, preprocess_logits_for_metrics
+from hf_sparse.report import NotARunError, write_report
 from hf_sparse.run_config import ConfigError, parse_run_config
 
 
@@ -101,6 +102,11 @@ def main(argv: list[str]) -> dict:
         logger.info("model, tokenizer and config saved to %s", os.path.abspath(args.output_dir))
         logger.info("metrics: %s", os.path.abspath(os.path.join(args.output_dir, "all_results.json")))
         logger.info("log history: %s", os.path.abspath(os.path.join(args.output_dir, "trainer_state.json")))
+        try:
+            report = write_report(args.output_dir)
+            logger.info("sparsity plots: %s, %s", report["heatmap"], report["curves"])
+        except NotARunError as err:
+            logger.info("no sparsity report: %s", err)
     return metrics
 
 

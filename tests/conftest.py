@@ -12,7 +12,7 @@ os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("WANDB_SILENT", "true")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # One embedded-tokenizer cache per test session, never the user's.
-os.environ.setdefault("HF_SPARSE_CACHE", tempfile.mkdtemp(prefix="hf_sparse_test_cache_"))
+os.environ.setdefault("HF_SPARSE_CACHE", os.path.join(tempfile.gettempdir(), "hf_sparse_test_cache"))
 
 import pytest  # noqa: E402
 import torch  # noqa: E402

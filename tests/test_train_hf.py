@@ -1,0 +1,206 @@
+"""`train_hf.py` end to end on CPU: embedded default, local files, checkpoints, bad input."""
+
+import json
+import os
+import re
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO_ROOT)
+import train_hf  # noqa: E402
+from hf_sparse.run_config import ConfigError  # noqa: E402
+
+TINY_MODEL = os.path.join(REPO_ROOT, "configs", "llama_tiny.json")
+
+
+def _write_config(tmp_path, **overrides):
+    config = {
+        "model_config": TINY_MODEL,
+        "squ_relu": "relu2",
+        "wandb_sparsityrelu": True,
+        "max_length": 32,
+        "output_dir": str(tmp_path / "run"),
+        "max_steps": 4,
+        "per_device_train_batch_size": 4,
+        "per_device_eval_batch_size": 8,
+        "learning_rate": 0.003,
+        "logging_steps": 2,
+        "eval_strategy": "steps",
+        "eval_steps": 4,
+        "max_eval_samples": 16,
+        "save_strategy": "steps",
+        "save_steps": 4,
+        "report_to": [],
+        "disable_tqdm": True,
+        "seed": 0,
+    }
+    config.update(overrides)
+    path = tmp_path / "run.json"
+    path.write_text(json.dumps(config, indent=2))
+    return str(path)
+
+
+def _assert_finished_run(run_dir):
+    names = set(os.listdir(run_dir))
+    assert {"config.json", "model.safetensors", "trainer_state.json", "all_results.json"} <= names
+    assert {"modeling_sparse_llama.py", "configuration_sparse_llama.py"} <= names
+    assert not any(name.endswith(".tmp") for name in names)
+    with open(os.path.join(run_dir, "all_results.json")) as handle:
+        results = json.load(handle)
+    for key in ("eval_loss", "eval_perplexity", "eval_accuracy"):
+        assert key in results, key
+    assert results["eval_perplexity"] == pytest.approx(torch.tensor(results["eval_loss"]).exp().item(), rel=1e-6)
+    assert 0.0 <= results["eval_accuracy"] <= 1.0
+    with open(os.path.join(run_dir, "trainer_state.json")) as handle:
+        history = json.load(handle)["log_history"]
+    train_rows = [row for row in history if "loss" in row]
+    assert [row["step"] for row in train_rows] == [2, 4]
+    assert "sparsity_relu/layer_1" in train_rows[0]
+    eval_rows = [row for row in history if "eval_loss" in row]
+    assert eval_rows and "eval_perplexity" in eval_rows[0] and "eval_accuracy" in eval_rows[0]
+    return results
+
+
+def test_embedded_default_end_to_end(tmp_path):
+    results = train_hf.main([_write_config(tmp_path)])
+    _assert_finished_run(tmp_path / "run")
+    assert results["eval_loss"] < 7.0  # well below ln(512) = 6.24 + noise would be suspicious above
+    assert (tmp_path / "run" / "sparsity_relu_heatmap.png").exists()
+
+
+def test_local_json_files_end_to_end(tmp_path):
+    words = "alpha beta gamma delta epsilon zeta eta theta iota kappa lambda mu".split()
+    rng = torch.Generator().manual_seed(0)
+    def doc():
+        return " ".join(words[i] for i in torch.randint(0, len(words), (60,), generator=rng).tolist())
+    train = tmp_path / "train.jsonl"
+    valid = tmp_path / "valid.json"
+    train.write_text("\n".join(json.dumps({"text": doc()}) for _ in range(80)))
+    valid.write_text("\n".join(json.dumps({"text": doc()}) for _ in range(10)))
+    config = _write_config(tmp_path, train_files=[str(train)], validation_files=[str(valid)])
+    train_hf.main([config])
+    _assert_finished_run(tmp_path / "run")
+
+
+def test_cli_overrides_and_checkpoint_loads_without_hf_sparse(tmp_path):
+    """A train_hf.py checkpoint loads with the Auto classes where hf_sparse is not importable."""
+    config = _write_config(tmp_path, max_steps=2, eval_strategy="no", save_steps=2)
+    proc = subprocess.run(
+        [sys.executable, os.path.join(REPO_ROOT, "train_hf.py"), config, "--activation_2by4", "true",
+         "--activation_dense_warmup_steps", "1", "--logging_steps", "1"],
+        cwd=REPO_ROOT, capture_output=True, text=True, timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert "model, tokenizer and config saved to" in proc.stderr
+    run_dir = tmp_path / "run"
+    state = json.loads((run_dir / "trainer_state.json").read_text())
+    assert [r["step"] for r in state["log_history"] if "loss" in r] == [1, 2]
+    assert json.loads((run_dir / "config.json").read_text())["activation_2by4"] is True
+
+    from transformers import AutoModelForCausalLM
+
+    import hf_sparse  # noqa: F401
+
+    model = AutoModelForCausalLM.from_pretrained(run_dir).eval()
+    ids = torch.randint(0, model.config.vocab_size, (1, 12))
+    with torch.no_grad():
+        expected = model(ids).logits
+    torch.save({"ids": ids, "logits": expected}, tmp_path / "expected.pt")
+    script = textwrap.dedent(
+        f"""
+        import importlib.util, torch
+        assert importlib.util.find_spec("hf_sparse") is None
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+        model = AutoModelForCausalLM.from_pretrained({str(run_dir)!r}, trust_remote_code=True).eval()
+        tok = AutoTokenizer.from_pretrained({str(run_dir)!r})
+        ref = torch.load({str(tmp_path / 'expected.pt')!r})
+        with torch.no_grad():
+            torch.testing.assert_close(model(ref["ids"]).logits, ref["logits"], rtol=0, atol=0)
+        assert len(tok) <= model.config.vocab_size
+        print("REMOTE_OK")
+        """
+    )
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    env["HF_MODULES_CACHE"] = str(tmp_path / "modules")
+    result = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "REMOTE_OK" in result.stdout
+
+
+# --- bad input: one clear error before any training step, nothing written -------------------
+
+
+def _bad(tmp_path, **overrides):
+    return _write_config(tmp_path, **overrides)
+
+
+BAD_INPUTS = [
+    (dict(max_stpes=10), r"unknown config key 'max_stpes'.*Did you mean 'max_steps'"),
+    (dict(squ_relu="gelu"), r"squ_relu='gelu'.*'silu', 'relu', 'relu2'"),
+    (dict(squ_relu="silu", activation_2by4=True), r"activation_2by4=True requires squ_relu='relu2'"),
+    (dict(model_config="configs/does_not_exist.json"), r"model_config: file .*does_not_exist.json.* does not exist"),
+    (dict(train_files=["/nonexistent/train.jsonl"]), r"train_files"),
+    (dict(max_length=4096), r"max_length=4096 .*max_position_embeddings=128"),
+    (dict(max_steps="ten"), r"max_steps: expected int, got 'ten'"),
+    (dict(optimizer="sgd"), r"optimizer='sgd'.*'adamw', 'loro_adamw'"),
+]
+
+
+@pytest.mark.parametrize("overrides, message", BAD_INPUTS)
+def test_bad_input_fails_fast_naming_the_key(tmp_path, overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        train_hf.main([_bad(tmp_path, **overrides)])
+    assert not (tmp_path / "run").exists()
+
+
+def test_empty_data_file_fails_fast(tmp_path):
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    with pytest.raises(ConfigError, match="train_files"):
+        train_hf.main([_bad(tmp_path, train_files=[str(empty)])])
+    assert not (tmp_path / "run").exists()
+
+
+def test_bad_input_from_the_command_line_is_one_line(tmp_path):
+    config = _bad(tmp_path, squ_relu="gelu")
+    proc = subprocess.run([sys.executable, os.path.join(REPO_ROOT, "train_hf.py"), config],
+                          cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0
+    last = proc.stderr.strip().splitlines()[-1]
+    assert re.match(r"train_hf\.py: error: squ_relu='gelu' is not valid", last), proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr
+    assert not (tmp_path / "run").exists()
+
+
+def test_malformed_json_names_line_and_column(tmp_path):
+    path = tmp_path / "broken.json"
+    path.write_text('{\n  "max_steps": 3,\n  "squ_relu" "relu2"\n}\n')
+    with pytest.raises(ConfigError, match=r"line 3, column 14"):
+        train_hf.main([str(path)])
+
+
+def test_readme_has_the_two_lines_and_quickstart_parses():
+    from hf_sparse.run_config import parse_run_config
+
+    with open(os.path.join(REPO_ROOT, "README.md")) as handle:
+        readme = handle.read()
+    assert "pip install -r requirements.txt && python train_hf.py configs/quickstart.json" in readme
+    assert "python -m pytest -q" in readme
+    cwd = os.getcwd()
+    os.chdir(REPO_ROOT)
+    try:
+        run = parse_run_config(["configs/quickstart.json", "--output_dir", "/tmp/hf_sparse_quickstart_parse"])
+    finally:
+        os.chdir(cwd)
+    assert run.model_config.squ_relu == "relu2" and run.model_config.activation_2by4
+    for name in ("c4_llama_130m_relu2.json",):
+        os.chdir(REPO_ROOT)
+        try:
+            parse_run_config([os.path.join("configs", name), "--output_dir", "/tmp/hf_sparse_c4_parse"])
+        finally:
+            os.chdir(cwd)
