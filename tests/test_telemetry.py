@@ -197,7 +197,7 @@ def _expected_keys(config):
 def test_metrics_reach_wandb_tensorboard_and_log_history(tmp_path, monkeypatch, two_by_four):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    from tests.wandb_offline import history_rows
+    from tests.wandb_offline import wait_for_rows
 
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.setenv("WANDB_DIR", str(tmp_path))
@@ -217,8 +217,11 @@ def test_metrics_reach_wandb_tensorboard_and_log_history(tmp_path, monkeypatch, 
     # wandb: parse the offline .wandb file (finish() flushes the writer service).
     import wandb
 
+    assert wandb.run is not None, "the Trainer's wandb integration did not start a run"
+    # wandb's process-wide settings keep the first WANDB_DIR, so ask the run where it writes.
+    run_dir = os.path.dirname(wandb.run.dir)
     wandb.finish()
-    rows = [r for r in history_rows(str(tmp_path / "wandb")) if "train/loss" in r]
+    rows = wait_for_rows(run_dir, lambda r: "train/loss" in r, expected=2)
     assert [r["train/global_step"] for r in rows] == [1, 3]
     for row in rows:
         missing = [k for k in keys if f"train/{k}" not in row]

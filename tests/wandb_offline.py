@@ -65,3 +65,19 @@ def history_rows(run_dir_or_file):
             row[key] = json.loads(item.value_json)
         rows.append(row)
     return rows
+
+
+def wait_for_rows(run_dir, predicate, expected, timeout=60.0):
+    """History rows matching `predicate`, polling until `expected` of them are on disk: the
+    offline writer is a separate service that flushes shortly after `wandb.finish()`."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            rows = [row for row in history_rows(run_dir) if predicate(row)]
+        except (AssertionError, OSError):
+            rows = []
+        if len(rows) >= expected or time.monotonic() > deadline:
+            return rows
+        time.sleep(0.5)
