@@ -52,17 +52,21 @@ def main(argv: list[str]) -> dict:
     set_seed(args.seed)
 
     tokenizer = load_tokenizer(data_args.tokenizer_name, vocab_size=data_args.tokenizer_vocab_size or run.model_config.vocab_size)
-    if len(tokenizer) > run.model_config.vocab_size:
+    # The base vocabulary must fit the embedding; added special tokens beyond it (t5-base's
+    # 100 sentinels over a 32000-row model, as in the original recipe) never occur in text.
+    if tokenizer.vocab_size > run.model_config.vocab_size:
         raise ConfigError(
-            f"tokenizer_name: the tokenizer has {len(tokenizer)} tokens but the model's vocab_size is "
-            f"{run.model_config.vocab_size}; raise vocab_size in the model_config or pick another tokenizer."
+            f"tokenizer_name: the tokenizer's vocabulary has {tokenizer.vocab_size} tokens but the model's "
+            f"vocab_size is {run.model_config.vocab_size}; raise vocab_size in the model_config or pick another tokenizer."
         )
     # Generation and the saved config should speak the tokenizer's special ids.
     run.model_config.eos_token_id = tokenizer.eos_token_id
     run.model_config.bos_token_id = tokenizer.bos_token_id
     run.model_config.pad_token_id = tokenizer.pad_token_id
 
-    train_dataset, eval_dataset = build_datasets(data_args, tokenizer, seed=args.seed)
+    # Rank 0 tokenises and fills the datasets cache first; the other ranks then read it.
+    with args.main_process_first(desc="tokenizing and packing"):
+        train_dataset, eval_dataset = build_datasets(data_args, tokenizer, seed=args.seed)
     model = AutoModelForCausalLM.from_config(run.model_config)
     logger.info(
         "model: sparse_llama squ_relu=%s activation_2by4=%s, %.2fM parameters",

@@ -118,6 +118,20 @@ class SparseLlamaConfig(LlamaConfig):
         for key in ("loro_attn_rank", "loro_mlp_rank"):
             if getattr(self, key) <= 0:
                 raise ValueError(f"{key}={getattr(self, key)!r} must be a positive integer.")
+        if self.loro_scope in ("all", "attn"):
+            attn_dims = (self.hidden_size, self.num_attention_heads * self.head_dim, self.num_key_value_heads * self.head_dim)
+            if self.loro_attn_rank > min(attn_dims):
+                raise ValueError(
+                    f"loro_attn_rank={self.loro_attn_rank} is larger than the smallest attention matrix side "
+                    f"({min(attn_dims)}); use loro_attn_rank <= {min(attn_dims)}."
+                )
+        if self.loro_scope in ("all", "mlp"):
+            mlp_dims = (self.hidden_size, self.ffn_width)
+            if self.loro_mlp_rank > min(mlp_dims):
+                raise ValueError(
+                    f"loro_mlp_rank={self.loro_mlp_rank} is larger than the smallest FFN matrix side "
+                    f"({min(mlp_dims)}); use loro_mlp_rank <= {min(mlp_dims)}."
+                )
 
     @property
     def ffn_width(self) -> int:

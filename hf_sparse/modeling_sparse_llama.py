@@ -24,6 +24,7 @@ from transformers.activations import ACT2FN
 from transformers.utils import logging
 
 from .configuration_sparse_llama import SparseLlamaConfig
+from .lowrank import LowRankLinear, init_low_rank_, is_low_rank
 from .sparse_ffn import TokenPermutation, count_2to4_stats, relu2_2to4_ffn
 
 
@@ -32,6 +33,25 @@ logger = logging.get_logger(__name__)
 # Layout of each MLP's activation-stat tensor (float64: exact integer counts up to 2**53).
 STAT_ZEROS, STAT_TOTAL, STAT_DROPPED_24 = 0, 1, 2
 NUM_ACTIVATION_STATS = 3
+
+
+ATTENTION_LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj")
+
+
+def _make_linear(config: SparseLlamaConfig, in_features: int, out_features: int, bias: bool, scope: str):
+    """nn.Linear, or a LowRankLinear when `config.loro_scope` covers `scope` ("attn"/"mlp")."""
+    if config.loro_scope in ("all", scope):
+        rank = config.loro_attn_rank if scope == "attn" else config.loro_mlp_rank
+        return LowRankLinear(
+            in_features, out_features, rank, bias=bias, init=config.loro_init, init_range=config.initializer_range
+        )
+    return nn.Linear(in_features, out_features, bias=bias)
+
+
+def _weight(linear: nn.Module) -> torch.Tensor:
+    # Low-rank factors meet the 2:4 op as their product; autograd carries the gradient
+    # back to both factors. (It materialises out x in for this op only.)
+    return linear.dense_weight() if is_low_rank(linear) else linear.weight
 
 
 def _in_backward_pass() -> bool:
@@ -52,13 +72,14 @@ class SparseLlamaMLP(nn.Module):
         self.hidden_size = config.hidden_size
         self.intermediate_size = config.ffn_width
         self.squ_relu = config.squ_relu
+        hidden, width, bias = self.hidden_size, self.intermediate_size, config.mlp_bias
         if self.squ_relu == "silu":
-            self.gate_proj = nn.Linear(self.hidden_size, self.intermediate_size, bias=config.mlp_bias)
+            self.gate_proj = _make_linear(config, hidden, width, bias, "mlp")
             self.act_fn = ACT2FN[config.hidden_act]
         else:
             self.act_fn = ACT2FN[self.squ_relu]
-        self.up_proj = nn.Linear(self.hidden_size, self.intermediate_size, bias=config.mlp_bias)
-        self.down_proj = nn.Linear(self.intermediate_size, self.hidden_size, bias=config.mlp_bias)
+        self.up_proj = _make_linear(config, hidden, width, bias, "mlp")
+        self.down_proj = _make_linear(config, width, hidden, bias, "mlp")
 
         # Optimizer steps completed, set by `SparsityCallback` (or `set_training_step`);
         # None means "not under a trainer": a 2:4 model then runs sparse, as it was trained.
@@ -104,8 +125,8 @@ class SparseLlamaMLP(nn.Module):
                 permutation = self.token_permutation(x.numel() // x.shape[-1], x.device)
             return relu2_2to4_ffn(
                 x,
-                self.up_proj.weight,
-                self.down_proj.weight,
+                _weight(self.up_proj),
+                _weight(self.down_proj),
                 method=self.config.activation_sparse_method,
                 backward=self.config.activation_backward,
                 dense_features=self.config.activation_dense_features,
@@ -126,13 +147,19 @@ class SparseLlamaMLP(nn.Module):
 
 
 class SparseLlamaDecoderLayer(LlamaDecoderLayer):
-    """Identical to `LlamaDecoderLayer` except that its MLP is a `SparseLlamaMLP`."""
+    """Identical to `LlamaDecoderLayer` except that its MLP is a `SparseLlamaMLP` and, in
+    low-rank mode, its attention projections are `LowRankLinear`s."""
 
     def __init__(self, config: SparseLlamaConfig, layer_idx: int):
         # Skip LlamaDecoderLayer.__init__ so no throw-away LlamaMLP is allocated.
         GradientCheckpointingLayer.__init__(self)
         self.hidden_size = config.hidden_size
         self.self_attn = LlamaAttention(config=config, layer_idx=layer_idx)
+        if config.loro_scope in ("all", "attn"):
+            for name in ATTENTION_LINEARS:
+                dense = getattr(self.self_attn, name)
+                low_rank = _make_linear(config, dense.in_features, dense.out_features, dense.bias is not None, "attn")
+                setattr(self.self_attn, name, low_rank)
         self.mlp = SparseLlamaMLP(config, layer_idx)
         self.input_layernorm = LlamaRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.post_attention_layernorm = LlamaRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
@@ -148,6 +175,11 @@ class SparseLlamaPreTrainedModel(LlamaPreTrainedModel):
         "hidden_states": SparseLlamaDecoderLayer,
         "attentions": LlamaAttention,
     }
+
+    def _init_weights(self, module):
+        super()._init_weights(module)
+        if is_low_rank(module):
+            init_low_rank_(module, init=self.config.loro_init, init_range=self.config.initializer_range)
 
 
 class SparseLlamaModel(SparseLlamaPreTrainedModel, LlamaModel):
