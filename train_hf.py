@@ -17,7 +17,8 @@ import transformers
 from transformers import AutoModelForCausalLM, Trainer, default_data_collator, set_seed
 
 import hf_sparse
-from hf_sparse.callbacks import EvalPerplexityCallback
+from hf_sparse.callbacks import EvalPerplexityCallback, ModelCardCallback
+from hf_sparse.checkpoints import last_complete_checkpoint, write_model_card
 from hf_sparse.data import build_datasets, load_tokenizer
 from hf_sparse.evaluation import build_compute_metrics, preprocess_logits_for_metrics
 from hf_sparse.report import NotARunError, write_report
@@ -42,6 +43,17 @@ def save_final_model(trainer: Trainer, output_dir: str) -> None:
             shutil.rmtree(target)
         os.replace(os.path.join(staging, name), target)
     shutil.rmtree(staging, ignore_errors=True)
+
+
+def resolve_resume(args) -> str | None:
+    """`resume_from_checkpoint: true` means the last *finished* checkpoint of output_dir."""
+    resume = args.resume_from_checkpoint
+    if resume in (True, "true", "True", "last"):
+        resume = last_complete_checkpoint(args.output_dir)
+        if resume is None:
+            raise ConfigError(f"resume_from_checkpoint: no finished checkpoint in {args.output_dir!r}.")
+        logger.info("resuming from %s", resume)
+    return resume or None
 
 
 def main(argv: list[str]) -> dict:
@@ -90,9 +102,10 @@ def main(argv: list[str]) -> dict:
                 weight_metrics=run.script_args.weight_sparsity_metrics,
             ),
             EvalPerplexityCallback(),
+            ModelCardCallback(),
         ],
     )
-    train_result = trainer.train(resume_from_checkpoint=args.resume_from_checkpoint)
+    train_result = trainer.train(resume_from_checkpoint=resolve_resume(args))
     metrics = dict(train_result.metrics)
     if eval_dataset is not None:
         metrics.update(trainer.evaluate())
@@ -102,6 +115,14 @@ def main(argv: list[str]) -> dict:
     save_final_model(trainer, args.output_dir)
     # trainer_state.json (full log_history) is written whatever save_strategy is.
     trainer.save_state()
+    if trainer.is_world_process_zero():
+        write_model_card(args.output_dir, model.config, trainer.state.log_history)
+    if args.push_to_hub and trainer.is_world_process_zero():
+        # Trainer.push_to_hub would write its generic card over ours: upload the folder as is.
+        from huggingface_hub import upload_folder
+
+        upload_folder(repo_id=trainer.hub_model_id, folder_path=args.output_dir, token=args.hub_token,
+                      commit_message="End of training", ignore_patterns=["checkpoint-*", "*.tmp", "runs/*"])
     if trainer.is_world_process_zero():
         logger.info("model, tokenizer and config saved to %s", os.path.abspath(args.output_dir))
         logger.info("metrics: %s", os.path.abspath(os.path.join(args.output_dir, "all_results.json")))

@@ -3,12 +3,15 @@ merges sparsity telemetry into every logging backend."""
 
 import logging
 import math
+import os
 import sys
 
 from transformers import TrainerCallback
 from transformers.trainer_callback import CallbackHandler
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from transformers.integrations import INTEGRATION_TO_CALLBACK
 
+from .checkpoints import write_model_card
 from .modeling_sparse_llama import set_training_step
 from .telemetry import sparsity_metrics
 
@@ -125,4 +128,15 @@ class SparsityCallback(_FirstCallback):
         self._merge(state, logs, {k: float(v) for k, v in metrics.items() if math.isfinite(v)})
 
 
-__all__ = ["EvalPerplexityCallback", "SparsityCallback"]
+class ModelCardCallback(TrainerCallback):
+    """Writes a README.md model card into every checkpoint folder (hub-ready)."""
+
+    def on_save(self, args, state, control, model=None, **kwargs):
+        if not state.is_world_process_zero or model is None:
+            return
+        folder = os.path.join(args.output_dir, f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}")
+        if os.path.isdir(folder):
+            write_model_card(folder, model.config, state.log_history)
+
+
+__all__ = ["EvalPerplexityCallback", "ModelCardCallback", "SparsityCallback"]

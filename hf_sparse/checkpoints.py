@@ -1,0 +1,105 @@
+"""Checkpoint folders: which one is the last *finished* one, and their model cards."""
+
+import json
+import os
+import re
+
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+
+_CHECKPOINT_RE = re.compile(rf"^{PREFIX_CHECKPOINT_DIR}-(\d+)$")
+# The Trainer writes trainer_state.json after the weights, optimizer and RNG states, so a
+# folder with a readable one was written to the end.
+COMPLETION_MARKER = "trainer_state.json"
+
+
+def is_complete_checkpoint(path: str) -> bool:
+    marker = os.path.join(path, COMPLETION_MARKER)
+    if not os.path.isfile(marker) or not os.path.isfile(os.path.join(path, "config.json")):
+        return False
+    try:
+        with open(marker, encoding="utf-8") as handle:
+            json.load(handle)
+    except (OSError, json.JSONDecodeError):
+        return False
+    return True
+
+
+def last_complete_checkpoint(output_dir: str) -> str | None:
+    """The highest-step checkpoint folder that was fully written (a run killed while
+    writing the next one leaves that one half-written; it is never picked)."""
+    if not os.path.isdir(output_dir):
+        return None
+    steps = sorted(
+        (int(m.group(1)), name) for name in os.listdir(output_dir) if (m := _CHECKPOINT_RE.match(name))
+    )
+    for _, name in reversed(steps):
+        path = os.path.join(output_dir, name)
+        if is_complete_checkpoint(path):
+            return path
+    return None
+
+
+def _latest_eval(log_history: list[dict]) -> dict:
+    rows = [row for row in log_history if "eval_loss" in row]
+    return rows[-1] if rows else {}
+
+
+def model_card(config, log_history: list[dict], base_model_dir_name: str = "") -> str:
+    """A README.md for a checkpoint folder: architecture, sparsity settings, eval metrics."""
+    eval_row = _latest_eval(log_history)
+    metrics = {k: v for k, v in eval_row.items() if k.startswith("eval_") and not k.endswith(("_runtime", "_per_second"))}
+    ffn = "SwiGLU (gated SiLU)" if config.squ_relu == "silu" else f"non-gated {config.squ_relu} (`down(act(up(x)))`)"
+    lines = [
+        "---",
+        "library_name: transformers",
+        "tags:",
+        "- hf_sparse",
+        "- sparse_llama",
+        "- 2:4-activation-sparsity" if config.activation_2by4 else "- squared-relu",
+        "pipeline_tag: text-generation",
+        "---",
+        "",
+        f"# {base_model_dir_name or 'sparse_llama model'}",
+        "",
+        "A LLaMA-style causal LM trained with `hf_sparse` on the HuggingFace Trainer.",
+        "Load it with `AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True)`; the model code",
+        "ships with the weights, so `hf_sparse` need not be installed.",
+        "",
+        "## Architecture",
+        "",
+        f"- hidden size {config.hidden_size}, {config.num_hidden_layers} layers, {config.num_attention_heads} heads, "
+        f"vocabulary {config.vocab_size}, context {config.max_position_embeddings}",
+        f"- FFN: {ffn}, width {config.ffn_width}",
+    ]
+    if config.loro_scope:
+        lines.append(
+            f"- low-rank (LORO) linears on `{config.loro_scope}`: attention rank {config.loro_attn_rank}, "
+            f"FFN rank {config.loro_mlp_rank}, init `{config.loro_init}`"
+        )
+    lines += ["", "## Sparsity", ""]
+    if config.activation_2by4:
+        lines += [
+            f"- 2:4 activation sparsity on the ReLU² output, selection `{config.activation_sparse_method}`",
+            f"- dense warm-up: {config.activation_dense_warmup_steps} optimizer steps",
+            f"- backward: `{config.activation_backward}` (dense features {config.activation_dense_features}), "
+            f"token permutation {'on' if config.permute_2by4 else 'off'}",
+        ]
+    else:
+        lines.append("- no 2:4 activation sparsity")
+    lines += ["", "## Evaluation", ""]
+    if metrics:
+        lines += ["| metric | value |", "| --- | --- |"]
+        lines += [f"| {k} | {v:.4f} |" if isinstance(v, float) else f"| {k} | {v} |" for k, v in sorted(metrics.items())]
+        lines.append(f"\n(at optimizer step {eval_row.get('step')})")
+    else:
+        lines.append("No evaluation has run yet.")
+    return "\n".join(lines) + "\n"
+
+
+def write_model_card(folder: str, config, log_history: list[dict]) -> str:
+    path = os.path.join(folder, "README.md")
+    tmp = path + ".tmp"
+    with open(tmp, "w", encoding="utf-8") as handle:
+        handle.write(model_card(config, log_history, os.path.basename(os.path.abspath(folder))))
+    os.replace(tmp, path)
+    return path

@@ -1,0 +1,128 @@
+"""Interrupt and resume: SIGKILL mid-run, resume from the last finished checkpoint, same
+trajectory; half-written checkpoints are never picked; checkpoints are hub-ready."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import pytest
+
+from hf_sparse.checkpoints import is_complete_checkpoint, last_complete_checkpoint
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TRAIN = os.path.join(REPO_ROOT, "train_hf.py")
+MAX_STEPS = 24
+
+
+def _config(tmp_path, name, **overrides):
+    config = {
+        "model_config": os.path.join(REPO_ROOT, "configs", "llama_tiny.json"),
+        "squ_relu": "relu2",
+        "activation_2by4": True,
+        "activation_dense_warmup_steps": 10,
+        "max_length": 32,
+        "output_dir": str(tmp_path / name),
+        "max_steps": MAX_STEPS,
+        "per_device_train_batch_size": 8,
+        "learning_rate": 0.003,
+        "logging_steps": 1,
+        "eval_strategy": "no",
+        "save_strategy": "steps",
+        "save_steps": 2,
+        "report_to": [],
+        "disable_tqdm": True,
+        "seed": 1,
+    }
+    config.update(overrides)
+    path = tmp_path / f"{name}.json"
+    path.write_text(json.dumps(config))
+    return str(path)
+
+
+def _losses(run_dir):
+    with open(os.path.join(run_dir, "trainer_state.json")) as handle:
+        history = json.load(handle)["log_history"]
+    return {row["step"]: row["loss"] for row in history if "loss" in row}
+
+
+def test_half_written_checkpoints_are_never_last(tmp_path):
+    for step, complete in ((2, True), (4, True), (6, False), (8, False)):
+        folder = tmp_path / f"checkpoint-{step}"
+        folder.mkdir()
+        (folder / "config.json").write_text("{}")
+        if complete:
+            (folder / "trainer_state.json").write_text("{}")
+    (tmp_path / "checkpoint-8" / "trainer_state.json").write_text('{"log_hist')  # cut mid-write
+    assert last_complete_checkpoint(str(tmp_path)) == str(tmp_path / "checkpoint-4")
+    assert not is_complete_checkpoint(str(tmp_path / "checkpoint-6"))
+
+
+def test_sigkill_then_resume_continues_the_same_trajectory(tmp_path):
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    full = subprocess.run([sys.executable, TRAIN, _config(tmp_path, "full")], cwd=REPO_ROOT, env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert full.returncode == 0, full.stderr[-3000:]
+
+    victim = subprocess.Popen([sys.executable, TRAIN, _config(tmp_path, "killed")], cwd=REPO_ROOT, env=env,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    killed_dir = tmp_path / "killed"
+    deadline = time.monotonic() + 300
+    while not is_complete_checkpoint(str(killed_dir / "checkpoint-4")):
+        assert victim.poll() is None, "the run ended before it could be interrupted"
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    victim.send_signal(signal.SIGKILL)
+    victim.wait()
+    assert not (killed_dir / "trainer_state.json").exists()  # it really died mid-run
+    last = last_complete_checkpoint(str(killed_dir))
+    resumed_from = int(last.rsplit("-", 1)[1])
+    assert 4 <= resumed_from < MAX_STEPS
+
+    resumed = subprocess.run([sys.executable, TRAIN, _config(tmp_path, "killed", resume_from_checkpoint="last")],
+                             cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"resuming from {last}" in resumed.stderr
+
+    expected, got = _losses(tmp_path / "full"), _losses(killed_dir)
+    after = [step for step in range(resumed_from + 1, MAX_STEPS + 1)]
+    assert [got[s] for s in after] == pytest.approx([expected[s] for s in after], rel=1e-4)
+
+
+def test_checkpoint_is_hub_ready_and_generates_without_hf_sparse(tmp_path):
+    run = subprocess.run([sys.executable, TRAIN, _config(tmp_path, "hub", max_steps=2)], cwd=REPO_ROOT,
+                         capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    checkpoint = tmp_path / "hub" / "checkpoint-2"
+    names = set(os.listdir(checkpoint))
+    assert {"config.json", "model.safetensors", "modeling_sparse_llama.py", "configuration_sparse_llama.py",
+            "sparse_ffn.py", "tokenizer.json", "tokenizer_config.json", "README.md"} <= names
+    card = (checkpoint / "README.md").read_text()
+    assert "2:4 activation sparsity on the ReLU² output" in card and "warm-up: 10" in card
+    assert "auto_map" in json.loads((checkpoint / "config.json").read_text())
+    final_card = (tmp_path / "hub" / "README.md").read_text()
+    assert "FFN: non-gated relu2" in final_card
+
+    script = textwrap.dedent(
+        f"""
+        import importlib.util, torch
+        assert importlib.util.find_spec("hf_sparse") is None
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+        path = {str(checkpoint)!r}
+        model = AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True).eval()
+        tok = AutoTokenizer.from_pretrained(path)
+        ids = tok("def main():", return_tensors="pt").input_ids
+        out = model.generate(ids, max_new_tokens=5, min_new_tokens=5, do_sample=False)
+        assert out.shape[1] == ids.shape[1] + 5, out.shape
+        print("GENERATED", tok.decode(out[0]))
+        """
+    )
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    env["HF_MODULES_CACHE"] = str(tmp_path / "modules")
+    result = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "GENERATED" in result.stdout
