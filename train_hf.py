@@ -20,6 +20,7 @@ import hf_sparse
 from hf_sparse.callbacks import EvalPerplexityCallback, ModelCardCallback
 from hf_sparse.checkpoints import last_complete_checkpoint, write_model_card
 from hf_sparse.data import build_datasets, load_tokenizer
+from hf_sparse.loro import LoroCallback, build_loro_optimizer_and_scheduler
 from hf_sparse.evaluation import build_compute_metrics, preprocess_logits_for_metrics
 from hf_sparse.report import NotARunError, write_report
 from hf_sparse.run_config import ConfigError, parse_run_config
@@ -87,6 +88,12 @@ def main(argv: list[str]) -> dict:
         sum(p.numel() for p in model.parameters()) / 1e6,
     )
 
+    optimizers = (None, None)
+    extra_callbacks = []
+    if run.script_args.optimizer == "loro_adamw":
+        optimizers = build_loro_optimizer_and_scheduler(model, args, run.script_args)
+        extra_callbacks.append(LoroCallback())
+
     trainer = Trainer(
         model=model,
         args=args,
@@ -103,7 +110,9 @@ def main(argv: list[str]) -> dict:
             ),
             EvalPerplexityCallback(),
             ModelCardCallback(),
+            *extra_callbacks,
         ],
+        optimizers=optimizers,
     )
     train_result = trainer.train(resume_from_checkpoint=resolve_resume(args))
     metrics = dict(train_result.metrics)

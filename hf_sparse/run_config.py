@@ -55,12 +55,22 @@ class ScriptArguments:
     loro_refresh_freq: int = field(default=500, metadata={"help": "Moment refresh period (optimizer steps)."})
     loro_lr_scaler: float = field(default=-1.0, metadata={"help": "Lazy-step scale; -1 means rank / hidden."})
     loro_type: str = field(default="loro", metadata={"help": "loro | eucl (lazy steps only)"})
+    scheduler: str = field(
+        default="trainer",
+        metadata={"help": "trainer (use lr_scheduler_type) | cosine_restart (the LORO recipe's schedule)"},
+    )
+    min_lr_ratio: float = field(default=0.1, metadata={"help": "cosine_restart: final lr / peak lr."})
+    cosine_restart_freq: int | None = field(
+        default=None, metadata={"help": "cosine_restart: re-warm-up period (default: loro_refresh_freq)."}
+    )
+    cosine_restart_warmup: int = field(default=0, metadata={"help": "cosine_restart: re-warm-up length (steps)."})
     overwrite_output_dir: bool = field(
         default=False, metadata={"help": "Allow writing into an output_dir that holds another run."}
     )
 
 
 OPTIMIZER_CHOICES = ("adamw", "loro_adamw")
+SCHEDULER_CHOICES = ("trainer", "cosine_restart")
 MODEL_JSON_DROPPED_KEYS = ("architectures", "transformers_version", "_name_or_path", "auto_map", "dtype", "torch_dtype")
 
 
@@ -224,6 +234,27 @@ def parse_run_config(argv: list[str]) -> RunConfig:
         raise ConfigError(
             f"optimizer={script_args.optimizer!r} is not valid; choose one of {', '.join(map(repr, OPTIMIZER_CHOICES))}."
         )
+    if script_args.scheduler not in SCHEDULER_CHOICES:
+        raise ConfigError(
+            f"scheduler={script_args.scheduler!r} is not valid; choose one of {', '.join(map(repr, SCHEDULER_CHOICES))}."
+        )
+    if script_args.scheduler == "cosine_restart" and script_args.optimizer != "loro_adamw":
+        raise ConfigError("scheduler='cosine_restart' is available with optimizer='loro_adamw'; use lr_scheduler_type otherwise.")
+    if script_args.scheduler == "cosine_restart" and training_args.max_steps <= 0:
+        raise ConfigError("scheduler='cosine_restart' needs max_steps > 0 (the schedule's length).")
+    if script_args.optimizer == "loro_adamw" and not model_args.loro_scope:
+        raise ConfigError(
+            "optimizer='loro_adamw' needs low-rank linears: set loro_scope to 'all', 'attn' or 'mlp'."
+        )
+    if script_args.loro_type not in ("loro", "eucl"):
+        raise ConfigError(f"loro_type={script_args.loro_type!r} is not valid; choose one of 'loro', 'eucl'.")
+    if script_args.loro_refresh not in (None, "all", "lrk", "reg"):
+        raise ConfigError(
+            f"loro_refresh={script_args.loro_refresh!r} is not valid; choose one of null, 'all', 'lrk', 'reg'."
+        )
+    for key in ("loro_freq", "loro_refresh_freq"):
+        if getattr(script_args, key) <= 0:
+            raise ConfigError(f"{key}={getattr(script_args, key)!r} must be a positive integer.")
     overrides = {k: v for k, v in dataclasses.asdict(model_args).items() if k != "model_config"}
     model_config = load_model_config(model_args.model_config, overrides)
     # The backward token permutation follows the training seed (and the config carries it
