@@ -20,6 +20,7 @@ import hf_sparse
 from hf_sparse.callbacks import EvalPerplexityCallback, ModelCardCallback
 from hf_sparse.checkpoints import last_complete_checkpoint, write_model_card
 from hf_sparse.data import build_datasets, load_tokenizer
+from hf_sparse.numerics import NonFiniteError, NumericsGuardCallback
 from hf_sparse.loro import LoroCallback, build_loro_optimizer_and_scheduler
 from hf_sparse.evaluation import build_compute_metrics, preprocess_logits_for_metrics
 from hf_sparse.report import NotARunError, write_report
@@ -89,7 +90,8 @@ def main(argv: list[str]) -> dict:
     )
 
     optimizers = (None, None)
-    extra_callbacks = []
+    guard = NumericsGuardCallback(run.script_args.nonfinite_policy)
+    extra_callbacks = [guard]
     if run.script_args.optimizer == "loro_adamw":
         optimizers = build_loro_optimizer_and_scheduler(model, args, run.script_args)
         extra_callbacks.append(LoroCallback())
@@ -115,6 +117,9 @@ def main(argv: list[str]) -> dict:
         optimizers=optimizers,
     )
     train_result = trainer.train(resume_from_checkpoint=resolve_resume(args))
+    if guard.failure:
+        trainer.save_state()  # keep the log history for the post-mortem; no model is saved
+        raise NonFiniteError(guard.failure)
     metrics = dict(train_result.metrics)
     if eval_dataset is not None:
         metrics.update(trainer.evaluate())
@@ -147,5 +152,5 @@ def main(argv: list[str]) -> dict:
 if __name__ == "__main__":
     try:
         main(sys.argv[1:])
-    except ConfigError as err:
+    except (ConfigError, NonFiniteError) as err:
         sys.exit(f"train_hf.py: error: {err}")

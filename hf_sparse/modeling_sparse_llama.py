@@ -31,8 +31,9 @@ from .sparse_ffn import TokenPermutation, count_2to4_stats, relu2_2to4_ffn
 logger = logging.get_logger(__name__)
 
 # Layout of each MLP's activation-stat tensor (float64: exact integer counts up to 2**53).
-STAT_ZEROS, STAT_TOTAL, STAT_DROPPED_24 = 0, 1, 2
-NUM_ACTIVATION_STATS = 3
+STAT_ZEROS, STAT_TOTAL, STAT_DROPPED_24 = 0, 1, 2  # telemetry window (reset at each log)
+STAT_NONFINITE, STAT_FIRST_NONFINITE_STEP = 3, 4  # numerics guard (-1: none yet)
+NUM_ACTIVATION_STATS = 5
 
 
 ATTENTION_LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj")
@@ -99,21 +100,35 @@ class SparseLlamaMLP(nn.Module):
 
     def _stats_for(self, x: torch.Tensor) -> torch.Tensor | None:
         """The stat tensor to accumulate into for this forward, or None to skip counting."""
-        if not (self.training and self.track_activation_stats) or self.squ_relu == "silu":
+        if not (self.training and self.track_activation_stats):
             return None
         if _in_backward_pass():
             return None
         stats = self.activation_stats
         if stats is None or stats.device != x.device:
             stats = torch.zeros(NUM_ACTIVATION_STATS, dtype=torch.float64, device=x.device)
+            stats[STAT_FIRST_NONFINITE_STEP] = -1
             self.activation_stats = stats
         return stats
 
     def forward(self, x):
+        stats = self._stats_for(x)
+        output = self._ffn(x, stats)
+        if stats is not None:
+            with torch.no_grad():
+                # Read only at logging/save steps (NumericsGuardCallback): no sync here. The
+                # first bad step per layer tells where a NaN started once it has spread.
+                bad = output.numel() - torch.isfinite(output).sum()
+                stats[STAT_NONFINITE] += bad
+                first = stats[STAT_FIRST_NONFINITE_STEP]
+                step = float((self.training_step or 0) + 1)
+                stats[STAT_FIRST_NONFINITE_STEP] = torch.where((first < 0) & (bad > 0), step, first)
+        return output
+
+    def _ffn(self, x, stats):
         if self.squ_relu == "silu":
             return self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))
 
-        stats = self._stats_for(x)
         if self.sparse_2by4_active:
             if self.training and self.training_step is None:
                 logger.warning_once(

@@ -64,6 +64,9 @@ class ScriptArguments:
         default=None, metadata={"help": "cosine_restart: re-warm-up period (default: loro_refresh_freq)."}
     )
     cosine_restart_warmup: int = field(default=0, metadata={"help": "cosine_restart: re-warm-up length (steps)."})
+    nonfinite_policy: str = field(
+        default="stop", metadata={"help": "stop | skip: what a non-finite loss/activation does (see hf_sparse.numerics)."}
+    )
     overwrite_output_dir: bool = field(
         default=False, metadata={"help": "Allow writing into an output_dir that holds another run."}
     )
@@ -245,6 +248,10 @@ def parse_run_config(argv: list[str]) -> RunConfig:
     if script_args.optimizer == "loro_adamw" and not model_args.loro_scope:
         raise ConfigError(
             "optimizer='loro_adamw' needs low-rank linears: set loro_scope to 'all', 'attn' or 'mlp'."
+        )
+    if script_args.nonfinite_policy not in ("stop", "skip"):
+        raise ConfigError(
+            f"nonfinite_policy={script_args.nonfinite_policy!r} is not valid; choose one of 'stop', 'skip'."
         )
     if script_args.loro_type not in ("loro", "eucl"):
         raise ConfigError(f"loro_type={script_args.loro_type!r} is not valid; choose one of 'loro', 'eucl'.")
