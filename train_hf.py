@@ -34,8 +34,9 @@ def save_final_model(trainer: Trainer, output_dir: str) -> None:
     """Write the final model so that a crash mid-write never leaves something that looks
     finished: everything goes to a temporary folder first, config.json moves in last."""
     staging = os.path.join(output_dir, ".final_model.tmp")
-    shutil.rmtree(staging, ignore_errors=True)
-    trainer.save_model(staging)
+    if trainer.is_world_process_zero():  # only rank 0 writes; another rank must not race it
+        shutil.rmtree(staging, ignore_errors=True)
+    trainer.save_model(staging)  # on every rank: FSDP/DeepSpeed gather the weights here
     if not trainer.is_world_process_zero():
         return
     names = sorted(os.listdir(staging), key=lambda name: name == "config.json")
@@ -83,10 +84,12 @@ def main(argv: list[str]) -> dict:
         train_dataset, eval_dataset = build_datasets(data_args, tokenizer, seed=args.seed)
     model = AutoModelForCausalLM.from_config(run.model_config)
     logger.info(
-        "model: sparse_llama squ_relu=%s activation_2by4=%s, %.2fM parameters",
+        "model: sparse_llama squ_relu=%s activation_2by4=%s loro_scope=%s, %.2fM parameters; world_size=%d",
         run.model_config.squ_relu,
         run.model_config.activation_2by4,
+        run.model_config.loro_scope,
         sum(p.numel() for p in model.parameters()) / 1e6,
+        args.world_size,
     )
 
     optimizers = (None, None)

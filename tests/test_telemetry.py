@@ -293,7 +293,7 @@ def test_two_processes_log_the_pooled_fraction(tmp_path):
     worker = os.path.join(os.path.dirname(__file__), "dist_telemetry_worker.py")
     env = dict(os.environ, OMP_NUM_THREADS="1")
     result = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "0", worker, str(out)],
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", worker, str(out)],
         cwd=os.path.dirname(os.path.dirname(worker)),
         env=env,
         capture_output=True,
