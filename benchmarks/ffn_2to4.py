@@ -1,0 +1,192 @@
+"""Dense ReLU² FFN vs the 2:4 activation-sparse op: forward, backward, fwd+bwd.
+
+    python benchmarks/ffn_2to4.py                              # CPU: 130m shape, 4096 tokens, fp32
+    python benchmarks/ffn_2to4.py --device cuda                # GPU: 3 shapes, 16k tokens, bf16
+    python benchmarks/ffn_2to4.py --shapes 768x3072,2048x8192 --tokens 16384 --repeats 20
+
+Dense and sparse runs alternate inside one process (same allocator/thermal state); each
+number is the median over ``--repeats``. On CUDA the timings use CUDA events after a
+warm-up; the sparse op is timed on the cuSPARSELt path when eligible and, for reference,
+with the kernel disabled (``HF_SPARSE_DISABLE_2TO4_KERNEL=1``: same semantics, dense GEMMs).
+Imports only torch and hf_sparse's model code, so it runs on a bare GPU box.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import statistics
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from hf_sparse import kernels  # noqa: E402
+from hf_sparse.sparse_ffn import relu2_2to4_ffn, relu2_ffn_reference  # noqa: E402
+
+SHAPES = {"130m": (768, 3072), "1b": (2048, 8192), "7b": (4096, 16384)}
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, "fp64": torch.float64}
+
+
+def machine_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return f"{torch.cuda.get_device_name(device)} (sm{''.join(map(str, torch.cuda.get_device_capability(device)))})"
+    try:
+        with open("/proc/cpuinfo") as fh:
+            for line in fh:
+                if line.startswith("model name"):
+                    return f"{line.split(':', 1)[1].strip()}, {torch.get_num_threads()} threads"
+    except OSError:
+        pass
+    return f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
+
+
+class Timer:
+    def __init__(self, device: torch.device):
+        self.cuda = device.type == "cuda"
+
+    def start(self):
+        if self.cuda:
+            ev = torch.cuda.Event(enable_timing=True)
+            ev.record()
+            return ev
+        return time.perf_counter()
+
+    def stop(self, start) -> float:
+        """Milliseconds since ``start``."""
+        if self.cuda:
+            end = torch.cuda.Event(enable_timing=True)
+            end.record()
+            end.synchronize()
+            return start.elapsed_time(end)
+        return (time.perf_counter() - start) * 1e3
+
+
+def run_once(fn, x, w_up, w_down, timer: Timer) -> tuple[float, float]:
+    """(forward ms, backward ms) of one step; grads are cleared outside the timed region."""
+    for t in (x, w_up, w_down):
+        t.grad = None
+    if timer.cuda:
+        torch.cuda.synchronize()
+    t0 = timer.start()
+    y = fn(x, w_up, w_down)
+    fwd = timer.stop(t0)
+    gy = torch.ones_like(y)
+    t1 = timer.start()
+    y.backward(gy)
+    bwd = timer.stop(t1)
+    return fwd, bwd
+
+
+def bench_shape(d, f, args, device, dtype, timer):
+    gen = torch.Generator(device="cpu").manual_seed(0)
+    x = torch.randn(args.tokens, d, generator=gen).to(device=device, dtype=dtype).requires_grad_()
+    w_up = (torch.randn(f, d, generator=gen) / d**0.5).to(device=device, dtype=dtype).requires_grad_()
+    w_down = (torch.randn(d, f, generator=gen) / f**0.5).to(device=device, dtype=dtype).requires_grad_()
+    stats = torch.zeros(3, dtype=torch.float64, device=device) if args.stats else None
+    perm = torch.randperm(args.tokens, generator=gen).to(device) if args.permute else None
+
+    def sparse(x, wu, wd):
+        return relu2_2to4_ffn(
+            x, wu, wd, method=args.method, backward=args.backward, dense_features=args.dense_features,
+            permutation=perm, stats=stats,
+        )
+
+    variants = {"dense": relu2_ffn_reference, "sparse": sparse}
+    kernel_ok = device.type == "cuda" and kernels.use_2to4_kernel(x.detach(), w_up.detach(), w_down.detach())
+    if device.type == "cuda":
+        # Same op with the kernel switched off: separates mask overhead from GEMM gains.
+        def sparse_ref(x, wu, wd):
+            # The switch is read per call in forward (backward follows its forward).
+            prev = os.environ.get(kernels.DISABLE_ENV)
+            os.environ[kernels.DISABLE_ENV] = "1"
+            try:
+                return sparse(x, wu, wd)
+            finally:
+                if prev is None:
+                    os.environ.pop(kernels.DISABLE_ENV, None)
+                else:
+                    os.environ[kernels.DISABLE_ENV] = prev
+
+        variants["sparse_ref"] = sparse_ref
+    times = {k: ([], []) for k in variants}
+    for _ in range(args.warmup):
+        for name, fn in variants.items():
+            run_once(fn, x, w_up, w_down, timer)
+    for _ in range(args.repeats):
+        for name, fn in variants.items():  # alternate so drifts hit every variant alike
+            fwd, bwd = run_once(fn, x, w_up, w_down, timer)
+            times[name][0].append(fwd)
+            times[name][1].append(bwd)
+    out = {}
+    for name, (fw, bw) in times.items():
+        both = [a + b for a, b in zip(fw, bw)]
+        out[name] = (statistics.median(fw), statistics.median(bw), statistics.median(both))
+    return out, kernel_ok
+
+
+def parse_shapes(text: str):
+    shapes = []
+    for item in text.split(","):
+        item = item.strip()
+        if item in SHAPES:
+            shapes.append((item, *SHAPES[item]))
+        else:
+            d, f = item.lower().split("x")
+            shapes.append((item, int(d), int(f)))
+    return shapes
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--dtype", default=None, choices=sorted(DTYPES), help="default: bf16 on GPU, fp32 on CPU")
+    p.add_argument("--tokens", type=int, default=None, help="default: 16384 on GPU, 4096 on CPU")
+    p.add_argument("--shapes", default=None, help="names (130m,1b,7b) or DxF; default: all on GPU, 130m on CPU")
+    p.add_argument("--repeats", type=int, default=None, help="default: 20 on GPU, 5 on CPU")
+    p.add_argument("--warmup", type=int, default=None, help="default: 3 on GPU, 1 on CPU")
+    p.add_argument("--method", default="naive")
+    p.add_argument("--backward", default="split_gemm")
+    p.add_argument("--dense-features", type=float, default=0.05)
+    p.add_argument("--no-stats", dest="stats", action="store_false", help="do not collect telemetry counts")
+    p.add_argument("--no-permute", dest="permute", action="store_false", help="no token permutation")
+    args = p.parse_args(argv)
+
+    device = torch.device(args.device)
+    gpu = device.type == "cuda"
+    dtype = DTYPES[args.dtype or ("bf16" if gpu else "fp32")]
+    args.tokens = args.tokens or (16384 if gpu else 4096)
+    args.repeats = args.repeats or (20 if gpu else 5)
+    args.warmup = args.warmup if args.warmup is not None else (3 if gpu else 1)
+    shapes = parse_shapes(args.shapes or ("130m,1b,7b" if gpu else "130m"))
+    timer = Timer(device)
+
+    print(f"machine: {machine_name(device)}")
+    print(
+        f"torch {torch.__version__}, dtype {str(dtype).replace('torch.', '')}, tokens {args.tokens}, "
+        f"method {args.method}, backward {args.backward} (dense_features {args.dense_features}), "
+        f"stats {'on' if args.stats else 'off'}, permutation {'on' if args.permute else 'off'}, "
+        f"median of {args.repeats}"
+    )
+    header = f"{'shape':>12} {'variant':>10} {'fwd ms':>9} {'bwd ms':>9} {'fwd+bwd':>9} {'fwd x':>7} {'bwd x':>7} {'f+b x':>7}"
+    print(header)
+    print("-" * len(header))
+    for name, d, f in shapes:
+        res, kernel_ok = bench_shape(d, f, args, device, dtype, timer)
+        base = res["dense"]
+        for variant, (fw, bw, both) in res.items():
+            label = variant
+            if variant == "sparse" and gpu:
+                label = "sparse24" if kernel_ok else "sparse(ref)"
+            print(
+                f"{name + f' {d}x{f}':>12} {label:>10} {fw:9.2f} {bw:9.2f} {both:9.2f} "
+                f"{fw / base[0]:7.3f} {bw / base[1]:7.3f} {both / base[2]:7.3f}"
+            )
+    print("ratios are sparse/dense time (< 1 means faster than dense)")
+
+
+if __name__ == "__main__":
+    main()
