@@ -152,8 +152,19 @@ def main(argv: list[str]) -> dict:
     return metrics
 
 
+def _close_process_group() -> None:
+    # Leaving a gloo/NCCL group open at interpreter exit can abort the process
+    # ("terminate called without an active exception") after a successful run.
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
 if __name__ == "__main__":
     try:
         main(sys.argv[1:])
     except (ConfigError, NonFiniteError) as err:
         sys.exit(f"train_hf.py: error: {err}")
+    finally:
+        _close_process_group()

@@ -277,8 +277,31 @@ def parse_run_config(argv: list[str]) -> RunConfig:
             f"max_length={data_args.max_length} is larger than the model's max_position_embeddings="
             f"{model_config.max_position_embeddings}; use max_length <= {model_config.max_position_embeddings}."
         )
+    check_reporting_integrations(training_args.report_to)
     check_output_dir(training_args, script_args)
     return RunConfig(training_args, model_config, data_args, script_args, data)
+
+
+def check_reporting_integrations(report_to: list[str]) -> None:
+    """Fail now, not when the Trainer builds its callbacks after the data and model are ready."""
+    from transformers import integrations
+
+    requested = [name for name in (report_to or []) if name not in ("all", "none")]
+    if not requested:
+        return
+    unknown = [name for name in requested if name not in integrations.INTEGRATION_TO_CALLBACK]
+    if unknown:
+        raise ConfigError(
+            f"report_to: {', '.join(map(repr, unknown))} is not a reporting integration; choose from "
+            f"{', '.join(map(repr, integrations.INTEGRATION_TO_CALLBACK))}."
+        )
+    installed = integrations.get_available_reporting_integrations()
+    missing = [name for name in requested if name not in installed]
+    if missing:
+        raise ConfigError(
+            f"report_to: {', '.join(map(repr, missing))} requested but not installed (pip install "
+            f"{' '.join(missing)}); installed integrations: {installed or 'none'}."
+        )
 
 
 def output_dir_holds_run(output_dir: str) -> bool:

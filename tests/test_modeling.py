@@ -171,3 +171,20 @@ def test_130m_parameter_count_meta():
     total = sum(p.numel() for p in model.parameters())
     expected = 2 * 32000 * 768 + 12 * (4 * 768 * 768 + 3 * 768 * 2048 + 2 * 768) + 768
     assert total == expected
+
+
+@pytest.mark.parametrize("squ_relu, millions", [("silu", 94.00), ("relu2", 91.64)])
+def test_130m_low_rank_parameter_count(squ_relu, millions):
+    """LORO's 130m with r=256 on every decoder linear: 94.00M (SwiGLU, the paper's figure)."""
+    from hf_sparse.run_config import load_model_config
+
+    config = load_model_config(
+        "configs/llama_130m.json", dict(squ_relu=squ_relu, loro_scope="all", loro_attn_rank=256, loro_mlp_rank=256)
+    )
+    with torch.device("meta"):
+        model = SparseLlamaForCausalLM(config)
+    total = sum(p.numel() for p in model.parameters())
+    assert round(total / 1e6, 2) == millions
+    # Only decoder linears are factorised: embeddings and lm_head keep their full shape.
+    assert model.lm_head.weight.shape == (32000, 768)
+    assert not any(isinstance(m, torch.nn.Linear) for m in model.model.layers.modules())

@@ -126,3 +126,24 @@ def test_checkpoint_is_hub_ready_and_generates_without_hf_sparse(tmp_path):
                             timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "GENERATED" in result.stdout
+
+
+def test_streaming_resume_skips_what_was_consumed(tmp_path):
+    # A streamed corpus has no length: the resumed run must skip the batches already
+    # trained on (not start the stream again), so its losses match the uninterrupted run.
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    stream = dict(streaming=True, shuffle_buffer_size=64, activation_dense_warmup_steps=3, max_steps=6, save_steps=3)
+    full = subprocess.run([sys.executable, TRAIN, _config(tmp_path, "stream_full", **stream)], cwd=REPO_ROOT,
+                          env=env, capture_output=True, text=True, timeout=600)
+    assert full.returncode == 0, full.stderr[-3000:]
+    checkpoint = tmp_path / "stream_full" / "checkpoint-3"
+    resumed = subprocess.run(
+        [sys.executable, TRAIN, _config(tmp_path, "stream_resumed", resume_from_checkpoint=str(checkpoint), **stream)],
+        cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=600,
+    )
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    expected, got = _losses(tmp_path / "stream_full"), _losses(tmp_path / "stream_resumed")
+    assert sorted(got) == [1, 2, 3, 4, 5, 6]  # steps 1-3 come from the checkpoint's history
+    assert [got[s] for s in (4, 5, 6)] == pytest.approx([expected[s] for s in (4, 5, 6)], rel=1e-4)
+    # Restarting the stream instead would train steps 4-6 on the blocks of steps 1-3.
+    assert got[4] != pytest.approx(expected[1], rel=1e-3)

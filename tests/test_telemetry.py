@@ -298,7 +298,7 @@ def test_two_processes_log_the_pooled_fraction(tmp_path):
         env=env,
         capture_output=True,
         text=True,
-        timeout=300,
+        timeout=150,
     )
     assert result.returncode == 0, result.stderr[-4000:]
     data = json.loads(out.read_text())

@@ -204,3 +204,60 @@ def test_readme_has_the_two_lines_and_quickstart_parses():
             parse_run_config([os.path.join("configs", name), "--output_dir", "/tmp/hf_sparse_c4_parse"])
         finally:
             os.chdir(cwd)
+
+
+# --- the rest of the bad-input table (README) -----------------------------------------------
+
+
+def test_wandb_requested_but_not_installed(tmp_path, monkeypatch):
+    from transformers import integrations
+
+    monkeypatch.setattr(integrations, "get_available_reporting_integrations", lambda: ["tensorboard"])
+    with pytest.raises(ConfigError, match=r"report_to: 'wandb' requested but not installed \(pip install wandb\)"):
+        train_hf.main([_bad(tmp_path, report_to=["wandb"])])
+    assert not (tmp_path / "run").exists()
+
+
+def test_unknown_reporting_integration(tmp_path):
+    with pytest.raises(ConfigError, match=r"report_to: 'wandbb' is not a reporting integration.*'wandb'"):
+        train_hf.main([_bad(tmp_path, report_to=["wandbb"])])
+
+
+def test_output_dir_holding_another_run_is_refused(tmp_path):
+    (tmp_path / "run" / "checkpoint-2").mkdir(parents=True)
+    (tmp_path / "run" / "trainer_state.json").write_text("{}")
+    with pytest.raises(ConfigError, match=r"output_dir .* already holds a run; set overwrite_output_dir=true"):
+        train_hf.main([_bad(tmp_path)])
+    # Untouched: the other run's files are still there and nothing was added.
+    assert sorted(os.listdir(tmp_path / "run")) == ["checkpoint-2", "trainer_state.json"]
+
+
+def test_tokenizer_larger_than_the_model_vocab(tmp_path):
+    # The embedded tokenizer trained for 1024 tokens cannot index a 512-row embedding.
+    with pytest.raises(ConfigError, match=r"tokenizer's vocabulary has 1024 tokens but the model's vocab_size is 512"):
+        train_hf.main([_bad(tmp_path, tokenizer_vocab_size=1024)])
+    assert not (tmp_path / "run").exists()
+
+
+def test_contradictory_low_rank_settings(tmp_path):
+    with pytest.raises(ConfigError, match=r"optimizer='loro_adamw' needs low-rank linears: set loro_scope"):
+        train_hf.main([_bad(tmp_path, optimizer="loro_adamw")])
+    with pytest.raises(ConfigError, match=r"loro_mlp_rank=.* is larger"):
+        train_hf.main([_bad(tmp_path, loro_scope="mlp", loro_mlp_rank=64)])
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize(
+    "name", ["quickstart.json", "quickstart_lowrank.json", "c4_llama_130m_relu2.json", "c4_llama_130m_loro.json"]
+)
+def test_shipped_run_configs_parse(name, tmp_path):
+    from hf_sparse.run_config import parse_run_config
+
+    run = parse_run_config([os.path.join(REPO_ROOT, "configs", name), "--output_dir", str(tmp_path / "out")])
+    if "loro" in name or "lowrank" in name:
+        assert run.script_args.optimizer == "loro_adamw" and run.model_config.loro_scope == "all"
+    if name == "c4_llama_130m_loro.json":
+        # The LORO paper's 130m recipe: SwiGLU, r=256, lr 0.01, exact step and refresh every 500.
+        assert (run.model_config.loro_attn_rank, run.model_config.loro_mlp_rank) == (256, 256)
+        assert run.training_args.learning_rate == 0.01 and run.script_args.loro_freq == 500
+        assert run.script_args.loro_refresh == "all" and run.script_args.scheduler == "cosine_restart"
