@@ -1,0 +1,74 @@
+"""Run by test_distributed under `torchrun --nproc_per_node 2` (CPU/gloo): the tiny relu2
+model with the 2:4 recipe (and optionally low-rank linears) wrapped in FSDP FULL_SHARD
+with one unit per decoder layer, as configs/accelerate/fsdp.yaml does. Compares, against
+an unwrapped copy in the same process, the weight sparsity of every original matrix, the
+pooled activation counts and every gradient; writes the verdicts as JSON from rank 0."""
+
+import json
+import os
+import sys
+
+import torch
+import torch.distributed as dist
+from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+from torch.distributed.fsdp import ShardingStrategy
+from torch.distributed.fsdp.wrap import ModuleWrapPolicy
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from hf_sparse import SparseLlamaForCausalLM, set_training_step, sparsity_metrics  # noqa: E402
+from hf_sparse.modeling_sparse_llama import SparseLlamaDecoderLayer  # noqa: E402
+from tests.conftest import tiny_config  # noqa: E402
+
+
+def _batch(rank, vocab):
+    return torch.randint(0, vocab, (2, 16), generator=torch.Generator().manual_seed(100 + rank))
+
+
+def main(out_path, low_rank):
+    dist.init_process_group("gloo")
+    rank, world = dist.get_rank(), dist.get_world_size()
+    extra = dict(loro_scope="all", loro_attn_rank=4, loro_mlp_rank=4) if low_rank else {}
+    config = tiny_config(activation_2by4=True, activation_dense_warmup_steps=0, **extra)
+    torch.manual_seed(0)
+    model = SparseLlamaForCausalLM(config)
+    with torch.no_grad():  # exact zeros scattered over every matrix, so each shard holds some
+        for param in model.model.layers.parameters():
+            if param.dim() == 2:
+                param.mul_(torch.rand(param.shape, generator=torch.Generator().manual_seed(param.numel())) > 0.3)
+    reference = SparseLlamaForCausalLM(config)
+    reference.load_state_dict(model.state_dict())
+    set_training_step(reference, 1)
+
+    # Reference: the unwrapped model on every rank's batch, gradients averaged like FSDP does.
+    for r in range(world):
+        ids = _batch(r, config.vocab_size)
+        (reference(input_ids=ids, labels=ids).loss / world).backward()
+    # Every rank holds the same all-batch counts; the cross-rank sum scales both sides alike.
+    expected = sparsity_metrics(reference)
+
+    wrapped = FSDP(model, auto_wrap_policy=ModuleWrapPolicy({SparseLlamaDecoderLayer}), use_orig_params=True,
+                   sharding_strategy=ShardingStrategy.FULL_SHARD, device_id=torch.device("cpu"))
+    set_training_step(wrapped, 1)
+    ids = _batch(rank, config.vocab_size)
+    wrapped(input_ids=ids, labels=ids).loss.backward()
+    shard_numels = [p.numel() for p in wrapped.parameters()]
+    got = sparsity_metrics(wrapped)
+
+    grad_errors = {}
+    with FSDP.summon_full_params(wrapped, with_grads=True):
+        reference_params = dict(reference.named_parameters())
+        for name, param in model.named_parameters():
+            ref_grad = reference_params[name.replace("_fsdp_wrapped_module.", "")].grad
+            grad_errors[name] = float((param.grad - ref_grad).abs().max() / ref_grad.abs().max().clamp_min(1e-12))
+
+    if rank == 0:
+        with open(out_path, "w") as handle:
+            json.dump({"expected": expected, "got": got, "grad_errors": grad_errors,
+                       "sharded": min(shard_numels) < max(p.numel() for p in reference.parameters())}, handle)
+    del wrapped
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main(sys.argv[1], low_rank=sys.argv[2] == "low_rank")
