@@ -15,12 +15,13 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import statistics
 import sys
 import time
 
 import torch
+
+from machine import describe_machine  # benchmarks/machine.py
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -30,18 +31,6 @@ from hf_sparse.sparse_ffn import relu2_2to4_ffn, relu2_ffn_reference  # noqa: E4
 SHAPES = {"130m": (768, 3072), "1b": (2048, 8192), "7b": (4096, 16384)}
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, "fp64": torch.float64}
 
-
-def machine_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return f"{torch.cuda.get_device_name(device)} (sm{''.join(map(str, torch.cuda.get_device_capability(device)))})"
-    try:
-        with open("/proc/cpuinfo") as fh:
-            for line in fh:
-                if line.startswith("model name"):
-                    return f"{line.split(':', 1)[1].strip()}, {torch.get_num_threads()} threads"
-    except OSError:
-        pass
-    return f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
 
 
 class Timer:
@@ -164,7 +153,7 @@ def main(argv=None):
     shapes = parse_shapes(args.shapes or ("130m,1b,7b" if gpu else "130m"))
     timer = Timer(device)
 
-    print(f"machine: {machine_name(device)}")
+    print(f"machine: {describe_machine(device)}")
     print(
         f"torch {torch.__version__}, dtype {str(dtype).replace('torch.', '')}, tokens {args.tokens}, "
         f"method {args.method}, backward {args.backward} (dense_features {args.dense_features}), "

@@ -20,12 +20,13 @@ through /proc/self/clear_refs after malloc_trim) minus the RSS before the step.
 import argparse
 import ctypes
 import os
-import platform
 import statistics
 import sys
 import time
 
 import torch
+
+from machine import describe_machine  # benchmarks/machine.py
 from torch import nn
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -144,20 +145,6 @@ def run_variant(shape, variant, layers, repeats, device, dtype, cpu_peak):
     return dict(params=params, state=state, median=statistics.median(times), best=min(times), peak=peak)
 
 
-def machine(device):
-    if device.type == "cuda":
-        return f"GPU {torch.cuda.get_device_name(device)}"
-    name = platform.processor() or "unknown CPU"
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    name = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
-    return f"CPU {name}, {torch.get_num_threads()} threads"
-
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -172,7 +159,7 @@ def main(argv=None):
     device = torch.device(args.device)
     dtype = getattr(torch, args.dtype)
     cpu_peak = CpuPeak() if device.type == "cpu" else None
-    print(f"machine: {machine(device)}; torch {torch.__version__}; dtype {args.dtype}; repeats {args.repeats}")
+    print(f"machine: {describe_machine(device)}; torch {torch.__version__}; dtype {args.dtype}; repeats {args.repeats}")
     if cpu_peak is not None and not cpu_peak.ok:
         print("note: /proc peak-RSS reset unavailable, step peak not measured")
     header = f"{'shape':<6} {'layers':>6} {'variant':<14} {'params M':>9} {'state MiB':>10} {'step ms':>10} {'best ms':>9} {'step peak MiB':>14}"

@@ -11,7 +11,6 @@ import argparse
 import json
 import logging
 import os
-import platform
 import sys
 import time
 
@@ -19,6 +18,7 @@ REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO_ROOT)
 
 import train_hf  # noqa: E402
+from machine import describe_machine  # noqa: E402  (benchmarks/machine.py)
 
 VARIANTS = {
     "dense relu2": {"activation_2by4": False},
@@ -27,16 +27,6 @@ VARIANTS = {
     "2:4, no permutation": {"activation_2by4": True, "permute_2by4": False},
 }
 
-
-def cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as handle:
-            for line in handle:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def mean_sparsity(run_dir: str) -> float:
@@ -69,7 +59,7 @@ def main() -> None:
         results.append((name, metrics["eval_loss"], mean_sparsity(run_dir), time.perf_counter() - start))
 
     dense_loss = results[0][1]
-    print(f"\nmachine: {cpu_name()} ({os.cpu_count()} cores), {args.max_steps} steps, "
+    print(f"\nmachine: {describe_machine()}, {args.max_steps} steps, "
           f"warm-up {args.warmup}, config {os.path.relpath(args.config, REPO_ROOT)}")
     print(f"| variant | eval loss | vs dense | mean ReLU² sparsity | wall s |")
     print(f"| --- | --- | --- | --- | --- |")

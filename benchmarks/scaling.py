@@ -16,7 +16,6 @@ the 2:4 recipe past its warm-up. `--device cpu` runs the same loop on CPU as a s
 import argparse
 import json
 import os
-import platform
 import shutil
 import subprocess
 import sys
@@ -25,19 +24,11 @@ import time
 
 import torch
 
+from machine import describe_machine  # benchmarks/machine.py
+
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO_ROOT)
 
-
-def machine() -> str:
-    if torch.cuda.is_available():
-        return torch.cuda.get_device_name()
-    try:
-        with open("/proc/cpuinfo") as handle:
-            name = next(line.split(":", 1)[1].strip() for line in handle if line.startswith("model name"))
-    except (OSError, StopIteration):
-        name = platform.processor()
-    return f"{name}, {os.cpu_count()} cores"
 
 
 def _train_hf_tokens_per_second(workdir: str, processes: int, args) -> float:
@@ -72,7 +63,7 @@ def _train_hf_tokens_per_second(workdir: str, processes: int, args) -> float:
 
 
 def run_cpu(args) -> None:
-    print(f"machine: {machine()}; torch {torch.__version__}")
+    print(f"machine: {describe_machine('cpu')}; torch {torch.__version__}")
     print(f"train_hf.py, configs/llama_tiny.json relu2{' +2:4' if args.two_by_four else ''}, "
           f"{args.steps} steps, global batch {args.global_batch} x {args.max_length} tokens, 1 thread/process")
     workdir = tempfile.mkdtemp(prefix="hf_sparse_scaling_")
@@ -96,7 +87,7 @@ def run_gpu(args) -> None:
 
     device = args.device
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
-    print(f"machine: {machine()}; torch {torch.__version__}; {dtype}")
+    print(f"machine: {describe_machine(device)}; torch {torch.__version__}; {dtype}")
     with open(os.path.join(REPO_ROOT, "configs", args.model)) as handle:
         sizes = json.load(handle)
     sizes.pop("model_type", None)

@@ -11,27 +11,18 @@ every `--log_every` steps, as SparsityCallback does; "off" = neither. Blocks of
 
 import argparse
 import os
-import platform
 import statistics
 import sys
 import time
 
 import torch
 
+from machine import describe_machine  # benchmarks/machine.py
+
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from hf_sparse import SparseLlamaConfig, SparseLlamaForCausalLM, set_training_step, sparsity_metrics  # noqa: E402
 from hf_sparse.modeling_sparse_llama import sparse_mlps  # noqa: E402
 
-
-def machine() -> str:
-    if torch.cuda.is_available():
-        return torch.cuda.get_device_name()
-    try:
-        with open("/proc/cpuinfo") as handle:
-            name = next(line.split(":", 1)[1].strip() for line in handle if line.startswith("model name"))
-    except (OSError, StopIteration):
-        name = platform.processor()
-    return f"{name}, {torch.get_num_threads()} threads"
 
 
 def main():
@@ -81,7 +72,7 @@ def main():
         for telemetry in order:
             (on if telemetry else off).append(block(telemetry))
     on_s, off_s = statistics.median(on), statistics.median(off)
-    print(f"machine: {machine()}; device {device} {dtype}; layers {args.layers}, batch {args.batch}x{args.seq}, "
+    print(f"machine: {describe_machine(device)}; device {device} {dtype}; layers {args.layers}, batch {args.batch}x{args.seq}, "
           f"2:4 {'on' if args.two_by_four else 'off'}; {args.rounds} rounds of {args.log_every} steps each way")
     print(f"telemetry off: {1 / off_s:.3f} steps/s   on: {1 / on_s:.3f} steps/s   "
           f"overhead: {100 * (on_s / off_s - 1):+.2f}%")
