@@ -72,10 +72,14 @@ def main():
         for telemetry in order:
             (on if telemetry else off).append(block(telemetry))
     on_s, off_s = statistics.median(on), statistics.median(off)
+    # Ratios within a round cancel slow drift in machine load; their spread shows the noise.
+    paired = sorted(a / b for a, b in zip(on, off))
     print(f"machine: {describe_machine(device)}; device {device} {dtype}; layers {args.layers}, batch {args.batch}x{args.seq}, "
           f"2:4 {'on' if args.two_by_four else 'off'}; {args.rounds} rounds of {args.log_every} steps each way")
     print(f"telemetry off: {1 / off_s:.3f} steps/s   on: {1 / on_s:.3f} steps/s   "
           f"overhead: {100 * (on_s / off_s - 1):+.2f}%")
+    print(f"per-round on/off ratios: median {statistics.median(paired):.4f}, "
+          f"range {paired[0]:.4f}..{paired[-1]:.4f}")
 
 
 if __name__ == "__main__":

@@ -25,14 +25,14 @@ from transformers.utils import logging
 
 from .configuration_sparse_llama import SparseLlamaConfig
 from .lowrank import LowRankLinear, init_low_rank_, is_low_rank
-from .sparse_ffn import TokenPermutation, count_2to4_stats, relu2_2to4_ffn
+from .sparse_ffn import TokenPermutation, count_2to4_stats, count_nonzero, relu2_2to4_ffn
 
 
 logger = logging.get_logger(__name__)
 
 # Layout of each MLP's activation-stat tensor (float64: exact integer counts up to 2**53).
 STAT_ZEROS, STAT_TOTAL, STAT_DROPPED_24 = 0, 1, 2  # telemetry window (reset at each log)
-STAT_NONFINITE, STAT_FIRST_NONFINITE_STEP = 3, 4  # numerics guard (-1: none yet)
+STAT_NONFINITE, STAT_FIRST_NONFINITE_STEP = 3, 4  # numerics guard: bad forwards, first bad step (-1: none)
 NUM_ACTIVATION_STATS = 5
 
 
@@ -118,7 +118,11 @@ class SparseLlamaMLP(nn.Module):
             with torch.no_grad():
                 # Read only at logging/save steps (NumericsGuardCallback): no sync here. The
                 # first bad step per layer tells where a NaN started once it has spread.
-                bad = output.numel() - torch.isfinite(output).sum()
+                # A sum is non-finite iff some element is (NaN/Inf propagate; fp32
+                # accumulation keeps fp16/bf16 outputs from overflowing): one cheap
+                # reduction instead of an elementwise isfinite pass. Counts bad forwards.
+                acc_dtype = torch.promote_types(output.dtype, torch.float32)
+                bad = (~torch.isfinite(output.sum(dtype=acc_dtype))).to(stats.dtype)
                 stats[STAT_NONFINITE] += bad
                 first = stats[STAT_FIRST_NONFINITE_STEP]
                 step = float((self.training_step or 0) + 1)
@@ -157,7 +161,7 @@ class SparseLlamaMLP(nn.Module):
                     count_2to4_stats(activation, stats, method=self.config.activation_sparse_method)
                 else:
                     stats[STAT_TOTAL] += activation.numel()
-                    stats[STAT_ZEROS] += activation.numel() - torch.count_nonzero(activation)
+                    stats[STAT_ZEROS] += activation.numel() - count_nonzero(activation)
         return self.down_proj(activation)
 
 

@@ -16,6 +16,7 @@ from .modeling_sparse_llama import (
     STAT_ZEROS,
     sparse_mlps,
 )
+from .sparse_ffn import count_nonzero
 
 # Contract names of each decoder linear, keyed by its module path inside the layer.
 WEIGHT_METRIC_NAMES = {
@@ -54,7 +55,7 @@ def _weight_counts(model: nn.Module):
                 weight = getattr(linear, attr).detach()
                 names.append(f"weight_sparsity/layer_{layer_idx}/{metric}{suffix}")
                 numel = torch.tensor(weight.numel(), dtype=torch.float64, device=weight.device)
-                rows.append(torch.stack([(weight.numel() - torch.count_nonzero(weight)).double(), numel]))
+                rows.append(torch.stack([(weight.numel() - count_nonzero(weight)).double(), numel]))
     return names, rows
 
 

@@ -120,6 +120,23 @@ def test_second_model_does_not_shift_layer_numbers():
     ]
 
 
+def test_stats_stay_out_of_checkpoints_and_start_at_zero(tmp_path):
+    model = SparseLlamaForCausalLM(tiny_config(activation_2by4=True, activation_dense_warmup_steps=0)).train()
+    set_training_step(model, 1)
+    ids = torch.randint(0, 128, (2, 16))
+    model(ids, labels=ids).loss.backward()
+    assert "sparsity_relu/layer_0" in sparsity_metrics(model, reset=False)  # counted something
+    model.save_pretrained(tmp_path)
+    from safetensors.torch import load_file
+
+    saved = load_file(str(tmp_path / "model.safetensors"))
+    assert not any("stat" in key or "perm" in key for key in saved)
+    loaded = SparseLlamaForCausalLM.from_pretrained(tmp_path)
+    metrics = sparsity_metrics(loaded)
+    assert not any(key.startswith(("sparsity_relu", "sparsity_24")) for key in metrics)  # an empty window
+    assert all(m.activation_stats is None or not m.activation_stats.any() for m in (l.mlp for l in loaded.model.layers))
+
+
 def test_weight_sparsity_per_matrix():
     model = SparseLlamaForCausalLM(tiny_config(squ_relu="relu2"))
     with torch.no_grad():
