@@ -9,7 +9,7 @@ Trainer's own `train_samples_per_second` x `max_length` (global over processes).
 `datasets`): the 130m ReLU² model on random tokens in bf16, a plain AdamW loop, dense vs
 the 2:4 recipe past its warm-up. `--device cpu` runs the same loop on CPU as a smoke test.
 
-    python benchmarks/scaling.py cpu [--steps 40]
+    python benchmarks/scaling.py cpu [--steps 20] [--global_batch 64] [--max_length 128]
     python benchmarks/scaling.py gpu [--steps 20] [--batch 32]
 """
 
@@ -132,9 +132,9 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="mode", required=True)
     cpu = sub.add_parser("cpu", help="1 vs 2 processes of train_hf.py on CPU")
-    cpu.add_argument("--steps", type=int, default=40)
-    cpu.add_argument("--global_batch", type=int, default=16)
-    cpu.add_argument("--max_length", type=int, default=64)
+    cpu.add_argument("--steps", type=int, default=20)
+    cpu.add_argument("--global_batch", type=int, default=64)
+    cpu.add_argument("--max_length", type=int, default=128)
     cpu.add_argument("--repeats", type=int, default=2)
     cpu.add_argument("--two_by_four", action="store_true")
     gpu = sub.add_parser("gpu", help="one device: dense relu2 vs the 2:4 recipe")

@@ -4,9 +4,10 @@ The 130m-shaped ReLU² model (hidden 768, FFN 3072, 12 heads) with fewer layers 
 a CPU; a plain training step (forward, backward, AdamW). "On" = activation stats counted
 in every MLP forward + `sparsity_metrics()` (activation and weight metrics, one host read)
 every `--log_every` steps, as SparsityCallback does; "off" = neither. Blocks of
-`--log_every` steps alternate between the two so drift in machine load hits both alike.
+`--log_every` steps alternate between the two so drift in machine load hits both alike;
+the estimate is the median step plus the logging read spread over its interval.
 
-    python benchmarks/telemetry_overhead.py [--layers 2] [--rounds 6] [--two_by_four]
+    python benchmarks/telemetry_overhead.py [--layers 2] [--rounds 8] [--two_by_four] [--step_pairs 30]
 """
 
 import argparse
@@ -34,6 +35,8 @@ def main():
     parser.add_argument("--log_every", type=int, default=10)
     parser.add_argument("--rounds", type=int, default=6)
     parser.add_argument("--two_by_four", action="store_true", help="2:4 recipe active (past warm-up)")
+    parser.add_argument("--step_pairs", type=int, default=0,
+                        help="measure the parts instead: N forward+backward pairs, counters on/off, and one read")
     args = parser.parse_args()
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
@@ -47,39 +50,79 @@ def main():
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
     ids = torch.randint(0, args.vocab, (args.batch, args.seq), device=device)
 
-    def block(telemetry: bool) -> float:
-        for _, mlp in sparse_mlps(model):
-            mlp.track_activation_stats = telemetry
+    def sync():
         if device == "cuda":
             torch.cuda.synchronize()
-        start = time.perf_counter()
+
+    def block(telemetry: bool) -> tuple[list[float], float]:
+        """Seconds of each training step of one logging interval, and of its logging read."""
+        for _, mlp in sparse_mlps(model):
+            mlp.track_activation_stats = telemetry
+        steps = []
         for _ in range(args.log_every):
+            sync()
+            start = time.perf_counter()
             model(ids, labels=ids).loss.backward()
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
+            sync()
+            steps.append(time.perf_counter() - start)
+        start = time.perf_counter()
         if telemetry:
             sparsity_metrics(model)  # the logging step's read (and its host sync)
         else:
             torch.ones(1, device=device).tolist()  # same single sync as a plain logging step
-        if device == "cuda":
-            torch.cuda.synchronize()
-        return (time.perf_counter() - start) / args.log_every
+        sync()
+        return steps, time.perf_counter() - start
+
+    if args.step_pairs:
+        # Parts only: forward+backward with the counters on vs off, alternating step by step.
+        def fwd_bwd(telemetry: bool) -> float:
+            for _, mlp in sparse_mlps(model):
+                mlp.track_activation_stats = telemetry
+            sync()
+            start = time.perf_counter()
+            model(ids, labels=ids).loss.backward()
+            sync()
+            return time.perf_counter() - start
+
+        for _ in range(3):
+            fwd_bwd(True), fwd_bwd(False)
+        times = {True: [], False: []}
+        for i in range(args.step_pairs):
+            for telemetry in ((True, False) if i % 2 == 0 else (False, True)):
+                times[telemetry].append(fwd_bwd(telemetry))
+        start = time.perf_counter()
+        for _ in range(10):
+            sparsity_metrics(model)
+        read_ms = (time.perf_counter() - start) / 10 * 1e3
+        on_s, off_s = statistics.median(times[True]), statistics.median(times[False])
+        print(f"machine: {describe_machine(device)}; 2:4 {'on' if args.two_by_four else 'off'}; "
+              f"{args.step_pairs} forward+backward pairs: counters on {on_s * 1e3:.1f} ms, off {off_s * 1e3:.1f} ms "
+              f"({100 * (on_s / off_s - 1):+.2f}%); sparsity_metrics() read {read_ms:.1f} ms")
+        return
 
     block(True), block(False)  # warm-up: allocator, stat tensors, permutation caches
-    on, off = [], []
+    steps = {True: [], False: []}
+    reads = {True: [], False: []}
     for round_idx in range(args.rounds):
         order = (True, False) if round_idx % 2 == 0 else (False, True)
         for telemetry in order:
-            (on if telemetry else off).append(block(telemetry))
-    on_s, off_s = statistics.median(on), statistics.median(off)
-    # Ratios within a round cancel slow drift in machine load; their spread shows the noise.
-    paired = sorted(a / b for a, b in zip(on, off))
+            step_times, read_time = block(telemetry)
+            steps[telemetry].extend(step_times)
+            reads[telemetry].append(read_time)
+    # Medians of single steps: a background hiccup on a shared 2-core machine moves one
+    # step, not the estimate (whole-block means swung by +-15% between rounds here).
+    per_step = {
+        t: statistics.median(steps[t]) + statistics.median(reads[t]) / args.log_every for t in (True, False)
+    }
     print(f"machine: {describe_machine(device)}; device {device} {dtype}; layers {args.layers}, batch {args.batch}x{args.seq}, "
           f"2:4 {'on' if args.two_by_four else 'off'}; {args.rounds} rounds of {args.log_every} steps each way")
-    print(f"telemetry off: {1 / off_s:.3f} steps/s   on: {1 / on_s:.3f} steps/s   "
-          f"overhead: {100 * (on_s / off_s - 1):+.2f}%")
-    print(f"per-round on/off ratios: median {statistics.median(paired):.4f}, "
-          f"range {paired[0]:.4f}..{paired[-1]:.4f}")
+    print(f"telemetry off: {1 / per_step[False]:.3f} steps/s   on: {1 / per_step[True]:.3f} steps/s   "
+          f"overhead: {100 * (per_step[True] / per_step[False] - 1):+.2f}%")
+    print(f"  median step on {1e3 * statistics.median(steps[True]):.1f} ms, off {1e3 * statistics.median(steps[False]):.1f} ms; "
+          f"logging read on {1e3 * statistics.median(reads[True]):.1f} ms, off {1e3 * statistics.median(reads[False]):.1f} ms "
+          f"(once per {args.log_every} steps)")
 
 
 if __name__ == "__main__":
