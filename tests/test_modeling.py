@@ -106,9 +106,11 @@ def test_auto_classes_round_trip(tmp_path):
         torch.testing.assert_close(loaded(ids).logits, model.eval()(ids).logits, rtol=0, atol=0)
 
 
-def test_loads_in_a_process_without_hf_sparse(tmp_path):
+@pytest.mark.parametrize("low_rank", [False, True], ids=["full_rank", "low_rank"])
+def test_loads_in_a_process_without_hf_sparse(tmp_path, low_rank):
     """The checkpoint alone (remote code) is enough; hf_sparse must not be importable."""
-    config = tiny_config(squ_relu="relu2", activation_2by4=True)
+    extra = dict(loro_scope="all", loro_attn_rank=4, loro_mlp_rank=4) if low_rank else {}
+    config = tiny_config(squ_relu="relu2", activation_2by4=True, **extra)
     model = SparseLlamaForCausalLM(config).eval()
     model_dir = tmp_path / "ckpt"
     model.save_pretrained(model_dir)
