@@ -36,7 +36,9 @@ def save_final_model(trainer: Trainer, output_dir: str) -> None:
     staging = os.path.join(output_dir, ".final_model.tmp")
     if trainer.is_world_process_zero():  # only rank 0 writes; another rank must not race it
         shutil.rmtree(staging, ignore_errors=True)
-    trainer.save_model(staging)  # on every rank: FSDP/DeepSpeed gather the weights here
+    # On every rank: FSDP/DeepSpeed gather the weights here. _internal_call: with push_to_hub
+    # the Trainer would otherwise upload output_dir (with its own card) before it is complete.
+    trainer.save_model(staging, _internal_call=True)
     if not trainer.is_world_process_zero():
         return
     names = sorted(os.listdir(staging), key=lambda name: name == "config.json")

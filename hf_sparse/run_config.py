@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 import torch
 from huggingface_hub.errors import StrictDataclassError
 from transformers import HfArgumentParser, TrainingArguments
+from transformers.trainer_utils import HubStrategy
 
 from .configuration_sparse_llama import SparseLlamaConfig
 from .data import DataArguments, validate_data_args
@@ -277,6 +278,11 @@ def parse_run_config(argv: list[str]) -> RunConfig:
             f"max_length={data_args.max_length} is larger than the model's max_position_embeddings="
             f"{model_config.max_position_embeddings}; use max_length <= {model_config.max_position_embeddings}."
         )
+    if training_args.push_to_hub and "hub_strategy" not in data:
+        # train_hf.py uploads the finished folder (code files, our model card) once at the
+        # end; the Trainer's default every-save push would mirror only weights and config
+        # into the repo (a config whose auto_map points at code that is not there yet).
+        training_args.hub_strategy = HubStrategy.END
     check_reporting_integrations(training_args.report_to)
     check_output_dir(training_args, script_args)
     return RunConfig(training_args, model_config, data_args, script_args, data)

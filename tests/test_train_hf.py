@@ -261,3 +261,47 @@ def test_shipped_run_configs_parse(name, tmp_path):
         assert (run.model_config.loro_attn_rank, run.model_config.loro_mlp_rank) == (256, 256)
         assert run.training_args.learning_rate == 0.01 and run.script_args.loro_freq == 500
         assert run.script_args.loro_refresh == "all" and run.script_args.scheduler == "cosine_restart"
+
+
+def test_push_to_hub_uploads_the_finished_folder_with_our_card(tmp_path, monkeypatch):
+    """The hub is unreachable here: the hub calls are replaced by recorders, and the test
+    checks what would be uploaded, where, and that the folder was complete at that moment."""
+    import huggingface_hub
+    from transformers import Trainer
+
+    def fake_init_repo(self, token=None, private=None):
+        self.hub_model_id = self.args.hub_model_id
+        self.push_in_progress = None
+
+    uploads = []
+
+    def fake_upload_folder(repo_id, folder_path, **kwargs):
+        card = os.path.join(folder_path, "README.md")
+        uploads.append({"repo_id": repo_id, "folder": folder_path, "names": set(os.listdir(folder_path)),
+                        "card": open(card).read() if os.path.exists(card) else "", **kwargs})
+
+    # Only these two are replaced: any other upload the Trainer tried would hit the offline hub.
+    monkeypatch.setattr(Trainer, "init_hf_repo", fake_init_repo)
+    monkeypatch.setattr(huggingface_hub, "upload_folder", fake_upload_folder)
+    train_hf.main([_write_config(tmp_path, push_to_hub=True, hub_model_id="someone/tiny-sparse-llama")])
+
+    assert len(uploads) == 1
+    upload = uploads[0]
+    assert upload["repo_id"] == "someone/tiny-sparse-llama"
+    assert os.path.abspath(upload["folder"]) == str(tmp_path / "run")
+    assert {"config.json", "model.safetensors", "modeling_sparse_llama.py", "configuration_sparse_llama.py",
+            "tokenizer.json", "README.md", "all_results.json"} <= upload["names"]
+    assert "checkpoint-*" in upload["ignore_patterns"]  # intermediate checkpoints stay local
+    assert "FFN: non-gated relu2" in upload["card"]
+    assert "| eval_perplexity |" in upload["card"] and "| eval_accuracy |" in upload["card"]  # final metrics
+
+
+def test_push_to_hub_pushes_once_at_the_end_unless_told_otherwise(tmp_path):
+    from transformers.trainer_utils import HubStrategy
+
+    from hf_sparse.run_config import parse_run_config
+
+    run = parse_run_config([_write_config(tmp_path, push_to_hub=True, hub_model_id="a/b")])
+    assert run.training_args.hub_strategy == HubStrategy.END
+    run = parse_run_config([_write_config(tmp_path, push_to_hub=True, hub_model_id="a/b", hub_strategy="checkpoint")])
+    assert run.training_args.hub_strategy == HubStrategy.CHECKPOINT
