@@ -48,6 +48,14 @@ def _calling_handler():
     return None
 
 
+def merge_into_log_row(state, logs: dict, metrics: dict) -> None:
+    """Add `metrics` to the row being logged: to `logs` (what the reporting integrations
+    that run later see) and to the copy Trainer.log already appended to log_history."""
+    logs.update(metrics)
+    if state.log_history and all(state.log_history[-1].get(k) == v for k, v in logs.items() if k not in metrics):
+        state.log_history[-1].update(metrics)
+
+
 class _FirstCallback(TrainerCallback):
     """A callback that adds keys to `logs` and so must run before the reporting
     integrations; it moves itself to the front of the handler the first time it is
@@ -74,13 +82,6 @@ class _FirstCallback(TrainerCallback):
     def on_train_begin(self, args, state, control, **kwargs):
         self._move_first()
 
-    @staticmethod
-    def _merge(state, logs, metrics):
-        logs.update(metrics)
-        # Trainer.log appends a copy of `logs` to log_history *before* on_log runs.
-        if state.log_history and all(state.log_history[-1].get(k) == v for k, v in logs.items() if k not in metrics):
-            state.log_history[-1].update(metrics)
-
 
 class EvalPerplexityCallback(_FirstCallback):
     """Adds `eval_perplexity = exp(eval_loss)` to every evaluation log row."""
@@ -89,7 +90,7 @@ class EvalPerplexityCallback(_FirstCallback):
         self._check_order()
         if logs and "eval_loss" in logs and "eval_perplexity" not in logs:
             loss = float(logs["eval_loss"])
-            self._merge(state, logs, {"eval_perplexity": math.exp(loss) if loss < 700 else float("inf")})
+            merge_into_log_row(state, logs, {"eval_perplexity": math.exp(loss) if loss < 700 else float("inf")})
 
 
 class SparsityCallback(_FirstCallback):
@@ -125,7 +126,7 @@ class SparsityCallback(_FirstCallback):
             model, reset=True, activations=self.activation_metrics, weights=self.weight_metrics
         )
         # Plain floats: TensorBoard drops tensors and numpy scalars.
-        self._merge(state, logs, {k: float(v) for k, v in metrics.items() if math.isfinite(v)})
+        merge_into_log_row(state, logs, {k: float(v) for k, v in metrics.items() if math.isfinite(v)})
 
 
 class ModelCardCallback(TrainerCallback):

@@ -25,6 +25,8 @@ from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LambdaLR
 from transformers import TrainerCallback
 
+from .callbacks import merge_into_log_row
+
 from .lowrank import is_low_rank
 
 
@@ -381,24 +383,27 @@ class LOROAdamW(Optimizer):
         torch._foreach_add_(denoms, group["eps"])
         return params, exp_avgs, denoms, bc1
 
-    def _adamw_step(self, group):
+    def _moments_and_decay(self, group):
+        """Adam moments updated and decoupled weight decay applied; None if nothing to step."""
         moments = self._update_moments(group)
+        if moments is not None and group["weight_decay"] != 0:
+            torch._foreach_mul_(moments[0], 1.0 - group["lr"] * group["weight_decay"])
+        return moments
+
+    def _adamw_step(self, group):
+        moments = self._moments_and_decay(group)
         if moments is None:
             return
         params, exp_avgs, denoms, bc1 = moments
-        lr, wd = group["lr"], group["weight_decay"]
-        if wd != 0:
-            torch._foreach_mul_(params, 1.0 - lr * wd)
+        lr = group["lr"]
         torch._foreach_addcdiv_(params, exp_avgs, denoms, [-lr / b for b in bc1])
 
     def _low_rank_step(self, group, exact):
-        moments = self._update_moments(group)
+        moments = self._moments_and_decay(group)
         if moments is None:
             return
         params, exp_avgs, denoms, bc1 = moments
-        lr, wd = group["lr"], group["weight_decay"]
-        if wd != 0:
-            torch._foreach_mul_(params, 1.0 - lr * wd)
+        lr = group["lr"]
         if not exact:
             # Lazy step: AdamW on each factor with the lr scaled by s.
             scales = [-lr * self._lazy_scale.get(p, 1.0) / b for p, b in zip(params, bc1)]
@@ -507,9 +512,7 @@ class LoroCallback(TrainerCallback):
             "loro/exact_steps": float(optimizer.num_exact_steps),
             "loro/last_step_exact": float(getattr(optimizer, "last_step_was_exact", False)),
         }
-        logs.update(metrics)
-        if state.log_history and state.log_history[-1].get("loss") == logs["loss"]:
-            state.log_history[-1].update(metrics)
+        merge_into_log_row(state, logs, metrics)
 
 
 def build_loro_optimizer_and_scheduler(model, training_args, script_args):

@@ -18,6 +18,7 @@ import logging
 import torch
 from transformers import TrainerCallback
 
+from .callbacks import merge_into_log_row
 from .checkpoints import last_complete_checkpoint
 from .modeling_sparse_llama import STAT_FIRST_NONFINITE_STEP, STAT_NONFINITE, sparse_mlps
 
@@ -86,9 +87,7 @@ class NumericsGuardCallback(TrainerCallback):
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         if self.policy == "skip" and logs is not None and "loss" in logs:
-            logs["numerics/skipped_steps"] = float(len(self.skipped))
-            if state.log_history and state.log_history[-1].get("loss") == logs["loss"]:
-                state.log_history[-1]["numerics/skipped_steps"] = logs["numerics/skipped_steps"]
+            merge_into_log_row(state, logs, {"numerics/skipped_steps": float(len(self.skipped))})
 
     # --- "stop": check at logging/save steps, before anything is written --------------------
     def on_step_end(self, args, state, control, model=None, **kwargs):
