@@ -23,10 +23,8 @@ import math
 import torch
 from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LambdaLR
-from transformers import TrainerCallback
 
-from .callbacks import merge_into_log_row
-
+from .callbacks import _FirstCallback, merge_into_log_row
 from .lowrank import is_low_rank
 
 
@@ -500,11 +498,12 @@ def get_cosine_restart_schedule(
     return LambdaLR(optimizer, lr_lambda, last_epoch)
 
 
-class LoroCallback(TrainerCallback):
+class LoroCallback(_FirstCallback):
     """Logs the LORO schedule (`loro/exact_steps`, `loro/last_step_exact`) at each
     logging step, from the optimizer's own counters (restored on resume)."""
 
     def on_log(self, args, state, control, logs=None, optimizer=None, **kwargs):
+        self._check_order()
         optimizer = getattr(optimizer, "optimizer", optimizer)  # accelerate wraps it
         if logs is None or "loss" not in logs or not isinstance(optimizer, LOROAdamW):
             return

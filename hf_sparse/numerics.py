@@ -61,6 +61,9 @@ def _parameters_finite(model) -> bool:
 
 
 class NumericsGuardCallback(TrainerCallback):
+    # Not a _FirstCallback: on_step_end must run after DefaultFlowCallback has set
+    # should_log/should_save for the step, so this stays behind it (and behind the
+    # reporting integrations: numerics/skipped_steps reaches log_history and the console).
     def __init__(self, policy: str = "stop"):
         if policy not in NONFINITE_POLICIES:
             raise ValueError(f"nonfinite_policy={policy!r} is not valid; choose one of 'stop', 'skip'.")

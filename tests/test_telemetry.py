@@ -286,6 +286,20 @@ def test_callback_behind_a_reporting_integration_fails_loudly(tmp_path):
         trainer.callback_handler.on_log(trainer.args, trainer.state, trainer.control, {"loss": 1.0})
 
 
+def test_metric_callbacks_run_before_the_reporting_integrations(tmp_path):
+    """LORO metrics are added in on_log too: they must reach TensorBoard/wandb."""
+    from transformers.integrations import TensorBoardCallback
+
+    from hf_sparse.loro import LoroCallback
+    args = TrainingArguments(output_dir=str(tmp_path), report_to=["tensorboard"], use_cpu=True, max_steps=1)
+    ours = [SparsityCallback(), LoroCallback()]
+    trainer = Trainer(model=SparseLlamaForCausalLM(tiny_config()), args=args, train_dataset=RandomTokens(4),
+                      callbacks=ours)
+    order = trainer.callback_handler.callbacks
+    board = next(i for i, cb in enumerate(order) if isinstance(cb, TensorBoardCallback))
+    assert all(order.index(cb) < board for cb in ours)
+
+
 def test_activation_metrics_switch(tmp_path):
     config = tiny_config(squ_relu="relu2")
     model = SparseLlamaForCausalLM(config)
