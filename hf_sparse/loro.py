@@ -215,7 +215,6 @@ class LOROAdamW(Optimizer):
         self.loro_lr_scaler = loro_lr_scaler
         self.loro_type = loro_type
         self.hidden_size = hidden_size
-        self.last_step_was_exact = False
         # Lazy-step multiplier per factor; a pair's two factors share it.
         self._lazy_scale = {}
         for M, N in pairs:
@@ -294,6 +293,11 @@ class LOROAdamW(Optimizer):
         """Exact Riemannian steps taken so far (restored by `load_state_dict`)."""
         return max((g.get("loro_exact_steps", 0) for g in self.param_groups), default=0)
 
+    @property
+    def last_step_was_exact(self):
+        """Whether the most recent step was an exact one (derived, so right after resume too)."""
+        return self.loro_step > 0 and self.is_exact_step(self.loro_step)
+
     def is_exact_step(self, step):
         """Whether optimizer step `step` (counted from 1) is an exact Riemannian step.
 
@@ -342,7 +346,6 @@ class LOROAdamW(Optimizer):
         # After the update, so the step that follows a refresh starts from zero moments.
         if self.loro_refresh is not None and k % self.loro_refresh_freq == 0:
             self.refresh_states(self.loro_refresh)
-        self.last_step_was_exact = exact
         return loss
 
     def _update_moments(self, group):
@@ -509,7 +512,7 @@ class LoroCallback(_FirstCallback):
             return
         metrics = {
             "loro/exact_steps": float(optimizer.num_exact_steps),
-            "loro/last_step_exact": float(getattr(optimizer, "last_step_was_exact", False)),
+            "loro/last_step_exact": float(optimizer.last_step_was_exact),
         }
         merge_into_log_row(state, logs, metrics)
 
