@@ -7,11 +7,16 @@ a row has at most 2 non-zeros. It compresses ``a`` with ``torch._cslt_compress``
 sm80+ including H100 (sm90), so it is the one backend used here.
 
 ``use_2to4_kernel`` decides per call (pure Python checks, no host sync) whether the FFN
-may use it; otherwise the reference path runs and, on CUDA, one warning is logged. The
+may use it; otherwise the reference GEMMs run. A structural reason (dtype, capability, a
+model width that is not aligned) is warned once; a token count that is not aligned (decode,
+the last partial batch) falls back silently, call after call. The
 first use per (device, dtype) runs a one-off numerical self-check of the configured
 ``alg_id`` against a dense GEMM (some alg ids have returned wrong results), the only
 host sync in this module. Set ``HF_SPARSE_DISABLE_2TO4_KERNEL=1`` to force the reference
 path, ``HF_SPARSE_CSLT_ALG_ID`` to pick another cuSPARSELt algorithm (default 0).
+
+``sparse24_mm`` is the custom op ``hf_sparse::sparse24_mm`` (with a fake kernel:
+``torch._cslt_compress`` has none), so graphs that contain it trace under torch.compile.
 
 This file is shipped as HF remote code: it imports only torch.
 """
@@ -30,10 +35,11 @@ logger = logging.getLogger(__name__)
 DISABLE_ENV = "HF_SPARSE_DISABLE_2TO4_KERNEL"
 ALG_ID_ENV = "HF_SPARSE_CSLT_ALG_ID"
 SUPPORTED_DTYPES = (torch.bfloat16, torch.float16)
-# cuSPARSELt needs 16-bit operands with dims that are multiples of 16 (PyTorch's own
-# constraint table for the cuSPARSELt backend); 64 also covers its tile sizes and the
-# token-wise groups, and every model width here is a multiple of 64 anyway.
-ALIGN = 64
+# cuSPARSELt needs 16-bit sparse operands whose two dims are multiples of 16 (PyTorch's
+# own constraint table for the cuSPARSELt backend; dense operands need 8). 16 also covers
+# the token-wise groups of 4. Weight-gradient operands whose feature count is not a
+# multiple are padded with zero rows (sparse24_padded_rows).
+ALIGN = 16
 MIN_CAPABILITY = (8, 0)
 # Relative Frobenius error above which the self-check calls an alg id broken; bf16 GEMM
 # rounding gives ~3e-3, wrong kernels give O(1).
@@ -41,6 +47,16 @@ _SELF_CHECK_RTOL = 2e-2
 
 _warned: set[str] = set()
 _self_check: dict[tuple, bool] = {}
+# None: decide from the hardware. True: take the cuSPARSELt branch on any device/dtype
+# whenever shapes are aligned (tests, with torch._cslt_* replaced by a CPU emulation).
+# False: never.
+_kernel_override: list[Optional[bool]] = [None]
+
+
+def set_kernel_override(enabled: Optional[bool]) -> None:
+    """Force the cuSPARSELt branch on (``True``, e.g. with an emulated backend) or off
+    (``False``); ``None`` restores the hardware-based decision."""
+    _kernel_override[0] = enabled
 
 
 def _warn_once(key: str, msg: str, *args) -> None:
@@ -86,15 +102,24 @@ def ineligibility_reason(x: Tensor, w_up: Tensor, w_down: Tensor) -> Optional[st
         return f"dtype {x.dtype} (needs bf16/fp16 for all operands)"
     if x.dim() != 2 or w_up.dim() != 2 or w_down.dim() != 2:
         return "operands must be 2-D"
-    t, d = x.shape
-    f = w_up.shape[0]
-    if t == 0 or t % ALIGN or d % ALIGN or f % ALIGN:
-        return f"shapes T={t}, d={d}, F={f} are not multiples of {ALIGN}"
+    reason = _shape_reason(x, w_up)
+    if reason is not None:
+        return reason
     if not cusparselt_available():
         return "PyTorch was built without cuSPARSELt"
     cap = torch.cuda.get_device_capability(x.device)
     if cap < MIN_CAPABILITY:
         return f"compute capability {cap} < {MIN_CAPABILITY}"
+    return None
+
+
+def _shape_reason(x: Tensor, w_up: Tensor) -> Optional[str]:
+    t, d = x.shape
+    f = w_up.shape[0]
+    if d % ALIGN or f % ALIGN:
+        return f"model widths d={d}, F={f} are not multiples of {ALIGN}"
+    if t == 0 or t % ALIGN:
+        return f"token count T={t} is not a multiple of {ALIGN}"
     return None
 
 
@@ -105,11 +130,17 @@ def gpu_2to4_eligible(x: Tensor, w_up: Tensor, w_down: Tensor) -> bool:
 
 def use_2to4_kernel(x: Tensor, w_up: Tensor, w_down: Tensor) -> bool:
     """Eligibility + one-off self-check; warns once (on CUDA) when falling back."""
+    override = _kernel_override[0]
+    if override is not None:
+        return override and x.dim() == 2 and _shape_reason(x, w_up) is None
     if x.device.type != "cuda":
         # CPU/MPS: the reference path is the implementation, not a fallback.
         return False
     reason = ineligibility_reason(x, w_up, w_down)
     if reason is not None:
+        if reason.startswith("token count"):
+            # Decode steps and last partial batches: expected, silent, and frequent.
+            return False
         _warn_once(
             "fallback:" + reason.split(" ")[0],
             "2:4 sparse FFN: using the dense reference GEMMs (same semantics, no speed-up): %s",
@@ -119,13 +150,22 @@ def use_2to4_kernel(x: Tensor, w_up: Tensor, w_down: Tensor) -> bool:
     return self_check(x.device, x.dtype)
 
 
+def sparse24_padded_rows(rows: int) -> int:
+    """``rows`` rounded up to the sparse operand's row alignment (padding rows are zeros)."""
+    return -(-rows // ALIGN) * ALIGN
+
+
 def sparse24_mm(a: Tensor, b: Tensor, *, transpose_result: bool = False) -> Tensor:
     """``a @ b`` (or its transpose, contiguous) with ``a`` 2:4-sparse along dim 1.
 
-    ``a`` (m×k) must hold at most 2 non-zeros per group of 4 along k (values beyond
-    that are silently dropped by the compression). ``b`` (k×n) may be contiguous or the
-    transpose of a contiguous tensor; cuSPARSELt reads both layouts without a copy.
+    ``a`` (m×k) must hold at most 2 non-zeros per group of 4 along k (compression does
+    not prune: other values make the result undefined). ``b`` (k×n) may be contiguous or
+    the transpose of a contiguous tensor; cuSPARSELt reads both layouts without a copy.
     """
+    return torch.ops.hf_sparse.sparse24_mm(a, b, transpose_result)
+
+
+def _sparse24_mm_impl(a: Tensor, b: Tensor, transpose_result: bool) -> Tensor:
     # _cslt_sparse_mm describes B as row-major when contiguous and as the transpose of a
     # row-major tensor otherwise; any other stride pattern would be read wrongly.
     if not (b.is_contiguous() or b.t().is_contiguous()):
@@ -134,6 +174,21 @@ def sparse24_mm(a: Tensor, b: Tensor, *, transpose_result: bool = False) -> Tens
     # change every step, so there is nothing to cache, unlike 2:4 weights.
     packed = torch._cslt_compress(a.contiguous())
     return torch._cslt_sparse_mm(packed, b, transpose_result=transpose_result, alg_id=cusparselt_alg_id())
+
+
+def _sparse24_mm_fake(a: Tensor, b: Tensor, transpose_result: bool) -> Tensor:
+    m, n = a.shape[0], b.shape[1]
+    return a.new_empty((n, m) if transpose_result else (m, n))
+
+
+# A second copy of this file (remote code under another module name) reuses the op.
+if not hasattr(torch.ops.hf_sparse, "sparse24_mm"):
+    torch.library.custom_op(
+        "hf_sparse::sparse24_mm",
+        _sparse24_mm_impl,
+        mutates_args=(),
+        schema="(Tensor a, Tensor b, bool transpose_result) -> Tensor",
+    ).register_fake(_sparse24_mm_fake)
 
 
 def _prune_2to4_rows(a: Tensor) -> Tensor:

@@ -1,9 +1,11 @@
 """2:4 activation-sparse Squared-ReLU FFN (Haziza et al. 2025, arXiv 2503.16672).
 
-One semantics, two implementations: the reference path below (plain torch ops, any
-device/dtype, float64 included) and, on CUDA sm80+ with bf16/fp16 and aligned shapes,
-real 2:4 sparse GEMMs through cuSPARSELt (see ``kernels.py``). The mask construction and
-every elementwise step are shared, so both paths differ only by GEMM rounding.
+One semantics, two GEMM back-ends: plain ``torch.mm`` (any device/dtype, float64
+included) and, on CUDA sm80+ with bf16/fp16 and aligned shapes, real 2:4 sparse GEMMs
+through cuSPARSELt (see ``kernels.py``). Everything between the GEMMs is a handful of
+elementwise *stages* (one pass in, one pass out each) written once in plain torch; they
+run eagerly or compiled by ``torch.compile`` (Triton on CUDA, C++ on CPU), and both
+GEMM back-ends use the same stages, so the CPU tests exercise the GPU path's data flow.
 
 Forward, for x (T×d), w_up (F×d), w_down (d×F)::
 
@@ -16,7 +18,19 @@ Backward (D = ∂y2s/∂y2 with mask and scale held constant)::
 
 where ``'`` is the identity for ``backward="exact"`` and a token-wise 2:4 sparsification
 (groups of 4 consecutive rows, keep the 2 largest magnitudes) for ``"naive"``; for
-``"split_gemm"`` the densest ``ceil(dense_features·F)`` features stay dense.
+``"split_gemm"`` the densest ``ceil(dense_features·F)`` features stay dense: they are
+gathered into a small dense GEMM and the sparse GEMMs run over the other features only.
+
+Stages (the op's whole non-GEMM traffic; see benchmarks/ffn_traffic.py):
+  forward   y1 -> relu -> top-2 of each feature group (NaN ranks highest) -> y2s (to the
+            GEMM), g = D ⊙ 2·relu(y1) (saved), telemetry counts, per-feature non-zeros
+  backward  dy2 = dy3 w_down -> dy1 = D ⊙ dy2 ⊙ ... = where(g≠0, dy2·g, 0), and the
+            token-wise top-2 of dy1 / y2s over the sparse features, written in the
+            (F_s×T) layout cuSPARSELt reads, plus the dense features gathered (T×n_dense)
+
+The op is registered with ``torch.library.custom_op`` (forward and backward ops with
+fake implementations, autograd registered), so ``torch.compile(model, fullgraph=True)``
+traces it as one node.
 
 This file is shipped as HF remote code: it imports only torch and same-folder modules.
 """
@@ -26,17 +40,21 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
-from typing import Optional
+import os
+from typing import Callable, Optional
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
-from .kernels import sparse24_mm, use_2to4_kernel
+from .kernels import sparse24_mm, sparse24_padded_rows, use_2to4_kernel
 
 logger = logging.getLogger(__name__)
 
 SPARSE_METHODS = ("naive", "mvue", "soft_threshold")
 BACKWARD_MODES = ("split_gemm", "naive", "exact")
+DISABLE_COMPILE_ENV = "HF_SPARSE_DISABLE_COMPILE"
+COMPILE_STAGES_ENV = "HF_SPARSE_COMPILE_STAGES"
 
 __all__ = [
     "SPARSE_METHODS",
@@ -47,15 +65,17 @@ __all__ = [
     "count_2to4_stats",
     "make_token_permutation",
     "TokenPermutation",
+    "stage_compilation_enabled",
 ]
 
 
 # ----- Selection rules -----
-# They work on the four members (a, b, c, d) of every group as separate strided views:
-# each op touches a quarter of the data and allocates only quarter-sized temporaries. On
-# CPU a topk-based mask made the FFN ~2.3x slower than dense, fresh full-size allocations
-# cost more than the arithmetic, and ops mixing bool and float operands take a slow path.
-# Hence: duels as bool, win counts in uint8, masks applied as float multiplies in place.
+# Duels between the four members (a, b, c, d) of each group: i beats j (i < j) iff
+# v_i >= v_j. Ranking keys have NaN replaced by +inf first: a NaN compares false both
+# ways and would break the total order (a group could keep 3 or 4 members, which is
+# not 2:4 and undefined for cuSPARSELt). With the keys, NaN ranks highest, ties go to
+# the lower index, and the NaN itself is kept, so it still reaches the output and the
+# numerics guard.
 
 
 def count_nonzero(t: Tensor) -> Tensor:
@@ -72,31 +92,31 @@ def _u8(t: Tensor) -> Tensor:
     return t.view(torch.uint8)
 
 
+def _rank_keys(v: Tensor) -> Tensor:
+    """``v`` with NaN replaced by +inf (for ranking only; the values themselves are kept)."""
+    return torch.nan_to_num(v, nan=math.inf, posinf=math.inf, neginf=-math.inf)
+
+
 def _win_counts(a: Tensor, b: Tensor, c: Tensor, d: Tensor) -> tuple[Tensor, ...]:
     """uint8 number of duels each of (a, b, c, d) wins; ties go to the lower index.
 
-    i beats j (i < j) iff v_i >= v_j. That is a total order, so the counts are exactly
-    3, 2, 1, 0 in some order: "wins >= 2" keeps exactly the two largest.
+    i beats j (i < j) iff v_i >= v_j. For NaN-free keys that is a total order, so the
+    counts are exactly 3, 2, 1, 0 in some order: "wins >= 2" keeps exactly the two largest.
     """
     w01, w02, w03 = _u8(a >= b), _u8(a >= c), _u8(a >= d)
     w12, w13, w23 = _u8(b >= c), _u8(b >= d), _u8(c >= d)
     # The constant goes in first so that nothing wraps below zero in uint8.
     return (
         w01 + w02 + w03,
-        (w12 + w13).add_(1).sub_(w01),
-        (w23 + 2).sub_(w02).sub_(w12),
-        torch.rsub(w03 + w13 + w23, 3),
+        (w12 + w13) + 1 - w01,
+        (w23 + 2) - w02 - w12,
+        3 - (w03 + w13 + w23),
     )
 
 
 def _top2_of_4(a: Tensor, b: Tensor, c: Tensor, d: Tensor) -> list[Tensor]:
-    """Bool keep flags of the 2 largest of (a, b, c, d), ties to the lower index."""
+    """Bool keep flags of the 2 largest of (a, b, c, d) (NaN-free keys), ties to the lower index."""
     return [s >= 2 for s in _win_counts(a, b, c, d)]
-
-
-def _top2_of_4_float(a: Tensor, b: Tensor, c: Tensor, d: Tensor, dtype: torch.dtype) -> list[Tensor]:
-    """Keep flags as 0/1 in ``dtype``, ready to multiply with (compare and cast in one op)."""
-    return [torch.ge(s, 2, out=torch.empty(s.shape, dtype=dtype, device=s.device)) for s in _win_counts(a, b, c, d)]
 
 
 def _third_largest_of_4(a: Tensor, b: Tensor, c: Tensor, d: Tensor) -> Tensor:
@@ -106,7 +126,13 @@ def _third_largest_of_4(a: Tensor, b: Tensor, c: Tensor, d: Tensor) -> Tensor:
     return torch.minimum(lo, hi)
 
 
-def _mvue_select(mag: Tensor) -> Tensor:
+def _group_keep(groups: Tensor, dim: int) -> Tensor:
+    """Bool top-2 keep mask of ``groups`` (magnitudes, NaN allowed) along ``dim`` (size 4)."""
+    keys = _rank_keys(groups).unbind(dim)
+    return torch.stack(_top2_of_4(*keys), dim)
+
+
+def _mvue_select(mag: Tensor, u: Optional[Tensor] = None) -> Tensor:
     """Unbiased minimum-variance 2:4 draw (Chmiel et al.) on a (..., 4) magnitude view.
 
     Keep probabilities p_i ∝ |v_i| with sum(p) = min(2, nnz), capped at 1 (the capped
@@ -114,7 +140,13 @@ def _mvue_select(mag: Tensor) -> Tensor:
     systematic sampling: with u ~ U[0, 1), member i is kept iff its interval
     [c_{i-1}, c_i) of the cumulative p contains u or u + 1, i.e. iff
     ceil(c_i - u) - ceil(c_{i-1} - u) = 1. Each p_i <= 1, so each member is kept with
-    probability p_i and at most 2 are kept.
+    probability p_i and at most 2 are kept. A group holding a non-finite value has no
+    valid probabilities: it keeps its top-2 (NaN highest) with D = 1, so the NaN/Inf
+    flows on to the output instead of spreading over the whole group.
+
+    ``u`` (float32, shaped ``mag.shape[:-1] + (1,)``) is drawn here from the global RNG
+    when not given; the FFN op draws it eagerly and passes it in, so a compiled stage
+    selects exactly what the eager one does.
 
     Returns D = 1/p on kept members, 0 elsewhere, shaped like ``mag``, in float32
     (float64 for float64 input).
@@ -122,6 +154,8 @@ def _mvue_select(mag: Tensor) -> Tensor:
     cdtype = torch.float64 if mag.dtype == torch.float64 else torch.float32
     tiny = torch.finfo(cdtype).tiny
     m = mag.to(cdtype)
+    finite = torch.isfinite(m.sum(-1, keepdim=True))
+    m = torch.where(finite, m, 0.0)
     # Normalise by the group max: sums of large bf16/fp32 values could overflow.
     n = m / m.amax(-1, keepdim=True).clamp_min(tiny)
     s = n.sum(-1, keepdim=True)
@@ -131,15 +165,16 @@ def _mvue_select(mag: Tensor) -> Tensor:
     # group that is already 2:4 gets p = 1 exactly and passes through losslessly.
     rest = torch.where(n == 1.0, 0.0, n).sum(-1, keepdim=True)
     denom = torch.where(s < 2.0, rest, s * 0.5).clamp_min(tiny)
-    p = (n / denom).clamp_(max=1.0)  # the capped max comes out > 1 and is clamped to 1
+    p = (n / denom).clamp(max=1.0)  # the capped max comes out > 1 and is clamped to 1
     # The clamp keeps rounding from pushing the total past 2 (a third point).
-    c = p.cumsum(-1).clamp_(max=2.0)
-    # Always drawn in float32 so a given seed selects the same members in every dtype.
-    u = torch.rand(m.shape[:-1] + (1,), dtype=torch.float32, device=m.device).to(cdtype)
-    keep = (c - u).ceil_()  # ceil(c_0 - u) = 0 for the implicit c_0 = 0
-    for i in (3, 2, 1):  # in-place first differences, right to left (no cat/diff copy)
-        keep[..., i] -= keep[..., i - 1]
-    return keep.clamp_(max=1.0).div_(p.clamp_min(tiny))
+    c = p.cumsum(-1).clamp(max=2.0)
+    if u is None:
+        # Always drawn in float32 so a given seed selects the same members in every dtype.
+        u = torch.rand(m.shape[:-1] + (1,), dtype=torch.float32, device=m.device)
+    hits = (c - u.to(cdtype)).ceil()  # ceil(c_0 - u) = 0 for the implicit c_0 = 0
+    keep = torch.cat((hits[..., :1], hits[..., 1:] - hits[..., :-1]), -1).clamp(max=1.0)
+    inv_p = keep / p.clamp_min(tiny)
+    return torch.where(finite, inv_p, _group_keep(mag, -1).to(cdtype))
 
 
 def _inv_p_to(inv_p: Tensor, dtype: torch.dtype) -> Tensor:
@@ -150,19 +185,19 @@ def _inv_p_to(inv_p: Tensor, dtype: torch.dtype) -> Tensor:
 def _select_generic(v: Tensor, method: str) -> tuple[Tensor, Tensor]:
     """(sparse values, D) for a (R, G, 4) view of any sign (public, not the FFN hot path)."""
     mag = v.abs()
-    a, b, c, d = mag.unbind(-1)
     if method == "mvue":
         inv_p = _mvue_select(mag)
         # Values from float32/64 (v/p is bounded by the group sum; 1/p alone may not be).
-        return (v.to(inv_p.dtype) * inv_p).to(v.dtype), _inv_p_to(inv_p, v.dtype)
+        vals = torch.where(inv_p != 0, v.to(inv_p.dtype) * inv_p, 0.0).to(v.dtype)
+        return vals, _inv_p_to(inv_p, v.dtype)
     # Excluding zeros makes M == "kept non-zeros": a group with < 2 non-zeros keeps
     # exactly its non-zeros (and D is 0 on the zeros it could have kept).
-    keep = torch.stack(_top2_of_4(a, b, c, d), dim=-1) & (mag != 0)
+    keep = _group_keep(mag, -1) & (mag != 0)
     dmat = keep.to(v.dtype)
     if method == "naive":
-        return v * dmat, dmat
-    thresh = _third_largest_of_4(a, b, c, d).unsqueeze(-1)
-    return (mag - thresh).clamp_(min=0).mul_(dmat).mul_(v.sign()), dmat
+        return torch.where(keep, v, 0.0), dmat
+    thresh = _third_largest_of_4(*_rank_keys(mag).unbind(-1)).unsqueeze(-1)
+    return torch.where(keep, (mag - thresh).clamp(min=0) * v.sign(), 0.0), dmat
 
 
 def _check_method(method: str) -> None:
@@ -175,8 +210,8 @@ def sparsify_2to4(y: Tensor, method: str = "naive", dim: int = -1) -> tuple[Tens
 
     Returns ``(y_sparse, D)`` where ``D = ∂y_sparse/∂y`` with the mask and scale held
     constant (the mask for naive/soft_threshold, mask/p for mvue), in ``y``'s dtype.
-    Values of any sign are ranked by magnitude. Not differentiable itself: it is the
-    selection rule that :func:`relu2_2to4_ffn` applies.
+    Values of any sign are ranked by magnitude; NaN ranks highest. Not differentiable
+    itself: it is the selection rule that :func:`relu2_2to4_ffn` applies.
     """
     _check_method(method)
     if y.dim() == 0:
@@ -227,37 +262,57 @@ def _add_stats(stats: Tensor, numel: int, nnz: Tensor, dropped: Tensor) -> None:
     stats[2].add_(dropped)
 
 
-# ----- Token-wise 2:4 (backward weight gradients) -----
+# ----- Stages: compiled or eager -----
 
 
-def _token_groups_(v: Tensor, nonneg: bool) -> None:
-    """In place on a (T/4, 4, F) view: keep the top-2 |values| of each row group per column."""
-    members = v.unbind(1)  # each (T/4, F) with contiguous rows
-    mags = members if nonneg else [m.abs() for m in members]
-    for member, keep in zip(members, _top2_of_4_float(*mags, dtype=v.dtype)):
-        member.mul_(keep)
+def stage_compilation_enabled(device_type: str) -> bool:
+    """Whether the op's elementwise stages run through ``torch.compile`` on this device.
 
-
-def _token_sparsify_(z: Tensor, nonneg: bool, dense_idx: Optional[Tensor] = None) -> Tensor:
-    """Token-wise 2:4 of a contiguous (T, F) tensor, in place; returns ``z``.
-
-    Columns in ``dense_idx`` are left whole: the split GEMM's dense part folded into the
-    same operand (saved and written back: cheaper than masking them out of the flags).
-    T not divisible by 4: the last partial group is padded with zero rows (on a small
-    copy), so it keeps its 2 largest rows.
+    ``HF_SPARSE_DISABLE_COMPILE=1`` forces eager everywhere. Otherwise
+    ``HF_SPARSE_COMPILE_STAGES`` decides: ``1`` always, ``0`` never, ``auto`` (default)
+    on CUDA only: there the eager stages cost several memory passes each, while on CPU
+    the C++ compile takes longer than a short run saves (see the README).
     """
-    t, f = z.shape
-    dense = z.index_select(1, dense_idx) if dense_idx is not None else None
-    t4 = t - t % 4
-    if t4:
-        _token_groups_(z[:t4].view(t4 // 4, 4, f), nonneg)
-    if t4 < t:
-        tail = torch.cat((z[t4:], z.new_zeros(4 - (t - t4), f)))
-        _token_groups_(tail.view(1, 4, f), nonneg)
-        z[t4:] = tail[: t - t4]
-    if dense is not None:
-        z.index_copy_(1, dense_idx, dense)
-    return z
+    if os.environ.get(DISABLE_COMPILE_ENV, "").strip().lower() not in ("", "0", "false", "no", "off"):
+        return False
+    mode = os.environ.get(COMPILE_STAGES_ENV, "auto").strip().lower()
+    if mode in ("1", "true", "yes", "on", "always"):
+        return True
+    if mode in ("0", "false", "no", "off", "never"):
+        return False
+    return device_type == "cuda"
+
+
+_compiled_stages: dict[Callable, Callable] = {}
+_compile_broken: list[str] = []  # first failure, kept so every later call goes eager
+_STAGE_RECOMPILE_LIMIT = 64
+
+
+def _run_stage(stage: Callable, *args):
+    """Run one stage, compiled when enabled; a failing compiler falls back to eager (warned once)."""
+    if not _compile_broken and stage_compilation_enabled(args[0].device.type):
+        compiled = _compiled_stages.get(stage)
+        if compiled is None:
+            # dynamic=None: a second token count (eval, last partial batch) makes the
+            # stage shape-generic once instead of recompiling for every count.
+            compiled = _compiled_stages[stage] = torch.compile(
+                stage, fullgraph=True, dynamic=None, options={"emulate_precision_casts": True}
+            )
+        try:
+            # Each stage is compiled once per combination of its static arguments (method,
+            # mode flags, dtype): more than dynamo's default of 8 per function in a process
+            # that uses several configurations (the tests do).
+            with torch._dynamo.config.patch(recompile_limit=_STAGE_RECOMPILE_LIMIT):
+                return compiled(*args)
+        except Exception as exc:  # no C++ compiler, no Triton, an inductor bug: all mean "run eager"
+            _compile_broken.append(f"{type(exc).__name__}: {exc}")
+            logger.warning(
+                "2:4 FFN: compiling the elementwise stages failed (%s); running them eagerly "
+                "(same results, more memory traffic). Set %s=1 to skip compilation.",
+                _compile_broken[0].splitlines()[0][:300],
+                DISABLE_COMPILE_ENV,
+            )
+    return stage(*args)
 
 
 def _col_nonzero_counts(nz_mask: Tensor) -> Tensor:
@@ -272,141 +327,251 @@ def _col_nonzero_counts(nz_mask: Tensor) -> Tensor:
     return nz.sum(0, dtype=torch.int64)
 
 
-def _dense_feature_index(counts: Tensor, n_dense: int) -> Tensor:
-    """Indices of the ``n_dense`` features with the MOST non-zeros (ties: lower index).
+def _forward_stage(y1: Tensor, u: Optional[Tensor], method: str, count: bool, want_feature_counts: bool):
+    """y1 (T×F) -> y2s, g = D ⊙ 2·relu(y1), [relu non-zeros, kept non-zeros], per-feature non-zeros.
 
-    The research code ranked ascending and kept the sparsest features dense; the dense
-    GEMM is meant for the features where token-wise 2:4 would drop the most.
+    The counts are 0-d int64 tensors (None when not asked for): telemetry comes out of
+    this pass instead of a second read of a T×F tensor.
     """
-    return torch.sort(counts, descending=True, stable=True).indices[:n_dense]
-
-
-# ----- The op -----
-
-
-class _Relu2Sparse24FFN(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, w_up, w_down, method, backward, n_dense, stats, use_kernel):
-        t, f = x.shape[0], w_up.shape[0]
-        dtype = x.dtype
-        y1 = torch.mm(x, w_up.t())
-        r = y1.clamp_(min=0)  # relu in place: y1 itself is never needed again
-        count = stats is not None
-        nnz = count_nonzero(r) if count else None  # zeros of y2 = zeros of relu(y1)
-        if method == "mvue":
-            y2 = r * r
-            inv_p = _mvue_select(y2.view(t, f // 4, 4))
-            inv_p = inv_p.view(t, f)
-            y2s = y2.mul_(inv_p) if inv_p.dtype == dtype else (y2.to(inv_p.dtype) * inv_p).to(dtype)
-            r.mul_(_inv_p_to(inv_p, dtype))
-        else:
-            # Rank on relu(y1) instead of y2 = relu(y1)²: same order (squaring is monotone
-            # on r >= 0), and the mask then lands on r before squaring, so y2 is never
-            # materialised unmasked. Only two r whose squares round to the same y2 are
-            # ranked by r rather than by index; the kept values are the same either way.
-            rv = r.view(t, f // 4, 4)
-            members = rv.unbind(-1)
-            thresh = _third_largest_of_4(*members) if method == "soft_threshold" else None
-            for member, keep in zip(members, _top2_of_4_float(*members, dtype=dtype)):
-                member.mul_(keep)
-            y2s = r * r
-        token_sparse = backward != "exact" and n_dense < f and ctx.needs_input_grad[1:3] != (False, False)
-        want_counts = token_sparse and n_dense > 0
-        kept = counts = None
+    t, f = y1.shape
+    r = y1.clamp(min=0)  # relu; NaN stays NaN
+    if method == "mvue":
+        y2 = r * r
+        inv_p = _mvue_select(y2.view(t, f // 4, 4), u).view(t, f)
+        kept = inv_p != 0
+        y2s = torch.where(kept, (y2.to(inv_p.dtype) * inv_p).to(y1.dtype), 0.0)
+        g = torch.where(kept, r * _inv_p_to(inv_p, y1.dtype) * 2.0, 0.0)
+        y2_masked = y2s
+    else:
+        # Rank on relu(y1) instead of y2 = relu(y1)²: same order (squaring is monotone on
+        # r >= 0), so y2 is never materialised unmasked. Only two r whose squares round to
+        # the same y2 are ranked by r rather than by index; the kept values are the same.
+        groups = r.view(t, f // 4, 4)
+        r_masked = torch.where(_group_keep(groups, -1), groups, 0.0)
+        y2_masked = (r_masked * r_masked).view(t, f)
+        g = (r_masked * 2.0).view(t, f)
+        y2s = y2_masked
         if method == "soft_threshold":
-            # The stats count what the mask drops, so count before the shift (which also
-            # zeroes kept members tied with the threshold).
-            kept = count_nonzero(y2s) if count else None
-            # Dropped members are 0 and kept ones >= t: clamp(y·M - t, 0) == M ⊙ (y - t).
-            y2s.view(t, f // 4, 4).sub_(thresh.square_().unsqueeze(-1)).clamp_(min=0)
-        if (count and kept is None) or want_counts:
-            nz = y2s != 0  # one bool pass shared by the stats and the dense-feature ranking
-            if count and kept is None:
-                kept = count_nonzero(nz)
-            # per-feature non-zeros: the F integers backward's dense ranking needs
-            counts = _col_nonzero_counts(nz) if want_counts else None
-        # g = D ⊙ 2·relu(y1): the whole elementwise backward factor in one tensor (2:4
-        # sparse along features), so neither y1 nor the mask has to be saved.
-        g = r.mul_(2.0)
-        y3 = sparse24_mm(y2s, w_down.t()) if use_kernel else torch.mm(y2s, w_down.t())
-
-        if count:
-            with torch.no_grad():
-                _add_stats(stats, t * f, nnz, nnz - kept)
-
-        # Memory: g always; for naive y2s is recomputed as (g/2)² in backward, which is
-        # bitwise identical (g/2 = relu(y1)·M exactly, squared like y2 = r·r), so the
-        # naive op keeps ONE T×F activation where the dense autograd FFN keeps two.
-        # soft_threshold (shifted values) and mvue (1/p scaling) keep y2s as well.
-        keep_y2s = method != "naive"
-        ctx.save_for_backward(x, w_up, w_down, g, y2s if keep_y2s else None, counts)
-        ctx.keep_y2s = keep_y2s
-        ctx.token_sparse = token_sparse
-        ctx.n_dense = n_dense
-        ctx.use_kernel = use_kernel
-        return y3
-
-    @staticmethod
-    def backward(ctx, dy3):
-        x, w_up, w_down, g, y2s, counts = ctx.saved_tensors
-        need_x, need_up, need_down = ctx.needs_input_grad[:3]
-        dx = dw_up = dw_down = None
-        if not (need_x or need_up or need_down):
-            return None, None, None, None, None, None, None, None
-        use_kernel = ctx.use_kernel
-        dy3 = dy3.contiguous()
-        dy1 = torch.mm(dy3, w_down).mul_(g)  # dropped values never reappear: D is 0 there
-        if need_x:
-            dx = sparse24_mm(dy1, w_up) if use_kernel else torch.mm(dy1, w_up)
-
-        dense_idx = None
-        if ctx.token_sparse and counts is not None:
-            dense_idx = _dense_feature_index(counts, ctx.n_dense)
-
-        if need_down:
-            # Our own copy of y2s when it will be modified (saved tensors stay intact, so
-            # a retain_graph second backward still sees the right values).
-            if ctx.keep_y2s:
-                s, own = y2s, False
-            else:
-                s, own = g.mul(0.5).square_(), True  # == y2s bitwise (see forward)
-            if not ctx.token_sparse:
-                dw_down = torch.mm(dy3.t(), s)
-            elif use_kernel:
-                dw_down = _kernel_weight_grad(s, dy3, dense_idx, nonneg=True, features_first=False, own=own)
-            else:
-                s = _token_sparsify_(s if own else s.clone(), nonneg=True, dense_idx=dense_idx)
-                dw_down = torch.mm(dy3.t(), s)
-
-        if need_up:
-            if not ctx.token_sparse:
-                dw_up = torch.mm(dy1.t(), x)
-            elif use_kernel:
-                dw_up = _kernel_weight_grad(dy1, x, dense_idx, nonneg=False, features_first=True, own=True)
-            else:
-                # dy1 is ours and dx has been computed from it: sparsify in place.
-                dw_up = torch.mm(_token_sparsify_(dy1, nonneg=False, dense_idx=dense_idx).t(), x)
-        return dx, dw_up, dw_down, None, None, None, None, None
+            # Dropped members are 0 and kept ones >= t²: clamp(y·M - t², 0) == M ⊙ (y - t²).
+            thresh = _third_largest_of_4(*_rank_keys(groups).unbind(-1)).unsqueeze(-1)
+            y2s = (y2_masked.view(t, f // 4, 4) - thresh * thresh).clamp(min=0).view(t, f)
+    relu_nnz = kept_nnz = feature_counts = None
+    if count:
+        # zeros of y2 = zeros of relu(y1); "kept" counts the mask, before the S-STE shift
+        # (which also zeroes kept members tied with the threshold).
+        relu_nnz, kept_nnz = count_nonzero(r), count_nonzero(y2_masked)
+    if want_feature_counts:
+        feature_counts = _col_nonzero_counts(y2s != 0)  # the dense-feature ranking's input
+    return y2s, g, relu_nnz, kept_nnz, feature_counts
 
 
-def _kernel_weight_grad(
-    z: Tensor, other: Tensor, dense_idx: Optional[Tensor], nonneg: bool, features_first: bool, own: bool
-) -> Tensor:
-    """Weight gradient zᵀ·other (features_first) or otherᵀ·z with 2:4 sparse GEMMs.
+def _token_top2(z: Tensor, nonneg: bool, sparse_idx: Optional[Tensor], pad_rows: int, transposed: bool) -> Tensor:
+    """Token-wise 2:4 of the features ``sparse_idx`` (all when None) of a (T, F) tensor.
 
-    cuSPARSELt needs the sparse operand row-major with 2:4 along its rows, so the
-    token-wise sparsified z is transposed to (F, T). The densest features go through a
-    small dense GEMM and overwrite their rows/columns of the sparse result.
+    Per feature, each group of 4 consecutive tokens keeps its 2 largest |values| (NaN
+    highest); a last partial group is zero-padded. ``transposed`` writes the result as
+    (F_s + pad_rows) × T row-major, the layout of a cuSPARSELt sparse operand (2:4 along
+    rows); the extra rows are zeros that round F_s up to the kernel's alignment.
     """
-    dense_part = None
-    if dense_idx is not None:
-        zd = z.index_select(1, dense_idx)
-        dense_part = torch.mm(zd.t(), other) if features_first else torch.mm(other.t(), zd)
-    zs = _token_sparsify_(z if own else z.clone(), nonneg).t().contiguous()
-    out = sparse24_mm(zs, other, transpose_result=not features_first)
-    if dense_part is not None:
-        out.index_copy_(0 if features_first else 1, dense_idx, dense_part)
+    zs = z if sparse_idx is None else z.index_select(1, sparse_idx)
+    t, fs = zs.shape
+    tail = -t % 4
+    groups = (F.pad(zs, (0, 0, 0, tail)) if tail else zs).view(-1, 4, fs)
+    keep = _group_keep(groups if nonneg else groups.abs(), 1)
+    out = torch.where(keep, groups, 0.0).view(-1, fs)[:t]
+    if transposed:
+        out = out.t().contiguous()
+        if pad_rows:
+            out = F.pad(out, (0, 0, 0, pad_rows))
     return out
+
+
+def _backward_up_stage(
+    dy2: Tensor,
+    g: Tensor,
+    token_sparse: bool,
+    sparse_idx: Optional[Tensor],
+    dense_idx: Optional[Tensor],
+    pad_rows: int,
+    transposed: bool,
+):
+    """dy1 = D ⊙ dy2 ⊙ 2·relu(y1) (2:4 along features, for dx), its token-wise 2:4 and dense gather."""
+    # where, not a plain product: a non-finite dy2 times g = 0 would be NaN at a dropped
+    # position, and dy1 must stay 2:4 along features for the dx sparse GEMM.
+    dy1 = torch.where(g != 0, dy2 * g, 0.0)
+    if not token_sparse:
+        return dy1, None, None
+    sparse = _token_top2(dy1, False, sparse_idx, pad_rows, transposed)
+    dense = dy1.index_select(1, dense_idx) if dense_idx is not None else None
+    return dy1, sparse, dense
+
+
+def _backward_down_stage(
+    saved: Tensor,
+    from_g: bool,
+    token_sparse: bool,
+    sparse_idx: Optional[Tensor],
+    dense_idx: Optional[Tensor],
+    pad_rows: int,
+    transposed: bool,
+):
+    """y2s (recomputed from g for naive: (g/2)² is bitwise y2s) -> its token-wise 2:4 and dense gather."""
+    y2s = (saved * 0.5).square() if from_g else saved
+    if not token_sparse:
+        return y2s, None
+    sparse = _token_top2(y2s, True, sparse_idx, pad_rows, transposed)
+    dense = y2s.index_select(1, dense_idx) if dense_idx is not None else None
+    return sparse, dense
+
+
+# ----- The op: forward and backward as custom ops -----
+
+
+def _ffn_forward_impl(x, w_up, w_down, method, backward, n_dense, count, want_feature_counts):
+    t, f = x.shape[0], w_up.shape[0]
+    use_kernel = use_2to4_kernel(x, w_up, w_down)
+    y1 = torch.mm(x, w_up.t())
+    # MVUE's uniforms are drawn here, eagerly, so compiled and eager stages keep the same members.
+    u = torch.rand((t, f // 4, 1), dtype=torch.float32, device=x.device) if method == "mvue" else None
+    y2s, g, relu_nnz, kept_nnz, feature_counts = _run_stage(
+        _forward_stage, y1, u, method, count, want_feature_counts
+    )
+    del y1, u
+    y3 = sparse24_mm(y2s, w_down.t()) if use_kernel else torch.mm(y2s, w_down.t())
+    if count:
+        numel = torch.full_like(relu_nnz, t * f)
+        stat_delta = torch.stack((numel - relu_nnz, numel, relu_nnz - kept_nnz))
+    else:
+        stat_delta = torch.zeros(3, dtype=torch.int64, device=x.device)
+    # naive keeps only g: y2s is recomputed from it in backward (bitwise equal), so the
+    # op saves ONE T×F activation where the dense autograd FFN saves two.
+    y2s_saved = y2s if method != "naive" else y2s.new_empty(0)
+    if feature_counts is None:
+        feature_counts = torch.empty(0, dtype=torch.int64, device=x.device)
+    return y3, g, y2s_saved, feature_counts, stat_delta
+
+
+def _ffn_forward_fake(x, w_up, w_down, method, backward, n_dense, count, want_feature_counts):
+    t, f = x.shape[0], w_up.shape[0]
+    return (
+        x.new_empty(t, w_down.shape[0]),
+        x.new_empty(t, f),
+        x.new_empty(t, f) if method != "naive" else x.new_empty(0),
+        x.new_empty(f if want_feature_counts else 0, dtype=torch.int64),
+        x.new_empty(3, dtype=torch.int64),
+    )
+
+
+def _assemble(sparse_part: Tensor, dense_part: Optional[Tensor], sparse_idx, dense_idx, dim: int) -> Tensor:
+    """Weight gradient from its sparse-feature and dense-feature parts (``dim``: the feature dim)."""
+    if dense_part is None:
+        return sparse_part
+    shape = list(sparse_part.shape)
+    shape[dim] += dense_part.shape[dim]
+    out = sparse_part.new_empty(shape)
+    out.index_copy_(dim, sparse_idx, sparse_part)
+    return out.index_copy_(dim, dense_idx, dense_part)
+
+
+def _ffn_backward_impl(dy3, x, w_up, w_down, g, y2s, feature_counts, method, backward, n_dense, need_x, need_up, need_down):
+    t, f = g.shape
+    use_kernel = use_2to4_kernel(x, w_up, w_down)
+    dy3 = dy3.contiguous()
+    token_sparse = backward != "exact" and n_dense < f
+    sparse_idx = dense_idx = None
+    if token_sparse and n_dense > 0:
+        # The densest features (most non-zeros in y2s) go to the dense GEMM: that is where
+        # token-wise 2:4 would drop the most. Ties go to the lower index.
+        order = torch.sort(feature_counts, descending=True, stable=True).indices
+        dense_idx = order[:n_dense]
+        sparse_idx = order[n_dense:].sort().values  # ascending: contiguous reads in the gather
+    n_sparse = f - n_dense if token_sparse else f
+    pad_rows = sparse24_padded_rows(n_sparse) - n_sparse if (token_sparse and use_kernel) else 0
+    # Outputs not asked for are distinct empty tensors (custom-op outputs may not alias).
+    dx, dw_up, dw_down = x.new_empty(0), x.new_empty(0), x.new_empty(0)
+
+    dy2 = torch.mm(dy3, w_down)
+    dy1, dy1_sparse, dy1_dense = _run_stage(
+        _backward_up_stage, dy2, g, token_sparse and need_up, sparse_idx, dense_idx, pad_rows, use_kernel
+    )
+    del dy2
+    if need_x:
+        dx = sparse24_mm(dy1, w_up) if use_kernel else torch.mm(dy1, w_up)
+    if need_up:
+        if not token_sparse:
+            dw_up = torch.mm(dy1.t(), x)
+        else:
+            part = sparse24_mm(dy1_sparse, x)[:n_sparse] if use_kernel else torch.mm(dy1_sparse.t(), x)
+            dense = torch.mm(dy1_dense.t(), x) if dy1_dense is not None else None
+            dw_up = _assemble(part, dense, sparse_idx, dense_idx, 0)
+    del dy1, dy1_sparse, dy1_dense
+    if need_down:
+        from_g = method == "naive"
+        y2s_sparse, y2s_dense = _run_stage(
+            _backward_down_stage, g if from_g else y2s, from_g, token_sparse, sparse_idx, dense_idx, pad_rows, use_kernel
+        )
+        if not token_sparse:
+            dw_down = torch.mm(dy3.t(), y2s_sparse)
+        else:
+            if use_kernel:
+                part = sparse24_mm(y2s_sparse, dy3, transpose_result=True)[:, :n_sparse]
+            else:
+                part = torch.mm(dy3.t(), y2s_sparse)
+            dense = torch.mm(dy3.t(), y2s_dense) if y2s_dense is not None else None
+            dw_down = _assemble(part, dense, sparse_idx, dense_idx, 1)
+    return dx, dw_up, dw_down
+
+
+def _ffn_backward_fake(dy3, x, w_up, w_down, g, y2s, feature_counts, method, backward, n_dense, need_x, need_up, need_down):
+    return (
+        torch.empty_like(x) if need_x else x.new_empty(0),
+        torch.empty_like(w_up) if need_up else x.new_empty(0),
+        torch.empty_like(w_down) if need_down else x.new_empty(0),
+    )
+
+
+def _setup_context(ctx, inputs, output):
+    x, w_up, w_down, method, backward, n_dense, _count, _want = inputs
+    _y3, g, y2s, feature_counts, stat_delta = output
+    ctx.save_for_backward(x, w_up, w_down, g, y2s, feature_counts)
+    ctx.mark_non_differentiable(g, y2s, feature_counts, stat_delta)
+    ctx.method, ctx.backward_mode, ctx.n_dense = method, backward, n_dense
+
+
+def _ffn_backward(ctx, dy3, *_unused_grads):
+    x, w_up, w_down, g, y2s, feature_counts = ctx.saved_tensors
+    need_x, need_up, need_down = ctx.needs_input_grad[:3]
+    grads = [None] * 8
+    if need_x or need_up or need_down:
+        dx, dw_up, dw_down = torch.ops.hf_sparse.relu2_2to4_ffn_bwd(
+            dy3, x, w_up, w_down, g, y2s, feature_counts,
+            ctx.method, ctx.backward_mode, ctx.n_dense, need_x, need_up, need_down,
+        )  # fmt: skip
+        grads[:3] = (dx if need_x else None, dw_up if need_up else None, dw_down if need_down else None)
+    return tuple(grads)
+
+
+def _register_ops() -> None:
+    # Remote code may load a second copy of this file under another module name in the
+    # same process; the first registration wins (the code is the same).
+    if hasattr(torch.ops.hf_sparse, "relu2_2to4_ffn_fwd"):
+        return
+    fwd_schema = (
+        "(Tensor x, Tensor w_up, Tensor w_down, str method, str backward, int n_dense, bool count, "
+        "bool want_feature_counts) -> (Tensor, Tensor, Tensor, Tensor, Tensor)"
+    )
+    fwd = torch.library.custom_op("hf_sparse::relu2_2to4_ffn_fwd", _ffn_forward_impl, mutates_args=(), schema=fwd_schema)
+    fwd.register_fake(_ffn_forward_fake)
+    bwd_schema = (
+        "(Tensor dy3, Tensor x, Tensor w_up, Tensor w_down, Tensor g, Tensor y2s, Tensor feature_counts, "
+        "str method, str backward, int n_dense, bool need_x, bool need_up, bool need_down) -> (Tensor, Tensor, Tensor)"
+    )
+    bwd = torch.library.custom_op("hf_sparse::relu2_2to4_ffn_bwd", _ffn_backward_impl, mutates_args=(), schema=bwd_schema)
+    bwd.register_fake(_ffn_backward_fake)
+    fwd.register_autograd(_ffn_backward, setup_context=_setup_context)
+
+
+_register_ops()
 
 
 def _autocast_dtype(device_type: str) -> Optional[torch.dtype]:
@@ -433,7 +598,8 @@ def relu2_2to4_ffn(
         w_up: (F, d), w_down: (d, F); F must be a multiple of 4. No biases.
         method: forward 2:4 rule, one of ``SPARSE_METHODS``.
         backward: weight-gradient mode, one of ``BACKWARD_MODES``.
-        dense_features: fraction of the densest features kept dense in ``split_gemm``.
+        dense_features: fraction of the densest features kept dense in ``split_gemm``
+            (``ceil(dense_features · F)`` features).
         permutation: optional LongTensor[T]; tokens are permuted before the op and
             un-permuted after, so token-wise 2:4 groups are not neighbouring tokens. It
             must be a permutation (not checked: that would need a host sync).
@@ -441,6 +607,7 @@ def relu2_2to4_ffn(
             forward only: zeros of y2, numel of y2, non-zeros dropped by the 2:4 mask.
 
     Computes in the input dtype (under autocast: the autocast dtype, like F.linear).
+    Traceable by ``torch.compile(fullgraph=True)``: the work is two custom ops.
     """
     if method not in SPARSE_METHODS:
         raise ValueError(f"method must be one of {SPARSE_METHODS}, got {method!r}")
@@ -480,13 +647,18 @@ def relu2_2to4_ffn(
     # Round before ceil so that e.g. 0.05 * F landing a hair above an integer does not
     # add a feature.
     n_dense = min(f, math.ceil(round(dense_features * f, 6))) if backward == "split_gemm" else 0
-    use_kernel = use_2to4_kernel(x2, w_up, w_down)
+    weights_need_grad = torch.is_grad_enabled() and (w_up.requires_grad or w_down.requires_grad)
+    # Per-feature counts only feed the dense-feature ranking of a split backward.
+    want_feature_counts = weights_need_grad and 0 < n_dense < f
     # Inputs are already in the autocast dtype; autocast must not recast inside the op.
     ctx = torch.autocast(x2.device.type, enabled=False) if cast is not None else contextlib.nullcontext()
     with ctx:
-        y = _Relu2Sparse24FFN.apply(
-            x2, w_up.contiguous(), w_down.contiguous(), method, backward, n_dense, stats, use_kernel
+        y, _g, _y2s, _counts, stat_delta = torch.ops.hf_sparse.relu2_2to4_ffn_fwd(
+            x2, w_up.contiguous(), w_down.contiguous(), method, backward, n_dense, stats is not None, want_feature_counts
         )
+    if stats is not None:
+        with torch.no_grad():
+            stats[:3].add_(stat_delta)
     if permutation is not None:
         y = y.new_empty(y.shape).index_copy(0, permutation, y)
     return y.view(*lead, y.shape[-1])
@@ -499,17 +671,24 @@ def relu2_ffn_reference(x: Tensor, w_up: Tensor, w_down: Tensor) -> Tensor:
 
 # ----- Token permutation (paper's optimisation 2) -----
 
+_MASK31 = (1 << 31) - 1
+# Odd multipliers below 2**30: a 31-bit value times one stays below 2**61 (no int64
+# overflow on any device or compiler).
+_HASH_MULTIPLIERS = (0x2C1B3C6D, 0x297A2D39, 0x3B4F9E25)
+
 
 def make_token_permutation(num_tokens: int, seed: int, device=None) -> Tensor:
-    """Deterministic permutation of ``num_tokens`` from ``seed`` (CPU generator, then moved).
+    """Deterministic pseudo-random permutation of ``num_tokens`` from ``seed``.
 
-    Generated on CPU so the same seed gives the same permutation on every device and
-    the global RNG stream is untouched.
+    The argsort of an integer hash of (token index, seed): pure tensor ops, so it is the
+    same on every device, traceable by torch.compile (no torch.Generator), and leaves the
+    global RNG stream untouched. Hash ties are broken by index (stable sort).
     """
-    gen = torch.Generator(device="cpu")
-    gen.manual_seed(int(seed))
-    perm = torch.randperm(int(num_tokens), generator=gen)
-    return perm if device is None else perm.to(device)
+    seed_key = (int(seed) * 0x9E3779B1 + 0x7F4A7C15) & _MASK31  # spread small seeds apart
+    h = (torch.arange(int(num_tokens), dtype=torch.int64, device=device) ^ seed_key) & _MASK31
+    for mult in _HASH_MULTIPLIERS:
+        h = ((h ^ (h >> 15)) * mult) & _MASK31
+    return torch.argsort(h ^ (h >> 13), stable=True)
 
 
 class TokenPermutation:

@@ -1,0 +1,435 @@
+"""CPU stand-in for PyTorch's private cuSPARSELt ops, for tests only.
+
+``torch._cslt_compress`` and ``torch._cslt_sparse_mm`` exist only in CUDA builds with
+cuSPARSELt, so without this module the kernel branch of the 2:4 FFN op would run on GPU
+boxes only. The emulator computes the same product on CPU and, more importantly, is
+*stricter* than the real ops: every input the real library would silently misread (a
+non-2:4 group, a B with unsupported strides, an unaligned dim) raises here instead.
+
+Usage in a test module::
+
+    from tests.cslt_emulator import emulated_cusparselt  # noqa: F401  (pytest fixture)
+
+    def test_kernel_branch(emulated_cusparselt):
+        ...  # run the op
+        assert emulated_cusparselt.mm_calls  # the cuSPARSELt branch really ran
+
+or ``emu = install(monkeypatch)`` inside a test. ``allow_wide_dtypes=True`` (fixture
+``emulated_cusparselt_wide``) also accepts float32/float64 operands, still as 2:4, so
+the kernel branch can be compared exactly with a float64 reference.
+
+Emulated compressed format (opaque to callers, like the real one): a 1-D tensor of
+``m*k`` elements in A's dtype, the ``m*k/2`` kept values row-major, two per group of 4,
+followed by their positions 0..3 in the group, stored as values (exact in bf16/fp16).
+"""
+
+from __future__ import annotations
+
+import importlib
+import weakref
+from typing import NamedTuple, Optional
+
+import pytest
+import torch
+from torch import Tensor
+
+__all__ = [
+    "NUM_ALG_IDS",
+    "CompressCall",
+    "CusparseLtPreconditionError",
+    "Emulator",
+    "MmCall",
+    "compress",
+    "decompress",
+    "emulated_cusparselt",
+    "emulated_cusparselt_wide",
+    "install",
+    "is_compressed",
+    "sparse_mm",
+]
+
+NARROW_DTYPES = (torch.bfloat16, torch.float16)
+WIDE_DTYPES = (torch.float32, torch.float64)
+# PyTorch's cuSPARSELt constraint table for 16-bit operands: sparse min rows/cols 16,
+# dense min cols 8.
+SPARSE_ALIGN = 16
+DENSE_N_ALIGN = 8
+# Valid alg ids differ per cuSPARSELt release; a small fixed range is enough to make an
+# out-of-range id fail the way the real plan initialisation does.
+NUM_ALG_IDS = 8
+SPLIT_K_MODES = (-1, 0, 1)  # library default, one kernel, two kernels
+
+
+class CusparseLtPreconditionError(ValueError):
+    """An input the real cuSPARSELt op would accept but compute wrongly (or refuse)."""
+
+
+class CompressCall(NamedTuple):
+    shape: tuple
+    dtype: torch.dtype
+
+
+class MmCall(NamedTuple):
+    m: int
+    k: int
+    n: int
+    b_layout: str  # "row": B contiguous k×n; "col": B is the transpose of a contiguous n×k
+    transpose_result: bool
+    dtype: torch.dtype
+    alg_id: int
+    has_bias: bool
+
+
+# ----------------------------------------------------------------------------- registry
+
+# id(buffer) -> (weak reference to the buffer, (m, k)). Keyed by id rather than by the
+# tensor because Tensor.__eq__ is elementwise; the weak reference guards against a new
+# tensor reusing the id of a collected buffer.
+_REGISTRY: dict[int, tuple[weakref.ref, tuple[int, int]]] = {}
+
+
+def _register(buf: Tensor, m: int, k: int) -> None:
+    key = id(buf)
+
+    def _forget(ref, key=key):
+        entry = _REGISTRY.get(key)
+        if entry is not None and entry[0] is ref:
+            del _REGISTRY[key]
+
+    _REGISTRY[key] = (weakref.ref(buf, _forget), (m, k))
+
+
+def _lookup(buf) -> Optional[tuple[int, int]]:
+    entry = _REGISTRY.get(id(buf))
+    if entry is None or entry[0]() is not buf:
+        return None
+    return entry[1]
+
+
+def is_compressed(t) -> bool:
+    """True if ``t`` is a live buffer returned by :func:`compress`."""
+    return _lookup(t) is not None
+
+
+# ----------------------------------------------------------------------------- autograd
+
+
+class _NoDerivative(torch.autograd.Function):
+    """The real ops have no derivative formula: backward through them must fail."""
+
+    @staticmethod
+    def forward(ctx, name, out, *inputs):
+        ctx.name = name
+        return out.detach()
+
+    @staticmethod
+    def backward(ctx, *grads):
+        raise RuntimeError(f"the derivative for '{ctx.name}' is not implemented (cuSPARSELt emulator)")
+
+
+def _maybe_non_differentiable(name: str, out: Tensor, *inputs) -> Tensor:
+    tracked = [t for t in inputs if isinstance(t, Tensor) and t.requires_grad]
+    if tracked and torch.is_grad_enabled():
+        return _NoDerivative.apply(name, out, *tracked)
+    return out
+
+
+# ----------------------------------------------------------------------------- checks
+
+
+def _check_dtype(dtype: torch.dtype, allow_wide_dtypes: bool, what: str) -> None:
+    if dtype in NARROW_DTYPES:
+        return
+    if dtype in WIDE_DTYPES:
+        if allow_wide_dtypes:
+            return
+        # float32 is accepted by the real op but compressed as 1:2, not 2:4.
+        raise CusparseLtPreconditionError(
+            f"{what} has dtype {dtype}: cuSPARSELt 2:4 needs bf16/fp16 (float32 would be 1:2); "
+            "use allow_wide_dtypes=True for exact test comparisons"
+        )
+    raise CusparseLtPreconditionError(f"{what} has unsupported dtype {dtype}")
+
+
+def _check_2to4(a: Tensor) -> None:
+    m, k = a.shape
+    # NaN != 0 is True, so a NaN counts as a kept value, as it does on the GPU.
+    counts = (a != 0).view(m, k // 4, 4).sum(-1)
+    bad = (counts > 2).nonzero()
+    if bad.numel():
+        row, group = (int(v) for v in bad[0])
+        vals = a[row, 4 * group : 4 * group + 4].tolist()
+        raise CusparseLtPreconditionError(
+            f"A is not 2:4 along dim 1: row {row}, group {group} (columns {4 * group}..{4 * group + 3}) "
+            f"has {int(counts[row, group])} non-zeros (NaN counts): {vals}; "
+            "the real compression would silently produce garbage"
+        )
+
+
+def _b_layout(b: Tensor) -> str:
+    # Same order as the real op: a tensor that is both contiguous and a transposed
+    # contiguous one (degenerate dims) is read row-major.
+    if b.is_contiguous():
+        return "row"
+    if b.t().is_contiguous():
+        return "col"
+    raise CusparseLtPreconditionError(
+        f"B with shape {tuple(b.shape)} and strides {b.stride()} is neither contiguous nor the "
+        "transpose of a contiguous tensor; _cslt_sparse_mm would misread it"
+    )
+
+
+# ----------------------------------------------------------------------------- ops
+
+
+def compress(a: Tensor, *, allow_wide_dtypes: bool = False) -> Tensor:
+    """Emulates ``torch._cslt_compress(a)`` for a 2:4 ``a`` (m×k, 2:4 along dim 1)."""
+    if not isinstance(a, Tensor) or a.dim() != 2:
+        raise CusparseLtPreconditionError(f"A must be a 2-D tensor, got {getattr(a, 'shape', type(a))}")
+    if not a.is_contiguous():
+        raise CusparseLtPreconditionError(f"A must be row-major contiguous, got strides {a.stride()}")
+    _check_dtype(a.dtype, allow_wide_dtypes, "A")
+    m, k = a.shape
+    if m <= 0 or k <= 0 or m % SPARSE_ALIGN or k % SPARSE_ALIGN:
+        raise CusparseLtPreconditionError(f"A is {m}×{k}: both dims must be positive multiples of {SPARSE_ALIGN}")
+    with torch.no_grad():
+        _check_2to4(a)
+        groups = a.view(m, k // 4, 4)
+        # Every group stores exactly two slots: its non-zeros first, padded with zero
+        # positions, kept in ascending order like the hardware metadata.
+        pos = torch.arange(4, device=a.device).expand_as(groups)
+        rank = torch.where(groups != 0, pos, pos + 4)
+        slots = (rank.sort(dim=-1).values[..., :2] % 4).sort(dim=-1).values
+        values = groups.gather(-1, slots)
+        buf = torch.cat([values.reshape(-1), slots.reshape(-1).to(a.dtype)])
+    buf = _maybe_non_differentiable("_cslt_compress", buf, a)
+    _register(buf, m, k)
+    return buf
+
+
+def decompress(buf: Tensor) -> Tensor:
+    """The dense m×k matrix held by a buffer from :func:`compress` (test helper)."""
+    meta = _lookup(buf)
+    if meta is None:
+        raise CusparseLtPreconditionError(
+            "compressed_A was not produced by _cslt_compress (pass its result unchanged, not a copy or view)"
+        )
+    m, k = meta
+    half = m * k // 2
+    with torch.no_grad():
+        values = buf[:half].view(m, k // 4, 2)
+        codes = buf[half:].view(m, k // 4, 2)
+        # The buffer is an ordinary tensor: catch in-place edits that broke the metadata.
+        if not bool(((codes == 0) | (codes == 1) | (codes == 2) | (codes == 3)).all()) or bool(
+            (codes[..., 0] >= codes[..., 1]).any()
+        ):
+            raise CusparseLtPreconditionError("compressed_A metadata is corrupted")
+        dense = torch.zeros(m, k // 4, 4, dtype=buf.dtype, device=buf.device)
+        dense.scatter_(-1, codes.long(), values)
+    return dense.view(m, k)
+
+
+def _sparse_mm(
+    compressed_a,
+    dense_b,
+    bias=None,
+    alpha=None,
+    out_dtype=None,
+    transpose_result=False,
+    alg_id=0,
+    split_k=1,
+    split_k_mode=-1,
+    *,
+    allow_wide_dtypes=False,
+) -> tuple[Tensor, MmCall]:
+    meta = _lookup(compressed_a)
+    if meta is None:
+        raise CusparseLtPreconditionError(
+            "compressed_A was not produced by _cslt_compress (pass its result unchanged, not a copy or view)"
+        )
+    m, k = meta
+    # Library-side failures surface as RuntimeError (TORCH_CHECK / plan init), as on GPU.
+    if not isinstance(alg_id, int) or alg_id not in range(NUM_ALG_IDS):
+        raise RuntimeError(f"cuSPARSELt: invalid alg_id {alg_id} (emulated range 0..{NUM_ALG_IDS - 1})")
+    if not isinstance(split_k, int) or split_k < 1:
+        raise RuntimeError(f"cuSPARSELt: invalid split_k {split_k}")
+    if split_k_mode not in SPLIT_K_MODES:
+        raise RuntimeError(f"cuSPARSELt: invalid split_k_mode {split_k_mode}")
+    if out_dtype is not None:
+        # The real op only takes out_dtype for int8/fp8 inputs, never bf16/fp16.
+        raise RuntimeError(f"out_dtype is only supported for 8-bit inputs, got {compressed_a.dtype}")
+    if alpha is not None:
+        # cuSPARSELt reads alpha as a per-row vector (ALPHA_VECTOR_SCALING); its exact
+        # contract is not pinned down here and our op does not use it.
+        raise NotImplementedError("alpha is not emulated")
+
+    if not isinstance(dense_b, Tensor) or dense_b.dim() != 2:
+        raise CusparseLtPreconditionError(f"B must be a 2-D tensor, got {getattr(dense_b, 'shape', type(dense_b))}")
+    if dense_b.dtype != compressed_a.dtype:
+        raise CusparseLtPreconditionError(f"B has dtype {dense_b.dtype}, A has {compressed_a.dtype}")
+    _check_dtype(dense_b.dtype, allow_wide_dtypes, "B")
+    layout = _b_layout(dense_b)
+    kb, n = dense_b.shape
+    if kb != k:
+        # The real op derives m from numel // B.size(0): a wrong k gives a silently
+        # wrong m instead of an error.
+        raise CusparseLtPreconditionError(f"B has {kb} rows but A was compressed with k={k}")
+    if n <= 0 or n % DENSE_N_ALIGN:
+        raise CusparseLtPreconditionError(f"B has n={n} columns: must be a positive multiple of {DENSE_N_ALIGN}")
+    if bias is not None:
+        # cuSPARSELt's bias vector has one entry per row of D = A @ B.
+        if not isinstance(bias, Tensor) or bias.dim() != 1 or bias.numel() != m:
+            shape = getattr(bias, "shape", bias)
+            raise CusparseLtPreconditionError(f"bias must be 1-D with m={m} entries, got {shape}")
+        if bias.dtype != compressed_a.dtype or not bias.is_contiguous():
+            raise CusparseLtPreconditionError(f"bias must be contiguous {compressed_a.dtype}, got {bias.dtype}")
+
+    # Tensor cores accumulate 16-bit products in float32; wide dtypes keep their own.
+    acc = torch.float32 if dense_b.dtype in NARROW_DTYPES else dense_b.dtype
+    with torch.no_grad():
+        out = decompress(compressed_a).to(acc) @ dense_b.to(acc)
+        if bias is not None:
+            out += bias.to(acc).unsqueeze(1)
+        out = out.to(dense_b.dtype)
+        out = out.t().contiguous() if transpose_result else out.contiguous()
+    out = _maybe_non_differentiable("_cslt_sparse_mm", out, compressed_a, dense_b, bias)
+    call = MmCall(m, k, n, layout, bool(transpose_result), dense_b.dtype, alg_id, bias is not None)
+    return out, call
+
+
+def sparse_mm(
+    compressed_a,
+    dense_b,
+    bias=None,
+    alpha=None,
+    out_dtype=None,
+    transpose_result=False,
+    alg_id=0,
+    split_k=1,
+    split_k_mode=-1,
+    *,
+    allow_wide_dtypes=False,
+) -> Tensor:
+    """Emulates ``torch._cslt_sparse_mm`` (torch 2.13 schema): A @ B, or (A @ B)ᵀ."""
+    out, _ = _sparse_mm(
+        compressed_a,
+        dense_b,
+        bias,
+        alpha,
+        out_dtype,
+        transpose_result,
+        alg_id,
+        split_k,
+        split_k_mode,
+        allow_wide_dtypes=allow_wide_dtypes,
+    )
+    return out
+
+
+# ----------------------------------------------------------------------------- recorder
+
+
+class Emulator:
+    """Configured emulated ops plus a record of every call made through them."""
+
+    def __init__(self, allow_wide_dtypes: bool = False):
+        self.allow_wide_dtypes = allow_wide_dtypes
+        self.compressed: list[CompressCall] = []
+        self.mm_calls: list[MmCall] = []
+        # Set by install(): whether hf_sparse.kernels.set_kernel_override was switched on.
+        self.kernel_override = False
+
+    def compress(self, a: Tensor) -> Tensor:
+        buf = compress(a, allow_wide_dtypes=self.allow_wide_dtypes)
+        self.compressed.append(CompressCall(tuple(a.shape), a.dtype))
+        return buf
+
+    def sparse_mm(
+        self,
+        compressed_a,
+        dense_b,
+        bias=None,
+        alpha=None,
+        out_dtype=None,
+        transpose_result=False,
+        alg_id=0,
+        split_k=1,
+        split_k_mode=-1,
+    ) -> Tensor:
+        out, call = _sparse_mm(
+            compressed_a,
+            dense_b,
+            bias,
+            alpha,
+            out_dtype,
+            transpose_result,
+            alg_id,
+            split_k,
+            split_k_mode,
+            allow_wide_dtypes=self.allow_wide_dtypes,
+        )
+        self.mm_calls.append(call)
+        return out
+
+    @property
+    def layouts(self) -> set:
+        """``{(b_layout, transpose_result), ...}`` over all recorded products."""
+        return {(c.b_layout, c.transpose_result) for c in self.mm_calls}
+
+    def reset(self) -> None:
+        self.compressed.clear()
+        self.mm_calls.clear()
+
+
+class _OnRestore:
+    """Runs a callback when monkeypatch restores its ``armed`` attribute.
+
+    Lets ``install`` register teardown with nothing but a MonkeyPatch (which has no
+    addfinalizer): undo() restores attributes in reverse order, calling our setattr.
+    """
+
+    def __init__(self, callback):
+        object.__setattr__(self, "_callback", callback)
+        object.__setattr__(self, "armed", False)
+
+    def __setattr__(self, name, value):
+        object.__setattr__(self, name, value)
+        if name == "armed" and not value:
+            self._callback()
+
+
+def install(monkeypatch, allow_wide_dtypes: bool = False) -> Emulator:
+    """Replace the cuSPARSELt ops with a recording emulator until ``monkeypatch`` undoes."""
+    emu = Emulator(allow_wide_dtypes=allow_wide_dtypes)
+    monkeypatch.setattr(torch, "_cslt_compress", emu.compress, raising=False)
+    monkeypatch.setattr(torch, "_cslt_sparse_mm", emu.sparse_mm, raising=False)
+    monkeypatch.setattr(torch.backends.cusparselt, "is_available", lambda: True)
+    monkeypatch.setattr(torch.backends.cusparselt, "get_max_alg_id", lambda: NUM_ALG_IDS)
+
+    kernels = importlib.import_module("hf_sparse.kernels")
+    # Self-check verdicts and warn-once keys recorded under emulation must not leak
+    # into later tests that run without it.
+    for name in ("_self_check", "_warned"):
+        state = getattr(kernels, name, None)
+        if isinstance(state, (dict, set)):
+            monkeypatch.setattr(kernels, name, type(state)())
+    override = getattr(kernels, "set_kernel_override", None)
+    if override is not None:
+        # Registered before switching on, so undo() switches off even if a later
+        # monkeypatch step in the same test fails.
+        monkeypatch.setattr(_OnRestore(lambda: override(None)), "armed", True)
+        override(True)
+        emu.kernel_override = True
+    return emu
+
+
+@pytest.fixture
+def emulated_cusparselt(monkeypatch) -> Emulator:
+    """Emulated cuSPARSELt (bf16/fp16 only) with the kernel override on."""
+    return install(monkeypatch)
+
+
+@pytest.fixture
+def emulated_cusparselt_wide(monkeypatch) -> Emulator:
+    """As ``emulated_cusparselt`` but also accepting float32/float64 (still 2:4)."""
+    return install(monkeypatch, allow_wide_dtypes=True)
