@@ -1,36 +1,114 @@
 #!/usr/bin/env bash
-# GPU check of the 2:4 activation-sparse FFN op on a bare GPU box (torch + transformers only):
-# environment, cuSPARSELt alg-id probe, the GPU tests, then the benchmark at the 130m / 1B / 7B
-# FFN shapes with 16k tokens, then 130m training tokens/s dense vs 2:4. Well under 5 minutes on an H100.
-# Output is also written to $OUT/ (gpu_check.log, ffn_2to4_gpu.txt) when OUT is set.
-set -euo pipefail
+# One-shot GPU check of the 2:4 activation-sparse FFN on a bare GPU box (torch + transformers +
+# accelerate only). The GPU is lent once, so the question that decides the project is answered
+# first, and every step runs even when an earlier one failed:
+#   1. environment: nvidia-smi, torch / CUDA / cuSPARSELt versions, device and capability
+#   2. go/no-go: benchmarks/cslt_gemm_check.py at the 7B FFN shape (the op's four 2:4 GEMMs vs
+#      torch.mm, compression included, alg-id check and tuning); its last line starts "go/no-go:"
+#   3. the gpu-marked tests (tests/test_sparse_ffn_gpu.py)
+#   4. benchmarks/ffn_2to4.py: the whole 2:4 FFN op vs dense at the 130m / 1B / 7B shapes, 16k
+#      tokens, bf16; once more at 7B with the tuned alg id when step 2 recommends another one
+#   5. benchmarks/scaling.py gpu: 130m training tokens/s, dense vs 2:4
+# Expected: about 3 minutes on an H100. Each step runs under `timeout`, clipped so that the whole
+# script ends within GPU_CHECK_BUDGET_S seconds (default 540, under a 10-minute lease).
+# Usage: OUT=dir bash benchmarks/gpu_check.sh  -> dir/gpu_check.log (everything),
+# dir/cslt_gemm_check.txt, dir/ffn_2to4_gpu*.txt. Exit status 1 if any step failed.
+set -uo pipefail  # no -e: a failed step is reported and the next one still runs
 cd "$(dirname "$0")/.."
+# Unbuffered, so a step killed by its timeout still leaves the lines it printed.
+export PYTHONUNBUFFERED=1
+budget_s=${GPU_CHECK_BUDGET_S:-540}
+failed_steps=""
+if [[ -n "${OUT:-}" ]]; then
+    mkdir -p "$OUT"
+    scratch=$OUT
+else
+    scratch=$(mktemp -d)
+fi
 
 log() {
     if [[ -n "${OUT:-}" ]]; then
-        mkdir -p "$OUT"
         "$@" 2>&1 | tee -a "$OUT/gpu_check.log"
     else
         "$@"
     fi
 }
 
-log nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv || true
-log python - <<'PY'
-import torch
-from hf_sparse import kernels
-print("torch", torch.__version__, "cuda", torch.version.cuda, "cuSPARSELt", torch.backends.cusparselt.version())
-print("device", torch.cuda.get_device_name(), torch.cuda.get_device_capability())
-for dtype in (torch.bfloat16, torch.float16):
-    res = kernels.probe_alg_ids("cuda", dtype, max_alg_id=8, shapes=((4096, 3072, 768), (3072, 4096, 768)))
-    print(dtype, {alg: ("ok" if ok else "BAD") + f" ({detail})" for alg, (ok, detail) in res.items()})
-PY
-log timeout 180 python -m pytest -q -m gpu tests/test_sparse_ffn_gpu.py -p no:cacheprovider -rs
-bench=(timeout 150 python benchmarks/ffn_2to4.py --device cuda --dtype bf16 --shapes 130m,1b,7b --tokens 16384 --repeats 20)
-if [[ -n "${OUT:-}" ]]; then
-    "${bench[@]}" 2>&1 | tee "$OUT/ffn_2to4_gpu.txt" | tee -a "$OUT/gpu_check.log"
+# step NAME SECONDS [--save FILE] CMD...: CMD under a timeout clipped to the budget left; with
+# --save and OUT set, its output is also kept in $OUT/FILE.
+step() {
+    local name=$1 limit=$2 save="" rc=0
+    shift 2
+    if [[ ${1:-} == --save ]]; then
+        save=$2
+        shift 2
+    fi
+    local left=$((budget_s - SECONDS))
+    if ((left < 20)); then
+        log echo "step skipped, time budget spent: $name"
+        failed_steps+="  $name (skipped)"$'\n'
+        return
+    fi
+    ((limit > left)) && limit=$left
+    log echo "=== $name (timeout ${limit}s, at ${SECONDS}s) ==="
+    if [[ -n "${OUT:-}" && -n "$save" ]]; then
+        timeout -k 10 "$limit" "$@" 2>&1 | tee "$OUT/$save" | tee -a "$OUT/gpu_check.log" || rc=$?
+    else
+        log timeout -k 10 "$limit" "$@" || rc=$?
+    fi
+    if ((rc != 0)); then
+        local why="exit $rc"
+        ((rc == 124 || rc == 137)) && why="timed out after ${limit}s"
+        log echo "step failed: $name ($why)"
+        failed_steps+="  $name ($why)"$'\n'
+    fi
+}
+
+# 1. environment
+step "environment: GPU" 30 nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm,power.limit --format=csv
+step "environment: software" 60 python -c '
+import importlib, torch
+print("torch", torch.__version__, "| CUDA", torch.version.cuda, "| cuSPARSELt", torch.backends.cusparselt.version(),
+      "| CUDA available", torch.cuda.is_available(), "| devices", torch.cuda.device_count())
+if torch.cuda.is_available():
+    p = torch.cuda.get_device_properties(0)
+    print("device", p.name, f"sm{p.major}{p.minor}", f"{p.total_memory / 2**30:.0f} GiB", f"{p.multi_processor_count} SMs")
+for name in ("transformers", "accelerate", "pytest"):
+    try:
+        print(name, importlib.import_module(name).__version__)
+    except ImportError:
+        print(name, "not installed")
+'
+
+# 2. go/no-go first: without faster 2:4 GEMMs nothing later can be faster than dense.
+alg_file=$scratch/cslt_alg_id.txt
+step "go/no-go: cuSPARSELt 2:4 GEMMs vs dense at the 7B shape" 180 --save cslt_gemm_check.txt \
+    python benchmarks/cslt_gemm_check.py --shape 7b --tokens 16384 --write-alg-id "$alg_file"
+
+# 3. correctness of the kernel path against the reference path
+if python -c "import pytest" 2>/dev/null; then
+    step "GPU tests" 150 python -m pytest -q -m gpu tests/test_sparse_ffn_gpu.py -p no:cacheprovider -rs
 else
-    "${bench[@]}"
+    log echo "step skipped: GPU tests (pytest is not installed)"
+    failed_steps+="  GPU tests (no pytest)"$'\n'
 fi
-# Issue 6: single-GPU training tokens/s of the 130m relu2 model, dense vs the 2:4 recipe (bf16).
-log timeout 120 python benchmarks/scaling.py gpu --batch 32 --steps 20
+
+# 4. the whole op vs the dense FFN
+step "ffn_2to4: 2:4 FFN op vs dense, 130m/1B/7B" 150 --save ffn_2to4_gpu.txt \
+    python benchmarks/ffn_2to4.py --device cuda --dtype bf16 --shapes 130m,1b,7b --tokens 16384 --repeats 20
+tuned_id=""
+[[ -s "$alg_file" ]] && tuned_id=$(tr -d '[:space:]' <"$alg_file")
+if [[ -n "$tuned_id" && "$tuned_id" != "${HF_SPARSE_CSLT_ALG_ID:-0}" ]]; then
+    step "ffn_2to4 at 7B with the tuned alg id $tuned_id" 90 --save "ffn_2to4_gpu_alg$tuned_id.txt" \
+        env HF_SPARSE_CSLT_ALG_ID="$tuned_id" \
+        python benchmarks/ffn_2to4.py --device cuda --dtype bf16 --shapes 7b --tokens 16384 --repeats 20
+fi
+
+# 5. Issue 6: single-GPU training tokens/s of the 130m relu2 model, dense vs the 2:4 recipe (bf16).
+step "scaling: 130m training tokens/s, dense vs 2:4" 120 python benchmarks/scaling.py gpu --batch 32 --steps 20
+
+if [[ -n "$failed_steps" ]]; then
+    log printf 'gpu_check finished in %ss; failed or skipped steps:\n%s' "$SECONDS" "$failed_steps"
+    exit 1
+fi
+log echo "gpu_check finished in ${SECONDS}s; all steps passed"

@@ -1,0 +1,301 @@
+"""The 2:4 FFN op's cuSPARSELt branch on CPU (emulated backend), its NaN safety, its
+compiled stages and its custom-op registration.
+
+The emulator (tests/cslt_emulator.py) refuses every operand the real library would
+misread (non-2:4 groups, wrong layouts, unaligned dims), so a pass here means the kernel
+branch hands cuSPARSELt only valid operands and reassembles the results correctly.
+"""
+
+import logging
+import math
+
+import pytest
+import torch
+
+import hf_sparse.sparse_ffn as sparse_ffn
+from hf_sparse import kernels
+from hf_sparse.sparse_ffn import BACKWARD_MODES, SPARSE_METHODS, make_token_permutation, relu2_2to4_ffn
+from tests.cslt_emulator import emulated_cusparselt, emulated_cusparselt_wide  # noqa: F401  (fixtures)
+from tests.test_sparse_ffn import assert_close, groups, make_inputs, reference_grads, run_op
+
+F64 = torch.float64
+
+
+def reference_path(*args, **kw):
+    """The op with plain torch.mm GEMMs, whatever the installed backend."""
+    previous = kernels._kernel_override[0]
+    kernels.set_kernel_override(False)
+    try:
+        return run_op(*args, **kw)
+    finally:
+        kernels.set_kernel_override(previous)
+
+
+@pytest.fixture
+def compiled_stages(monkeypatch):
+    monkeypatch.setenv(sparse_ffn.COMPILE_STAGES_ENV, "1")
+    monkeypatch.delenv(sparse_ffn.DISABLE_COMPILE_ENV, raising=False)
+    assert sparse_ffn.stage_compilation_enabled("cpu")
+
+
+# ----------------------------------------------------------------------------- kernel branch
+
+
+@pytest.mark.parametrize("permute", [False, True])
+@pytest.mark.parametrize("method", SPARSE_METHODS)
+@pytest.mark.parametrize("backward", BACKWARD_MODES)
+def test_kernel_branch_matches_reference_float64(emulated_cusparselt_wide, method, backward, permute):
+    # F=64 with dense_features=0.05: ceil(3.2) = 4 dense features, 60 sparse ones, which
+    # the weight-gradient operands pad to 64 rows (cuSPARSELt's 16-alignment).
+    x, w_up, w_down, dy = make_inputs(t=48, d=32, f=64, seed=21)
+    perm = make_token_permutation(48, seed=2) if permute else None
+    kw = dict(method=method, backward=backward, dense_features=0.05, permutation=perm)
+    got = run_op(x, w_up, w_down, dy, **kw)
+    ref = reference_path(x, w_up, w_down, dy, **kw)
+    for name, a, b in zip(("y", "dx", "dw_up", "dw_down"), got, ref):
+        assert_close(a, b, rtol=1e-12, atol=1e-12, msg=f"{method}/{backward}/{name}")
+    emu = emulated_cusparselt_wide
+    # forward y2s·W_downᵀ and dx = dy1·W_up always; token-sparse modes add the two
+    # weight-gradient GEMMs, one of them with a transposed result.
+    shapes = {(c.m, c.k, c.n, c.b_layout, c.transpose_result) for c in emu.mm_calls}
+    assert (48, 64, 32, "col", False) in shapes  # forward: B = W_downᵀ, a transposed view
+    assert (48, 64, 32, "row", False) in shapes  # dx: B = W_up
+    if backward == "exact":
+        assert len(emu.mm_calls) == 2
+    else:
+        n_sparse = 60 if backward == "split_gemm" else 64
+        padded = kernels.sparse24_padded_rows(n_sparse)
+        assert padded == 64
+        assert (padded, 48, 32, "row", False) in shapes  # dW_up over the sparse features
+        assert (padded, 48, 32, "row", True) in shapes  # dW_down, transposed result
+        assert len(emu.mm_calls) == 4
+
+
+@pytest.mark.parametrize("method", SPARSE_METHODS)
+def test_kernel_branch_bf16_close_to_reference(emulated_cusparselt, method):
+    x, w_up, w_down, dy = make_inputs(t=64, d=32, f=64, dtype=torch.bfloat16, seed=22)
+    got = run_op(x, w_up, w_down, dy, method=method)
+    ref = reference_path(x, w_up, w_down, dy, method=method)
+    # Same masks; only GEMM accumulation order and rounding differ (fp32 accumulate).
+    for a, b in zip(got, ref):
+        assert a.dtype == torch.bfloat16
+        assert (a.double() - b.double()).norm() <= 2e-2 * b.double().norm()
+    assert len(emulated_cusparselt.mm_calls) == 4
+
+
+def test_kernel_branch_frozen_inputs_and_retain_graph(emulated_cusparselt_wide):
+    x, w_up, w_down, dy = make_inputs(t=32, d=16, f=32, seed=23)
+    # Frozen weights: only dx, and no weight-gradient GEMMs at all.
+    xg = x.clone().requires_grad_()
+    y = relu2_2to4_ffn(xg, w_up, w_down)
+    (dx,) = torch.autograd.grad(y, xg, dy)
+    ref = reference_path(x, w_up, w_down, dy)
+    assert_close(dx, ref[1], rtol=1e-12, atol=1e-12)
+    assert len(emulated_cusparselt_wide.mm_calls) == 2
+    # Frozen input, trainable weights; backward twice on one graph gives the same grads.
+    emulated_cusparselt_wide.reset()
+    wu, wd = w_up.clone().requires_grad_(), w_down.clone().requires_grad_()
+    y = relu2_2to4_ffn(x, wu, wd, method="soft_threshold")
+    first = torch.autograd.grad(y, (wu, wd), dy, retain_graph=True)
+    second = torch.autograd.grad(y, (wu, wd), dy)
+    for a, b in zip(first, second):
+        assert torch.equal(a, b)
+    ref = reference_path(x, w_up, w_down, dy, method="soft_threshold")
+    assert_close(first[0], ref[2], rtol=1e-12, atol=1e-12)
+    assert_close(first[1], ref[3], rtol=1e-12, atol=1e-12)
+
+
+def test_unaligned_token_count_falls_back_silently(emulated_cusparselt_wide, caplog):
+    # 30 tokens (decode, a last partial batch): reference GEMMs, no warning, same numbers.
+    x, w_up, w_down, dy = make_inputs(t=30, d=16, f=32, seed=24)
+    with caplog.at_level(logging.DEBUG, logger="hf_sparse"):
+        for _ in range(3):
+            got = run_op(x, w_up, w_down, dy)
+    assert emulated_cusparselt_wide.mm_calls == []
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
+    ref = reference_path(x, w_up, w_down, dy)
+    for a, b in zip(got, ref):
+        assert torch.equal(a, b)
+
+
+# ----------------------------------------------------------------------------- NaN safety
+
+
+def nan_inputs(dtype=F64):
+    x, w_up, w_down, dy = make_inputs(t=32, d=16, f=32, seed=25, dtype=dtype)
+    x[3, 5] = float("nan")  # poisons every feature of token 3
+    x[9, :] = float("inf")
+    w_up[7, 2] = float("nan")  # poisons feature 7 for every token
+    return x, w_up, w_down, dy
+
+
+@pytest.mark.parametrize("method", SPARSE_METHODS)
+def test_nan_never_breaks_2to4_and_reaches_the_output(method):
+    x, w_up, w_down, _ = nan_inputs()
+    with torch.no_grad():
+        y1 = x @ w_up.t()
+        y2 = torch.relu(y1).square()
+        ys, d = sparse_ffn.sparsify_2to4(y2, method)
+    assert (groups(ys) != 0).sum(-1).max() <= 2  # NaN counts as non-zero here
+    assert (groups(d) != 0).sum(-1).max() <= 2
+    # NaN ranks highest: a group holding a NaN keeps it (so it is not hidden).
+    nan_groups = groups(y2).isnan().any(-1)
+    assert groups(ys).isnan().any(-1)[nan_groups].all()
+    stats = torch.zeros(5, dtype=F64)
+    out = relu2_2to4_ffn(x, w_up, w_down, method=method, stats=stats)
+    assert not torch.isfinite(out).all()  # the numerics guard sees a non-finite output
+    assert torch.isfinite(stats[:3]).all()
+
+
+@pytest.mark.parametrize("method", SPARSE_METHODS)
+@pytest.mark.parametrize("backward", ["split_gemm", "naive"])
+def test_nan_inputs_on_the_kernel_branch(emulated_cusparselt_wide, method, backward):
+    # The emulator raises on any operand with a group of > 2 non-zeros (NaN included),
+    # forward and backward, token-wise and feature-wise.
+    x, w_up, w_down, dy = nan_inputs()
+    dy[11, 3] = float("nan")
+    y, dx, dwu, dwd = run_op(x, w_up, w_down, dy, method=method, backward=backward)
+    assert len(emulated_cusparselt_wide.mm_calls) == 4
+    assert y.isnan().any() and dwu.isnan().any()
+
+
+# ----------------------------------------------------------------------------- dense features
+
+
+def test_fractional_dense_feature_count_rounds_up():
+    # 0.05 · 32 = 1.6 dense features: ceil gives 2. The reference computes 2 on its own;
+    # with 1 (floor) the second-densest feature would be token-sparsified and differ.
+    x, w_up, w_down, dy = make_inputs(t=32, d=16, f=32, seed=26)
+    got = run_op(x, w_up, w_down, dy, backward="split_gemm", dense_features=0.05)
+    ref = reference_grads(x, w_up, w_down, dy, "naive", "split_gemm", 0.05)
+    for a, b in zip(got, ref):
+        assert_close(a, b)
+    one_dense = run_op(x, w_up, w_down, dy, backward="split_gemm", dense_features=1 / 32)
+    assert math.ceil(0.05 * 32) == 2
+    assert not torch.equal(got[2], one_dense[2]) and not torch.equal(got[3], one_dense[3])
+
+
+# ----------------------------------------------------------------------------- compiled stages
+
+
+def compiled_vs_eager(method, dtype, with_nan):
+    x, w_up, w_down, dy = make_inputs(t=32, d=16, f=64, dtype=dtype, seed=27)
+    if with_nan:
+        x[3, 5] = float("nan")
+        w_up[7, 2] = float("nan")
+    perm = make_token_permutation(32, seed=1)
+    stats_c, stats_e = torch.zeros(3, dtype=F64), torch.zeros(3, dtype=F64)
+    got = run_op(x, w_up, w_down, dy, method=method, permutation=perm, stats=stats_c)
+    assert not sparse_ffn._compile_broken
+    assert sparse_ffn._forward_stage in sparse_ffn._compiled_stages
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv(sparse_ffn.DISABLE_COMPILE_ENV, "1")
+        eager = run_op(x, w_up, w_down, dy, method=method, permutation=perm, stats=stats_e)
+    for a, b in zip(got, eager):
+        assert torch.equal(a.isnan(), b.isnan())
+        assert torch.equal(torch.nan_to_num(a), torch.nan_to_num(b))
+    assert torch.equal(stats_c, stats_e)
+    return got
+
+
+@pytest.mark.parametrize("method, dtype", [("mvue", torch.bfloat16), ("soft_threshold", torch.bfloat16)])
+def test_compiled_stages_are_bit_identical_to_eager(compiled_stages, method, dtype):
+    # Masks, counts and every elementwise value equal bit for bit (inductor emulates the
+    # eager roundings); MVUE's uniforms are drawn eagerly, so its draws match too.
+    compiled_vs_eager(method, dtype, with_nan=False)
+
+
+def test_compiled_stages_on_the_kernel_branch_with_nan(emulated_cusparselt_wide, compiled_stages):
+    # One compile covers the cuSPARSELt data flow (transposed, padded weight-gradient
+    # operands), NaN safety (the emulator refuses any group with > 2 non-zeros) and
+    # bit-equality with eager. The no-sync test below reuses this compiled configuration.
+    y, _, dw_up, _ = compiled_vs_eager("naive", torch.float32, with_nan=True)
+    assert y.isnan().any() and dw_up.isnan().any()
+    assert len(emulated_cusparselt_wide.mm_calls) == 8  # 4 GEMMs, compiled and eager runs
+
+
+def test_compile_failure_falls_back_to_eager(compiled_stages, monkeypatch, caplog):
+    def broken(stage, **_kw):
+        def run(*args):
+            raise RuntimeError("no working C++ compiler")
+
+        return run
+
+    monkeypatch.setattr(sparse_ffn, "_compiled_stages", {})
+    monkeypatch.setattr(sparse_ffn, "_compile_broken", [])
+    monkeypatch.setattr(torch, "compile", broken)
+    x, w_up, w_down, dy = make_inputs(t=32, seed=28)
+    with caplog.at_level(logging.WARNING, logger="hf_sparse"):
+        got = run_op(x, w_up, w_down, dy)
+        run_op(x, w_up, w_down, dy)
+    warnings = [r for r in caplog.records if "compiling the elementwise stages failed" in r.getMessage()]
+    assert len(warnings) == 1
+    monkeypatch.setenv(sparse_ffn.DISABLE_COMPILE_ENV, "1")
+    assert not sparse_ffn.stage_compilation_enabled("cuda")
+    for a, b in zip(got, run_op(x, w_up, w_down, dy)):
+        assert torch.equal(a, b)
+
+
+def test_stage_compilation_defaults(monkeypatch):
+    monkeypatch.delenv(sparse_ffn.COMPILE_STAGES_ENV, raising=False)
+    monkeypatch.delenv(sparse_ffn.DISABLE_COMPILE_ENV, raising=False)
+    assert sparse_ffn.stage_compilation_enabled("cuda")
+    assert not sparse_ffn.stage_compilation_enabled("cpu")  # eager is the CPU default
+    monkeypatch.setenv(sparse_ffn.COMPILE_STAGES_ENV, "never")
+    assert not sparse_ffn.stage_compilation_enabled("cuda")
+
+
+def test_compiled_stages_make_no_host_sync(compiled_stages, monkeypatch):
+    # Same configuration as the compiled MVUE test above, so its compiled stages are reused.
+    x, w_up, w_down, dy = make_inputs(t=32, d=16, f=64, dtype=torch.bfloat16, seed=29)
+    perm = make_token_permutation(32, seed=0)
+    stats = torch.zeros(3, dtype=F64)
+    kw = dict(method="mvue", permutation=perm, stats=stats)
+    run_op(x, w_up, w_down, dy, **kw)  # compiles if needed (compilers may sync)
+    calls = []
+    for name in ("item", "tolist", "cpu", "numpy", "nonzero", "__bool__", "__int__", "__float__", "__index__"):
+        orig = getattr(torch.Tensor, name)
+
+        def wrapper(self, *a, _orig=orig, _name=name, **k):
+            calls.append(_name)
+            return _orig(self, *a, **k)
+
+        monkeypatch.setattr(torch.Tensor, name, wrapper)
+    run_op(x, w_up, w_down, dy, **kw)
+    monkeypatch.undo()
+    assert calls == []
+    assert not sparse_ffn._compile_broken
+
+
+# ----------------------------------------------------------------------------- custom ops
+
+
+def test_custom_ops_pass_opcheck():
+    x, w_up, w_down, _ = make_inputs(t=32, d=16, f=32, dtype=torch.float32, seed=30)
+    w_up.requires_grad_()
+    w_down.requires_grad_()
+    fwd_args = (x, w_up, w_down, "soft_threshold", "split_gemm", 2, True, True)
+    torch.library.opcheck(torch.ops.hf_sparse.relu2_2to4_ffn_fwd.default, fwd_args)
+    y3, g, y2s, counts, _ = torch.ops.hf_sparse.relu2_2to4_ffn_fwd(*fwd_args)
+    bwd_args = (torch.randn_like(y3), x, w_up.detach(), w_down.detach(), g, y2s, counts)
+    bwd_args += ("soft_threshold", "split_gemm", 2, True, True, True)
+    torch.library.opcheck(torch.ops.hf_sparse.relu2_2to4_ffn_bwd.default, bwd_args)
+
+
+def test_op_traces_with_fullgraph():
+    x, w_up, w_down, dy = make_inputs(t=32, d=16, f=32, dtype=torch.float32, seed=31)
+    stats = torch.zeros(3, dtype=F64)
+
+    def ffn(x, w_up, w_down, perm):
+        return relu2_2to4_ffn(x, w_up, w_down, permutation=perm, stats=stats)
+
+    compiled = torch.compile(ffn, fullgraph=True, backend="aot_eager")
+    perm = make_token_permutation(32, seed=3)
+    args = [a.clone().requires_grad_() for a in (x, w_up, w_down)]
+    y = compiled(*args, perm)
+    y.backward(dy)
+    ref = run_op(x, w_up, w_down, dy, permutation=perm)
+    assert_close(y.detach(), ref[0], rtol=1e-6, atol=1e-6)
+    for a, b in zip(args, ref[1:]):
+        assert_close(a.grad, b, rtol=1e-6, atol=1e-6)
+    assert stats[1] == 32 * 32  # the compiled forward counted once (the reference had no stats)
