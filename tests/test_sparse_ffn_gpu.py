@@ -227,4 +227,4 @@ def test_no_host_sync_on_gpu():
     finally:
         torch.cuda.set_sync_debug_mode(0)
     torch.cuda.synchronize()
-    assert stats[1].item() == 10 * 1024 * 1024
+    assert stats[1].item() == 9 * 1024 * 1024  # the timed loop only (warm-up had no stats)
