@@ -3,6 +3,7 @@
     python benchmarks/ffn_2to4.py                              # CPU: 130m shape, 4096 tokens, fp32
     python benchmarks/ffn_2to4.py --device cuda                # GPU: 3 shapes, 16k tokens, bf16
     python benchmarks/ffn_2to4.py --shapes 768x3072,2048x8192 --tokens 16384 --repeats 20
+    python benchmarks/ffn_2to4.py --compile                    # adds torch.compile'd dense and 2:4 rows
 
 Dense and sparse runs alternate inside one process (same allocator/thermal state); each
 number is the median over ``--repeats``. On CUDA the timings use CUDA events after a
@@ -26,6 +27,7 @@ from machine import describe_machine  # benchmarks/machine.py
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from hf_sparse import kernels  # noqa: E402
+from hf_sparse import sparse_ffn  # noqa: E402
 from hf_sparse.sparse_ffn import relu2_2to4_ffn, relu2_ffn_reference  # noqa: E402
 
 SHAPES = {"130m": (768, 3072), "1b": (2048, 8192), "7b": (4096, 16384)}
@@ -85,6 +87,25 @@ def bench_shape(d, f, args, device, dtype, timer):
         )
 
     variants = {"dense": relu2_ffn_reference, "sparse": sparse}
+    if args.compile:
+        # Compiled dense FFN (relu+square fused) against the 2:4 op with compiled stages,
+        # the comparison that matters once a user sets torch_compile.
+        compiled_dense = torch.compile(relu2_ffn_reference)
+        compiled_sparse = torch.compile(sparse)
+
+        def sparse_compiled(x, wu, wd):
+            prev = os.environ.get(sparse_ffn.COMPILE_STAGES_ENV)
+            os.environ[sparse_ffn.COMPILE_STAGES_ENV] = "1"  # read per call inside the op
+            try:
+                return compiled_sparse(x, wu, wd)
+            finally:
+                if prev is None:
+                    os.environ.pop(sparse_ffn.COMPILE_STAGES_ENV, None)
+                else:
+                    os.environ[sparse_ffn.COMPILE_STAGES_ENV] = prev
+
+        variants["dense_c"] = compiled_dense
+        variants["sparse_c"] = sparse_compiled
     kernel_ok = device.type == "cuda" and kernels.use_2to4_kernel(x.detach(), w_up.detach(), w_down.detach())
     if device.type == "cuda":
         # Same op with the kernel switched off: separates mask overhead from GEMM gains.
@@ -142,6 +163,7 @@ def main(argv=None):
     p.add_argument("--dense-features", type=float, default=0.05)
     p.add_argument("--no-stats", dest="stats", action="store_false", help="do not collect telemetry counts")
     p.add_argument("--no-permute", dest="permute", action="store_false", help="no token permutation")
+    p.add_argument("--compile", action="store_true", help="also time torch.compile'd dense and 2:4 (compiled stages)")
     args = p.parse_args(argv)
 
     device = torch.device(args.device)
@@ -165,8 +187,9 @@ def main(argv=None):
     print("-" * len(header))
     for name, d, f in shapes:
         res, kernel_ok = bench_shape(d, f, args, device, dtype, timer)
-        base = res["dense"]
         for variant, (fw, bw, both) in res.items():
+            # Compiled variants are compared with the compiled dense FFN, eager with eager.
+            base = res["dense_c"] if variant.endswith("_c") else res["dense"]
             label = variant
             if variant == "sparse" and gpu:
                 label = "sparse24" if kernel_ok else "sparse(ref)"
@@ -174,7 +197,7 @@ def main(argv=None):
                 f"{name + f' {d}x{f}':>12} {label:>10} {fw:9.2f} {bw:9.2f} {both:9.2f} "
                 f"{fw / base[0]:7.3f} {bw / base[1]:7.3f} {both / base[2]:7.3f}"
             )
-    print("ratios are sparse/dense time (< 1 means faster than dense)")
+    print("ratios are sparse/dense time (< 1 means faster than dense); *_c rows: both compiled")
 
 
 if __name__ == "__main__":

@@ -97,6 +97,24 @@ def _rank_keys(v: Tensor) -> Tensor:
     return torch.nan_to_num(v, nan=math.inf, posinf=math.inf, neginf=-math.inf)
 
 
+def _rank_keys_(v: Tensor) -> Tensor:
+    """In-place :func:`_rank_keys` for a tensor the caller owns."""
+    return v.nan_to_num_(nan=math.inf, posinf=math.inf, neginf=-math.inf)
+
+
+def _group_nonzero_counts(members: tuple[Tensor, ...]) -> tuple[Tensor, Tensor]:
+    """(non-zeros, non-zeros a 2:4 mask drops) of groups given as four member views.
+
+    Every rule keeps min(2, nnz) of a group (NaN is a non-zero and ranks highest), so the
+    drop count is sum(max(nnz_g - 2, 0)). Works on uint8 per-group counts: a pass over F/4
+    values instead of F, and no float->int conversion of a full-size tensor.
+    """
+    nnz_g = sum(_u8(m != 0) for m in members)
+    # max(nnz_g - 2, 0) = (nnz_g >= 3) + (nnz_g == 4), without uint8 wrap-around
+    dropped = count_nonzero(nnz_g > 2) + count_nonzero(nnz_g == 4)
+    return nnz_g.sum(-1, dtype=torch.int32).sum(), dropped
+
+
 def _win_counts(a: Tensor, b: Tensor, c: Tensor, d: Tensor) -> tuple[Tensor, ...]:
     """uint8 number of duels each of (a, b, c, d) wins; ties go to the lower index.
 
@@ -124,6 +142,32 @@ def _third_largest_of_4(a: Tensor, b: Tensor, c: Tensor, d: Tensor) -> Tensor:
     lo = torch.maximum(torch.minimum(a, b), torch.minimum(c, d))
     hi = torch.minimum(torch.maximum(a, b), torch.maximum(c, d))
     return torch.minimum(lo, hi)
+
+
+_INT_OF_SIZE = {2: torch.int16, 4: torch.int32, 8: torch.int64}
+
+
+def _keep_top2_(groups: Tensor, dim: int, by_magnitude: bool) -> Tensor:
+    """``groups`` with all but the top 2 of each group of 4 along ``dim`` zeroed.
+
+    Ranks by value (``groups`` must then be NaN-free, e.g. relu outputs with NaN mapped to
+    +inf) or by |value| with NaN as +inf. Eager: in place on ``groups`` (the caller owns
+    it), zeroing by an AND with an all-ones/all-zeros bit mask: the same bits as
+    masked_fill (+0.0 where dropped, Inf included, which a multiply by 0/1 flags would
+    turn into NaN and so break the 2:4 pattern), ~4x faster on CPU. Compiled: functional
+    (a select), which inductor fuses into one loop; in-place writes to strided views
+    would split it into several.
+    """
+    # |values| is a fresh tensor: its NaN -> +inf replacement can go in place.
+    keys = (_rank_keys_(groups.abs()) if by_magnitude else groups).unbind(dim)
+    wins = _win_counts(*keys)
+    if torch.compiler.is_compiling():
+        return torch.where(torch.stack([w >= 2 for w in wins], dim), groups, 0.0)
+    int_type = _INT_OF_SIZE[groups.element_size()]
+    for member, w in zip(groups.unbind(dim), wins):
+        bits = torch.ge(w, 2, out=torch.empty(w.shape, dtype=int_type, device=w.device)).neg_()
+        member.view(int_type).bitwise_and_(bits)
+    return groups
 
 
 def _group_keep(groups: Tensor, dim: int) -> Tensor:
@@ -240,12 +284,8 @@ def count_2to4_stats(y2: Tensor, stats: Tensor, method: str = "naive") -> None:
     if n % 4:
         raise ValueError(f"last dim of y2 must be a multiple of 4, got {n}")
     with torch.no_grad():
-        v = y2.detach().reshape(-1, n // 4, 4)
-        nnz_g = sum(_u8(m != 0) for m in v.unbind(-1))  # uint8 non-zeros per group
-        # max(nnz_g - 2, 0) = (nnz_g >= 3) + (nnz_g == 4), without uint8 wrap-around
-        dropped = count_nonzero(nnz_g > 2) + count_nonzero(nnz_g == 4)
-        # Total non-zeros from the group counts: a pass over F/4 values instead of F.
-        _add_stats(stats, y2.numel(), nnz_g.sum(-1, dtype=torch.int32).sum(), dropped)
+        nnz, dropped = _group_nonzero_counts(y2.detach().reshape(-1, n // 4, 4).unbind(-1))
+        _add_stats(stats, y2.numel(), nnz, dropped)
 
 
 def _check_stats(stats: Tensor) -> None:
@@ -331,97 +371,140 @@ def _forward_stage(y1: Tensor, u: Optional[Tensor], method: str, count: bool, wa
     """y1 (T×F) -> y2s, g = D ⊙ 2·relu(y1), [relu non-zeros, kept non-zeros], per-feature non-zeros.
 
     The counts are 0-d int64 tensors (None when not asked for): telemetry comes out of
-    this pass instead of a second read of a T×F tensor.
+    this pass instead of a second read of a T×F tensor. Written with in-place ops on the
+    stage's own intermediates (never on its inputs): cheap in eager mode on CPU, and
+    functionalised away when compiled.
     """
     t, f = y1.shape
-    r = y1.clamp(min=0)  # relu; NaN stays NaN
+    # relu, with NaN mapped to +inf: it ranks highest (a NaN breaks pairwise duels, and a
+    # group could keep 3 or 4), stays non-finite for the numerics guard, and every later
+    # selection can rank on the values themselves. In place on y1 in eager mode (the op
+    # discards y1); compiled, mutating an input would cost a copy back.
+    r = y1.clamp(min=0) if torch.compiler.is_compiling() else y1.clamp_(min=0)
+    r = r.nan_to_num_(nan=math.inf, posinf=math.inf)
+    relu_nnz = kept_nnz = feature_counts = None
     if method == "mvue":
         y2 = r * r
         inv_p = _mvue_select(y2.view(t, f // 4, 4), u).view(t, f)
         kept = inv_p != 0
         y2s = torch.where(kept, (y2.to(inv_p.dtype) * inv_p).to(y1.dtype), 0.0)
         g = torch.where(kept, r * _inv_p_to(inv_p, y1.dtype) * 2.0, 0.0)
-        y2_masked = y2s
+        if count:
+            relu_nnz, kept_nnz = count_nonzero(r), count_nonzero(y2s)
     else:
         # Rank on relu(y1) instead of y2 = relu(y1)²: same order (squaring is monotone on
         # r >= 0), so y2 is never materialised unmasked. Only two r whose squares round to
         # the same y2 are ranked by r rather than by index; the kept values are the same.
         groups = r.view(t, f // 4, 4)
-        r_masked = torch.where(_group_keep(groups, -1), groups, 0.0)
-        y2_masked = (r_masked * r_masked).view(t, f)
-        g = (r_masked * 2.0).view(t, f)
-        y2s = y2_masked
+        if count:
+            # zeros of y2 = zeros of relu(y1); the mask keeps min(2, nnz) per group. Counted
+            # before the S-STE shift, which also zeroes kept members tied with the threshold.
+            relu_nnz, dropped = _group_nonzero_counts(groups.unbind(-1))
+            kept_nnz = relu_nnz - dropped
+        thresh = None
         if method == "soft_threshold":
+            thresh = _third_largest_of_4(*groups.unbind(-1)).unsqueeze(-1)
+        r = _keep_top2_(groups, -1, by_magnitude=False).view(t, f)
+        y2s = r * r
+        if thresh is not None:
             # Dropped members are 0 and kept ones >= t²: clamp(y·M - t², 0) == M ⊙ (y - t²).
-            thresh = _third_largest_of_4(*_rank_keys(groups).unbind(-1)).unsqueeze(-1)
-            y2s = (y2_masked.view(t, f // 4, 4) - thresh * thresh).clamp(min=0).view(t, f)
-    relu_nnz = kept_nnz = feature_counts = None
-    if count:
-        # zeros of y2 = zeros of relu(y1); "kept" counts the mask, before the S-STE shift
-        # (which also zeroes kept members tied with the threshold).
-        relu_nnz, kept_nnz = count_nonzero(r), count_nonzero(y2_masked)
+            # Inf - Inf (an infinite threshold) stays +inf: y2s is never NaN.
+            y2s = (y2s.view(t, f // 4, 4) - thresh * thresh).clamp(min=0).view(t, f)
+            y2s = y2s.nan_to_num_(nan=math.inf, posinf=math.inf)
+        g = r.mul_(2.0)  # ours, masked: g = D ⊙ 2·relu(y1) with D = M
     if want_feature_counts:
         feature_counts = _col_nonzero_counts(y2s != 0)  # the dense-feature ranking's input
     return y2s, g, relu_nnz, kept_nnz, feature_counts
 
 
-def _token_top2(z: Tensor, nonneg: bool, sparse_idx: Optional[Tensor], pad_rows: int, transposed: bool) -> Tensor:
-    """Token-wise 2:4 of the features ``sparse_idx`` (all when None) of a (T, F) tensor.
+def _token_sparse_operand(z: Tensor, nonneg: bool, own: bool, idx: "_FeatureSplit"):
+    """Token-wise 2:4 of a (T, F) tensor as the weight-gradient GEMM wants it.
 
     Per feature, each group of 4 consecutive tokens keeps its 2 largest |values| (NaN
-    highest); a last partial group is zero-padded. ``transposed`` writes the result as
-    (F_s + pad_rows) × T row-major, the layout of a cuSPARSELt sparse operand (2:4 along
-    rows); the extra rows are zeros that round F_s up to the kernel's alignment.
+    highest); a last partial group is zero-padded. The densest features stay whole.
+    ``idx.gathered`` (cuSPARSELt): returns the sparse features only, written as
+    (F_s + pad) × T row-major (2:4 along rows, zero rows up to the kernel's alignment),
+    plus the dense features gathered (T × n_dense). Otherwise (plain GEMMs): one T × F
+    operand with the dense features restored in place, which costs a CPU GEMM less than
+    an odd-width gathered one. ``own``: ``z`` may be overwritten.
     """
-    zs = z if sparse_idx is None else z.index_select(1, sparse_idx)
+    dense = z.index_select(1, idx.dense) if idx.dense is not None else None
+    if idx.gathered and idx.sparse is not None:
+        zs = z.index_select(1, idx.sparse)
+    else:
+        zs = z if own else z.clone()
     t, fs = zs.shape
     tail = -t % 4
-    groups = (F.pad(zs, (0, 0, 0, tail)) if tail else zs).view(-1, 4, fs)
-    keep = _group_keep(groups if nonneg else groups.abs(), 1)
-    out = torch.where(keep, groups, 0.0).view(-1, fs)[:t]
-    if transposed:
-        out = out.t().contiguous()
-        if pad_rows:
-            out = F.pad(out, (0, 0, 0, pad_rows))
-    return out
+    if tail:
+        zs = F.pad(zs, (0, 0, 0, tail))
+    # y2s holds no NaN (see _forward_stage): rank it by value; dy1 by |value|, NaN highest.
+    zs = _keep_top2_(zs.view(-1, 4, fs), 1, by_magnitude=not nonneg).view(-1, fs)
+    if tail:
+        zs = zs[:t]
+    if not idx.gathered:
+        if dense is None:
+            return zs, None
+        # Compiled: functional, so that an owned input is not mutated (a copy-back).
+        restore = zs.index_copy if torch.compiler.is_compiling() else zs.index_copy_
+        return restore(1, idx.dense, dense), None
+    zs = zs.t().contiguous()
+    return (F.pad(zs, (0, 0, 0, idx.pad_rows)) if idx.pad_rows else zs), dense
 
 
-def _backward_up_stage(
+class _FeatureSplit:
+    """Which features the weight-gradient GEMMs treat as dense, and the operand layout."""
+
+    def __init__(self, dense: Optional[Tensor], sparse: Optional[Tensor], pad_rows: int, gathered: bool):
+        self.dense, self.sparse, self.pad_rows, self.gathered = dense, sparse, pad_rows, gathered
+
+
+def _backward_stage(
     dy2: Tensor,
     g: Tensor,
+    saved_y2s: Optional[Tensor],
+    need_up: bool,
+    need_down: bool,
     token_sparse: bool,
-    sparse_idx: Optional[Tensor],
     dense_idx: Optional[Tensor],
+    sparse_idx: Optional[Tensor],
     pad_rows: int,
-    transposed: bool,
+    gathered: bool,
 ):
-    """dy1 = D ⊙ dy2 ⊙ 2·relu(y1) (2:4 along features, for dx), its token-wise 2:4 and dense gather."""
-    # where, not a plain product: a non-finite dy2 times g = 0 would be NaN at a dropped
-    # position, and dy1 must stay 2:4 along features for the dx sparse GEMM.
-    dy1 = torch.where(g != 0, dy2 * g, 0.0)
-    if not token_sparse:
-        return dy1, None, None
-    sparse = _token_top2(dy1, False, sparse_idx, pad_rows, transposed)
-    dense = dy1.index_select(1, dense_idx) if dense_idx is not None else None
-    return dy1, sparse, dense
+    """One pass over dy2 and g (and y2s): dy1 for dx, and both weight-gradient operands.
+
+    dy1 = D ⊙ dy2 ⊙ 2·relu(y1) = dy2 ⊙ g is 2:4 along features. On the cuSPARSELt path a
+    non-finite dy2 at a dropped position must not leave NaN = Inf·0 there (the operand
+    must stay 2:4), so dropped positions are zeroed explicitly; plain GEMMs take the
+    product as it is (0·NaN = NaN, as a dense GEMM would propagate it).
+    y2s is recomputed from g when not saved (naive): (g/2)² is bitwise the forward's y2s.
+    """
+    # In place on dy2 in eager mode (the op discards it), as y1 in the forward stage.
+    dy1 = dy2 * g if torch.compiler.is_compiling() else dy2.mul_(g)
+    if gathered:
+        dy1 = torch.where(g != 0, dy1, 0.0) if torch.compiler.is_compiling() else _keep_nonzero_(dy1, g)
+    idx = _FeatureSplit(dense_idx, sparse_idx, pad_rows, gathered)
+    up = up_dense = down = down_dense = None
+    if need_up and token_sparse and gathered:
+        # (Plain GEMMs: dy1's operand is made in place after dx, see _up_operand_stage.)
+        up, up_dense = _token_sparse_operand(dy1, False, False, idx)
+    if need_down:
+        own = saved_y2s is None
+        y2s = (g * 0.5).square_() if own else saved_y2s
+        down, down_dense = _token_sparse_operand(y2s, True, own, idx) if token_sparse else (y2s, None)
+    return dy1, up, up_dense, down, down_dense
 
 
-def _backward_down_stage(
-    saved: Tensor,
-    from_g: bool,
-    token_sparse: bool,
-    sparse_idx: Optional[Tensor],
-    dense_idx: Optional[Tensor],
-    pad_rows: int,
-    transposed: bool,
-):
-    """y2s (recomputed from g for naive: (g/2)² is bitwise y2s) -> its token-wise 2:4 and dense gather."""
-    y2s = (saved * 0.5).square() if from_g else saved
-    if not token_sparse:
-        return y2s, None
-    sparse = _token_top2(y2s, True, sparse_idx, pad_rows, transposed)
-    dense = y2s.index_select(1, dense_idx) if dense_idx is not None else None
-    return sparse, dense
+def _up_operand_stage(dy1: Tensor, dense_idx: Optional[Tensor]) -> Tensor:
+    """Plain-GEMM path: dy1's token-wise 2:4 operand, made from dy1 itself once dx is done."""
+    return _token_sparse_operand(dy1, False, True, _FeatureSplit(dense_idx, None, 0, False))[0]
+
+
+def _keep_nonzero_(t: Tensor, where: Tensor) -> Tensor:
+    """Eager: ``t`` zeroed in place wherever ``where`` is 0 (bit-mask AND, NaN-safe)."""
+    int_type = _INT_OF_SIZE[t.element_size()]
+    bits = torch.ne(where, 0, out=torch.empty(where.shape, dtype=int_type, device=where.device)).neg_()
+    t.view(int_type).bitwise_and_(bits)
+    return t
 
 
 # ----- The op: forward and backward as custom ops -----
@@ -462,15 +545,15 @@ def _ffn_forward_fake(x, w_up, w_down, method, backward, n_dense, count, want_fe
     )
 
 
-def _assemble(sparse_part: Tensor, dense_part: Optional[Tensor], sparse_idx, dense_idx, dim: int) -> Tensor:
+def _assemble(sparse_part: Tensor, dense_part: Optional[Tensor], idx: _FeatureSplit, dim: int) -> Tensor:
     """Weight gradient from its sparse-feature and dense-feature parts (``dim``: the feature dim)."""
     if dense_part is None:
         return sparse_part
     shape = list(sparse_part.shape)
     shape[dim] += dense_part.shape[dim]
     out = sparse_part.new_empty(shape)
-    out.index_copy_(dim, sparse_idx, sparse_part)
-    return out.index_copy_(dim, dense_idx, dense_part)
+    out.index_copy_(dim, idx.sparse, sparse_part)
+    return out.index_copy_(dim, idx.dense, dense_part)
 
 
 def _ffn_backward_impl(dy3, x, w_up, w_down, g, y2s, feature_counts, method, backward, n_dense, need_x, need_up, need_down):
@@ -478,47 +561,46 @@ def _ffn_backward_impl(dy3, x, w_up, w_down, g, y2s, feature_counts, method, bac
     use_kernel = use_2to4_kernel(x, w_up, w_down)
     dy3 = dy3.contiguous()
     token_sparse = backward != "exact" and n_dense < f
-    sparse_idx = dense_idx = None
+    dense_idx = sparse_idx = None
     if token_sparse and n_dense > 0:
         # The densest features (most non-zeros in y2s) go to the dense GEMM: that is where
         # token-wise 2:4 would drop the most. Ties go to the lower index.
         order = torch.sort(feature_counts, descending=True, stable=True).indices
         dense_idx = order[:n_dense]
-        sparse_idx = order[n_dense:].sort().values  # ascending: contiguous reads in the gather
+        if use_kernel:
+            sparse_idx = order[n_dense:].sort().values  # ascending: contiguous reads in the gather
     n_sparse = f - n_dense if token_sparse else f
     pad_rows = sparse24_padded_rows(n_sparse) - n_sparse if (token_sparse and use_kernel) else 0
     # Outputs not asked for are distinct empty tensors (custom-op outputs may not alias).
     dx, dw_up, dw_down = x.new_empty(0), x.new_empty(0), x.new_empty(0)
 
     dy2 = torch.mm(dy3, w_down)
-    dy1, dy1_sparse, dy1_dense = _run_stage(
-        _backward_up_stage, dy2, g, token_sparse and need_up, sparse_idx, dense_idx, pad_rows, use_kernel
-    )
+    dy1, up, up_dense, down, down_dense = _run_stage(
+        _backward_stage,
+        dy2, g, y2s if method != "naive" else None, need_up, need_down, token_sparse,
+        dense_idx, sparse_idx, pad_rows, use_kernel,
+    )  # fmt: skip
     del dy2
+    idx = _FeatureSplit(dense_idx, sparse_idx, pad_rows, use_kernel)
+    mm = sparse24_mm if use_kernel else torch.mm
     if need_x:
-        dx = sparse24_mm(dy1, w_up) if use_kernel else torch.mm(dy1, w_up)
+        dx = mm(dy1, w_up)
     if need_up:
         if not token_sparse:
             dw_up = torch.mm(dy1.t(), x)
+        elif use_kernel:
+            dense = torch.mm(up_dense.t(), x) if up_dense is not None else None
+            dw_up = _assemble(sparse24_mm(up, x)[:n_sparse], dense, idx, 0)
         else:
-            part = sparse24_mm(dy1_sparse, x)[:n_sparse] if use_kernel else torch.mm(dy1_sparse.t(), x)
-            dense = torch.mm(dy1_dense.t(), x) if dy1_dense is not None else None
-            dw_up = _assemble(part, dense, sparse_idx, dense_idx, 0)
-    del dy1, dy1_sparse, dy1_dense
+            dw_up = torch.mm(_run_stage(_up_operand_stage, dy1, dense_idx).t(), x)
+    del dy1, up, up_dense
     if need_down:
-        from_g = method == "naive"
-        y2s_sparse, y2s_dense = _run_stage(
-            _backward_down_stage, g if from_g else y2s, from_g, token_sparse, sparse_idx, dense_idx, pad_rows, use_kernel
-        )
-        if not token_sparse:
-            dw_down = torch.mm(dy3.t(), y2s_sparse)
+        if use_kernel and token_sparse:
+            dense = torch.mm(dy3.t(), down_dense) if down_dense is not None else None
+            part = sparse24_mm(down, dy3, transpose_result=True)[:, :n_sparse]
+            dw_down = _assemble(part, dense, idx, 1)
         else:
-            if use_kernel:
-                part = sparse24_mm(y2s_sparse, dy3, transpose_result=True)[:, :n_sparse]
-            else:
-                part = torch.mm(dy3.t(), y2s_sparse)
-            dense = torch.mm(dy3.t(), y2s_dense) if y2s_dense is not None else None
-            dw_down = _assemble(part, dense, sparse_idx, dense_idx, 1)
+            dw_down = torch.mm(dy3.t(), down)
     return dx, dw_up, dw_down
 
 
@@ -535,6 +617,8 @@ def _setup_context(ctx, inputs, output):
     _y3, g, y2s, feature_counts, stat_delta = output
     ctx.save_for_backward(x, w_up, w_down, g, y2s, feature_counts)
     ctx.mark_non_differentiable(g, y2s, feature_counts, stat_delta)
+    # Those outputs never get gradients: no T×F zero tensors for them in backward.
+    ctx.set_materialize_grads(False)
     ctx.method, ctx.backward_mode, ctx.n_dense = method, backward, n_dense
 
 
@@ -542,7 +626,7 @@ def _ffn_backward(ctx, dy3, *_unused_grads):
     x, w_up, w_down, g, y2s, feature_counts = ctx.saved_tensors
     need_x, need_up, need_down = ctx.needs_input_grad[:3]
     grads = [None] * 8
-    if need_x or need_up or need_down:
+    if dy3 is not None and (need_x or need_up or need_down):
         dx, dw_up, dw_down = torch.ops.hf_sparse.relu2_2to4_ffn_bwd(
             dy3, x, w_up, w_down, g, y2s, feature_counts,
             ctx.method, ctx.backward_mode, ctx.n_dense, need_x, need_up, need_down,
