@@ -162,7 +162,8 @@ def _keep_top2_(groups: Tensor, dim: int, by_magnitude: bool) -> Tensor:
     keys = (_rank_keys_(groups.abs()) if by_magnitude else groups).unbind(dim)
     wins = _win_counts(*keys)
     if torch.compiler.is_compiling():
-        return torch.where(torch.stack([w >= 2 for w in wins], dim), groups, 0.0)
+        # Select per member and stack the values (a stacked bool mask gets written out).
+        return torch.stack([torch.where(w >= 2, m, 0.0) for m, w in zip(groups.unbind(dim), wins)], dim)
     int_type = _INT_OF_SIZE[groups.element_size()]
     for member, w in zip(groups.unbind(dim), wins):
         bits = torch.ge(w, 2, out=torch.empty(w.shape, dtype=int_type, device=w.device)).neg_()
@@ -429,26 +430,42 @@ def _token_sparse_operand(z: Tensor, nonneg: bool, own: bool, idx: "_FeatureSpli
     an odd-width gathered one. ``own``: ``z`` may be overwritten.
     """
     dense = z.index_select(1, idx.dense) if idx.dense is not None else None
-    if idx.gathered and idx.sparse is not None:
-        zs = z.index_select(1, idx.sparse)
-    else:
-        zs = z if own else z.clone()
+    by_magnitude = not nonneg  # y2s holds no NaN (see _forward_stage); dy1 ranks NaN highest
+    if idx.gathered:
+        return _gathered_token_operand(z, idx, by_magnitude), dense
+    zs = z if own else z.clone()
     t, fs = zs.shape
     tail = -t % 4
     if tail:
         zs = F.pad(zs, (0, 0, 0, tail))
-    # y2s holds no NaN (see _forward_stage): rank it by value; dy1 by |value|, NaN highest.
-    zs = _keep_top2_(zs.view(-1, 4, fs), 1, by_magnitude=not nonneg).view(-1, fs)
+    zs = _keep_top2_(zs.view(-1, 4, fs), 1, by_magnitude).view(-1, fs)
     if tail:
         zs = zs[:t]
-    if not idx.gathered:
-        if dense is None:
-            return zs, None
-        # Compiled: functional, so that an owned input is not mutated (a copy-back).
-        restore = zs.index_copy if torch.compiler.is_compiling() else zs.index_copy_
-        return restore(1, idx.dense, dense), None
-    zs = zs.t().contiguous()
-    return (F.pad(zs, (0, 0, 0, idx.pad_rows)) if idx.pad_rows else zs), dense
+    if dense is None:
+        return zs, None
+    # Compiled: functional, so that an owned input is not mutated (a copy-back).
+    restore = zs.index_copy if torch.compiler.is_compiling() else zs.index_copy_
+    return restore(1, idx.dense, dense), None
+
+
+def _gathered_token_operand(z: Tensor, idx: "_FeatureSplit", by_magnitude: bool) -> Tensor:
+    """The sparse features of ``z`` (T×F, T a multiple of 4) gathered straight into the
+    (F_s + pad) × T layout, then token-wise 2:4 along rows: the transpose is part of the
+    gather, not a separate pass over the result."""
+    zt = z.t()  # F × T view
+    t = zt.shape[1]
+    n_sparse = zt.shape[0] if idx.sparse is None else idx.sparse.shape[0]
+    if torch.compiler.is_compiling():
+        zs = zt if idx.sparse is None else zt.index_select(0, idx.sparse)
+        if idx.pad_rows:
+            zs = F.pad(zs, (0, 0, 0, idx.pad_rows))
+    else:
+        zs = zt.new_zeros(n_sparse + idx.pad_rows, t)
+        if idx.sparse is None:
+            zs[:n_sparse].copy_(zt)
+        else:
+            torch.index_select(zt, 0, idx.sparse, out=zs[:n_sparse])
+    return _keep_top2_(zs.reshape(-1, t // 4, 4), -1, by_magnitude).view(-1, t)
 
 
 class _FeatureSplit:
@@ -744,7 +761,8 @@ def relu2_2to4_ffn(
         with torch.no_grad():
             stats[:3].add_(stat_delta)
     if permutation is not None:
-        y = y.new_empty(y.shape).index_copy(0, permutation, y)
+        # In place into a fresh buffer: out-of-place index_copy would first copy y.
+        y = torch.empty_like(y).index_copy_(0, permutation, y)
     return y.view(*lead, y.shape[-1])
 
 

@@ -1,0 +1,560 @@
+"""Memory-traffic MODEL of one FFN forward+backward: dense ReLU² vs the 2:4 op (no GPU needed).
+
+    python benchmarks/ffn_traffic.py                        # 130m, 1b, 7b shapes, 16k tokens, bf16
+    python benchmarks/ffn_traffic.py --launch-us 0 --sparse-tflops 1300
+    python benchmarks/ffn_traffic.py --inductor-check       # + kernels inductor makes per stage (CPU)
+
+Nothing here is timed. Every kernel of one forward+backward is traced on meta tensors (no
+memory is allocated, so the 7b shape costs nothing) and priced on a modelled H100:
+
+    kernel time = max(bytes / bandwidth, flops / throughput) + launch overhead
+
+with GEMMs at the dense or 2:4 throughput and everything else memory-bound (flops = 0).
+Variants:
+  (a) dense eager: ``relu2_ffn_reference`` under autograd; every aten op is one kernel.
+  (b) dense fused: the same GEMMs, relu+square one pass forward, the backward factor one
+      pass (what torch.compile gives the dense FFN): a fairness reference.
+  (c) 2:4 op on its cuSPARSELt path: ``_ffn_forward_impl``/``_ffn_backward_impl`` called
+      directly, each elementwise stage priced as ONE fused kernel, each ``sparse24_mm`` as
+      a cuSPARSELt compress plus a 2:4 GEMM, every other aten op as an eager kernel.
+Imports only torch and hf_sparse, so it also runs on a bare GPU box.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import math
+import os
+import re
+import sys
+from dataclasses import dataclass
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from hf_sparse import kernels, sparse_ffn  # noqa: E402
+
+SHAPES = {"130m": (768, 3072), "1b": (2048, 8192), "7b": (4096, 16384)}
+DTYPE = torch.bfloat16
+DENSE_FEATURES = 0.05  # relu2_2to4_ffn's default split
+# cuSPARSELt's compressed 16-bit operand: the kept half of the values plus 2 bits of
+# position metadata per kept value (4 bits per group of 4), i.e. numel/8 bytes.
+METADATA_BITS_PER_KEPT_VALUE = 2
+
+GEMM_OPS = {"mm", "addmm", "bmm", "matmul"}
+# Ops that allocate or relabel memory without touching it: no kernel, no traffic.
+NO_KERNEL_OPS = {
+    "empty", "empty_like", "empty_strided", "new_empty", "new_empty_strided", "_unsafe_view",
+    "lift_fresh", "resize_", "set_",
+}  # fmt: skip
+
+
+@dataclass
+class Kernel:
+    name: str
+    phase: str  # "fwd" or "bwd"
+    kind: str  # "gemm", "sparse_gemm" or "memory"
+    read: int  # bytes
+    written: int  # bytes
+    flops: float = 0.0  # dense-equivalent 2mnk for GEMMs, also for 2:4 ones
+    stage: str = ""  # the op stage this fused kernel stands for, if any
+
+    @property
+    def bytes(self) -> int:
+        return self.read + self.written
+
+
+@dataclass
+class Machine:
+    bandwidth: float  # bytes/s
+    dense_flops: float  # flop/s
+    sparse_flops: float  # dense-equivalent flop/s of a 2:4 GEMM
+    launch_s: float
+
+    def seconds(self, k: Kernel) -> float:
+        throughput = self.sparse_flops if k.kind == "sparse_gemm" else self.dense_flops
+        return max(k.bytes / self.bandwidth, k.flops / throughput) + self.launch_s
+
+
+def nbytes(*objs) -> int:
+    """Bytes of the distinct tensors in ``objs`` (nested containers allowed; each counted once)."""
+    seen, total = set(), 0
+    for t in tree_leaves(objs):
+        if isinstance(t, torch.Tensor) and id(t) not in seen:
+            seen.add(id(t))
+            total += t.numel() * t.element_size()
+    return total
+
+
+def _describe(tensors) -> str:
+    shapes = ("x".join(map(str, t.shape)) or "()" for t in tree_leaves(tensors) if isinstance(t, torch.Tensor))
+    return ",".join(shapes)
+
+
+class KernelRecorder(TorchDispatchMode):
+    """Records every aten op as one eager kernel (bytes = operands read + outputs written).
+
+    ``fused(name, fn, *args)`` runs ``fn`` with the per-op recording off and records it as
+    ONE kernel that reads its tensor inputs once and writes its tensor outputs once: what a
+    compiled stage is meant to cost.
+    """
+
+    def __init__(self):
+        super().__init__()
+        self.kernels: list[Kernel] = []
+        self.phase = "fwd"
+        self._quiet = 0
+
+    def fused(self, name: str, fn, *args, stage: str = ""):
+        self._quiet += 1
+        try:
+            out = fn(*args)
+        finally:
+            self._quiet -= 1
+        self.add(Kernel(f"{name} [{_describe(args)}]", self.phase, "memory", nbytes(args), nbytes(out), stage=stage))
+        return out
+
+    def add(self, kernel: Kernel) -> None:
+        self.kernels.append(kernel)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        if not self._quiet:
+            kernel = self._price(func, args, kwargs, out)
+            if kernel is not None:
+                self.kernels.append(kernel)
+        return out
+
+    def _price(self, func, args, kwargs, out):
+        op = func.overloadpacket.__name__
+        if func.is_view or op in NO_KERNEL_OPS or torch.Tag.inplace_view in func.tags:
+            return None
+        name = f"aten.{op} [{_describe((args, kwargs))}]"
+        if op in GEMM_OPS:
+            a, b = args[-2], args[-1]  # addmm's bias comes first
+            flops = 2.0 * a.shape[-2] * a.shape[-1] * b.shape[-1] * (a.shape[0] if a.dim() == 3 else 1)
+            return Kernel(name, self.phase, "gemm", nbytes(args, kwargs), nbytes(out), flops)
+        if op == "index_select":
+            # A gather reads only the selected elements (and the index), not the whole source.
+            return Kernel(name, self.phase, "memory", nbytes(args[2]) + nbytes(out), nbytes(out))
+        if op in ("index_copy_", "index_copy"):
+            self_t, _dim, index, source = args[:4]
+            # The in-place scatter writes only the source's rows; out-of-place first copies self.
+            clone = nbytes(self_t) if op == "index_copy" else 0
+            return Kernel(name, self.phase, "memory", nbytes(index, source) + clone, nbytes(source) + clone)
+        if op == "copy_":
+            return Kernel(name, self.phase, "memory", nbytes(args[1]), nbytes(args[0]))
+        return Kernel(name, self.phase, "memory", nbytes(args, kwargs), nbytes(out))
+
+
+def meta(*shape, grad=False):
+    return torch.empty(*shape, device="meta", dtype=DTYPE, requires_grad=grad)
+
+
+# ----- (a) dense eager, (b) dense fused -----
+
+
+def trace_dense_eager(t: int, d: int, f: int) -> list[Kernel]:
+    x, w_up, w_down = meta(t, d, grad=True), meta(f, d, grad=True), meta(d, f, grad=True)
+    dy3 = meta(t, d)
+    rec = KernelRecorder()
+    with rec:
+        y3 = sparse_ffn.relu2_ffn_reference(x, w_up, w_down)
+        rec.phase = "bwd"
+        y3.backward(dy3)
+    return rec.kernels
+
+
+def _relu_square(y1):
+    return y1.clamp(min=0).square()
+
+
+def _relu_square_backward(dy2, y1):
+    return dy2 * 2.0 * y1.clamp(min=0)
+
+
+def trace_dense_fused(t: int, d: int, f: int) -> list[Kernel]:
+    """The dense FFN with its elementwise work fused (y1 and y2 saved, as compile saves them)."""
+    x, w_up, w_down, dy3 = meta(t, d), meta(f, d), meta(d, f), meta(t, d)
+    rec = KernelRecorder()
+    with rec:
+        y1 = torch.mm(x, w_up.t())
+        y2 = rec.fused("fused relu²", _relu_square, y1)
+        torch.mm(y2, w_down.t())
+        rec.phase = "bwd"
+        dy2 = torch.mm(dy3, w_down)
+        dy1 = rec.fused("fused relu² backward", _relu_square_backward, dy2, y1)
+        torch.mm(dy1, w_up)
+        torch.mm(dy1.t(), x)
+        torch.mm(dy3.t(), y2)
+    return rec.kernels
+
+
+# ----- (c) the 2:4 op on its cuSPARSELt path -----
+
+
+def compressed_bytes(a: torch.Tensor) -> int:
+    kept = a.numel() // 2
+    return kept * a.element_size() + kept * METADATA_BITS_PER_KEPT_VALUE // 8
+
+
+@contextlib.contextmanager
+def patched_op_internals(rec: KernelRecorder):
+    """Route the op's stages and sparse GEMMs through ``rec`` (restored on exit)."""
+
+    def run_stage(stage, *args):
+        return rec.fused(f"stage {stage.__name__}", stage, *args, stage=stage.__name__)
+
+    def sparse24_mm(a, b, *, transpose_result=False):
+        m, k = a.shape
+        n = b.shape[1]
+        # The real wrapper copies operands cuSPARSELt cannot read as they are; the op
+        # should never need it, but a copy would show up here as an extra kernel.
+        if not a.is_contiguous():
+            a = a.contiguous()
+        if not (b.is_contiguous() or b.t().is_contiguous()):
+            b = b.contiguous()
+        packed = compressed_bytes(a)
+        shapes = f"{m}x{k}"
+        rec.add(Kernel(f"cslt_compress [{shapes}]", rec.phase, "memory", nbytes(a), packed))
+        out = a.new_empty((n, m) if transpose_result else (m, n))
+        rec.add(
+            Kernel(
+                f"cslt_sparse_mm [{shapes},{k}x{n}]", rec.phase, "sparse_gemm",
+                packed + nbytes(b), nbytes(out), 2.0 * m * n * k,
+            )
+        )  # fmt: skip
+        return out
+
+    saved = (sparse_ffn._run_stage, sparse_ffn.sparse24_mm)
+    sparse_ffn._run_stage, sparse_ffn.sparse24_mm = run_stage, sparse24_mm
+    kernels.set_kernel_override(True)
+    try:
+        yield
+    finally:
+        sparse_ffn._run_stage, sparse_ffn.sparse24_mm = saved
+        kernels.set_kernel_override(None)
+
+
+def n_dense_features(f: int) -> int:
+    # The same rounding as relu2_2to4_ffn.
+    return min(f, math.ceil(round(DENSE_FEATURES * f, 6)))
+
+
+def trace_sparse_op(t: int, d: int, f: int) -> list[Kernel]:
+    x, w_up, w_down, dy3 = meta(t, d), meta(f, d), meta(d, f), meta(t, d)
+    n_dense = n_dense_features(f)
+    rec = KernelRecorder()
+    with patched_op_internals(rec), rec:
+        y3, g, y2s, counts, _stats = sparse_ffn._ffn_forward_impl(x, w_up, w_down, "naive", "split_gemm", n_dense, True, True)
+        rec.phase = "bwd"
+        sparse_ffn._ffn_backward_impl(
+            dy3, x, w_up, w_down, g, y2s, counts, "naive", "split_gemm", n_dense, True, True, True
+        )  # fmt: skip
+    return rec.kernels
+
+
+def trace_permutation(t: int, d: int) -> list[Kernel]:
+    """Token permute before the op and un-permute after, fwd+bwd (the recipe's extra, outside the op)."""
+    perm = torch.empty(t, device="meta", dtype=torch.int64)
+    x, y, grad = meta(t, d, grad=True), meta(t, d, grad=True), meta(t, d)
+    rec = KernelRecorder()
+    with rec:
+        xp = x.index_select(0, perm)
+        out = y.new_empty(y.shape).index_copy(0, perm, y)
+        rec.phase = "bwd"
+        torch.autograd.backward((xp, out), (grad, grad))
+    return rec.kernels
+
+
+# ----- Report -----
+
+
+@dataclass
+class Summary:
+    memory_kernels: int
+    memory_bytes: int
+    memory_s: float
+    gemms: int
+    gemm_s: float
+
+    @property
+    def total_s(self) -> float:
+        return self.memory_s + self.gemm_s
+
+
+def summarize(ks: list[Kernel], hw: Machine) -> Summary:
+    mem = [k for k in ks if k.kind == "memory"]
+    gemm = [k for k in ks if k.kind != "memory"]
+    return Summary(
+        len(mem), sum(k.bytes for k in mem), sum(map(hw.seconds, mem)), len(gemm), sum(map(hw.seconds, gemm))
+    )
+
+
+def parse_shapes(text: str):
+    shapes = []
+    for item in text.split(","):
+        item = item.strip()
+        if item in SHAPES:
+            shapes.append((item, *SHAPES[item]))
+        else:
+            d, f = item.lower().split("x")
+            shapes.append((item, int(d), int(f)))
+    return shapes
+
+
+def print_assumptions(args) -> None:
+    print("MODEL, not a measurement: a modelled H100 SXM, bf16, one FFN forward+backward")
+    print(f"  HBM bandwidth            {args.bandwidth_tbs:g} TB/s (--bandwidth-tbs)")
+    print(f"  dense bf16 GEMM          {args.dense_tflops:g} TFLOPS effective (--dense-tflops)")
+    print(
+        f"  2:4 bf16 GEMM            {args.sparse_tflops:g} TFLOPS effective, dense-equivalent: "
+        f"time = 2mnk / this, 2mnk counted as if dense (--sparse-tflops)"
+    )
+    print(f"  launch overhead          {args.launch_us:g} us per kernel, every kernel (--launch-us)")
+    print("  kernel time              max(bytes / bandwidth, flops / throughput) + launch; non-GEMMs: flops = 0")
+    print("  eager aten op            one kernel; reads its tensor operands in full, writes its outputs;")
+    print("                           views and allocations are free; index_select reads only what it")
+    print("                           gathers, index_copy_ writes only its source rows")
+    print("  2:4 op stage             one fused kernel: tensor inputs read once, tensor outputs written once")
+    print(
+        f"  cuSPARSELt compress      reads A, writes A/2 values + {METADATA_BITS_PER_KEPT_VALUE} bits metadata "
+        "per kept value (A/16 bytes), once per sparse GEMM"
+    )
+    print("  2:4 GEMM                reads compressed A + dense B, writes C")
+    print(
+        f"  2:4 op configuration     method naive, backward split_gemm, n_dense = ceil({DENSE_FEATURES}·F), "
+        "telemetry counts on, per-feature counts on; token permutation not included (see its row)"
+    )
+    print("  pass                     bytes of one T×F bf16 tensor (T tokens × F FFN width × 2 bytes)")
+
+
+def print_table(rows) -> None:
+    header = (
+        f"{'shape':>16} {'variant':<24} {'non-GEMM':>8} {'GB':>7} {'T×F':>6} {'mem ms':>7} "
+        f"{'GEMMs':>5} {'GEMM ms':>8} {'total ms':>9} {'vs eager':>8}"
+    )
+    print(header)
+    print("-" * len(header))
+    for shape, variant, s, pass_bytes, base in rows:
+        print(
+            f"{shape:>16} {variant:<24} {s.memory_kernels:8d} {s.memory_bytes / 1e9:7.2f} "
+            f"{s.memory_bytes / pass_bytes:6.1f} {s.memory_s * 1e3:7.3f} {s.gemms:5d} {s.gemm_s * 1e3:8.3f} "
+            f"{s.total_s * 1e3:9.3f} {s.total_s / base:8.2f}"
+        )
+    print("non-GEMM = kernels outside the GEMMs; T×F = their bytes in passes over a T×F bf16 tensor")
+
+
+def print_breakdown(label: str, ks: list[Kernel], hw: Machine, pass_bytes: int) -> None:
+    print(f"\n2:4 op kernels at {label} (model; passes = bytes / one T×F bf16 tensor)")
+    header = f"{'phase':<5} {'kind':<11} {'MB read':>9} {'MB written':>10} {'passes':>7} {'us':>8}  kernel [operand shapes]"
+    print(header)
+    print("-" * len(header))
+    for k in ks:
+        print(
+            f"{k.phase:<5} {k.kind:<11} {k.read / 1e6:9.1f} {k.written / 1e6:10.1f} {k.bytes / pass_bytes:7.2f} "
+            f"{hw.seconds(k) * 1e6:8.1f}  {k.name}"
+        )
+
+
+# ----- Supporting evidence: how many kernels CPU inductor makes of each stage -----
+
+
+def _stage_cases(t: int, f: int, device: str):
+    """(name, stage, args) as the op calls each stage, at a small shape."""
+    gen = torch.Generator().manual_seed(0)
+    n_dense = n_dense_features(f)
+    n_sparse = f - n_dense
+    pad = kernels.sparse24_padded_rows(n_sparse) - n_sparse
+    order = torch.randperm(f, generator=gen)
+    dense_idx, sparse_idx = order[:n_dense].to(device), order[n_dense:].sort().values.to(device)
+    y1 = torch.randn(t, f, generator=gen).to(device, DTYPE)
+    g = (torch.randn(t, f, generator=gen).clamp(min=0) * 2).to(device, DTYPE)
+    dy2 = torch.randn(t, f, generator=gen).to(device, DTYPE)
+    return [
+        ("_forward_stage", sparse_ffn._forward_stage, (y1, None, "naive", True, True)),
+        (
+            "_backward_stage",
+            sparse_ffn._backward_stage,
+            (dy2, g, None, True, True, True, dense_idx, sparse_idx, pad, True),
+        ),
+    ]
+
+
+_ELEMENT_BYTES = {"BFloat16": 2, "Half": 2, "bool": 1, "int8_t": 1, "uint8_t": 1, "int16_t": 2, "int32_t": 4,
+                  "int64_t": 8, "float": 4, "double": 8}  # fmt: skip
+_PTR = r"\b((?:in|out)_ptr\d+)\b"
+
+
+def _buffer_numels(wrapper: str) -> dict[str, int]:
+    """Element counts of the graph inputs and buffers named in inductor's ``call``."""
+    numels = {}
+    pattern = r"(?:assert_size_stride\((\w+),|(\w+) = (?:empty_strided_cpu\(|reinterpret_tensor\(\w+,))\s*\(([\d, ]*)\)"
+    for name_a, name_b, dims in re.findall(pattern, wrapper):
+        numels[name_a or name_b] = math.prod(int(v) for v in dims.replace(" ", "").split(",") if v)
+    return numels
+
+
+def _split_loop_nests(body: str) -> list[str]:
+    """A CPU kernel's body cut at its top-level loops (each one a pass over its buffers)."""
+    if "#pragma omp for" in body:
+        return re.split(r"#pragma omp for", body)[1:]
+    # Single-threaded code has no OpenMP pragmas: cut at the least-indented `for`s instead.
+    indents = [len(m.group(1)) for m in re.finditer(r"(?m)^( *)for\(", body)]
+    if not indents:
+        return [body]
+    return re.split(rf"(?m)^ {{{min(indents)}}}for\(", body)[1:]
+
+
+def cpu_loop_nest_traffic(code: str) -> list[tuple[str, int, int, int]]:
+    """(kernel, nest index, bytes read, bytes written) of every loop nest in inductor's CPU code.
+
+    A nest that touches a buffer is charged the whole buffer once: an upper bound (a gather
+    of 95% of the features is charged 100%, one of 5% too).
+    """
+    numels = _buffer_numels(code)
+    nests = []
+    defs = re.findall(r"(\w+) = async_compile\.cpp(?:_pybinding)?\(\[.*?\], r\'\'\'(.*?)\'\'\'", code, flags=re.S)
+    for kernel_name, source in defs:
+        signature, _, body = source.partition(")\n{")
+        params = re.findall(r"([\w:]+)\s*\*\s*(\w+)\s*[,)]?", signature + ")")
+        call = re.search(rf"\b{kernel_name}\((.*?)\)\n", code)
+        if call is None:
+            continue
+        call_args = [a.strip() for a in call.group(1).split(",")]
+        sizes = {}
+        for (ctype, pname), arg in zip(params, call_args):
+            sizes[pname] = numels.get(arg, 0) * _ELEMENT_BYTES.get(ctype.split("::")[-1], 4)
+        for index, chunk in enumerate(_split_loop_nests(body)):
+            read, written = set(), set()
+            for line in chunk.splitlines():
+                stored = re.search(r"(?:^\s*(out_ptr\d+)\s*\[[^=]*\]\s*=(?!=)|\.store\((out_ptr\d+))", line)
+                target = (stored.group(1) or stored.group(2)) if stored else None
+                if target:
+                    written.add(target)
+                    line = line.replace(target, "", 1)
+                read.update(re.findall(_PTR, line))
+            nests.append((kernel_name, index, sum(sizes.get(p, 0) for p in read), sum(sizes.get(p, 0) for p in written)))
+    return nests
+
+
+def inductor_check(t: int, f: int, device: str) -> dict[str, float]:
+    """Compile each stage with inductor; print its kernels (and on CPU its loop-nest traffic).
+
+    Returns, per stage, the CPU loop nests' traffic divided by the one-pass model's traffic
+    (empty on CUDA, where only the Triton kernels are counted).
+    """
+    from torch._inductor.utils import run_and_get_code
+
+    cpu = device == "cpu"
+    pass_bytes = t * f * torch.finfo(DTYPE).bits // 8
+    if cpu:
+        print(f"\nCPU inductor (supporting evidence only; a GPU compiles to Triton): T={t}, F={f}, bf16")
+        print(f"{'stage':<22} {'C++ kernels':>11} {'loop nests':>10} {'model T×F':>9} {'nests T×F':>9}  extern calls")
+    else:
+        print(f"\n{device} inductor: Triton kernels per stage, T={t}, F={f}, bf16")
+        print(f"{'stage':<22} {'Triton kernels':>14}  extern calls")
+    factors = {}
+    for name, stage, args in _stage_cases(t, f, device):
+        torch._dynamo.reset()
+        compiled = torch.compile(stage, fullgraph=True, dynamic=False, options={"emulate_precision_casts": True})
+        outputs, codes = run_and_get_code(compiled, *args)
+        code = "\n".join(codes)
+        externs = ", ".join(sorted(set(re.findall(r"\b(extern_kernels\.\w+|aten\.\w+)\(", code)))) or "-"
+        if not cpu:
+            n_triton = len(re.findall(r"=\s*async_compile\.triton\(", code))
+            print(f"{name:<22} {n_triton:14d}  {externs}")
+            continue
+        n_kernels = len(re.findall(r"=\s*async_compile\.cpp(?:_pybinding)?\(", code))
+        nests = cpu_loop_nest_traffic(code)
+        model = nbytes(args) + nbytes(outputs)
+        measured = sum(r + w for _k, _i, r, w in nests)
+        factors[name] = measured / model
+        print(
+            f"{name:<22} {n_kernels:11d} {len(nests):10d} {model / pass_bytes:9.2f} {measured / pass_bytes:9.2f}  "
+            f"{externs}"
+        )
+        for _kernel, index, read, written in nests:
+            print(f"{'':<22}   nest {index}: reads {read / pass_bytes:5.2f}, writes {written / pass_bytes:5.2f} T×F")
+    return factors
+
+
+def scale_stages(ks: list[Kernel], factors: dict[str, float]) -> list[Kernel]:
+    """``ks`` with each stage's traffic multiplied by its measured CPU-inductor factor."""
+    out = []
+    for k in ks:
+        f = factors.get(k.stage, 1.0)
+        out.append(Kernel(k.name, k.phase, k.kind, round(k.read * f), round(k.written * f), k.flops, k.stage))
+    return out
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--shapes", default="130m,1b,7b", help="names (130m,1b,7b) or DxF, comma-separated")
+    p.add_argument("--tokens", type=int, default=16384)
+    p.add_argument("--bandwidth-tbs", type=float, default=3.35, help="HBM bandwidth, TB/s (H100 SXM)")
+    p.add_argument("--dense-tflops", type=float, default=700.0, help="effective dense bf16 GEMM TFLOPS")
+    p.add_argument("--sparse-tflops", type=float, default=1100.0, help="effective 2:4 bf16 GEMM TFLOPS, dense-equivalent")
+    p.add_argument("--launch-us", type=float, default=3.0, help="fixed overhead per kernel, microseconds")
+    p.add_argument("--breakdown", default="7b", help="shape whose 2:4 kernels are listed (name from --shapes)")
+    p.add_argument(
+        "--inductor-check", action="store_true",
+        help="compile each stage with CPU inductor (~30 s), count its kernels and loop nests, and add a "
+        "row with the stages priced at the loop nests' traffic",
+    )  # fmt: skip
+    p.add_argument("--inductor-shape", default="256x512", help="TxF for --inductor-check")
+    p.add_argument(
+        "--inductor-device", default="cpu",
+        help="cpu: C++ kernels, loop nests and their traffic; cuda: Triton kernel count only",
+    )  # fmt: skip
+    args = p.parse_args(argv)
+
+    hw = Machine(args.bandwidth_tbs * 1e12, args.dense_tflops * 1e12, args.sparse_tflops * 1e12, args.launch_us * 1e-6)
+    shapes = parse_shapes(args.shapes)
+    if args.tokens % kernels.ALIGN:
+        p.error(f"--tokens must be a multiple of {kernels.ALIGN} for the cuSPARSELt path")
+    print_assumptions(args)
+    print(f"  tokens T                 {args.tokens}")
+    factors = {}
+    if args.inductor_check:
+        t, f = (int(v) for v in args.inductor_shape.lower().split("x"))
+        factors = inductor_check(t, f, args.inductor_device)
+    print()
+
+    rows, ratios, breakdown = [], {}, None
+    for name, d, f in shapes:
+        t = args.tokens
+        pass_bytes = t * f * torch.finfo(DTYPE).bits // 8
+        eager = trace_dense_eager(t, d, f)
+        sparse = trace_sparse_op(t, d, f)
+        variants = {
+            "(a) dense eager": eager,
+            "(b) dense fused": trace_dense_fused(t, d, f),
+            "(c) 2:4 op": sparse,
+            "(c) + token permutation": sparse + trace_permutation(t, d),
+        }
+        if factors:
+            variants["(c), stages as CPU nests"] = scale_stages(sparse, factors)
+        base = summarize(eager, hw).total_s
+        label = f"{name} {d}x{f}"
+        for variant, ks in variants.items():
+            rows.append((label, variant, summarize(ks, hw), pass_bytes, base))
+        ratios[name] = summarize(sparse, hw).total_s / base
+        if name == args.breakdown:
+            breakdown = (label, sparse, pass_bytes)
+    print_table(rows)
+    if breakdown is not None:
+        print_breakdown(breakdown[0], breakdown[1], hw, breakdown[2])
+    print()
+    # The requested shape's ratio goes last: scripts read the final line.
+    for name, ratio in sorted(ratios.items(), key=lambda item: item[0] == args.breakdown):
+        print(f"modelled 2:4/dense fwd+bwd at {name}: {ratio:.2f}")
+
+
+if __name__ == "__main__":
+    main()
