@@ -12,7 +12,7 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from transformers.integrations import INTEGRATION_TO_CALLBACK
 
 from .checkpoints import write_model_card
-from .modeling_sparse_llama import set_training_step
+from .modeling_sparse_llama import ensure_activation_stats, set_training_step
 from .telemetry import sparsity_metrics
 
 
@@ -110,6 +110,9 @@ class SparsityCallback(_FirstCallback):
 
     def on_train_begin(self, args, state, control, model=None, **kwargs):
         self._move_first()
+        # Stat tensors exist before the first (possibly compiled) forward, on the device the
+        # inputs come on: creating them inside a compiled forward would cost a recompile.
+        ensure_activation_stats(model, args.device)
         set_training_step(model, state.global_step)
 
     def on_step_begin(self, args, state, control, model=None, **kwargs):

@@ -25,7 +25,7 @@ from transformers.utils import logging
 
 from .configuration_sparse_llama import SparseLlamaConfig
 from .lowrank import LowRankLinear, init_low_rank_, is_low_rank
-from .sparse_ffn import TokenPermutation, count_2to4_stats, count_nonzero, relu2_2to4_ffn
+from .sparse_ffn import TokenPermutation, count_2to4_stats, count_nonzero, make_token_permutation, relu2_2to4_ffn
 
 
 logger = logging.get_logger(__name__)
@@ -33,7 +33,10 @@ logger = logging.get_logger(__name__)
 # Layout of each MLP's activation-stat tensor (float64: exact integer counts up to 2**53).
 STAT_ZEROS, STAT_TOTAL, STAT_DROPPED_24 = 0, 1, 2  # telemetry window (reset at each log)
 STAT_NONFINITE, STAT_FIRST_NONFINITE_STEP = 3, 4  # numerics guard: bad forwards, first bad step (-1: none)
-NUM_ACTIVATION_STATS = 5
+# Mirror of `training_step` (None -> 0), written by its setter. The guard reads the step on
+# device so that a compiled forward does not bake the Python int into its graph.
+STAT_STEP = 5
+NUM_ACTIVATION_STATS = 6
 
 
 ATTENTION_LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj")
@@ -58,6 +61,14 @@ def _weight(linear: nn.Module) -> torch.Tensor:
 def _in_backward_pass() -> bool:
     # Gradient checkpointing re-runs forward from inside the backward graph task (both the
     # reentrant and the non-reentrant variants); counting there would double the stats.
+    # Under torch.compile the query is a graph break, and it is not needed: dynamo traces a
+    # checkpointed layer as a checkpoint region, AOTAutograd turns the stat updates into
+    # mutations of a graph input applied once at the end of the forward graph, and the
+    # backward graph recomputes only what the gradients need. Counted once with reentrant
+    # and non-reentrant checkpointing under aot_eager and inductor (tests/test_compile.py
+    # checks the Trainer's default, non-reentrant).
+    if torch.compiler.is_compiling():
+        return False
     return torch._C._current_graph_task_id() != -1
 
 
@@ -82,21 +93,53 @@ class SparseLlamaMLP(nn.Module):
         self.up_proj = _make_linear(config, hidden, width, bias, "mlp")
         self.down_proj = _make_linear(config, width, hidden, bias, "mlp")
 
-        # Optimizer steps completed, set by `SparsityCallback` (or `set_training_step`);
-        # None means "not under a trainer": a 2:4 model then runs sparse, as it was trained.
-        self.training_step: int | None = None
         self.track_activation_stats = True
         # Plain attribute, not a buffer: it must never reach a checkpoint, never be
-        # broadcast by DDP, and is (re)created lazily on the input's device.
+        # broadcast by DDP. Created lazily on the input's device, or up front by
+        # `ensure_activation_stats` (SparsityCallback does so before the first step, so a
+        # compiled forward never creates it).
         self.activation_stats: torch.Tensor | None = None
+        # Optimizer steps completed, set by `SparsityCallback` (or `set_training_step`);
+        # None means "not under a trainer": a 2:4 model then runs sparse, as it was trained.
+        self.training_step = None
         self.token_permutation = TokenPermutation(config.permute_2by4_seed) if config.permute_2by4 else None
+
+    # forward never reads the step itself: dynamo guards on every Python value a forward
+    # reads, so a per-step int would recompile each step (and fall back to eager once
+    # past the recompile limit). The setter derives what forward needs instead: two
+    # bools that change at most once per run, and the step on device in the stat tensor.
+    @property
+    def training_step(self) -> int | None:
+        return self._training_step
+
+    @training_step.setter
+    def training_step(self, step: int | None) -> None:
+        step = None if step is None else int(step)
+        self._training_step = step
+        self._step_unset = step is None
+        self._sparse_2by4_on = bool(self.config.activation_2by4) and (
+            step is None or step >= self.config.activation_dense_warmup_steps
+        )
+        if self.activation_stats is not None:
+            # A fill from a Python scalar: one tiny kernel, no host sync.
+            self.activation_stats[STAT_STEP].fill_(step or 0)
 
     @property
     def sparse_2by4_active(self) -> bool:
-        if not self.config.activation_2by4:
-            return False
-        step = self.training_step
-        return step is None or step >= self.config.activation_dense_warmup_steps
+        return self._sparse_2by4_on
+
+    def ensure_activation_stats(self, device) -> torch.Tensor:
+        """The stat tensor, created (zeroed, no bad forward seen) if absent or on another device."""
+        device = torch.device(device)
+        if device.index is None and device.type != "cpu":
+            device = torch.empty(0, device=device).device  # "cuda" -> "cuda:N", as inputs report it
+        stats = self.activation_stats
+        if stats is None or stats.device != device:
+            stats = torch.zeros(NUM_ACTIVATION_STATS, dtype=torch.float64, device=device)
+            stats[STAT_FIRST_NONFINITE_STEP] = -1
+            stats[STAT_STEP] = self._training_step or 0
+            self.activation_stats = stats
+        return stats
 
     def _stats_for(self, x: torch.Tensor) -> torch.Tensor | None:
         """The stat tensor to accumulate into for this forward, or None to skip counting."""
@@ -104,12 +147,14 @@ class SparseLlamaMLP(nn.Module):
             return None
         if _in_backward_pass():
             return None
-        stats = self.activation_stats
-        if stats is None or stats.device != x.device:
-            stats = torch.zeros(NUM_ACTIVATION_STATS, dtype=torch.float64, device=x.device)
-            stats[STAT_FIRST_NONFINITE_STEP] = -1
-            self.activation_stats = stats
-        return stats
+        return self.ensure_activation_stats(x.device)
+
+    def _permutation(self, num_tokens: int, device: torch.device) -> torch.Tensor:
+        if torch.compiler.is_compiling():
+            # The per-module dict cache is Python state dynamo cannot keep in a graph; the
+            # permutation is a pure function of (T, seed), computed in-graph instead.
+            return make_token_permutation(num_tokens, self.config.permute_2by4_seed, device)
+        return self.token_permutation(num_tokens, device)
 
     def forward(self, x):
         stats = self._stats_for(x)
@@ -125,7 +170,7 @@ class SparseLlamaMLP(nn.Module):
                 bad = (~torch.isfinite(output.sum(dtype=acc_dtype))).to(stats.dtype)
                 stats[STAT_NONFINITE] += bad
                 first = stats[STAT_FIRST_NONFINITE_STEP]
-                step = float((self.training_step or 0) + 1)
+                step = stats[STAT_STEP] + 1  # 1-based step of this forward, read on device
                 stats[STAT_FIRST_NONFINITE_STEP] = torch.where((first < 0) & (bad > 0), step, first)
         return output
 
@@ -133,15 +178,16 @@ class SparseLlamaMLP(nn.Module):
         if self.squ_relu == "silu":
             return self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))
 
-        if self.sparse_2by4_active:
-            if self.training and self.training_step is None:
+        if self._sparse_2by4_on:
+            # Eager only: a logging call cannot be traced into a graph.
+            if not torch.compiler.is_compiling() and self.training and self._step_unset:
                 logger.warning_once(
                     "sparse_llama: training with activation_2by4 but no training step was set, so the "
                     "dense warm-up cannot apply. Add hf_sparse.SparsityCallback to the Trainer."
                 )
             permutation = None
             if self.token_permutation is not None and torch.is_grad_enabled():
-                permutation = self.token_permutation(x.numel() // x.shape[-1], x.device)
+                permutation = self._permutation(x.numel() // x.shape[-1], x.device)
             return relu2_2to4_ffn(
                 x,
                 _weight(self.up_proj),
@@ -240,6 +286,18 @@ def set_training_step(model: nn.Module, step: int | None) -> None:
         mlp.training_step = step
 
 
+def ensure_activation_stats(model: nn.Module, device=None) -> None:
+    """Create every sparse MLP's stat tensor on `device` (default: the MLP's parameters'
+    device) unless it is already there. Call before compiled training forwards: a stat
+    tensor created inside a compiled forward is a module-attribute mutation (one extra
+    recompile). Eager use needs no call: forward creates the tensor itself."""
+    for _, mlp in sparse_mlps(model):
+        target = device
+        if target is None:
+            target = next((p.device for p in mlp.parameters()), torch.device("cpu"))
+        mlp.ensure_activation_stats(target)
+
+
 __all__ = [
     "SparseLlamaPreTrainedModel",
     "SparseLlamaModel",
@@ -247,4 +305,5 @@ __all__ = [
     "SparseLlamaMLP",
     "sparse_mlps",
     "set_training_step",
+    "ensure_activation_stats",
 ]

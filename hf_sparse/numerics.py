@@ -40,7 +40,8 @@ def nonfinite_origin(model) -> tuple[int, int] | None:
     if not mlps:
         return None
     device = mlps[0][1].activation_stats.device
-    rows = torch.stack([m.activation_stats[STAT_NONFINITE:].to(device) for _, m in mlps]).tolist()
+    guard_slots = slice(STAT_NONFINITE, STAT_FIRST_NONFINITE_STEP + 1)
+    rows = torch.stack([m.activation_stats[guard_slots].to(device) for _, m in mlps]).tolist()
     bad = [(int(first), i) for (i, _), (count, first) in zip(mlps, rows) if count > 0]
     if not bad:
         return None

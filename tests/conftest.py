@@ -39,6 +39,53 @@ def tiny_config(**overrides):
     return SparseLlamaConfig(**values)
 
 
+def tiny_training_args(output_dir, **overrides):
+    """TrainingArguments of the tiny CPU Trainer runs: log every step, seeded, no reporting."""
+    from transformers import TrainingArguments
+
+    values = dict(
+        output_dir=str(output_dir),
+        max_steps=4,
+        per_device_train_batch_size=4,
+        learning_rate=1e-2,
+        logging_steps=1,
+        save_strategy="no",
+        report_to=[],
+        use_cpu=True,
+        disable_tqdm=True,
+        seed=0,
+        data_seed=0,
+    )
+    values.update(overrides)
+    return TrainingArguments(**values)
+
+
+# Tensor methods that wait for the device. Wrapping the methods (not a TorchFunctionMode)
+# also sees what a custom op's or autograd Function's backward calls.
+SYNC_METHODS = ("item", "tolist", "cpu", "numpy", "nonzero", "__bool__", "__int__", "__float__", "__index__")
+
+
+def host_sync_calls(monkeypatch, fn) -> list:
+    """Names of the syncing Tensor methods that ``fn()`` calls, in order."""
+    calls = []
+    for name in SYNC_METHODS:
+        original = getattr(torch.Tensor, name)
+
+        def wrapper(self, *args, _original=original, _name=name, **kwargs):
+            calls.append(_name)
+            return _original(self, *args, **kwargs)
+
+        monkeypatch.setattr(torch.Tensor, name, wrapper)
+    try:
+        fn()
+        step_calls = list(calls)
+        torch.ones(1).item()  # proves the wrappers were live
+    finally:
+        monkeypatch.undo()
+    assert calls[len(step_calls):] == ["item"]
+    return step_calls
+
+
 @pytest.fixture
 def make_tiny_config():
     return tiny_config

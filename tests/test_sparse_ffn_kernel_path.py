@@ -15,6 +15,7 @@ import torch
 import hf_sparse.sparse_ffn as sparse_ffn
 from hf_sparse import kernels
 from hf_sparse.sparse_ffn import BACKWARD_MODES, SPARSE_METHODS, make_token_permutation, relu2_2to4_ffn
+from tests.conftest import host_sync_calls
 from tests.cslt_emulator import emulated_cusparselt, emulated_cusparselt_wide  # noqa: F401  (fixtures)
 from tests.test_sparse_ffn import assert_close, groups, make_inputs, reference_grads, run_op
 
@@ -252,18 +253,7 @@ def test_compiled_stages_make_no_host_sync(compiled_stages, monkeypatch):
     stats = torch.zeros(3, dtype=F64)
     kw = dict(method="mvue", permutation=perm, stats=stats)
     run_op(x, w_up, w_down, dy, **kw)  # compiles if needed (compilers may sync)
-    calls = []
-    for name in ("item", "tolist", "cpu", "numpy", "nonzero", "__bool__", "__int__", "__float__", "__index__"):
-        orig = getattr(torch.Tensor, name)
-
-        def wrapper(self, *a, _orig=orig, _name=name, **k):
-            calls.append(_name)
-            return _orig(self, *a, **k)
-
-        monkeypatch.setattr(torch.Tensor, name, wrapper)
-    run_op(x, w_up, w_down, dy, **kw)
-    monkeypatch.undo()
-    assert calls == []
+    assert host_sync_calls(monkeypatch, lambda: run_op(x, w_up, w_down, dy, **kw)) == []
     assert not sparse_ffn._compile_broken
 
 

@@ -167,6 +167,44 @@ def test_2by4_drop_fraction_during_warmup_is_would_drop():
     assert metrics["sparsity_24/layer_0"] > 0
 
 
+def _dropped_fraction_by_hand(mlp_inputs, model):
+    """Per layer: non-zeros of relu(x W_upᵀ)² that a 2:4 mask drops / all non-zeros."""
+    fractions = []
+    for i, layer in enumerate(model.model.layers):
+        act = torch.relu(mlp_inputs[i] @ layer.mlp.up_proj.weight.detach().T) ** 2
+        nonzero_per_group = (act.reshape(-1, 4) != 0).sum(-1)
+        dropped = (nonzero_per_group - 2).clamp(min=0).sum().item()
+        fractions.append(dropped / nonzero_per_group.sum().item())
+    return fractions
+
+
+def test_2by4_drop_fraction_is_per_logging_window():
+    """Each read of `sparsity_24/*` covers only the forwards since the previous read: the
+    dropped count is reset with the zero and element counts (window 1 in the dense warm-up,
+    window 2 sparse, as a Trainer logs across the switch)."""
+    model = SparseLlamaForCausalLM(
+        tiny_config(squ_relu="relu2", activation_2by4=True, activation_dense_warmup_steps=1)
+    ).train()
+    captured = {}
+    for i, layer in enumerate(model.model.layers):
+        layer.mlp.register_forward_hook(lambda m, args, out, i=i: captured.__setitem__(i, args[0].detach()))
+
+    windows = []
+    for step, batch in ((0, (4, 16)), (1, (1, 8))):  # very different sizes: pooling would show
+        set_training_step(model, step)
+        ids = torch.randint(0, 128, batch)
+        model(ids, labels=ids).loss.backward()
+        expected = _dropped_fraction_by_hand(captured, model)
+        windows.append((sparsity_metrics(model, reset=True), expected))
+
+    for metrics, expected in windows:
+        for i, value in enumerate(expected):
+            assert metrics[f"sparsity_24/layer_{i}"] == pytest.approx(value, abs=1e-12)
+        assert metrics["sparsity_24/mean_across_layers"] == pytest.approx(sum(expected) / len(expected), abs=1e-12)
+    # The two windows really differ, so a carried-over count could not pass unnoticed.
+    assert windows[0][1] != windows[1][1]
+
+
 # --- a real Trainer, every backend ---------------------------------------------------------
 
 
