@@ -113,11 +113,11 @@ class SparsityCallback(_FirstCallback):
         # Stat tensors exist before the first (possibly compiled) forward, on the device the
         # inputs come on: creating them inside a compiled forward would cost a recompile.
         ensure_activation_stats(model, args.device)
-        set_training_step(model, state.global_step)
+        set_training_step(model, state.global_step, state.max_steps)
 
     def on_step_begin(self, args, state, control, model=None, **kwargs):
         # global_step = optimizer steps completed; restored by the Trainer on resume.
-        set_training_step(model, state.global_step)
+        set_training_step(model, state.global_step, state.max_steps)
 
     def on_log(self, args, state, control, logs=None, model=None, **kwargs):
         self._check_order()

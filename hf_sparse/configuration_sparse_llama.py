@@ -15,6 +15,8 @@ SPARSE_METHOD_CHOICES = ("naive", "mvue", "soft_threshold")
 ACTIVATION_BACKWARD_CHOICES = ("split_gemm", "naive", "exact")
 LORO_SCOPE_CHOICES = (None, "all", "attn", "mlp")
 LORO_INIT_PREFIXES = ("xavier", "auto", "kaiming", "orth", "randn_")
+WEIGHT_2BY4_SCOPE_CHOICES = ("mlp", "attn", "all")
+WEIGHT_SPARSE_METHOD_CHOICES = ("s_ste", "ste")
 
 # Non-gated FFN widths are rounded up to this multiple: it keeps the 4-feature groups of
 # the 2:4 mask whole and matches the alignment sparse GEMM kernels want.
@@ -56,6 +58,23 @@ class SparseLlamaConfig(LlamaConfig):
         Ranks of the low-rank attention / FFN linears.
     loro_init (`str`, *optional*, defaults to `"xavier"`):
         Factor initialisation: `xavier`, `auto`, `kaiming`, `orth` or `randn_<std>`.
+    weight_2by4 (`bool`, *optional*, defaults to `False`):
+        Train 2:4 sparse weights from dense masters (see `hf_sparse.weight_sparse`).
+    weight_2by4_scope (`str`, *optional*, defaults to `"mlp"`):
+        Which decoder linears: `"mlp"` (gate/up/down), `"attn"` (q/k/v/o) or `"all"`.
+    weight_sparse_method (`str`, *optional*, defaults to `"s_ste"`):
+        `"s_ste"` (soft threshold with a fixed per-matrix scale) or `"ste"` (hard top-2).
+    weight_grad_mvue (`bool`, *optional*, defaults to `False`):
+        MVUE 2:4 of the output gradient (along tokens) in the weight-gradient GEMM.
+    weight_masked_decay (`float`, *optional*, defaults to 0.0):
+        λ of the masked decay λ·(1−M)⊙W added to the master's gradient (0: off).
+    weight_2by4_start_step (`int`, *optional*, defaults to 0):
+        Optimizer steps trained with dense weights before the 2:4 weights switch on.
+    sparse_dense_finetune_steps (`int`, *optional*, defaults to 0):
+        The last N optimizer steps run with dense weights (and dense activations too with
+        `activation_dense_finetune`). A model with a dense tail runs dense after training.
+    activation_dense_finetune (`bool`, *optional*, defaults to `False`):
+        Also run the FFN densely (no 2:4 activations) during that tail.
     """
 
     model_type = "sparse_llama"
@@ -73,6 +92,14 @@ class SparseLlamaConfig(LlamaConfig):
     loro_attn_rank: int = 256
     loro_mlp_rank: int = 256
     loro_init: str = "xavier"
+    weight_2by4: bool = False
+    weight_2by4_scope: str = "mlp"
+    weight_sparse_method: str = "s_ste"
+    weight_grad_mvue: bool = False
+    weight_masked_decay: float | int = 0.0
+    weight_2by4_start_step: int = 0
+    sparse_dense_finetune_steps: int = 0
+    activation_dense_finetune: bool = False
 
     def __post_init__(self, **kwargs):
         super().__post_init__(**kwargs)
@@ -125,6 +152,7 @@ class SparseLlamaConfig(LlamaConfig):
                     f"loro_attn_rank={self.loro_attn_rank} is larger than the smallest attention matrix side "
                     f"({min(attn_dims)}); use loro_attn_rank <= {min(attn_dims)}."
                 )
+        self._validate_weight_2by4()
         if self.loro_scope in ("all", "mlp"):
             mlp_dims = (self.hidden_size, self.ffn_width)
             if self.loro_mlp_rank > min(mlp_dims):
@@ -132,6 +160,66 @@ class SparseLlamaConfig(LlamaConfig):
                     f"loro_mlp_rank={self.loro_mlp_rank} is larger than the smallest FFN matrix side "
                     f"({min(mlp_dims)}); use loro_mlp_rank <= {min(mlp_dims)}."
                 )
+
+    def _validate_weight_2by4(self):
+        if self.weight_2by4_scope not in WEIGHT_2BY4_SCOPE_CHOICES:
+            raise _choice_error("weight_2by4_scope", self.weight_2by4_scope, WEIGHT_2BY4_SCOPE_CHOICES)
+        if self.weight_sparse_method not in WEIGHT_SPARSE_METHOD_CHOICES:
+            raise _choice_error("weight_sparse_method", self.weight_sparse_method, WEIGHT_SPARSE_METHOD_CHOICES)
+        for key in ("weight_2by4_start_step", "sparse_dense_finetune_steps"):
+            if getattr(self, key) < 0:
+                raise ValueError(f"{key}={getattr(self, key)!r} must be >= 0.")
+        if self.weight_masked_decay < 0:
+            raise ValueError(f"weight_masked_decay={self.weight_masked_decay!r} must be >= 0.")
+        if not self.weight_2by4:
+            return
+        # Each targeted matrix is 2:4 along its input dim (each factor along its own in
+        # low-rank mode): those widths must split into groups of 4.
+        for key, width in self.weight_2by4_input_widths().items():
+            if width % 4:
+                raise ValueError(
+                    f"weight_2by4=True needs every targeted input width divisible by 4, but {key} has "
+                    f"input width {width}; change that size or weight_2by4_scope={self.weight_2by4_scope!r}."
+                )
+
+    def weight_2by4_input_widths(self) -> dict[str, int]:
+        """Input width (the 2:4 group dim) of every matrix weight 2:4 targets, by a readable name."""
+        widths = {}
+        low_rank = self.loro_scope
+        if self.weight_2by4_scope in ("mlp", "all"):
+            if low_rank in ("all", "mlp"):
+                widths.update({"mlp weight_in": self.hidden_size, "mlp weight_out": self.loro_mlp_rank})
+                widths["mlp down_proj.weight_in"] = self.ffn_width
+            else:
+                widths.update({"up_proj": self.hidden_size, "down_proj": self.ffn_width})
+        if self.weight_2by4_scope in ("attn", "all"):
+            if low_rank in ("all", "attn"):
+                widths.update({"attn weight_in": self.hidden_size, "attn weight_out": self.loro_attn_rank})
+                widths["o_proj.weight_in"] = self.num_attention_heads * self.head_dim
+            else:
+                widths.update({"q_proj": self.hidden_size, "o_proj": self.num_attention_heads * self.head_dim})
+        return widths
+
+    def weight_2by4_active(self, step: int | None, max_steps: int | None) -> bool:
+        """Whether the forward uses 2:4 weights after `step` optimizer steps of `max_steps`.
+
+        `step=None` (no trainer: inference, export) means "as the run ended": sparse,
+        unless the run had a dense tail.
+        """
+        if not self.weight_2by4:
+            return False
+        if step is None:
+            return self.sparse_dense_finetune_steps == 0
+        return step >= self.weight_2by4_start_step and not self.in_dense_tail(step, max_steps)
+
+    def in_dense_tail(self, step: int | None, max_steps: int | None) -> bool:
+        """Whether `step` falls in the last `sparse_dense_finetune_steps` of `max_steps`."""
+        tail = self.sparse_dense_finetune_steps
+        if not tail:
+            return False
+        if step is None:
+            return True
+        return bool(max_steps) and max_steps > 0 and step >= max_steps - tail
 
     @property
     def ffn_width(self) -> int:

@@ -26,6 +26,7 @@ from transformers.utils import logging
 from .configuration_sparse_llama import SparseLlamaConfig
 from .lowrank import LowRankLinear, init_low_rank_, is_low_rank
 from .sparse_ffn import TokenPermutation, count_2to4_stats, count_nonzero, make_token_permutation, relu2_2to4_ffn
+from .weight_sparse import Sparse24Linear, Sparse24LowRankLinear, is_weight_sparse
 
 
 logger = logging.get_logger(__name__)
@@ -43,9 +44,26 @@ ATTENTION_LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj")
 
 
 def _make_linear(config: SparseLlamaConfig, in_features: int, out_features: int, bias: bool, scope: str):
-    """nn.Linear, or a LowRankLinear when `config.loro_scope` covers `scope` ("attn"/"mlp")."""
-    if config.loro_scope in ("all", scope):
-        rank = config.loro_attn_rank if scope == "attn" else config.loro_mlp_rank
+    """nn.Linear, or its low-rank (`config.loro_scope` covers `scope`, "attn"/"mlp") and/or
+    2:4-weight (`config.weight_2by4_scope` covers it) variant."""
+    low_rank = config.loro_scope in ("all", scope)
+    rank = config.loro_attn_rank if scope == "attn" else config.loro_mlp_rank
+    if config.weight_2by4 and config.weight_2by4_scope in ("all", scope):
+        sparse = dict(
+            bias=bias,
+            method=config.weight_sparse_method,
+            masked_decay=config.weight_masked_decay,
+            grad_mvue=config.weight_grad_mvue,
+        )
+        if low_rank:
+            linear = Sparse24LowRankLinear(
+                in_features, out_features, rank, init=config.loro_init, init_range=config.initializer_range, **sparse
+            )
+        else:
+            linear = Sparse24Linear(in_features, out_features, **sparse)
+        linear.sparse_weight_on = config.weight_2by4_active(None, None)  # until a trainer sets the step
+        return linear
+    if low_rank:
         return LowRankLinear(
             in_features, out_features, rank, bias=bias, init=config.loro_init, init_range=config.initializer_range
         )
@@ -53,8 +71,11 @@ def _make_linear(config: SparseLlamaConfig, in_features: int, out_features: int,
 
 
 def _weight(linear: nn.Module) -> torch.Tensor:
-    # Low-rank factors meet the 2:4 op as their product; autograd carries the gradient
-    # back to both factors. (It materialises out x in for this op only.)
+    # The weight the forward uses: 2:4 weights as scale·S(W), low-rank factors as their
+    # product (materialised out x in for the 2:4 FFN op only); autograd carries the
+    # gradient back to the masters/factors.
+    if hasattr(linear, "effective_weight"):
+        return linear.effective_weight()
     return linear.dense_weight() if is_low_rank(linear) else linear.weight
 
 
@@ -101,6 +122,7 @@ class SparseLlamaMLP(nn.Module):
         self.activation_stats: torch.Tensor | None = None
         # Optimizer steps completed, set by `SparsityCallback` (or `set_training_step`);
         # None means "not under a trainer": a 2:4 model then runs sparse, as it was trained.
+        self.max_steps: int | None = None  # set with the step: the dense tail needs the run length
         self.training_step = None
         self.token_permutation = TokenPermutation(config.permute_2by4_seed) if config.permute_2by4 else None
 
@@ -117,8 +139,11 @@ class SparseLlamaMLP(nn.Module):
         step = None if step is None else int(step)
         self._training_step = step
         self._step_unset = step is None
-        self._sparse_2by4_on = bool(self.config.activation_2by4) and (
-            step is None or step >= self.config.activation_dense_warmup_steps
+        config = self.config
+        self._sparse_2by4_on = (
+            bool(config.activation_2by4)
+            and (step is None or step >= config.activation_dense_warmup_steps)
+            and not (config.activation_dense_finetune and config.in_dense_tail(step, self.max_steps))
         )
         if self.activation_stats is not None:
             # A fill from a Python scalar: one tiny kernel, no host sync.
@@ -213,14 +238,15 @@ class SparseLlamaMLP(nn.Module):
 
 class SparseLlamaDecoderLayer(LlamaDecoderLayer):
     """Identical to `LlamaDecoderLayer` except that its MLP is a `SparseLlamaMLP` and, in
-    low-rank mode, its attention projections are `LowRankLinear`s."""
+    low-rank or 2:4-weight mode, its attention projections are the matching linears."""
 
     def __init__(self, config: SparseLlamaConfig, layer_idx: int):
         # Skip LlamaDecoderLayer.__init__ so no throw-away LlamaMLP is allocated.
         GradientCheckpointingLayer.__init__(self)
         self.hidden_size = config.hidden_size
         self.self_attn = LlamaAttention(config=config, layer_idx=layer_idx)
-        if config.loro_scope in ("all", "attn"):
+        weight_2by4_attn = config.weight_2by4 and config.weight_2by4_scope in ("all", "attn")
+        if config.loro_scope in ("all", "attn") or weight_2by4_attn:
             for name in ATTENTION_LINEARS:
                 dense = getattr(self.self_attn, name)
                 low_rank = _make_linear(config, dense.in_features, dense.out_features, dense.bias is not None, "attn")
@@ -245,6 +271,11 @@ class SparseLlamaPreTrainedModel(LlamaPreTrainedModel):
         super()._init_weights(module)
         if is_low_rank(module):
             init_low_rank_(module, init=self.config.loro_init, init_range=self.config.initializer_range)
+        if is_weight_sparse(module):
+            # 0 = "not fixed yet": set on the first sparse forward from the weights then.
+            for name, buffer in module.named_buffers(recurse=False):
+                if name.endswith("2by4_scale"):
+                    buffer.zero_()
 
 
 class SparseLlamaModel(SparseLlamaPreTrainedModel, LlamaModel):
@@ -280,10 +311,20 @@ def sparse_mlps(model: nn.Module):
     return [(m.layer_idx, m) for m in model.modules() if isinstance(m, SparseLlamaMLP)]
 
 
-def set_training_step(model: nn.Module, step: int | None) -> None:
-    """Tell every sparse MLP how many optimizer steps are done (drives the dense warm-up)."""
-    for _, mlp in sparse_mlps(model):
+def set_training_step(model: nn.Module, step: int | None, max_steps: int | None = None) -> None:
+    """Tell every sparse MLP and 2:4-weight linear how many optimizer steps are done of
+    `max_steps` (drives the dense warm-up, the weight 2:4 start and the dense tail)."""
+    for module in model.modules():
+        mlp = getattr(module, "mlp", None)
+        if isinstance(module, SparseLlamaMLP) or not isinstance(mlp, SparseLlamaMLP):
+            continue
+        # A decoder layer: its MLP and attention share the schedule of its config.
+        mlp.max_steps = max_steps
         mlp.training_step = step
+        weight_on = mlp.config.weight_2by4_active(step, max_steps)
+        for linear in module.modules():
+            if is_weight_sparse(linear):
+                linear.sparse_weight_on = weight_on
 
 
 def ensure_activation_stats(model: nn.Module, device=None) -> None:
