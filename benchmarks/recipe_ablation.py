@@ -1,10 +1,12 @@
 """Paper-style ablation of the 2:4 recipe on the embedded default corpus.
 
-Trains the same small ReLU² model four ways — dense, the 2:4 recipe (split-GEMM backward,
-token permutation, dense warm-up), `naive` backward, and no permutation — and prints final
-eval loss and mean ReLU² sparsity, like Table 1 of Haziza et al. (2025).
+Trains the same small ReLU² model several ways — dense, the 2:4 recipe (split-GEMM
+backward, token permutation, dense warm-up), `naive` backward, no permutation, and 2:4
+weights (S-STE on the MLP; with a dense tail; with 2:4 activations too) — and prints final
+eval loss, mean ReLU² sparsity and the last flip rate, like Table 1 of Haziza et al. (2025).
 
     python benchmarks/recipe_ablation.py [--max_steps 300] [--out outputs/ablation]
+    python benchmarks/recipe_ablation.py --variants "dense relu2,weight 2:4 (MLP, S-STE)"
 """
 
 import argparse
@@ -25,15 +27,21 @@ VARIANTS = {
     "2:4 recipe": {"activation_2by4": True},
     "2:4, naive backward": {"activation_2by4": True, "activation_backward": "naive"},
     "2:4, no permutation": {"activation_2by4": True, "permute_2by4": False},
+    "weight 2:4 (MLP, S-STE)": {"activation_2by4": False, "weight_2by4": True, "flip_rate": True},
+    "weight 2:4 + dense tail": {
+        "activation_2by4": False, "weight_2by4": True, "flip_rate": True, "sparse_dense_finetune_steps": 50,
+    },
+    "weight + activation 2:4": {"activation_2by4": True, "weight_2by4": True, "flip_rate": True},
 }
 
 
 
-def mean_sparsity(run_dir: str) -> float:
+def last_logged(run_dir: str, key: str) -> float:
+    """The last value of `key` in the run's log history (NaN when never logged)."""
     with open(os.path.join(run_dir, "trainer_state.json")) as handle:
         history = json.load(handle)["log_history"]
-    rows = [r for r in history if "sparsity_relu/mean_across_layers" in r]
-    return rows[-1]["sparsity_relu/mean_across_layers"] if rows else float("nan")
+    rows = [r for r in history if key in r]
+    return rows[-1][key] if rows else float("nan")
 
 
 def main() -> None:
@@ -42,12 +50,18 @@ def main() -> None:
     parser.add_argument("--max_steps", type=int, default=300)
     parser.add_argument("--warmup", type=int, default=100, help="activation_dense_warmup_steps")
     parser.add_argument("--out", default=os.path.join(REPO_ROOT, "outputs", "ablation"))
+    parser.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated names; the first is the baseline")
     args = parser.parse_args()
+    names = [n.strip() for n in args.variants.split(",") if n.strip()]
+    unknown = [n for n in names if n not in VARIANTS]
+    if unknown:
+        parser.error(f"unknown variant(s) {unknown}; choose from {list(VARIANTS)}")
     logging.basicConfig(level=logging.WARNING)
 
     results = []
-    for name, overrides in VARIANTS.items():
-        run_dir = os.path.join(args.out, name.replace(" ", "_").replace(":", "").replace(",", ""))
+    for name in names:
+        overrides = VARIANTS[name]
+        run_dir = os.path.join(args.out, "".join(c if c.isalnum() else "_" for c in name))
         argv = [args.config, "--output_dir", run_dir, "--overwrite_output_dir", "true",
                 "--max_steps", str(args.max_steps), "--activation_dense_warmup_steps", str(args.warmup),
                 "--eval_strategy", "no", "--save_strategy", "no", "--report_to", "[]",
@@ -56,15 +70,20 @@ def main() -> None:
             argv += [f"--{key}", json.dumps(value)]
         start = time.perf_counter()
         metrics = train_hf.main(argv)
-        results.append((name, metrics["eval_loss"], mean_sparsity(run_dir), time.perf_counter() - start))
+        sparsity = last_logged(run_dir, "sparsity_relu/mean_across_layers")
+        flips = last_logged(run_dir, "flip_rate/mean")
+        results.append((name, metrics["eval_loss"], sparsity, flips, time.perf_counter() - start))
 
     dense_loss = results[0][1]
     print(f"\nmachine: {describe_machine()}, {args.max_steps} steps, "
           f"warm-up {args.warmup}, config {os.path.relpath(args.config, REPO_ROOT)}")
-    print(f"| variant | eval loss | vs dense | mean ReLU² sparsity | wall s |")
-    print(f"| --- | --- | --- | --- | --- |")
-    for name, loss, sparsity, seconds in results:
-        print(f"| {name} | {loss:.4f} | {100 * (loss / dense_loss - 1):+.2f}% | {sparsity:.3f} | {seconds:.0f} |")
+    print("| variant | eval loss | vs first row | mean ReLU² sparsity | last flip rate | wall s |")
+    print("| --- | --- | --- | --- | --- | --- |")
+    for name, loss, sparsity, flips, seconds in results:
+        flip_text = "–" if flips != flips else f"{flips:.2e}"
+        print(
+            f"| {name} | {loss:.4f} | {100 * (loss / dense_loss - 1):+.2f}% | {sparsity:.3f} | {flip_text} | {seconds:.0f} |"
+        )
 
 
 if __name__ == "__main__":
