@@ -12,7 +12,6 @@ hf_sparse.
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import os
 import statistics
