@@ -87,7 +87,7 @@ step "go/no-go: cuSPARSELt 2:4 GEMMs vs dense at the 7B shape" 180 --save cslt_g
 
 # 3. correctness of the kernel path against the reference path
 if python -c "import pytest" 2>/dev/null; then
-    step "GPU tests" 150 python -m pytest -q -m gpu tests/test_sparse_ffn_gpu.py -p no:cacheprovider -rs
+    step "GPU tests" 150 python -m pytest -q -m gpu tests/test_sparse_ffn_gpu.py tests/test_weight_sparse.py -p no:cacheprovider -rs
 else
     log echo "step skipped: GPU tests (pytest is not installed)"
     failed_steps+="  GPU tests (no pytest)"$'\n'

@@ -165,6 +165,18 @@ def sparse24_mm(a: Tensor, b: Tensor, *, transpose_result: bool = False) -> Tens
     return torch.ops.hf_sparse.sparse24_mm(a, b, transpose_result)
 
 
+def compress_2to4(a: Tensor) -> Tensor:
+    """cuSPARSELt's compressed form of ``a`` (2:4 along dim 1), for reuse across GEMMs."""
+    return torch._cslt_compress(a.contiguous())
+
+
+def sparse24_mm_packed(packed: Tensor, b: Tensor, *, transpose_result: bool = False) -> Tensor:
+    """:func:`sparse24_mm` with ``a`` already compressed by :func:`compress_2to4`."""
+    if not (b.is_contiguous() or b.t().is_contiguous()):
+        b = b.contiguous()
+    return torch._cslt_sparse_mm(packed, b, transpose_result=transpose_result, alg_id=cusparselt_alg_id())
+
+
 def _sparse24_mm_impl(a: Tensor, b: Tensor, transpose_result: bool) -> Tensor:
     # _cslt_sparse_mm describes B as row-major when contiguous and as the transpose of a
     # row-major tensor otherwise; any other stride pattern would be read wrongly.

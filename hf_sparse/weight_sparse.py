@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .kernels import compress_2to4, sparse24_mm_packed, use_2to4_kernel
 from .lowrank import LowRankLinear
 from .sparse_ffn import sparsify_2to4
 
@@ -65,16 +66,55 @@ def _token_mvue(grad: Tensor) -> Tensor:
     return sparsify_2to4(padded, "mvue", dim=0)[0][:t]
 
 
+class _EffectiveWeight:
+    """scale·S(W), its keep mask and (once a 2:4 GEMM wanted it) its compressed form."""
+
+    __slots__ = ("key", "effective", "keep", "packed")
+
+    def __init__(self, key, effective, keep):
+        self.key, self.effective, self.keep, self.packed = key, effective, keep, None
+
+
+def _effective_weight(weight: Tensor, scale: Tensor, method: str) -> _EffectiveWeight:
+    """scale·S(W) of a weight, cached on the parameter until it or the scale changes.
+
+    The optimizer updates a weight in place once per step, which bumps its version; the
+    micro-batches and evaluations in between reuse the 2:4 weight (and its cuSPARSELt
+    compression) instead of selecting it again. Costs one weight-sized tensor per matrix.
+    Views (low-rank factors seen transposed) and traced code are recomputed each time.
+    """
+    cacheable = weight._base is None and not torch.compiler.is_compiling()
+    key = (weight._version, scale._version, weight.data_ptr(), weight.dtype, method) if cacheable else None
+    cached = getattr(weight, "_hf_sparse_2by4", None) if cacheable else None
+    if cached is not None and cached.key == key:
+        return cached
+    sparse, keep = sparse_weight_2to4(weight.detach(), method)
+    entry = _EffectiveWeight(key, sparse * scale.to(sparse.dtype), keep)
+    if cacheable:
+        weight._hf_sparse_2by4 = entry
+    return entry
+
+
 class _SparseWeightLinear(torch.autograd.Function):
-    """y = x · (scale·S(W))ᵀ with a straight-through gradient to the dense master W."""
+    """y = x · (scale·S(W))ᵀ with a straight-through gradient to the dense master W.
+
+    On CUDA with bf16/fp16 and 16-aligned shapes the forward is a cuSPARSELt GEMM with the
+    2:4 weight as the sparse operand (yᵀ = W̃ xᵀ, compressed once per optimizer step).
+    dX = dY·W̃ stays dense: W̃ is 2:4 along its input dim, and dX would need it 2:4 along
+    the output dim (a transposable mask, which S-STE does not produce).
+    """
 
     @staticmethod
     def forward(ctx, x, weight, scale, method, masked_decay, grad_mvue):
-        sparse, keep = sparse_weight_2to4(weight, method)
-        effective = sparse * scale.to(sparse.dtype)
-        ctx.save_for_backward(x, weight, effective, keep, scale)
+        entry = _effective_weight(weight, scale, method)
+        ctx.save_for_backward(x, weight, entry.effective, entry.keep, scale)
         ctx.masked_decay, ctx.grad_mvue = masked_decay, grad_mvue
-        return F.linear(x, effective)
+        x2 = x.reshape(-1, x.shape[-1])
+        if x2.dim() == 2 and use_2to4_kernel(x2, entry.effective, entry.effective):
+            if entry.packed is None:
+                entry.packed = compress_2to4(entry.effective)
+            return sparse24_mm_packed(entry.packed, x2.t(), transpose_result=True).view(*x.shape[:-1], -1)
+        return F.linear(x, entry.effective)
 
     @staticmethod
     def backward(ctx, grad_out):
@@ -98,10 +138,11 @@ class _SparseWeight(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, weight, scale, method, masked_decay):
-        sparse, keep = sparse_weight_2to4(weight, method)
-        ctx.save_for_backward(weight, keep, scale)
+        entry = _effective_weight(weight, scale, method)
+        ctx.save_for_backward(weight, entry.keep, scale)
         ctx.masked_decay = masked_decay
-        return sparse * scale.to(sparse.dtype)
+        # A fresh tensor: the output of a Function may not be the cached one itself.
+        return entry.effective.clone()
 
     @staticmethod
     def backward(ctx, grad_effective):

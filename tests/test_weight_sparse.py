@@ -14,6 +14,7 @@ from hf_sparse import SparseLlamaForCausalLM, set_training_step
 from hf_sparse.sparse_ffn import relu2_2to4_ffn
 from hf_sparse.weight_sparse import Sparse24Linear, Sparse24LowRankLinear, sparse_linear
 from tests.conftest import host_sync_calls, tiny_config
+from tests.cslt_emulator import emulated_cusparselt  # noqa: F401  (fixture)
 
 F64 = torch.float64
 
@@ -230,3 +231,51 @@ def test_bad_weight_settings_are_one_clear_error():
     with pytest.raises(ValueError, match="mlp weight_out has input width 6"):
         tiny_config(weight_2by4=True, loro_scope="mlp", loro_mlp_rank=6)
     tiny_config(weight_2by4=False, loro_scope="mlp", loro_mlp_rank=6)  # fine without weight 2:4
+
+
+def test_kernel_forward_compresses_once_per_optimizer_step(emulated_cusparselt):
+    torch.manual_seed(5)
+    linear = Sparse24Linear(64, 32).to(torch.bfloat16)
+    opt = torch.optim.SGD(linear.parameters(), lr=0.1)
+    x = torch.randn(2, 16, 64, dtype=torch.bfloat16)
+    y = linear(x)
+    y2 = linear(x)  # a second micro-batch: the compressed weight is reused
+    assert len(emulated_cusparselt.compressed) == 1 and emulated_cusparselt.compressed[0].shape == (32, 64)
+    assert [(c.m, c.k, c.n, c.b_layout, c.transpose_result) for c in emulated_cusparselt.mm_calls] == [
+        (32, 64, 32, "col", True)
+    ] * 2  # yᵀ = W̃·xᵀ with xᵀ read as the transpose of the contiguous x
+    reference = torch.nn.functional.linear(x.float(), linear.effective_weight().detach().float())
+    assert (y.float() - reference).norm() <= 1e-2 * reference.norm()
+    assert torch.equal(y, y2)
+    (y.float().sum() + y2.float().sum()).backward()
+    opt.step()  # in-place update: a new version, so a new 2:4 weight and compression
+    linear(x)
+    assert len(emulated_cusparselt.compressed) == 2
+    # Unaligned token counts use the plain GEMM, without compressing anything.
+    linear(torch.randn(3, 64, dtype=torch.bfloat16))
+    assert len(emulated_cusparselt.compressed) == 2
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_weight_2to4_forward_on_cusparselt(monkeypatch):
+    from hf_sparse import kernels
+
+    if torch.cuda.get_device_capability() < kernels.MIN_CAPABILITY or not kernels.cusparselt_available():
+        pytest.skip("needs sm80+ and a PyTorch build with cuSPARSELt")
+    seen = []
+    original = torch._cslt_compress
+
+    def checked(a):
+        seen.append(tuple(a.shape))
+        assert int((a.reshape(a.shape[0], -1, 4) != 0).sum(-1).max()) <= 2  # 2:4 along rows
+        return original(a)
+
+    monkeypatch.setattr(torch, "_cslt_compress", checked)
+    torch.manual_seed(6)
+    linear = Sparse24Linear(1024, 512).to("cuda", torch.bfloat16)
+    x = torch.randn(8, 256, 1024, device="cuda", dtype=torch.bfloat16)
+    y = linear(x)
+    assert seen == [(512, 1024)]
+    reference = torch.nn.functional.linear(x.float(), linear.effective_weight().detach().float())
+    assert ((y.float() - reference).norm() / reference.norm()).item() < 1e-2
