@@ -13,7 +13,7 @@ from transformers.integrations import INTEGRATION_TO_CALLBACK
 
 from .checkpoints import write_model_card
 from .modeling_sparse_llama import ensure_activation_stats, set_training_step
-from .telemetry import sparsity_metrics
+from .telemetry import snapshot_weight_masks, sparsity_metrics
 
 
 logger = logging.getLogger(__name__)
@@ -102,11 +102,19 @@ class SparsityCallback(_FirstCallback):
     `trainer.add_callback(...)` or at index 0 of `trainer.callback_handler.callbacks`. It
     moves itself ahead of the reporting integrations the first time the handler calls it;
     if that is not possible it raises instead of silently logging to the console only.
+
+    `flip_rate=True` (run key `flip_rate`) adds the 2:4 weight-mask flip rates
+    (`flip_rate/layer_{i}/<matrix>[_in|_out]`, `flip_rate/mean`, `/max`, `/total`): the
+    fraction of keep-mask entries that changed since the previous training log row. The
+    masks are snapshotted at train begin (after a resume: from the restored weights), so
+    the first log row already has a value, measured against that snapshot. They are kept
+    bit-packed on the device, outside the state_dict; nothing is read on non-logging steps.
     """
 
-    def __init__(self, activation_metrics: bool = True, weight_metrics: bool = True):
+    def __init__(self, activation_metrics: bool = True, weight_metrics: bool = True, flip_rate: bool = False):
         self.activation_metrics = activation_metrics
         self.weight_metrics = weight_metrics
+        self.flip_rate = flip_rate
 
     def on_train_begin(self, args, state, control, model=None, **kwargs):
         self._move_first()
@@ -114,6 +122,10 @@ class SparsityCallback(_FirstCallback):
         # inputs come on: creating them inside a compiled forward would cost a recompile.
         ensure_activation_stats(model, args.device)
         set_training_step(model, state.global_step, state.max_steps)
+        if self.flip_rate:
+            # The Trainer has loaded any resume checkpoint by now: the baseline is the
+            # restored weights' masks (device work only, no host sync).
+            snapshot_weight_masks(model)
 
     def on_step_begin(self, args, state, control, model=None, **kwargs):
         # global_step = optimizer steps completed; restored by the Trainer on resume.
@@ -126,7 +138,11 @@ class SparsityCallback(_FirstCallback):
         if logs is None or model is None or "loss" not in logs:
             return
         metrics = sparsity_metrics(
-            model, reset=True, activations=self.activation_metrics, weights=self.weight_metrics
+            model,
+            reset=True,
+            activations=self.activation_metrics,
+            weights=self.weight_metrics,
+            flip_rate=self.flip_rate,
         )
         # Plain floats: TensorBoard drops tensors and numpy scalars.
         merge_into_log_row(state, logs, {k: float(v) for k, v in metrics.items() if math.isfinite(v)})

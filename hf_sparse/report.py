@@ -3,8 +3,9 @@
     python -m hf_sparse.report RUN_DIR
 
 Writes `RUN_DIR/sparsity_relu_heatmap.png` (layer x step) and
-`RUN_DIR/sparsity_over_steps.png` (mean ReLU² sparsity and 2:4 drop rate), and logs a
-short summary. No wandb needed.
+`RUN_DIR/sparsity_over_steps.png` (mean ReLU² sparsity and 2:4 drop rate) when the run
+logged activation sparsity, `RUN_DIR/flip_rate.png` (mean and max 2:4 weight-mask flip
+rate) when it logged flip rates, and logs a short summary. No wandb needed.
 """
 
 import argparse
@@ -18,6 +19,7 @@ logger = logging.getLogger(__name__)
 
 HEATMAP_NAME = "sparsity_relu_heatmap.png"
 CURVES_NAME = "sparsity_over_steps.png"
+FLIP_RATE_NAME = "flip_rate.png"
 _LAYER_KEY = re.compile(r"^sparsity_relu/layer_(\d+)$")
 
 
@@ -59,20 +61,44 @@ def sparsity_series(history: list[dict]) -> dict:
     }
 
 
+def flip_rate_series(history: list[dict]) -> dict:
+    """Steps and the mean / max / total flip-rate curves, from training rows that have them."""
+    rows = [row for row in history if "flip_rate/mean" in row]
+    return {
+        "steps": [row.get("step") for row in rows],
+        "mean": [row["flip_rate/mean"] for row in rows],
+        "max": [row.get("flip_rate/max", float("nan")) for row in rows],
+        "total": [row.get("flip_rate/total", float("nan")) for row in rows],
+    }
+
+
 def write_report(run_dir: str) -> dict:
-    """Write both PNGs and return {"heatmap", "curves", "summary"}."""
+    """Write the PNGs the run's metrics allow and return {"heatmap", "curves", "flip_rate",
+    "summary"} (a path is None when its metrics were not logged)."""
     history = load_log_history(run_dir)
     series = sparsity_series(history)
-    if not series["steps"]:
+    flips = flip_rate_series(history)
+    if not series["steps"] and not flips["steps"]:
         raise NotARunError(
             f"{run_dir!r} has no sparsity metrics in its log history; train with wandb_sparsityrelu=true "
-            "(SparsityCallback with activation metrics) on a relu/relu2 model."
+            "(SparsityCallback with activation metrics) on a relu/relu2 model, or flip_rate=true with weight_2by4."
         )
     import matplotlib
 
     matplotlib.use("Agg")  # files only; no display on training machines
     import matplotlib.pyplot as plt
 
+    summary = [f"run: {os.path.abspath(run_dir)}"]
+    heatmap = curves = flip_png = None
+    if series["steps"]:
+        heatmap, curves = _plot_activation_sparsity(plt, run_dir, series, summary)
+    if flips["steps"]:
+        flip_png = _plot_flip_rate(plt, run_dir, flips, summary)
+    return {"heatmap": heatmap, "curves": curves, "flip_rate": flip_png, "summary": "\n".join(summary)}
+
+
+def _plot_activation_sparsity(plt, run_dir: str, series: dict, summary: list) -> tuple[str, str]:
+    """The layer x step heatmap and the mean curves; appends their summary lines."""
     steps = series["steps"]
     fig, ax = plt.subplots(figsize=(max(6, len(steps) * 0.15 + 3), max(3, len(series["layers"]) * 0.3 + 2)))
     image = ax.imshow(series["per_layer"], aspect="auto", origin="lower", vmin=0.0, vmax=1.0, cmap="viridis",
@@ -98,8 +124,7 @@ def write_report(run_dir: str) -> dict:
     plt.close(fig)
 
     last = {i: series["per_layer"][n][-1] for n, i in enumerate(series["layers"])}
-    summary = [
-        f"run: {os.path.abspath(run_dir)}",
+    summary += [
         f"logging steps with sparsity: {len(steps)} (step {steps[0]} .. {steps[-1]})",
         f"mean ReLU² sparsity: first {series['mean'][0]:.4f}, last {series['mean'][-1]:.4f}",
         "last per-layer: " + ", ".join(f"L{i}={v:.3f}" for i, v in last.items()),
@@ -107,7 +132,32 @@ def write_report(run_dir: str) -> dict:
     if series["has_24"]:
         summary.append(f"2:4 drop rate: last {series['drop_24'][-1]:.4f}")
     summary += [f"heatmap: {heatmap}", f"curves:  {curves}"]
-    return {"heatmap": heatmap, "curves": curves, "summary": "\n".join(summary)}
+    return heatmap, curves
+
+
+def _plot_flip_rate(plt, run_dir: str, flips: dict, summary: list) -> str:
+    """Mean and max 2:4 weight-mask flip rate over steps; appends the summary lines."""
+    steps = flips["steps"]
+    fig, ax = plt.subplots(figsize=(7, 4))
+    ax.plot(steps, flips["mean"], marker=".", label="flip rate, mean over matrices")
+    ax.plot(steps, flips["max"], marker=".", label="flip rate, max over matrices")
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("mask entries changed since previous log")
+    # Healthy runs settle well below 1%: a log scale keeps the tail readable.
+    if all(v > 0 for v in flips["mean"] + flips["max"]):
+        ax.set_yscale("log")
+    ax.set_title("2:4 weight-mask flip rate")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    path = os.path.join(run_dir, FLIP_RATE_NAME)
+    fig.savefig(path, dpi=100, bbox_inches="tight")
+    plt.close(fig)
+    summary += [
+        f"flip rate: last mean {flips['mean'][-1]:.6f}, max {flips['max'][-1]:.6f}, "
+        f"total {flips['total'][-1]:.6f} (step {steps[-1]})",
+        f"flip rate curve: {path}",
+    ]
+    return path
 
 
 def main(argv=None) -> int:

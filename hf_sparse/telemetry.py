@@ -2,8 +2,11 @@
 
 The MLPs accumulate activation counts during training forwards (see
 `SparseLlamaMLP.activation_stats`); this module turns them, plus exact-zero counts of the
-weights, into the flat `dict[str, float]` the Trainer logs.
+weights the forward uses and (optionally) 2:4 mask flip counts, into the flat
+`dict[str, float]` the Trainer logs.
 """
+
+import logging
 
 import torch
 import torch.distributed as dist
@@ -18,6 +21,8 @@ from .modeling_sparse_llama import (
 )
 from .sparse_ffn import count_nonzero
 
+logger = logging.getLogger(__name__)
+
 # Contract names of each decoder linear, keyed by its module path inside the layer.
 WEIGHT_METRIC_NAMES = {
     "self_attn.q_proj": "attn_q_proj",
@@ -30,6 +35,14 @@ WEIGHT_METRIC_NAMES = {
 }
 # Low-rank linears hold two factors; each gets its own metric.
 LOW_RANK_FACTORS = (("weight_in", "_in"), ("weight_out", "_out"))
+_FACTOR_SUFFIX = dict(LOW_RANK_FACTORS, weight="")
+
+# Plain (non-buffer) attribute of a 2:4-weight linear holding the bit-packed keep masks of
+# the previous flip-rate read: on device, never in state_dict or checkpoints.
+PREVIOUS_MASKS_ATTR = "_flip_rate_previous_masks"
+
+# Whether this process already warned about sharded 2:4 weights (once, not per matrix).
+_warned_sharded = False
 
 
 def _decoder_layers(model: nn.Module):
@@ -42,23 +55,6 @@ def _decoder_layers(model: nn.Module):
     return sorted(layers.items())
 
 
-def _weight_counts(model: nn.Module):
-    """Names and a device tensor of [zeros, numel] rows for every decoder weight matrix."""
-    names, rows = [], []
-    for layer_idx, layer in _decoder_layers(model):
-        for path, metric in WEIGHT_METRIC_NAMES.items():
-            linear = layer.get_submodule(path) if _has_submodule(layer, path) else None
-            if linear is None:
-                continue
-            factors = [(attr, suffix) for attr, suffix in LOW_RANK_FACTORS if hasattr(linear, attr)]
-            for attr, suffix in factors or [("weight", "")]:
-                weight = getattr(linear, attr).detach()
-                names.append(f"weight_sparsity/layer_{layer_idx}/{metric}{suffix}")
-                numel = torch.tensor(weight.numel(), dtype=torch.float64, device=weight.device)
-                rows.append(torch.stack([(weight.numel() - count_nonzero(weight)).double(), numel]))
-    return names, rows
-
-
 def _has_submodule(module: nn.Module, path: str) -> bool:
     try:
         module.get_submodule(path)
@@ -67,14 +63,152 @@ def _has_submodule(module: nn.Module, path: str) -> bool:
         return False
 
 
+def _decoder_linears(model: nn.Module):
+    """("layer_{i}/<matrix>", linear, factor attribute names) for every decoder linear."""
+    for layer_idx, layer in _decoder_layers(model):
+        for path, metric in WEIGHT_METRIC_NAMES.items():
+            if not _has_submodule(layer, path):
+                continue
+            linear = layer.get_submodule(path)
+            factors = [attr for attr, _ in LOW_RANK_FACTORS if hasattr(linear, attr)] or ["weight"]
+            yield f"layer_{layer_idx}/{metric}", linear, factors
+
+
+def _is_full_matrix(tensor) -> bool:
+    """False for what a sharding wrapper leaves in the module: FSDP1's flat 1-D shard views
+    (use_orig_params) or an FSDP2/TP DTensor. 2:4 groups only mean something on the whole
+    2-D matrix, so those fall back to the stored weight and get no flip rate."""
+    return tensor.dim() == 2 and not hasattr(tensor, "placements")
+
+
+def _sparse_full(linear: nn.Module, factors, key: str) -> bool:
+    """Whether `linear` is a 2:4-weight linear whose masters are whole matrices here."""
+    if not hasattr(linear, "forward_weights"):
+        return False
+    if all(_is_full_matrix(getattr(linear, attr)) for attr in factors):
+        return True
+    global _warned_sharded
+    if not _warned_sharded:
+        _warned_sharded = True
+        logger.warning(
+            "2:4 weights are sharded on this rank (FSDP/DTensor; first: %s): their weight_sparsity "
+            "counts the stored dense-master shard's zeros and they get no flip_rate.", key
+        )
+    return False
+
+
+def _weight_zero_counts(model: nn.Module):
+    """Metric names, device zero counts and element counts of every decoder weight matrix,
+    as the forward uses it (2:4-weight linears: `forward_weights()`)."""
+    names, zeros, numels = [], [], []
+    for key, linear, factors in _decoder_linears(model):
+        if _sparse_full(linear, factors, key):
+            # The effective 2:4 weight while sparse_weight_on, else the dense master itself.
+            tensors = linear.forward_weights()
+        else:
+            tensors = {attr: getattr(linear, attr).detach() for attr in factors}
+        for attr in factors:
+            weight = tensors[attr]
+            names.append(f"weight_sparsity/{key}{_FACTOR_SUFFIX[attr]}")
+            zeros.append(weight.numel() - count_nonzero(weight))
+            numels.append(weight.numel())
+    return names, zeros, numels
+
+
+def _pack_bits(mask: torch.Tensor) -> torch.Tensor:
+    """A bool mask as flat uint8, 8 entries a byte (zero-padded): 1/8 of a bool tensor."""
+    flat = mask.reshape(-1).view(torch.uint8)
+    tail = -flat.numel() % 8
+    if tail:
+        flat = torch.cat([flat, flat.new_zeros(tail)])
+    # Shifts from arange, not a host list: copying a list to a GPU would wait for the device.
+    shifts = torch.arange(8, dtype=torch.uint8, device=flat.device)
+    return (flat.view(-1, 8) << shifts).sum(-1, dtype=torch.uint8)
+
+
+def _count_set_bits(packed: torch.Tensor) -> torch.Tensor:
+    """Total number of 1 bits of a uint8 tensor (SWAR popcount: no lookup, no host sync)."""
+    x = packed - ((packed >> 1) & 0x55)
+    x = (x & 0x33) + ((x >> 2) & 0x33)
+    x = (x + (x >> 4)) & 0x0F
+    return x.sum(dtype=torch.int64)
+
+
+def _current_masks(model: nn.Module):
+    """(flip metric name, linear, factor, packed keep mask, entries) of every whole 2:4 matrix."""
+    for key, linear, factors in _decoder_linears(model):
+        if not _sparse_full(linear, factors, key):
+            continue
+        for attr, mask in linear.weight_masks().items():
+            yield f"flip_rate/{key}{_FACTOR_SUFFIX[attr]}", linear, attr, _pack_bits(mask), mask.numel()
+
+
+def _store_mask(linear: nn.Module, attr: str, packed: torch.Tensor) -> None:
+    # object.__setattr__ keeps the dict out of nn.Module's parameter/buffer bookkeeping.
+    previous = linear.__dict__.get(PREVIOUS_MASKS_ATTR)
+    if previous is None:
+        previous = {}
+        object.__setattr__(linear, PREVIOUS_MASKS_ATTR, previous)
+    previous[attr] = packed
+
+
+def snapshot_weight_masks(model: nn.Module) -> None:
+    """Store every 2:4-weight linear's current keep masks as the flip-rate baseline.
+
+    `SparsityCallback(flip_rate=True)` calls this at `on_train_begin` (after a resume:
+    the restored weights' masks), so the first training log row already has a flip rate.
+    Device work only, no host sync.
+    """
+    for _, linear, attr, packed, _ in _current_masks(model):
+        _store_mask(linear, attr, packed)
+
+
+def _flip_counts(model: nn.Module, update: bool):
+    """Flip metric names, device counts of changed mask entries and entry counts, against
+    the stored masks; matrices without a (matching) stored mask only get one stored."""
+    names, changed, numels = [], [], []
+    for name, linear, attr, packed, numel in _current_masks(model):
+        previous = linear.__dict__.get(PREVIOUS_MASKS_ATTR, {}).get(attr)
+        # A shape or device change (a resized or moved model) restarts the baseline.
+        matched = previous is not None and previous.shape == packed.shape and previous.device == packed.device
+        if matched:
+            names.append(name)
+            changed.append(_count_set_bits(previous ^ packed))
+            numels.append(numel)
+        if update or not matched:
+            _store_mask(linear, attr, packed)
+    return names, changed, numels
+
+
 def sparsity_metrics(
-    model: nn.Module, reset: bool = True, *, activations: bool = True, weights: bool = True
+    model: nn.Module,
+    reset: bool = True,
+    *,
+    activations: bool = True,
+    weights: bool = True,
+    flip_rate: bool = False,
 ) -> dict[str, float]:
     """Read the sparsity metrics of `model` (plain, DDP- or FSDP-wrapped).
 
     One device->host transfer for all layers. Under `torch.distributed` every rank must
     call this together: counts are summed across ranks before fractions are taken, so
     every rank returns the pooled value. `reset=True` starts a new activation window.
+
+    `weight_sparsity/...` is the exact-zero fraction of the weight the forward uses: for a
+    2:4-weight linear, its `forward_weights()` (≈0.5 while `sparse_weight_on`, the dense
+    master's zeros otherwise); the stored weight elsewhere. A 2:4 weight that a sharding
+    wrapper left as a flat shard or DTensor on this rank is counted as stored (warned once).
+
+    `flip_rate=True` adds, for every 2:4-weight matrix, `flip_rate/layer_{i}/<matrix>[_in|_out]`
+    = keep-mask entries changed since the previous read / entries, plus `flip_rate/mean`
+    (mean over matrices), `flip_rate/max` and `flip_rate/total` (all changed / all entries).
+    The masks are those of the dense masters, so dense phases (before the start step, the
+    dense tail) report how the mask *would* move. The previous masks are kept bit-packed on
+    device as a plain attribute of each linear (never in `state_dict`); `reset=True`
+    replaces them with the current ones. A matrix with no stored mask yet reports nothing
+    this time (its current mask becomes the baseline) — `snapshot_weight_masks` sets one
+    up front, which `SparsityCallback(flip_rate=True)` does at train begin, so after a
+    resume the first value is measured against the restored weights' masks.
     """
     mlps = sparse_mlps(model)
     if not mlps:
@@ -91,10 +225,23 @@ def sparsity_metrics(
                 stats = torch.zeros(NUM_ACTIVATION_STATS, dtype=torch.float64, device=device)
             parts.append(stats.to(device))
             layout.append(("activation", layer_idx, mlp.config.activation_2by4))
-    weight_names = []
+    # Weight zeros and flip counts: one count per name, then the element counts, on device
+    # too so that FSDP shards of different sizes pool correctly across ranks.
+    count_names, counts, numels = [], [], []
     if weights:
-        weight_names, weight_rows = _weight_counts(model)
-        parts.extend(row.to(device) for row in weight_rows)
+        names, zeros, sizes = _weight_zero_counts(model)
+        count_names += names
+        counts += zeros
+        numels += sizes
+    if flip_rate:
+        names, changed, sizes = _flip_counts(model, update=reset)
+        count_names += names
+        counts += changed
+        numels += sizes
+    if counts:
+        parts.append(torch.stack([c.to(device=device, dtype=torch.float64) for c in counts]))
+        # Fills, not torch.tensor(list): a host->GPU copy of a list synchronises the stream.
+        parts.append(torch.stack([torch.full((), float(n), dtype=torch.float64, device=device) for n in numels]))
     if not parts:
         return {}
 
@@ -125,11 +272,21 @@ def sparsity_metrics(
         metrics["sparsity_relu/mean_across_layers"] = sum(relu_fracs) / len(relu_fracs)
     if drop_fracs:
         metrics["sparsity_24/mean_across_layers"] = sum(drop_fracs) / len(drop_fracs)
-    for name in weight_names:
-        zeros, total = values[offset], values[offset + 1]
-        offset += 2
-        metrics[name] = zeros / total if total > 0 else 0.0
+
+    n = len(count_names)
+    count_values, totals = values[offset:offset + n], values[offset + n:offset + 2 * n]
+    flips, flipped, flip_entries = [], 0.0, 0.0
+    for name, count, total in zip(count_names, count_values, totals):
+        metrics[name] = count / total if total > 0 else 0.0
+        if name.startswith("flip_rate/"):
+            flips.append(metrics[name])
+            flipped += count
+            flip_entries += total
+    if flips:
+        metrics["flip_rate/mean"] = sum(flips) / len(flips)
+        metrics["flip_rate/max"] = max(flips)
+        metrics["flip_rate/total"] = flipped / flip_entries if flip_entries > 0 else 0.0
     return metrics
 
 
-__all__ = ["sparsity_metrics"]
+__all__ = ["sparsity_metrics", "snapshot_weight_masks"]

@@ -240,8 +240,9 @@ class Sparse24Linear(_WeightSparsityState, nn.Linear):
             return {"weight": self.effective_weight().detach()}
 
     def weight_masks(self) -> dict[str, Tensor]:
-        """Current 2:4 keep masks of the master weight(s) (flip-rate telemetry)."""
-        return {"weight": sparse_weight_2to4(self.weight.detach(), self.weight_sparse_method)[1]}
+        """Current 2:4 keep masks of the master weight(s) (flip-rate telemetry); from the
+        per-step cache, so a logging step does not select the weights again."""
+        return {"weight": _effective_weight(self.weight, self.weight_2by4_scale, self.weight_sparse_method).keep}
 
 
 class Sparse24LowRankLinear(_WeightSparsityState, LowRankLinear):

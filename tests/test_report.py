@@ -58,3 +58,26 @@ def test_report_refuses_a_run_without_sparsity_metrics(tmp_path):
     (tmp_path / "trainer_state.json").write_text(json.dumps({"log_history": [{"loss": 1.0, "step": 1}]}))
     with pytest.raises(NotARunError, match="wandb_sparsityrelu"):
         write_report(str(tmp_path))
+
+
+def _fake_flip_run(run_dir, with_activations):
+    history = []
+    for step in (10, 20, 30):
+        row = {"loss": 4.0, "step": step, "flip_rate/mean": 0.02 / step, "flip_rate/max": 0.05 / step,
+               "flip_rate/total": 0.025 / step, "flip_rate/layer_0/mlp_up_proj": 0.02 / step}
+        if with_activations:
+            row.update({"sparsity_relu/layer_0": 0.6, "sparsity_relu/mean_across_layers": 0.6})
+        history.append(row)
+    (run_dir / "trainer_state.json").write_text(json.dumps({"log_history": history, "global_step": 30}))
+
+
+@pytest.mark.parametrize("with_activations", [False, True])
+def test_report_adds_the_flip_rate_curve(tmp_path, with_activations):
+    from hf_sparse.report import FLIP_RATE_NAME
+
+    _fake_flip_run(tmp_path, with_activations)
+    result = write_report(str(tmp_path))
+    assert result["flip_rate"] == str(tmp_path / FLIP_RATE_NAME) and _is_png(tmp_path / FLIP_RATE_NAME)
+    assert "flip rate: last mean 0.000667, max 0.001667, total 0.000833 (step 30)" in result["summary"]
+    # A weight-2:4 run without activation metrics still gets its flip-rate report.
+    assert (tmp_path / HEATMAP_NAME).exists() == with_activations
