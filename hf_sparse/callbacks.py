@@ -13,6 +13,7 @@ from transformers.integrations import INTEGRATION_TO_CALLBACK
 
 from .checkpoints import write_model_card
 from .modeling_sparse_llama import ensure_activation_stats, set_training_step
+from .weight_sparse import next_weight_generation
 from .telemetry import snapshot_weight_masks, sparsity_metrics
 
 
@@ -122,6 +123,7 @@ class SparsityCallback(_FirstCallback):
         # inputs come on: creating them inside a compiled forward would cost a recompile.
         ensure_activation_stats(model, args.device)
         set_training_step(model, state.global_step, state.max_steps)
+        next_weight_generation(model)  # turns the per-step 2:4 weight cache on
         if self.flip_rate:
             # The Trainer has loaded any resume checkpoint by now: the baseline is the
             # restored weights' masks (device work only, no host sync).
@@ -130,6 +132,11 @@ class SparsityCallback(_FirstCallback):
     def on_step_begin(self, args, state, control, model=None, **kwargs):
         # global_step = optimizer steps completed; restored by the Trainer on resume.
         set_training_step(model, state.global_step, state.max_steps)
+
+    def on_optimizer_step(self, args, state, control, model=None, **kwargs):
+        # The weights just changed (a fused optimizer does not bump their versions): the
+        # cached 2:4 weights of the last step are stale.
+        next_weight_generation(model)
 
     def on_log(self, args, state, control, logs=None, model=None, **kwargs):
         self._check_order()

@@ -38,6 +38,7 @@ __all__ = [
     "Sparse24Linear",
     "Sparse24LowRankLinear",
     "is_weight_sparse",
+    "next_weight_generation",
 ]
 
 
@@ -75,16 +76,19 @@ class _EffectiveWeight:
         self.key, self.effective, self.keep, self.packed = key, effective, keep, None
 
 
-def _effective_weight(weight: Tensor, scale: Tensor, method: str) -> _EffectiveWeight:
-    """scale·S(W) of a weight, cached on the parameter until it or the scale changes.
+def _effective_weight(weight: Tensor, scale: Tensor, method: str, generation: Optional[int]) -> _EffectiveWeight:
+    """scale·S(W) of a weight, cached on the parameter for one optimizer step.
 
-    The optimizer updates a weight in place once per step, which bumps its version; the
-    micro-batches and evaluations in between reuse the 2:4 weight (and its cuSPARSELt
-    compression) instead of selecting it again. Costs one weight-sized tensor per matrix.
-    Views (low-rank factors seen transposed) and traced code are recomputed each time.
+    The micro-batches and evaluations between two optimizer steps reuse the 2:4 weight
+    (and its cuSPARSELt compression) instead of selecting it again; one weight-sized
+    tensor per matrix. The key holds ``generation``, which SparsityCallback bumps after
+    every optimizer step: a fused optimizer updates weights without bumping their
+    ``_version``, so the version alone would go stale. The version still catches other
+    in-place changes (loading, manual edits). ``generation=None`` (no callback), views
+    (low-rank factors seen transposed) and traced code recompute every time.
     """
-    cacheable = weight._base is None and not torch.compiler.is_compiling()
-    key = (weight._version, scale._version, weight.data_ptr(), weight.dtype, method) if cacheable else None
+    cacheable = generation is not None and weight._base is None and not torch.compiler.is_compiling()
+    key = (generation, weight._version, scale._version, weight.data_ptr(), weight.dtype, method) if cacheable else None
     cached = getattr(weight, "_hf_sparse_2by4", None) if cacheable else None
     if cached is not None and cached.key == key:
         return cached
@@ -105,8 +109,8 @@ class _SparseWeightLinear(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x, weight, scale, method, masked_decay, grad_mvue):
-        entry = _effective_weight(weight, scale, method)
+    def forward(ctx, x, weight, scale, method, masked_decay, grad_mvue, generation):
+        entry = _effective_weight(weight, scale, method, generation)
         ctx.save_for_backward(x, weight, entry.effective, entry.keep, scale)
         ctx.masked_decay, ctx.grad_mvue = masked_decay, grad_mvue
         x2 = x.reshape(-1, x.shape[-1])
@@ -130,15 +134,15 @@ class _SparseWeightLinear(torch.autograd.Function):
             grad_weight = grad_effective * scale.to(grad_effective.dtype)
             if ctx.masked_decay:
                 grad_weight = grad_weight + ctx.masked_decay * weight * (~keep).to(weight.dtype)
-        return grad_x, grad_weight, None, None, None, None
+        return grad_x, grad_weight, None, None, None, None, None
 
 
 class _SparseWeight(torch.autograd.Function):
     """scale·S(W) as a tensor (for the 2:4 FFN op and low-rank products), same gradient rule."""
 
     @staticmethod
-    def forward(ctx, weight, scale, method, masked_decay):
-        entry = _effective_weight(weight, scale, method)
+    def forward(ctx, weight, scale, method, masked_decay, generation=None):
+        entry = _effective_weight(weight, scale, method, generation)
         ctx.save_for_backward(weight, entry.keep, scale)
         ctx.masked_decay = masked_decay
         # A fresh tensor: the output of a Function may not be the cached one itself.
@@ -150,7 +154,7 @@ class _SparseWeight(torch.autograd.Function):
         grad_weight = grad_effective * scale.to(grad_effective.dtype)
         if ctx.masked_decay:
             grad_weight = grad_weight + ctx.masked_decay * weight * (~keep).to(weight.dtype)
-        return grad_weight, None, None, None
+        return grad_weight, None, None, None, None
 
 
 def sparse_linear(
@@ -161,9 +165,11 @@ def sparse_linear(
     masked_decay: float = 0.0,
     grad_mvue: bool = False,
     bias: Optional[Tensor] = None,
+    generation: Optional[int] = None,
 ) -> Tensor:
-    """``F.linear(x, scale·S(weight), bias)`` with the straight-through rules above."""
-    out = _SparseWeightLinear.apply(x, weight, scale, method, float(masked_decay), bool(grad_mvue))
+    """``F.linear(x, scale·S(weight), bias)`` with the straight-through rules above
+    (``generation``: see :func:`_effective_weight`)."""
+    out = _SparseWeightLinear.apply(x, weight, scale, method, float(masked_decay), bool(grad_mvue), generation)
     return out if bias is None else out + bias
 
 
@@ -187,6 +193,8 @@ class _WeightSparsityState:
         self.weight_grad_mvue = bool(grad_mvue)
         # Set by set_training_step from the schedule; True outside a trainer (as trained).
         self.sparse_weight_on = True
+        # Optimizer-step counter for the effective-weight cache; None: no caching.
+        self.weight_generation: Optional[int] = None
         # Whether the scale buffers were checked since construction or the last load:
         # a Python flag, so later forwards skip the check (no extra pass, no sync).
         self._scales_checked = False
@@ -222,7 +230,7 @@ class Sparse24Linear(_WeightSparsityState, nn.Linear):
         self._check_scales()
         return sparse_linear(
             x, self.weight, self.weight_2by4_scale, self.weight_sparse_method,
-            self.weight_masked_decay, self.weight_grad_mvue, self.bias,
+            self.weight_masked_decay, self.weight_grad_mvue, self.bias, self.weight_generation,
         )  # fmt: skip
 
     def effective_weight(self) -> Tensor:
@@ -231,8 +239,9 @@ class Sparse24Linear(_WeightSparsityState, nn.Linear):
             return self.weight
         self._check_scales()
         return _SparseWeight.apply(
-            self.weight, self.weight_2by4_scale, self.weight_sparse_method, self.weight_masked_decay
-        )
+            self.weight, self.weight_2by4_scale, self.weight_sparse_method, self.weight_masked_decay,
+            self.weight_generation,
+        )  # fmt: skip
 
     def forward_weights(self) -> dict[str, Tensor]:
         """Detached weight(s) the forward uses, by state-dict name (telemetry, export)."""
@@ -242,7 +251,8 @@ class Sparse24Linear(_WeightSparsityState, nn.Linear):
     def weight_masks(self) -> dict[str, Tensor]:
         """Current 2:4 keep masks of the master weight(s) (flip-rate telemetry); from the
         per-step cache, so a logging step does not select the weights again."""
-        return {"weight": _effective_weight(self.weight, self.weight_2by4_scale, self.weight_sparse_method).keep}
+        entry = _effective_weight(self.weight, self.weight_2by4_scale, self.weight_sparse_method, self.weight_generation)
+        return {"weight": entry.keep}
 
 
 class Sparse24LowRankLinear(_WeightSparsityState, LowRankLinear):
@@ -300,6 +310,14 @@ class Sparse24LowRankLinear(_WeightSparsityState, LowRankLinear):
             "weight_in": sparse_weight_2to4(w_in_t.detach(), method)[1].t(),
             "weight_out": sparse_weight_2to4(w_out.detach(), method)[1],
         }
+
+
+def next_weight_generation(model: nn.Module) -> None:
+    """Mark every 2:4-weight linear's weights as changed (call after each optimizer step;
+    SparsityCallback does). Turns the per-step effective-weight cache on."""
+    for module in model.modules():
+        if is_weight_sparse(module):
+            module.weight_generation = (module.weight_generation or 0) + 1
 
 
 def is_weight_sparse(module: nn.Module) -> bool:

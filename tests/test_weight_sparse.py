@@ -12,7 +12,7 @@ import torch
 
 from hf_sparse import SparseLlamaForCausalLM, set_training_step
 from hf_sparse.sparse_ffn import relu2_2to4_ffn
-from hf_sparse.weight_sparse import Sparse24Linear, Sparse24LowRankLinear, sparse_linear
+from hf_sparse.weight_sparse import Sparse24Linear, Sparse24LowRankLinear, next_weight_generation, sparse_linear
 from tests.conftest import host_sync_calls, tiny_config
 from tests.cslt_emulator import emulated_cusparselt  # noqa: F401  (fixture)
 
@@ -237,6 +237,7 @@ def test_kernel_forward_compresses_once_per_optimizer_step(emulated_cusparselt):
     torch.manual_seed(5)
     linear = Sparse24Linear(64, 32).to(torch.bfloat16)
     opt = torch.optim.SGD(linear.parameters(), lr=0.1)
+    next_weight_generation(linear)  # what SparsityCallback does at train begin
     x = torch.randn(2, 16, 64, dtype=torch.bfloat16)
     y = linear(x)
     y2 = linear(x)  # a second micro-batch: the compressed weight is reused
@@ -248,7 +249,8 @@ def test_kernel_forward_compresses_once_per_optimizer_step(emulated_cusparselt):
     assert (y.float() - reference).norm() <= 1e-2 * reference.norm()
     assert torch.equal(y, y2)
     (y.float().sum() + y2.float().sum()).backward()
-    opt.step()  # in-place update: a new version, so a new 2:4 weight and compression
+    opt.step()
+    next_weight_generation(linear)  # what SparsityCallback does after each optimizer step
     linear(x)
     assert len(emulated_cusparselt.compressed) == 2
     # Unaligned token counts use the plain GEMM, without compressing anything.
@@ -279,3 +281,25 @@ def test_weight_2to4_forward_on_cusparselt(monkeypatch):
     assert seen == [(512, 1024)]
     reference = torch.nn.functional.linear(x.float(), linear.effective_weight().detach().float())
     assert ((y.float() - reference).norm() / reference.norm()).item() < 1e-2
+
+
+@pytest.mark.parametrize("with_generation", [False, True])
+def test_cached_2to4_weight_follows_a_fused_optimizer(with_generation):
+    # Fused AdamW updates weights without bumping their version counters: the per-step
+    # cache must be invalidated by the generation bump, and is off without one.
+    torch.manual_seed(7)
+    linear = Sparse24Linear(32, 16)
+    opt = torch.optim.AdamW(linear.parameters(), lr=0.5, fused=True)
+    if with_generation:
+        next_weight_generation(linear)
+    x = torch.randn(8, 32)
+    for _ in range(3):
+        linear(x).pow(2).sum().backward()
+        opt.step()
+        opt.zero_grad()
+        if with_generation:
+            next_weight_generation(linear)
+        expected = x @ linear.effective_weight().detach().t()
+        fresh = reference_2to4(linear.weight.detach(), "s_ste")[0] * linear.weight_2by4_scale
+        torch.testing.assert_close(linear.effective_weight().detach(), fresh, rtol=1e-6, atol=1e-7)
+        torch.testing.assert_close(linear(x).detach(), expected, rtol=1e-6, atol=1e-6)
