@@ -85,11 +85,19 @@ def main(argv: list[str]) -> dict:
     with args.main_process_first(desc="tokenizing and packing"):
         train_dataset, eval_dataset = build_datasets(data_args, tokenizer, seed=args.seed)
     model = AutoModelForCausalLM.from_config(run.model_config)
+    config = run.model_config
+    weight_2by4 = (
+        f"{config.weight_2by4_scope}/{config.weight_sparse_method} from step {config.weight_2by4_start_step}, "
+        f"dense tail {config.sparse_dense_finetune_steps}"
+        if config.weight_2by4
+        else "off"
+    )
     logger.info(
-        "model: sparse_llama squ_relu=%s activation_2by4=%s loro_scope=%s, %.2fM parameters; world_size=%d",
-        run.model_config.squ_relu,
-        run.model_config.activation_2by4,
-        run.model_config.loro_scope,
+        "model: sparse_llama squ_relu=%s activation_2by4=%s weight_2by4=%s loro_scope=%s, %.2fM parameters; world_size=%d",
+        config.squ_relu,
+        config.activation_2by4,
+        weight_2by4,
+        config.loro_scope,
         sum(p.numel() for p in model.parameters()) / 1e6,
         args.world_size,
     )
@@ -114,6 +122,7 @@ def main(argv: list[str]) -> dict:
             hf_sparse.SparsityCallback(
                 activation_metrics=run.script_args.wandb_sparsityrelu,
                 weight_metrics=run.script_args.weight_sparsity_metrics,
+                flip_rate=run.script_args.flip_rate,
             ),
             EvalPerplexityCallback(),
             ModelCardCallback(),

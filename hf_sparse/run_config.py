@@ -42,6 +42,16 @@ class ModelArguments:
     loro_attn_rank: int | None = field(default=None, metadata={"help": "Rank of low-rank attention linears."})
     loro_mlp_rank: int | None = field(default=None, metadata={"help": "Rank of low-rank FFN linears."})
     loro_init: str | None = field(default=None, metadata={"help": "xavier | auto | kaiming | orth | randn_<std>"})
+    weight_2by4: bool | None = field(default=None, metadata={"help": "2:4 sparse weights from dense masters."})
+    weight_2by4_scope: str | None = field(default=None, metadata={"help": "mlp | attn | all"})
+    weight_sparse_method: str | None = field(default=None, metadata={"help": "s_ste | ste"})
+    weight_grad_mvue: bool | None = field(default=None, metadata={"help": "MVUE 2:4 output gradient in dW."})
+    weight_masked_decay: float | None = field(default=None, metadata={"help": "Masked decay lambda (0: off)."})
+    weight_2by4_start_step: int | None = field(default=None, metadata={"help": "Dense optimizer steps first."})
+    sparse_dense_finetune_steps: int | None = field(default=None, metadata={"help": "Last N steps dense."})
+    activation_dense_finetune: bool | None = field(
+        default=None, metadata={"help": "Dense activations too during the dense tail."}
+    )
 
 
 @dataclass
@@ -70,6 +80,9 @@ class ScriptArguments:
     )
     overwrite_output_dir: bool = field(
         default=False, metadata={"help": "Allow writing into an output_dir that holds another run."}
+    )
+    flip_rate: bool = field(
+        default=False, metadata={"help": "Log the 2:4 weight-mask flip rate (changed mask entries between logs)."}
     )
 
 
@@ -168,11 +181,85 @@ def _value_fits(value, annotation) -> bool:
     return True
 
 
+# The original research script's weight-sparsity flags, accepted in the run JSON so its
+# users can port their runs unchanged; each maps onto a SparseLlamaConfig key.
+ALIAS_KEYS = ("enable_2to4_sparse", "mlp_2by4", "attn_2by4")
+_SCOPE_FROM_FLAGS = {(True, True): "all", (True, False): "mlp", (False, True): "attn"}
+_NO_WEIGHT_TARGETS = (
+    "mlp_2by4=False and attn_2by4=False leave weight_2by4 with no matrix to sparsify; "
+    "set mlp_2by4 and/or attn_2by4 to true (or weight_2by4_scope), or turn weight_2by4 off."
+)
+
+
+def resolve_aliases(data: dict) -> tuple[dict, bool]:
+    """Rewrite the original flags into their canonical keys.
+
+    `enable_2to4_sparse` -> `weight_2by4`; `mlp_2by4` (default true) and `attn_2by4`
+    (default false) -> `weight_2by4_scope`. An alias and its canonical key that disagree
+    are refused, naming both. Returns the rewritten dict and whether the flags switched
+    off every target (an error only once we know weight 2:4 is on, which the model_config
+    file may decide).
+    """
+    data = dict(data)
+    for alias in ALIAS_KEYS:
+        if alias in data and not isinstance(data[alias], bool):
+            raise ConfigError(f"{alias}: expected bool, got {data[alias]!r} ({type(data[alias]).__name__}).")
+    if "enable_2to4_sparse" in data:
+        value = data.pop("enable_2to4_sparse")
+        if "weight_2by4" in data and data["weight_2by4"] != value:
+            raise ConfigError(
+                f"enable_2to4_sparse={value!r} conflicts with weight_2by4={data['weight_2by4']!r} "
+                "(enable_2to4_sparse is the original name of weight_2by4); give one of them."
+            )
+        data["weight_2by4"] = value
+    no_targets = False
+    if "mlp_2by4" in data or "attn_2by4" in data:
+        mlp, attn = data.pop("mlp_2by4", True), data.pop("attn_2by4", False)
+        scope = _SCOPE_FROM_FLAGS.get((mlp, attn))
+        given = data.get("weight_2by4_scope")
+        if "weight_2by4_scope" in data and given != scope:
+            meaning = f"scope {scope!r}" if scope else "no target"
+            raise ConfigError(
+                f"mlp_2by4={mlp!r}, attn_2by4={attn!r} ({meaning}) conflicts with weight_2by4_scope={given!r} "
+                "(mlp_2by4/attn_2by4 are the original names of weight_2by4_scope); give one of them."
+            )
+        if scope is None:
+            if data.get("weight_2by4") is True:
+                raise ConfigError(_NO_WEIGHT_TARGETS)
+            no_targets = True  # fine unless the model_config file turns weight 2:4 on
+        else:
+            data["weight_2by4_scope"] = scope
+    return data, no_targets
+
+
+def check_sparse_schedule(config: SparseLlamaConfig, max_steps: int) -> None:
+    """The dense tail is counted back from `max_steps`, so it needs a known run length and
+    must fit in it; with weight 2:4 on, the sparse phase [start, max_steps - tail) must
+    hold at least one optimizer step (otherwise weight 2:4 would silently never run)."""
+    tail, start = config.sparse_dense_finetune_steps, config.weight_2by4_start_step
+    if tail > 0 and max_steps <= 0:
+        raise ConfigError(
+            f"sparse_dense_finetune_steps={tail} needs max_steps > 0: the dense tail is the last "
+            f"{tail} of max_steps optimizer steps."
+        )
+    if tail > max_steps > 0:
+        raise ConfigError(
+            f"sparse_dense_finetune_steps={tail} is larger than max_steps={max_steps}; "
+            f"use sparse_dense_finetune_steps <= {max_steps}."
+        )
+    if config.weight_2by4 and max_steps > 0 and start + tail >= max_steps:
+        raise ConfigError(
+            f"weight_2by4_start_step={start} and sparse_dense_finetune_steps={tail} leave no sparse step in "
+            f"max_steps={max_steps} (dense before step {start} and from step {max_steps - tail} on); "
+            "need weight_2by4_start_step + sparse_dense_finetune_steps < max_steps."
+        )
+
+
 def check_keys_and_types(data: dict) -> None:
     known = _known_keys()
     for key, value in data.items():
         if key not in known:
-            close = difflib.get_close_matches(key, list(known), n=1)
+            close = difflib.get_close_matches(key, [*known, *ALIAS_KEYS], n=1)
             hint = f" Did you mean {close[0]!r}?" if close else ""
             raise ConfigError(f"unknown config key {key!r}.{hint}")
         hints = typing.get_type_hints(known[key])
@@ -224,7 +311,7 @@ def parse_run_config(argv: list[str]) -> RunConfig:
     """argv = [CONFIG.json, --key, value, ...] -> a validated `RunConfig`."""
     if not argv or argv[0].startswith("--"):
         raise ConfigError("usage: train_hf.py CONFIG.json [--key value ...]")
-    data = apply_cli_overrides(read_run_json(argv[0]), argv[1:])
+    data, no_weight_targets = resolve_aliases(apply_cli_overrides(read_run_json(argv[0]), argv[1:]))
     check_keys_and_types(data)
 
     if "use_cpu" not in data and not torch.cuda.is_available():
@@ -265,6 +352,9 @@ def parse_run_config(argv: list[str]) -> RunConfig:
             raise ConfigError(f"{key}={getattr(script_args, key)!r} must be a positive integer.")
     overrides = {k: v for k, v in dataclasses.asdict(model_args).items() if k != "model_config"}
     model_config = load_model_config(model_args.model_config, overrides)
+    if no_weight_targets and model_config.weight_2by4:
+        raise ConfigError(_NO_WEIGHT_TARGETS)
+    check_sparse_schedule(model_config, training_args.max_steps)
     # The backward token permutation follows the training seed (and the config carries it
     # into checkpoints, so a resumed run permutes identically).
     model_config.permute_2by4_seed = training_args.seed
