@@ -19,6 +19,7 @@ from hf_sparse.run_config import parse_run_config
 from hf_sparse.weight_sparse import is_weight_sparse, sparse_weight_2to4, weight_2to4_scale
 from tests.conftest import REPO_ROOT, tiny_config, tiny_training_args
 from tests.test_telemetry import RandomTokens
+from tests.test_train_hf import _write_config
 
 TINY_MODEL = os.path.join(REPO_ROOT, "configs", "llama_tiny.json")
 TRAIN_HF = os.path.join(REPO_ROOT, "train_hf.py")
@@ -203,26 +204,8 @@ def test_switch_steps_and_scale_survive_resume(tmp_path):
 
 
 def _write_run(tmp_path, **overrides):
-    config = {
-        "model_config": TINY_MODEL,
-        "squ_relu": "relu2",
-        "max_length": 32,
-        "output_dir": str(tmp_path / "run"),
-        "max_steps": 4,
-        "per_device_train_batch_size": 4,
-        "learning_rate": 0.003,
-        "logging_steps": 2,
-        "eval_strategy": "no",
-        "max_eval_samples": 16,  # the final evaluation runs whatever eval_strategy is
-        "save_strategy": "no",
-        "report_to": [],
-        "disable_tqdm": True,
-        "seed": 0,
-    }
-    config.update(overrides)
-    path = tmp_path / "run.json"
-    path.write_text(json.dumps(config, indent=2))
-    return str(path)
+    """test_train_hf's tiny run JSON, without evaluation steps or checkpoints."""
+    return _write_config(tmp_path, **{"eval_strategy": "no", "save_strategy": "no", **overrides})
 
 
 def test_train_hf_start_step_and_dense_tail_end_to_end(tmp_path, monkeypatch):
