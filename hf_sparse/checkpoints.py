@@ -86,6 +86,14 @@ def model_card(config, log_history: list[dict], base_model_dir_name: str = "") -
         ]
     else:
         lines.append("- no 2:4 activation sparsity")
+    if config.weight_2by4:
+        tail = config.sparse_dense_finetune_steps
+        lines += [
+            f"- 2:4 weights (`{config.weight_sparse_method}`) on `{config.weight_2by4_scope}` linears from optimizer "
+            f"step {config.weight_2by4_start_step}"
+            + (f", dense for the last {tail} steps (this model runs dense)" if tail else " (this model runs sparse)"),
+            "- the stored weights are the dense masters; `python -m hf_sparse.export` writes the 2:4 weights themselves",
+        ]
     lines += ["", "## Evaluation", ""]
     if metrics:
         lines += ["| metric | value |", "| --- | --- |"]
