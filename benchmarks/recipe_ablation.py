@@ -6,7 +6,7 @@ weights (S-STE on the MLP; with a dense tail; with 2:4 activations too) — and 
 eval loss, mean ReLU² sparsity and the last flip rate, like Table 1 of Haziza et al. (2025).
 
     python benchmarks/recipe_ablation.py [--max_steps 300] [--out outputs/ablation]
-    python benchmarks/recipe_ablation.py --variants "dense relu2,weight 2:4 (MLP, S-STE)"
+    python benchmarks/recipe_ablation.py --variants "dense relu2;weight 2:4 (MLP, S-STE)"
 """
 
 import argparse
@@ -50,9 +50,9 @@ def main() -> None:
     parser.add_argument("--max_steps", type=int, default=300)
     parser.add_argument("--warmup", type=int, default=100, help="activation_dense_warmup_steps")
     parser.add_argument("--out", default=os.path.join(REPO_ROOT, "outputs", "ablation"))
-    parser.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated names; the first is the baseline")
+    parser.add_argument("--variants", default=";".join(VARIANTS), help="names separated by ';'; the first is the baseline")
     args = parser.parse_args()
-    names = [n.strip() for n in args.variants.split(",") if n.strip()]
+    names = [n.strip() for n in args.variants.split(";") if n.strip()]
     unknown = [n for n in names if n not in VARIANTS]
     if unknown:
         parser.error(f"unknown variant(s) {unknown}; choose from {list(VARIANTS)}")
