@@ -11,7 +11,8 @@ REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 MODES = {
     "relu2": {},
-    "relu2_2by4": {"activation_2by4": True, "activation_dense_warmup_steps": 1},
+    # 2:4 activations and 2:4 weights (S-STE on the MLP) together, with the flip rate.
+    "relu2_2by4": {"activation_2by4": True, "activation_dense_warmup_steps": 1, "weight_2by4": True, "flip_rate": True},
     "low_rank": {"loro_scope": "all", "loro_attn_rank": 8, "loro_mlp_rank": 8, "optimizer": "loro_adamw",
                  "loro_freq": 2, "activation_2by4": True, "activation_dense_warmup_steps": 1},
 }
@@ -51,6 +52,11 @@ def test_two_process_training(tmp_path, mode):
     assert all("sparsity_relu/layer_1" in r for r in rows)
     if config.get("activation_2by4"):
         assert "sparsity_24/layer_0" in rows[-1]
+    if config.get("weight_2by4"):
+        # counted from both ranks' (identical) 2:4 weights: still the per-matrix fraction
+        assert 0.49 < rows[-1]["weight_sparsity/layer_0/mlp_up_proj"] < 0.6
+        assert rows[-1]["weight_sparsity/layer_0/attn_q_proj"] < 0.1
+        assert all("flip_rate/mean" in r for r in rows)
     if mode == "low_rank":
         assert rows[-1]["loro/exact_steps"] == 1.0
         assert "weight_sparsity/layer_0/mlp_up_proj_in" in rows[-1]
