@@ -1,5 +1,5 @@
 """Run by test_distributed under `torchrun --nproc_per_node 2` (CPU/gloo): the tiny relu2
-model with the 2:4 recipe (and optionally low-rank linears) wrapped in FSDP FULL_SHARD
+model with the 2:4 recipe (and optionally low-rank linears or 2:4 weights) wrapped in FSDP FULL_SHARD
 with one unit per decoder layer, as configs/accelerate/fsdp.yaml does. Compares, against
 an unwrapped copy in the same process, the weight sparsity of every original matrix, the
 pooled activation counts and every gradient; writes the verdicts as JSON from rank 0."""
@@ -24,10 +24,14 @@ def _batch(rank, vocab):
     return torch.randint(0, vocab, (2, 16), generator=torch.Generator().manual_seed(100 + rank))
 
 
-def main(out_path, low_rank):
+def main(out_path, variant):
     dist.init_process_group("gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
-    extra = dict(loro_scope="all", loro_attn_rank=4, loro_mlp_rank=4) if low_rank else {}
+    extra = {
+        "full": {},
+        "low_rank": dict(loro_scope="all", loro_attn_rank=4, loro_mlp_rank=4),
+        "weight24": dict(weight_2by4=True, weight_2by4_scope="all"),  # 2:4 weights under FSDP
+    }[variant]
     config = tiny_config(activation_2by4=True, activation_dense_warmup_steps=0, **extra)
     torch.manual_seed(0)
     model = SparseLlamaForCausalLM(config)
@@ -71,4 +75,4 @@ def main(out_path, low_rank):
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], low_rank=sys.argv[2] == "low_rank")
+    main(sys.argv[1], sys.argv[2])

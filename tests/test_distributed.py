@@ -63,11 +63,11 @@ def test_two_process_training(tmp_path, mode):
     assert (tmp_path / "run" / "model.safetensors").exists()
 
 
-@pytest.mark.parametrize("variant", ["full", "low_rank"])
+@pytest.mark.parametrize("variant", ["full", "low_rank", "weight24"])
 def test_fsdp_full_shard_telemetry_and_2to4_gradients(tmp_path, variant):
     """FSDP FULL_SHARD (one unit per decoder layer, use_orig_params, as in fsdp.yaml) on CPU:
     weight sparsity is read per original matrix from the shards, activation counts are
-    pooled, and the 2:4 op's gradients equal the unwrapped model's."""
+    pooled, and the 2:4 op's (and the 2:4 weights') gradients equal the unwrapped model's."""
     out = tmp_path / "result.json"
     env = dict(os.environ, OMP_NUM_THREADS="1")
     proc = subprocess.run(
@@ -82,7 +82,13 @@ def test_fsdp_full_shard_telemetry_and_2to4_gradients(tmp_path, variant):
     assert set(got) == set(expected)
     assert any(key.startswith("sparsity_24/") for key in got)
     weight_keys = [key for key in got if key.startswith("weight_sparsity/")]
-    assert len(weight_keys) == 2 * (6 if variant == "full" else 12)
+    assert len(weight_keys) == 2 * (12 if variant == "low_rank" else 6)
     assert all(0.2 < got[key] < 0.4 for key in weight_keys)  # ~30% zeros planted in each matrix
+    if variant == "weight24":
+        # Sharded 2:4 masters: telemetry falls back to the stored (dense) master's zeros,
+        # while the unwrapped model reports its 2:4 weights (~0.5); see README.
+        assert all(expected[key] >= 0.49 for key in weight_keys)
+        got = {k: v for k, v in got.items() if k not in weight_keys}
+        expected = {k: v for k, v in expected.items() if k not in weight_keys}
     assert got == pytest.approx(expected, abs=1e-12)
     assert max(result["grad_errors"].values()) < 1e-5, result["grad_errors"]
