@@ -22,6 +22,14 @@ WEIGHT_SPARSE_METHOD_CHOICES = ("s_ste", "ste")
 # the 2:4 mask whole and matches the alignment sparse GEMM kernels want.
 NONGATED_WIDTH_MULTIPLE = 64
 
+# Tensor-parallel styles of low-rank linears, registered with transformers by the modeling
+# file. A low-rank linear cannot use "colwise"/"rowwise": those split both factors like a
+# dense weight. Column-parallel: `weight_in` replicated, `weight_out` (and bias) sharded on
+# the output dim. Row-parallel: `weight_in` sharded on the input dim (its dim 0),
+# `weight_out` (and bias) replicated; the rank-r intermediate is what gets summed.
+LOWRANK_COLWISE = "sparse_llama_lowrank_colwise"
+LOWRANK_ROWWISE = "sparse_llama_lowrank_rowwise"
+
 
 def _choice_error(key, value, choices):
     return ValueError(f"{key}={value!r} is not valid; choose one of {', '.join(repr(c) for c in choices)}.")
@@ -220,6 +228,50 @@ class SparseLlamaConfig(LlamaConfig):
         if step is None:
             return True
         return bool(max_steps) and max_steps > 0 and step >= max_steps - tail
+
+    @property
+    def base_model_tp_plan(self) -> dict[str, str]:
+        """Tensor-parallel plan of the decoder (what `tp_plan="auto"` applies), from the
+        FFN kind and `loro_scope`: Llama's plan without `mlp.gate_proj` for non-gated FFNs,
+        and the low-rank styles on low-rank linears. Weight 2:4 keeps the dense names here
+        (every key must name a module) and is refused when TP is applied
+        (`check_tensor_parallel`)."""
+        attn_low_rank = self.loro_scope in ("all", "attn")
+        mlp_low_rank = self.loro_scope in ("all", "mlp")
+        attn_col, attn_row = (LOWRANK_COLWISE, LOWRANK_ROWWISE) if attn_low_rank else ("colwise", "rowwise")
+        mlp_col, mlp_row = (LOWRANK_COLWISE, LOWRANK_ROWWISE) if mlp_low_rank else ("colwise", "rowwise")
+        plan = {f"layers.*.self_attn.{name}": attn_col for name in ("q_proj", "k_proj", "v_proj")}
+        plan["layers.*.self_attn.o_proj"] = attn_row
+        if self.squ_relu == "silu":
+            plan["layers.*.mlp.gate_proj"] = mlp_col
+        plan["layers.*.mlp.up_proj"] = mlp_col
+        plan["layers.*.mlp.down_proj"] = mlp_row
+        return plan
+
+    def check_tensor_parallel(self, tp_size: int) -> None:
+        """Raises a `ValueError` (one line) when this model cannot be split over `tp_size`
+        tensor-parallel ranks; every rank reaches the same verdict, so none is left waiting."""
+        if tp_size <= 1:
+            return
+        if self.weight_2by4:
+            raise ValueError(
+                "tensor parallelism (tp_plan) is not supported with weight_2by4=True: the 2:4 weight's scale "
+                "<W,S(W)>/<S(W),S(W)> spans the whole matrix and its straight-through autograd runs on whole "
+                "tensors. Train it with DDP/FSDP, or export it (`python -m hf_sparse.export RUN_DIR OUT_DIR` "
+                "stores scale*S(W) as plain weights, weight_2by4=False) and load the export with tp_plan."
+            )
+        if self.activation_2by4:
+            # Shards are torch.chunk slices of ceil(F / tp) features: their edges fall on 2:4
+            # group edges iff that size is a multiple of 4 (F itself is).
+            width = self.ffn_width
+            local = math.ceil(width / tp_size)
+            if local % 4:
+                raise ValueError(
+                    f"activation_2by4 with tensor parallelism needs each rank's slice of the FFN width to be a "
+                    f"multiple of 4 (2:4 groups of 4 features must not straddle ranks): width {width} over "
+                    f"{tp_size} ranks gives slices of {local}. Use a width that is a multiple of {4 * tp_size} "
+                    "(nongated_intermediate_size) or another TP size."
+                )
 
     @property
     def ffn_width(self) -> int:

@@ -10,6 +10,8 @@ transformers and same-folder modules with `from .x import y`.
 
 import torch
 from torch import nn
+from torch.nn import functional as F
+from transformers.generation import GenerationMixin
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.models.llama.modeling_llama import (
     LlamaAttention,
@@ -23,9 +25,23 @@ from transformers.models.llama.modeling_llama import (
 from transformers.activations import ACT2FN
 from transformers.utils import logging
 
-from .configuration_sparse_llama import SparseLlamaConfig
+try:  # the DTensor tensor-parallel API of transformers 5.x
+    from transformers.distributed.tensor_parallel import ALL_PARALLEL_STYLES, TensorParallelLayer
+except ImportError:
+    ALL_PARALLEL_STYLES = TensorParallelLayer = None
+
+from .configuration_sparse_llama import LOWRANK_COLWISE, LOWRANK_ROWWISE, SparseLlamaConfig
 from .lowrank import LowRankLinear, init_low_rank_, is_low_rank
-from .sparse_ffn import TokenPermutation, count_2to4_stats, count_nonzero, make_token_permutation, relu2_2to4_ffn
+from .sparse_ffn import (
+    TokenPermutation,
+    _is_dtensor,
+    count_2to4_stats,
+    count_nonzero,
+    make_token_permutation,
+    relu2_2to4_ffn,
+    tp_sum_backward,
+    tp_sum_forward,
+)
 from .weight_sparse import Sparse24Linear, Sparse24LowRankLinear, is_weight_sparse
 
 
@@ -76,7 +92,35 @@ def _weight(linear: nn.Module) -> torch.Tensor:
     # gradient back to the masters/factors.
     if hasattr(linear, "effective_weight"):
         return linear.effective_weight()
-    return linear.dense_weight() if is_low_rank(linear) else linear.weight
+    if not is_low_rank(linear):
+        return linear.weight
+    if _is_dtensor(linear.weight_in) or _is_dtensor(linear.weight_out):
+        return _tensor_parallel_low_rank_weight(linear)
+    return linear.dense_weight()
+
+
+def _local(t):
+    return t.to_local() if _is_dtensor(t) else t
+
+
+def _tensor_parallel_low_rank_weight(linear: nn.Module) -> torch.Tensor:
+    """This rank's slice of a tensor-parallel low-rank linear's product, as a DTensor sharded
+    like the dense weight would be (the 2:4 FFN op takes DTensor weights): column-parallel
+    weight_out_local·weight_inᵀ (Shard(0)), row-parallel weight_out·weight_in_localᵀ
+    (Shard(1)). The replicated factor feeds only this rank's slice, so its gradient is
+    summed across ranks."""
+    from torch.distributed.tensor import DTensor, Shard
+
+    column = _is_dtensor(linear.weight_out)
+    sharded = linear.weight_out if column else linear.weight_in
+    mesh = sharded.device_mesh
+    group = mesh.get_group()
+    if column:
+        local, dim = linear.weight_out.to_local() @ tp_sum_backward(linear.weight_in, group).t(), 0
+    else:
+        local, dim = tp_sum_backward(linear.weight_out, group) @ linear.weight_in.to_local().t(), 1
+    shape = (linear.weight_out.shape[0], linear.weight_in.shape[0])
+    return DTensor.from_local(local, mesh, [Shard(dim)], run_check=False, shape=shape, stride=(shape[1], 1))
 
 
 def _in_backward_pass() -> bool:
@@ -236,6 +280,65 @@ class SparseLlamaMLP(nn.Module):
         return self.down_proj(activation)
 
 
+# ----- Tensor parallelism of low-rank linears -----
+
+
+class LowRankTensorParallel(TensorParallelLayer if TensorParallelLayer is not None else object):
+    """transformers tensor-parallel style of a low-rank linear (W = weight_out·weight_inᵀ).
+
+    Column-parallel (`column=True`): weight_in replicated, weight_out and bias sharded on the
+    output dim; the rank-r intermediate h = x·weight_in is replicated, so its gradient is
+    summed across ranks (one T×r all-reduce covers both x's and weight_in's gradients); the
+    output is this rank's slice of the features, as with "colwise". Row-parallel: weight_in
+    sharded on the input dim (its dim 0), weight_out and bias replicated; each rank's
+    partial h is summed (a T×r all-reduce in place of "rowwise"'s T×out one) and the output
+    is replicated. Replicated factors stay plain tensors, as norms do; every gradient has
+    its parameter's layout."""
+
+    def __init__(self, column: bool):
+        self.column = column
+
+    def shard_param(self, module, param, mesh):
+        from torch.distributed.tensor import Shard, distribute_tensor
+
+        meta = module._parameters.get(param)
+        sharded = ("weight_out", "bias") if self.column else ("weight_in",)
+        if meta is None or param not in sharded:
+            return
+        module._parameters[param] = nn.Parameter(
+            distribute_tensor(meta, mesh, [Shard(0)], src_data_rank=None), requires_grad=meta.requires_grad
+        )
+
+    def install_forward(self, module, mesh):
+        if not is_low_rank(module) or is_weight_sparse(module):
+            raise ValueError(
+                f"{LOWRANK_COLWISE if self.column else LOWRANK_ROWWISE} shards low-rank linears "
+                f"(weight_in/weight_out), not {type(module).__name__}"
+            )
+        group, column = mesh.get_group(), self.column
+
+        def tp_forward(x):
+            if _is_dtensor(x):
+                from torch.distributed.tensor import Replicate, Shard
+
+                x = x.redistribute(placements=[Replicate() if column else Shard(-1)]).to_local()
+            weight_out, bias = _local(module.weight_out), _local(module.bias)
+            if column:
+                hidden = tp_sum_backward(F.linear(x, module.weight_in.t()), group)
+            else:
+                hidden = tp_sum_forward(F.linear(x, module.weight_in.to_local().t()), group)
+            return F.linear(hidden, weight_out, bias)
+
+        module.forward = tp_forward
+        return module
+
+
+if ALL_PARALLEL_STYLES is not None and torch.distributed.is_available():
+    # Re-registering (a second copy of this file loaded as remote code) is harmless.
+    ALL_PARALLEL_STYLES.register(LOWRANK_COLWISE, LowRankTensorParallel(column=True))
+    ALL_PARALLEL_STYLES.register(LOWRANK_ROWWISE, LowRankTensorParallel(column=False))
+
+
 class SparseLlamaDecoderLayer(LlamaDecoderLayer):
     """Identical to `LlamaDecoderLayer` except that its MLP is a `SparseLlamaMLP` and, in
     low-rank or 2:4-weight mode, its attention projections are the matching linears."""
@@ -267,6 +370,14 @@ class SparseLlamaPreTrainedModel(LlamaPreTrainedModel):
         "attentions": LlamaAttention,
     }
 
+    @classmethod
+    def maybe_distribute_model(cls, model, distributed_config, mesh_manager):
+        # Refuse what cannot be split before any parameter is sharded (one clear error on
+        # every rank instead of a crash inside a collective).
+        if mesh_manager is not None and getattr(distributed_config, "tp_size", 1) > 1:
+            model.config.check_tensor_parallel(distributed_config.tp_size)
+        return super().maybe_distribute_model(model, distributed_config, mesh_manager)
+
     def _init_weights(self, module):
         super()._init_weights(module)
         if is_low_rank(module):
@@ -295,8 +406,12 @@ class SparseLlamaModel(SparseLlamaPreTrainedModel, LlamaModel):
         self.post_init()
 
 
-class SparseLlamaForCausalLM(SparseLlamaPreTrainedModel, LlamaForCausalLM):
-    """Identical to `LlamaForCausalLM` except that its body is a `SparseLlamaModel`."""
+class SparseLlamaForCausalLM(SparseLlamaPreTrainedModel, LlamaForCausalLM, GenerationMixin):
+    """Identical to `LlamaForCausalLM` except that its body is a `SparseLlamaModel`.
+
+    `GenerationMixin` is listed although `LlamaForCausalLM` already brings it: transformers
+    recognises generative models by their direct bases. The MRO, hence `generate`, is
+    unchanged."""
 
     def __init__(self, config: SparseLlamaConfig):
         SparseLlamaPreTrainedModel.__init__(self, config)

@@ -675,6 +675,89 @@ def _register_ops() -> None:
 _register_ops()
 
 
+# ----- Tensor parallelism (weights arriving as DTensors, e.g. from tp_plan="auto") -----
+# Megatron's two conjugate collectives; the modeling file's low-rank TP styles use them too.
+
+
+class _SumForward(torch.autograd.Function):
+    """All-reduce (sum) across `group` in forward, identity in backward: joins the partial
+    results of a row-parallel product (every rank then holds the same replicated output,
+    whose gradient is already the full one on every rank)."""
+
+    @staticmethod
+    def forward(ctx, t, group):
+        # A copy: the input must not change under autograd's feet.
+        out = t.clone(memory_format=torch.contiguous_format)
+        torch.distributed.all_reduce(out, group=group)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad, None
+
+
+class _SumBackward(torch.autograd.Function):
+    """Identity in forward, all-reduce (sum) of the gradient in backward: for a replicated
+    tensor consumed by rank-local (column-parallel) products, whose gradient each rank only
+    holds a part of."""
+
+    @staticmethod
+    def forward(ctx, t, group):
+        ctx.group = group
+        return t.view_as(t)
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad = grad.contiguous()
+        torch.distributed.all_reduce(grad, group=ctx.group)
+        return grad, None
+
+
+def tp_sum_forward(t: Tensor, group) -> Tensor:
+    """Sum `t` across the ranks of `group` (gradient passes through unchanged)."""
+    return _SumForward.apply(t, group)
+
+
+def tp_sum_backward(t: Tensor, group) -> Tensor:
+    """`t` unchanged; its gradient is summed across the ranks of `group`."""
+    return _SumBackward.apply(t, group) if torch.is_grad_enabled() and t.requires_grad else t
+
+
+def _is_dtensor(t: Tensor) -> bool:
+    return hasattr(t, "placements") and hasattr(t, "to_local")
+
+
+def _tensor_parallel_slices(w_up: Tensor, w_down: Tensor):
+    """(local w_up, local w_down, process group) of a column-parallel `w_up` (Shard(0)) and a
+    row-parallel `w_down` (Shard(1)) on one 1-D mesh: this rank's F-slice of the FFN."""
+    if not (_is_dtensor(w_up) and _is_dtensor(w_down)):
+        raise ValueError(
+            "tensor parallel 2:4 FFN: w_up and w_down must both be DTensors (column-parallel up, row-parallel "
+            f"down), got {type(w_up).__name__} and {type(w_down).__name__}"
+        )
+    mesh = w_up.device_mesh
+
+    def sharded_on(w, dim):
+        return len(w.placements) == 1 and w.placements[0].is_shard() and w.placements[0].dim % w.dim() == dim
+
+    if mesh.ndim != 1 or w_down.device_mesh != mesh or not (sharded_on(w_up, 0) and sharded_on(w_down, 1)):
+        raise ValueError(
+            "tensor parallel 2:4 FFN: needs w_up sharded on the FFN width (Shard(0), 'colwise') and w_down on it "
+            f"too (Shard(1), 'rowwise') over one 1-D mesh; got {tuple(w_up.placements)} and "
+            f"{tuple(w_down.placements)} on meshes of {mesh.ndim} and {w_down.device_mesh.ndim} dims"
+        )
+    # Shards are torch.chunk slices of ceil(F / n) features: a multiple of 4 keeps every
+    # 2:4 group on one rank. Decided from global sizes, so all ranks agree (none hangs).
+    f, n = w_up.shape[0], mesh.size()
+    if math.ceil(f / n) % 4:
+        raise ValueError(
+            f"tensor parallel 2:4 FFN: each rank's slice of the FFN width must be a multiple of 4 so that no 2:4 "
+            f"group straddles two ranks; width {f} over {n} ranks gives {math.ceil(f / n)}. Use a width that is "
+            f"a multiple of {4 * n}."
+        )
+    return w_up.to_local(), w_down.to_local(), mesh.get_group()
+
+
 def _autocast_dtype(device_type: str) -> Optional[torch.dtype]:
     if torch.is_autocast_enabled(device_type):
         return torch.get_autocast_dtype(device_type)
@@ -709,6 +792,15 @@ def relu2_2to4_ffn(
 
     Computes in the input dtype (under autocast: the autocast dtype, like F.linear).
     Traceable by ``torch.compile(fullgraph=True)``: the work is two custom ops.
+
+    Tensor parallel: with ``w_up`` a column-parallel DTensor (Shard(0)) and ``w_down`` a
+    row-parallel one (Shard(1)), as ``tp_plan="auto"`` leaves them, and ``x`` replicated,
+    each rank runs the op on its F-slice and the partial outputs are summed across ranks,
+    as for the dense MLP; ``x``'s gradient is summed in backward, the weights' gradients
+    are their local shards. The result equals the single-process op wherever the recipe
+    is split-invariant: the forward (2:4 groups lie along F and stay on one rank) and the
+    ``exact`` and ``naive`` backwards; ``split_gemm`` picks its dense features per rank,
+    ``mvue`` draws per rank. ``stats`` then counts this rank's features only.
     """
     if method not in SPARSE_METHODS:
         raise ValueError(f"method must be one of {SPARSE_METHODS}, got {method!r}")
@@ -720,6 +812,11 @@ def relu2_2to4_ffn(
         or not 0.0 <= dense_features <= 1.0
     ):
         raise ValueError(f"dense_features must be a float in [0.0, 1.0], got {dense_features!r}")
+    tp_group = None
+    if _is_dtensor(w_up) or _is_dtensor(w_down):
+        w_up, w_down, tp_group = _tensor_parallel_slices(w_up, w_down)
+        # Replicated x meets this rank's F-slice only: its gradient is summed across ranks.
+        x = tp_sum_backward(x, tp_group)
     if w_up.dim() != 2 or w_down.dim() != 2:
         raise ValueError("w_up and w_down must be 2-D (F×d and d×F)")
     f, d = w_up.shape
@@ -760,6 +857,9 @@ def relu2_2to4_ffn(
     if stats is not None:
         with torch.no_grad():
             stats[:3].add_(stat_delta)
+    if tp_group is not None:
+        # Partial sums of the row-parallel down projection (what RowwiseParallel reduces).
+        y = tp_sum_forward(y, tp_group)
     if permutation is not None:
         # In place into a fresh buffer: out-of-place index_copy would first copy y.
         y = torch.empty_like(y).index_copy_(0, permutation, y)
