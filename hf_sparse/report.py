@@ -21,6 +21,10 @@ HEATMAP_NAME = "sparsity_relu_heatmap.png"
 CURVES_NAME = "sparsity_over_steps.png"
 FLIP_RATE_NAME = "flip_rate.png"
 _LAYER_KEY = re.compile(r"^sparsity_relu/layer_(\d+)$")
+# The heatmap has at most this many step columns (longer runs are averaged into bins), so
+# its size does not grow with the number of log rows.
+MAX_HEATMAP_COLUMNS = 300
+HEATMAP_SIZE = (10.0, 4.5)  # inches, at 100 dpi
 
 
 class NotARunError(ValueError):
@@ -79,6 +83,12 @@ def write_report(run_dir: str) -> dict:
     series = sparsity_series(history)
     flips = flip_rate_series(history)
     if not series["steps"] and not flips["steps"]:
+        if not any("loss" in row for row in history):
+            # Nothing was logged during training at all: the metrics settings are not the cause.
+            raise NotARunError(
+                f"{run_dir!r} reached no training logging step (max_steps below logging_steps?), so no "
+                "sparsity metrics were logged; lower logging_steps or train longer."
+            )
         raise NotARunError(
             f"{run_dir!r} has no sparsity metrics in its log history; train with wandb_sparsityrelu=true "
             "(SparsityCallback with activation metrics) on a relu/relu2 model, or flip_rate=true with weight_2by4."
@@ -91,36 +101,94 @@ def write_report(run_dir: str) -> dict:
     summary = [f"run: {os.path.abspath(run_dir)}"]
     heatmap = curves = flip_png = None
     if series["steps"]:
-        heatmap, curves = _plot_activation_sparsity(plt, run_dir, series, summary)
+        switch = _dense_to_sparse_step(run_dir)
+        heatmap, curves = _plot_activation_sparsity(plt, run_dir, series, summary, switch)
     if flips["steps"]:
         flip_png = _plot_flip_rate(plt, run_dir, flips, summary)
     return {"heatmap": heatmap, "curves": curves, "flip_rate": flip_png, "summary": "\n".join(summary)}
 
 
-def _plot_activation_sparsity(plt, run_dir: str, series: dict, summary: list) -> tuple[str, str]:
-    """The layer x step heatmap and the mean curves; appends their summary lines."""
+def _dense_to_sparse_step(run_dir: str):
+    """The 2:4 run's dense warm-up length from RUN_DIR/config.json, or None (no 2:4)."""
+    try:
+        with open(os.path.join(run_dir, "config.json"), encoding="utf-8") as handle:
+            config = json.load(handle)
+    except (OSError, json.JSONDecodeError):
+        return None
+    if not config.get("activation_2by4"):
+        return None
+    return int(config.get("activation_dense_warmup_steps", 0))
+
+
+def _binned(steps: list, per_layer: list, max_columns: int):
+    """Average consecutive log rows into at most `max_columns` columns: (bin edges in
+    steps, per-layer matrix). NaNs (a layer missing from a row) are skipped."""
+    n = len(steps)
+    bins = min(n, max_columns)
+    edges_idx = [round(b * n / bins) for b in range(bins + 1)]
+    matrix = []
+    for layer_values in per_layer:
+        row = []
+        for lo, hi in zip(edges_idx, edges_idx[1:]):
+            chunk = [v for v in layer_values[lo:hi] if v == v]
+            row.append(sum(chunk) / len(chunk) if chunk else float("nan"))
+        matrix.append(row)
+    # Column b spans steps[lo] .. steps[hi - 1]; edges half a log interval outside.
+    half = (steps[1] - steps[0]) / 2 if n > 1 else 0.5
+    edges = [steps[lo] - half for lo in edges_idx[:-1]] + [steps[-1] + half]
+    return edges, matrix
+
+
+def layer_ticks(layers: list) -> tuple[list, list]:
+    """Integer tick positions (row index) and labels (layer id) for the heatmap's layer
+    axis, thinned to at most ~16 labels."""
+    stride = max(1, -(-len(layers) // 16))
+    positions = list(range(0, len(layers), stride))
+    return positions, [str(layers[i]) for i in positions]
+
+
+def _plot_activation_sparsity(plt, run_dir: str, series: dict, summary: list, switch) -> tuple[str, str]:
+    """The layer x step heatmap and the mean curves; appends their summary lines.
+
+    Both figures have a fixed size whatever the number of log rows; `switch` (the dense
+    warm-up length of a 2:4 run) shades the warm-up and marks the dense->sparse step.
+    """
     steps = series["steps"]
-    fig, ax = plt.subplots(figsize=(max(6, len(steps) * 0.15 + 3), max(3, len(series["layers"]) * 0.3 + 2)))
-    image = ax.imshow(series["per_layer"], aspect="auto", origin="lower", vmin=0.0, vmax=1.0, cmap="viridis",
-                      extent=(steps[0] - 0.5, steps[-1] + 0.5, -0.5, len(series["layers"]) - 0.5))
+    layers = series["layers"]
+    edges, matrix = _binned(steps, series["per_layer"], MAX_HEATMAP_COLUMNS)
+    fig, ax = plt.subplots(figsize=HEATMAP_SIZE)
+    image = ax.pcolormesh(edges, [i - 0.5 for i in range(len(layers) + 1)], matrix, vmin=0.0, vmax=1.0,
+                          cmap="viridis", shading="flat")
+    positions, labels = layer_ticks(layers)
+    ax.set_yticks(positions)
+    ax.set_yticklabels(labels)
+    if switch is not None and edges[0] < switch < edges[-1]:
+        ax.axvline(switch, color="white", linestyle="--", linewidth=1.2, label=f"2:4 on (step {switch})")
+        ax.legend(loc="upper right", fontsize="small")
     ax.set_xlabel("optimizer step")
     ax.set_ylabel("layer")
     ax.set_title("ReLU² activation sparsity (fraction of exact zeros)")
     fig.colorbar(image, ax=ax)
     heatmap = os.path.join(run_dir, HEATMAP_NAME)
-    fig.savefig(heatmap, dpi=100, bbox_inches="tight")
+    fig.savefig(heatmap, dpi=100)
     plt.close(fig)
 
     fig, ax = plt.subplots(figsize=(7, 4))
-    ax.plot(steps, series["mean"], marker=".", label="mean ReLU² sparsity")
+    marker = "." if len(steps) <= 200 else None  # markers turn a long run into a smear
+    ax.plot(steps, series["mean"], marker=marker, label="mean ReLU² sparsity")
     if series["has_24"]:
-        ax.plot(steps, series["drop_24"], marker=".", label="2:4 drop rate (of non-zeros)")
+        ax.plot(steps, series["drop_24"], marker=marker, label="2:4 drop rate (of non-zeros)")
+    if switch is not None and steps[0] < switch:
+        # During the warm-up the 2:4 rate is what the mask *would* drop: nothing is dropped yet.
+        ax.axvspan(steps[0], min(switch, steps[-1]), color="grey", alpha=0.15, label="dense warm-up (would drop)")
+        if switch <= steps[-1]:
+            ax.axvline(switch, color="black", linestyle="--", linewidth=1, label=f"2:4 on (step {switch})")
     ax.set_xlabel("optimizer step")
     ax.set_ylim(0, 1)
-    ax.legend()
+    ax.legend(fontsize="small")
     ax.grid(alpha=0.3)
     curves = os.path.join(run_dir, CURVES_NAME)
-    fig.savefig(curves, dpi=100, bbox_inches="tight")
+    fig.savefig(curves, dpi=100)
     plt.close(fig)
 
     last = {i: series["per_layer"][n][-1] for n, i in enumerate(series["layers"])}

@@ -81,3 +81,54 @@ def test_report_adds_the_flip_rate_curve(tmp_path, with_activations):
     assert "flip rate: last mean 0.000667, max 0.001667, total 0.000833 (step 30)" in result["summary"]
     # A weight-2:4 run without activation metrics still gets its flip-rate report.
     assert (tmp_path / HEATMAP_NAME).exists() == with_activations
+
+
+def _write_long_run(run_dir, n_rows, n_layers=12, warmup=1000):
+    run_dir.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for k in range(1, n_rows + 1):
+        row = {"loss": 3.0, "step": 10 * k}
+        for layer in range(n_layers):
+            row[f"sparsity_relu/layer_{layer}"] = 0.5 + 0.4 * layer / n_layers
+        row["sparsity_relu/mean_across_layers"] = 0.7
+        row["sparsity_24/mean_across_layers"] = 0.02
+        rows.append(row)
+    (run_dir / "trainer_state.json").write_text(json.dumps({"log_history": rows}))
+    (run_dir / "config.json").write_text(
+        json.dumps({"model_type": "sparse_llama", "activation_2by4": True, "activation_dense_warmup_steps": warmup})
+    )
+
+
+def test_figures_have_a_fixed_size_whatever_the_number_of_rows(tmp_path):
+    from PIL import Image
+
+    from hf_sparse.report import MAX_HEATMAP_COLUMNS, _binned
+
+    sizes = []
+    for n_rows in (30, 2000):
+        run = tmp_path / f"run{n_rows}"
+        _write_long_run(run, n_rows)
+        write_report(str(run))
+        sizes.append(tuple(Image.open(run / name).size for name in (HEATMAP_NAME, CURVES_NAME)))
+    assert sizes[0] == sizes[1]
+    assert sizes[0][0][0] <= 1200 and sizes[0][0][1] <= 600
+    edges, matrix = _binned(list(range(10, 20010, 10)), [[float(i) for i in range(2000)]], MAX_HEATMAP_COLUMNS)
+    assert len(matrix[0]) == MAX_HEATMAP_COLUMNS and len(edges) == MAX_HEATMAP_COLUMNS + 1
+    assert matrix[0][0] == sum(range(7)) / 7  # 2000 rows into 300 columns: first bin holds rows 0..6
+
+
+def test_layer_ticks_are_integers_and_the_switch_step_is_read_from_the_config(tmp_path):
+    from hf_sparse.report import _dense_to_sparse_step, layer_ticks
+
+    assert layer_ticks([0, 1]) == ([0, 1], ["0", "1"])
+    positions, labels = layer_ticks(list(range(48)))
+    assert all(isinstance(p, int) for p in positions) and len(labels) <= 16 and labels[0] == "0"
+    _write_long_run(tmp_path / "run", 5, warmup=100)
+    assert _dense_to_sparse_step(str(tmp_path / "run")) == 100
+
+
+def test_no_logging_step_reached_gives_that_reason(tmp_path):
+    # max_steps below logging_steps: only the end-of-training summary row exists.
+    (tmp_path / "trainer_state.json").write_text(json.dumps({"log_history": [{"train_runtime": 1.0, "step": 3}]}))
+    with pytest.raises(NotARunError, match="reached no training logging step"):
+        write_report(str(tmp_path))
