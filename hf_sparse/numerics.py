@@ -18,7 +18,7 @@ import logging
 import torch
 from transformers import TrainerCallback
 
-from .callbacks import merge_into_log_row
+from .callbacks import _calling_handler, _FirstCallback, merge_into_log_row
 from .checkpoints import last_complete_checkpoint
 from .modeling_sparse_llama import STAT_FIRST_NONFINITE_STEP, STAT_NONFINITE, sparse_mlps
 
@@ -61,10 +61,24 @@ def _parameters_finite(model) -> bool:
     return bool(torch.stack(flags).all()) if flags else True
 
 
+class _SkippedStepsLog(_FirstCallback):
+    """Merges the guard's `numerics/skipped_steps` into training log rows. A callback of
+    its own because it must run before the reporting integrations (to reach wandb and
+    TensorBoard), while the guard itself must run after DefaultFlowCallback."""
+
+    def __init__(self, guard: "NumericsGuardCallback"):
+        self.guard = guard
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        self._check_order()
+        if self.guard.policy == "skip" and logs is not None and "loss" in logs:
+            merge_into_log_row(state, logs, {"numerics/skipped_steps": float(len(self.guard.skipped))})
+
+
 class NumericsGuardCallback(TrainerCallback):
     # Not a _FirstCallback: on_step_end must run after DefaultFlowCallback has set
-    # should_log/should_save for the step, so this stays behind it (and behind the
-    # reporting integrations: numerics/skipped_steps reaches log_history and the console).
+    # should_log/should_save for the step, so this stays behind it. Its log metric goes
+    # through a companion callback placed first (see _SkippedStepsLog).
     def __init__(self, policy: str = "stop"):
         if policy not in NONFINITE_POLICIES:
             raise ValueError(f"nonfinite_policy={policy!r} is not valid; choose one of 'stop', 'skip'.")
@@ -72,6 +86,20 @@ class NumericsGuardCallback(TrainerCallback):
         self.last_checked_step = 0
         self.failure: str | None = None
         self.skipped: list[tuple[int, int | None]] = []  # (optimizer step, first bad layer)
+        self.log_callback = _SkippedStepsLog(self)
+
+    def on_init_end(self, args, state, control, **kwargs):
+        self._attach_log_callback()
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self._attach_log_callback()  # for a guard added with trainer.add_callback
+
+    def _attach_log_callback(self):
+        # The companion goes to the front of the handler that holds this guard (a new
+        # list: the handler keeps iterating the old one during this event).
+        handler = _calling_handler()
+        if handler is not None and self.log_callback not in handler.callbacks:
+            handler.callbacks = [self.log_callback] + list(handler.callbacks)
 
     # --- "skip": drop the update of a step whose gradients are not finite -------------------
     def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
@@ -88,10 +116,6 @@ class NumericsGuardCallback(TrainerCallback):
         # Optimizers leave parameters whose .grad is None untouched (no moment update either).
         model.zero_grad(set_to_none=True)
         _reset_nonfinite(model)
-
-    def on_log(self, args, state, control, logs=None, **kwargs):
-        if self.policy == "skip" and logs is not None and "loss" in logs:
-            merge_into_log_row(state, logs, {"numerics/skipped_steps": float(len(self.skipped))})
 
     # --- "stop": check at logging/save steps, before anything is written --------------------
     def on_step_end(self, args, state, control, model=None, **kwargs):

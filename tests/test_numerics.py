@@ -1,6 +1,7 @@
 """A NaN injected mid-run is reported with its layer; `stop` keeps checkpoints clean and
 names the last good one, `skip` drops exactly the poisoned update."""
 
+import glob
 import json
 import math
 import os
@@ -36,12 +37,12 @@ class InjectNaN(TrainerCallback):
             self.handle = None
 
 
-def _trainer(tmp_path, policy, squ_relu="relu2"):
+def _trainer(tmp_path, policy, squ_relu="relu2", report_to=()):
     torch.manual_seed(0)
     guard = NumericsGuardCallback(policy)
     args = TrainingArguments(output_dir=str(tmp_path), max_steps=8, per_device_train_batch_size=4, logging_steps=2,
-                             save_strategy="steps", save_steps=2, report_to=[], use_cpu=True, disable_tqdm=True,
-                             learning_rate=1e-3)
+                             save_strategy="steps", save_steps=2, report_to=list(report_to), use_cpu=True,
+                             disable_tqdm=True, learning_rate=1e-3)
     trainer = Trainer(model=SparseLlamaForCausalLM(tiny_config(squ_relu=squ_relu)), args=args,
                       train_dataset=RandomTokens(64), callbacks=[SparsityCallback(), guard, InjectNaN(at=3)])
     return trainer, guard
@@ -58,13 +59,22 @@ def test_stop_policy_names_layer_and_last_good_checkpoint(tmp_path, squ_relu):
 
 
 def test_skip_policy_drops_the_poisoned_update(tmp_path):
-    trainer, guard = _trainer(tmp_path, "skip")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    trainer, guard = _trainer(tmp_path, "skip", report_to=["tensorboard"])
     trainer.train()
     assert guard.skipped == [(3, 1)]
     assert trainer.state.global_step == 8
     assert all(torch.isfinite(p).all() for p in trainer.model.parameters())
     rows = [r for r in trainer.state.log_history if "loss" in r]
     assert rows[-1]["numerics/skipped_steps"] == 1.0 and math.isfinite(rows[-1]["loss"])
+    # ...and in the reporting backends, on the loss row (the companion runs before them).
+    events = glob.glob(str(tmp_path / "**" / "events.out.tfevents.*"), recursive=True)
+    acc = EventAccumulator(os.path.dirname(events[0]))
+    acc.Reload()
+    skipped = acc.Scalars("train/numerics/skipped_steps")
+    assert [e.step for e in skipped] == [e.step for e in acc.Scalars("train/loss")] == [2, 4, 6, 8]
+    assert [e.value for e in skipped] == [0.0, 1.0, 1.0, 1.0]
 
 
 def test_train_hf_stops_with_a_clear_message_and_no_final_model(tmp_path, monkeypatch):
