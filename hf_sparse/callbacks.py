@@ -156,14 +156,18 @@ class SparsityCallback(_FirstCallback):
 
 
 class ModelCardCallback(TrainerCallback):
-    """Writes a README.md model card into every checkpoint folder (hub-ready)."""
+    """Writes a README.md model card into every checkpoint folder (hub-ready);
+    `dataset_name` (the hub dataset trained on, when there is one) goes into its metadata."""
+
+    def __init__(self, dataset_name: str | None = None):
+        self.card_dataset = dataset_name
 
     def on_save(self, args, state, control, model=None, **kwargs):
         if not state.is_world_process_zero or model is None:
             return
         folder = os.path.join(args.output_dir, f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}")
         if os.path.isdir(folder):
-            write_model_card(folder, model.config, state.log_history)
+            write_model_card(folder, model.config, state.log_history, args, self.card_dataset)
 
 
 __all__ = ["EvalPerplexityCallback", "ModelCardCallback", "SparsityCallback"]

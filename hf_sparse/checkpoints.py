@@ -44,22 +44,84 @@ def _latest_eval(log_history: list[dict]) -> dict:
     return rows[-1] if rows else {}
 
 
-def model_card(config, log_history: list[dict], base_model_dir_name: str = "") -> str:
-    """A README.md for a checkpoint folder: architecture, sparsity settings, eval metrics."""
+# Hyperparameters the card lists, in this order, when the run's TrainingArguments are known.
+CARD_HYPERPARAMETERS = (
+    "learning_rate", "per_device_train_batch_size", "gradient_accumulation_steps", "max_steps",
+    "num_train_epochs", "lr_scheduler_type", "warmup_steps", "weight_decay", "max_grad_norm", "optim",
+    "seed", "bf16", "fp16",
+)  # fmt: skip
+REPORT_FIGURES = (
+    ("sparsity_relu_heatmap.png", "ReLU² sparsity per layer"),
+    ("sparsity_over_steps.png", "mean sparsity and 2:4 drop rate"),
+    ("flip_rate.png", "2:4 weight-mask flip rate"),
+)
+
+
+def _eval_results(metrics: dict, dataset_name: str | None) -> list:
+    """model-index entries (what the hub renders as a results table) for the last evaluation."""
+    from huggingface_hub import EvalResult
+
+    dataset = dataset_name or "evaluation split of the training data"
+    wanted = (("eval_loss", "loss", "Eval loss"), ("eval_perplexity", "perplexity", "Perplexity"),
+              ("eval_accuracy", "accuracy", "Next-token accuracy"))  # fmt: skip
+    return [
+        EvalResult(
+            task_type="text-generation", task_name="Causal language modeling",
+            dataset_type=dataset_name or "local", dataset_name=dataset,
+            metric_type=metric_type, metric_name=metric_name, metric_value=float(metrics[key]),
+        )  # fmt: skip
+        for key, metric_type, metric_name in wanted
+        if isinstance(metrics.get(key), (int, float))
+    ]
+
+
+def _framework_versions() -> list[str]:
+    import importlib.metadata as metadata
+
+    lines = []
+    for package in ("hf_sparse", "transformers", "torch", "accelerate", "datasets", "tokenizers"):
+        try:
+            lines.append(f"- {package} {metadata.version(package)}")
+        except metadata.PackageNotFoundError:
+            continue  # hf_sparse run from a checkout, or datasets absent on a GPU box
+    return lines
+
+
+def model_card(
+    config,
+    log_history: list[dict],
+    base_model_dir_name: str = "",
+    training_args=None,
+    dataset_name: str | None = None,
+    folder: str | None = None,
+) -> str:
+    """A hub model card (README.md) for a checkpoint folder: `huggingface_hub.ModelCardData`
+    metadata (library, tags, pipeline, datasets, model-index with the last evaluation)
+    and sections on the architecture, sparsity settings, evaluation, training
+    hyperparameters (from `training_args`, when given), framework versions and the
+    report's figures (those present in `folder`)."""
+    from huggingface_hub import ModelCard, ModelCardData
+
     eval_row = _latest_eval(log_history)
     metrics = {k: v for k, v in eval_row.items() if k.startswith("eval_") and not k.endswith(("_runtime", "_per_second"))}
     ffn = "SwiGLU (gated SiLU)" if config.squ_relu == "silu" else f"non-gated {config.squ_relu} (`down(act(up(x)))`)"
+    title = base_model_dir_name or "sparse_llama model"
+    tags = ["hf_sparse", "sparse_llama", "2:4-activation-sparsity" if config.activation_2by4 else "squared-relu"]
+    if getattr(config, "weight_2by4", False):
+        tags.append("2:4-weight-sparsity")
+    if config.loro_scope:
+        tags.append("low-rank")
+    results = _eval_results(metrics, dataset_name)
+    card_data = ModelCardData(
+        library_name="transformers",
+        pipeline_tag="text-generation",
+        tags=tags,
+        datasets=[dataset_name] if dataset_name else None,
+        model_name=title if results else None,
+        eval_results=results or None,
+    )
     lines = [
-        "---",
-        "library_name: transformers",
-        "tags:",
-        "- hf_sparse",
-        "- sparse_llama",
-        "- 2:4-activation-sparsity" if config.activation_2by4 else "- squared-relu",
-        "pipeline_tag: text-generation",
-        "---",
-        "",
-        f"# {base_model_dir_name or 'sparse_llama model'}",
+        f"# {title}",
         "",
         "A LLaMA-style causal LM trained with `hf_sparse` on the HuggingFace Trainer.",
         "Load it with `AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True)`; the model code",
@@ -101,13 +163,34 @@ def model_card(config, log_history: list[dict], base_model_dir_name: str = "") -
         lines.append(f"\n(at optimizer step {eval_row.get('step')})")
     else:
         lines.append("No evaluation has run yet.")
-    return "\n".join(lines) + "\n"
+    if training_args is not None:
+        lines += ["", "## Training hyperparameters", ""]
+        for key in CARD_HYPERPARAMETERS:
+            value = getattr(training_args, key, None)
+            if value is None or (key in ("bf16", "fp16") and not value):
+                continue
+            lines.append(f"- {key}: {getattr(value, 'value', value)}")
+        world = getattr(training_args, "world_size", 1) or 1
+        total = training_args.per_device_train_batch_size * training_args.gradient_accumulation_steps * world
+        lines.append(f"- total train batch size: {total} ({world} process{'es' if world > 1 else ''})")
+    versions = _framework_versions()
+    if versions:
+        lines += ["", "## Framework versions", "", *versions]
+    figures = [(name, what) for name, what in REPORT_FIGURES if folder and os.path.isfile(os.path.join(folder, name))]
+    if figures:
+        lines += ["", "## Sparsity report", ""] + [f"![{what}]({name})" for name, what in figures]
+    return str(ModelCard(f"---\n{card_data.to_yaml()}\n---\n\n" + "\n".join(lines) + "\n"))
 
 
-def write_model_card(folder: str, config, log_history: list[dict]) -> str:
+
+
+def write_model_card(
+    folder: str, config, log_history: list[dict], training_args=None, dataset_name: str | None = None
+) -> str:
     path = os.path.join(folder, "README.md")
     tmp = path + ".tmp"
+    title = os.path.basename(os.path.abspath(folder))
     with open(tmp, "w", encoding="utf-8") as handle:
-        handle.write(model_card(config, log_history, os.path.basename(os.path.abspath(folder))))
+        handle.write(model_card(config, log_history, title, training_args, dataset_name, folder))
     os.replace(tmp, path)
     return path
