@@ -24,7 +24,7 @@ from hf_sparse.numerics import NonFiniteError, NumericsGuardCallback
 from hf_sparse.loro import LoroCallback, build_loro_optimizer_and_scheduler
 from hf_sparse.evaluation import build_compute_metrics, preprocess_logits_for_metrics
 from hf_sparse.report import NotARunError, write_report
-from hf_sparse.run_config import ConfigError, parse_run_config
+from hf_sparse.run_config import ConfigError, LaunchError, parse_run_config
 
 
 logger = logging.getLogger("train_hf")
@@ -172,10 +172,17 @@ def _close_process_group() -> None:
         dist.destroy_process_group()
 
 
-if __name__ == "__main__":
+def cli() -> None:
+    """`python train_hf.py CONFIG.json ...` and the `hf-sparse-train` console script."""
     try:
         main(sys.argv[1:])
     except (ConfigError, NonFiniteError) as err:
+        if isinstance(err, LaunchError) and os.environ.get("RANK", "0") != "0":
+            sys.exit(1)  # the same verdict in every rank: rank 0 says it once
         sys.exit(f"train_hf.py: error: {err}")
     finally:
         _close_process_group()
+
+
+if __name__ == "__main__":
+    cli()

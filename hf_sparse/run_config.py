@@ -7,6 +7,7 @@ with one line naming the key and its valid values.
 import dataclasses
 import difflib
 import json
+import logging
 import os
 import types
 import typing
@@ -21,8 +22,16 @@ from .configuration_sparse_llama import SparseLlamaConfig
 from .data import DataArguments, validate_data_args
 
 
+logger = logging.getLogger(__name__)
+
+
 class ConfigError(ValueError):
     """A bad run configuration; its message is one line meant for the user."""
+
+
+class LaunchError(ConfigError):
+    """A launcher setting that cannot work here (an accelerate config that needs a GPU on a
+    machine without one, ...). Every rank finds the same, so only rank 0 reports it."""
 
 
 @dataclass
@@ -313,6 +322,8 @@ def parse_run_config(argv: list[str]) -> RunConfig:
         raise ConfigError("usage: train_hf.py CONFIG.json [--key value ...]")
     data, no_weight_targets = resolve_aliases(apply_cli_overrides(read_run_json(argv[0]), argv[1:]))
     check_keys_and_types(data)
+    # Before TrainingArguments: building them already sets up accelerate's distributed state.
+    check_launch_environment(data)
 
     if "use_cpu" not in data and not torch.cuda.is_available():
         # Without this, each torchrun rank on a GPU-less machine would train alone.
@@ -376,6 +387,74 @@ def parse_run_config(argv: list[str]) -> RunConfig:
     check_reporting_integrations(training_args.report_to)
     check_output_dir(training_args, script_args)
     return RunConfig(training_args, model_config, data_args, script_args, data)
+
+
+def accelerator_available() -> bool:
+    """Whether a device that accelerate's FSDP can shard onto exists (not CPU, not MPS)."""
+    if not torch.accelerator.is_available():
+        return False
+    return torch.accelerator.current_accelerator().type != "mps"
+
+
+def _env_true(env, name: str) -> bool:
+    return env.get(name, "").strip().lower() in ("1", "true", "yes")
+
+
+# What `accelerate launch` exports to the script: ACCELERATE_MIXED_PRECISION always,
+# ACCELERATE_USE_CPU only from its single-process launcher, WORLD_SIZE only from the
+# torchrun-based ones (DDP, FSDP, DeepSpeed), ACCELERATE_USE_FSDP with an FSDP config.
+_TWO_PROCESSES_ON_CPU = (
+    "`accelerate launch --config_file configs/accelerate/ddp.yaml --num_processes 2 train_hf.py CONFIG.json` "
+    "or `torchrun --nproc_per_node 2 train_hf.py CONFIG.json`"
+)
+
+
+def check_launch_environment(data: dict, env=None) -> None:
+    """Refuse (one line, before any data or model is built) what accelerate would only fail
+    on later in every rank, and warn when `accelerate launch` silently runs one process.
+
+    - An FSDP accelerate config on a machine without GPUs: once data and model are built,
+      FSDP1's plugin raises in every rank, and FSDP2 quietly trains plain DDP instead (the
+      CPU fall-back, `use_cpu`, wins over the FSDP config).
+    - An accelerate mixed precision (config file or --mixed_precision) that the run JSON
+      does not ask for: the run JSON's `bf16`/`fp16` keys decide precision. DeepSpeed stops
+      every rank on the mismatch; DDP/FSDP would silently autocast a run configured fp32.
+    - `accelerate launch --num_processes N` without a config file (or with --cpu) starts ONE
+      process on a machine without several GPUs; its single-process launcher still exports
+      MASTER_ADDR for N > 1, which is how we know more were asked for.
+    """
+    env = os.environ if env is None else env
+    if _env_true(env, "ACCELERATE_USE_FSDP") and not accelerator_available():
+        version = env.get("FSDP_VERSION", "1")
+        raise LaunchError(
+            f"the accelerate config asks for FSDP (distributed_type: FSDP, fsdp_version {version}), which needs "
+            f"GPUs, and this machine has none; on CPU train with several processes through {_TWO_PROCESSES_ON_CPU} "
+            "(DDP over gloo), or DeepSpeed (configs/accelerate/deepspeed_zero2.yaml)."
+        )
+    precision = env.get("ACCELERATE_MIXED_PRECISION", "no").lower()
+    if precision in ("bf16", "fp16") and data.get(precision) is not True:
+        raise LaunchError(
+            f"accelerate's mixed_precision is {precision!r} (accelerate config file or --mixed_precision) but the run "
+            f"config has {precision}={data.get(precision, False)!r}; precision is set in the run JSON: add "
+            f"\"{precision}\": true to it (or --{precision} true), or set mixed_precision: 'no' in the accelerate config."
+        )
+    # (An MPI launch, `--mpirun_hostfile`, does run N processes: they see MPI's size variables.)
+    mpi = any(name in env for name in ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "MV2_COMM_WORLD_SIZE"))
+    single_process_launcher = "ACCELERATE_USE_CPU" in env and "WORLD_SIZE" not in env and not mpi
+    if single_process_launcher and "MASTER_ADDR" in env:
+        gpus = torch.cuda.device_count()
+        why = "accelerate's CPU mode (--cpu or use_cpu: true) starts one process" if _env_true(
+            env, "ACCELERATE_USE_CPU"
+        ) else (
+            "without a config file accelerate starts several processes only on several GPUs, and this machine "
+            f"has {gpus or 'none'}"
+        )
+        logger.warning(
+            "accelerate launch started ONE process (world_size 1) although --num_processes > 1 was asked for: %s. "
+            "For two processes on CPU use %s. This run continues as a single process.",
+            why,
+            _TWO_PROCESSES_ON_CPU,
+        )
 
 
 def check_reporting_integrations(report_to: list[str]) -> None:

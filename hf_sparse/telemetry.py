@@ -108,7 +108,14 @@ def _weight_zero_counts(model: nn.Module):
         else:
             tensors = {attr: getattr(linear, attr).detach() for attr in factors}
         for attr in factors:
+            # An FSDP2/TP parameter is a DTensor: count this rank's shard (`to_local`), so
+            # that the cross-rank sum in sparsity_metrics adds up to the whole matrix.
+            # (A DTensor's own numel() is the global one, and its counts are DTensors that
+            # cannot be concatenated with the plain activation counts. A replicated DTensor
+            # is counted once per rank in both terms of the fraction, which leaves it as is.)
             weight = tensors[attr]
+            if hasattr(weight, "to_local"):
+                weight = weight.to_local()
             names.append(f"weight_sparsity/{key}{_FACTOR_SUFFIX[attr]}")
             zeros.append(weight.numel() - count_nonzero(weight))
             numels.append(weight.numel())
