@@ -125,7 +125,7 @@ def main(argv: list[str]) -> dict:
                 flip_rate=run.script_args.flip_rate,
             ),
             EvalPerplexityCallback(),
-            ModelCardCallback(),
+            ModelCardCallback(dataset_name=data_args.dataset_name),
             *extra_callbacks,
         ],
         optimizers=optimizers,
@@ -144,7 +144,7 @@ def main(argv: list[str]) -> dict:
     # trainer_state.json (full log_history) is written whatever save_strategy is.
     trainer.save_state()
     if trainer.is_world_process_zero():
-        write_model_card(args.output_dir, model.config, trainer.state.log_history)
+        write_model_card(args.output_dir, model.config, trainer.state.log_history, args, data_args.dataset_name)
     if args.push_to_hub and trainer.is_world_process_zero():
         # Trainer.push_to_hub would write its generic card over ours: upload the folder as is.
         from huggingface_hub import upload_folder

@@ -321,6 +321,12 @@ def parse_run_config(argv: list[str]) -> RunConfig:
     if not argv or argv[0].startswith("--"):
         raise ConfigError("usage: train_hf.py CONFIG.json [--key value ...]")
     data, no_weight_targets = resolve_aliases(apply_cli_overrides(read_run_json(argv[0]), argv[1:]))
+    # TrainingArguments types resume_from_checkpoint as a path; true/false are ours: true
+    # means the last finished checkpoint ("last"), false no resume.
+    if data.get("resume_from_checkpoint") is True:
+        data["resume_from_checkpoint"] = "last"
+    elif data.get("resume_from_checkpoint") is False:
+        data.pop("resume_from_checkpoint")
     check_keys_and_types(data)
     # Before TrainingArguments: building them already sets up accelerate's distributed state.
     check_launch_environment(data)

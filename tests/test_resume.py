@@ -82,7 +82,7 @@ def test_sigkill_then_resume_continues_the_same_trajectory(tmp_path):
     resumed_from = int(last.rsplit("-", 1)[1])
     assert 4 <= resumed_from < MAX_STEPS
 
-    resumed = subprocess.run([sys.executable, TRAIN, _config(tmp_path, "killed", resume_from_checkpoint="last")],
+    resumed = subprocess.run([sys.executable, TRAIN, _config(tmp_path, "killed", resume_from_checkpoint=True)],
                              cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert f"resuming from {last}" in resumed.stderr
