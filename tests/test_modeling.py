@@ -114,6 +114,7 @@ def test_loads_in_a_process_without_hf_sparse(tmp_path, low_rank):
     model = SparseLlamaForCausalLM(config).eval()
     model_dir = tmp_path / "ckpt"
     model.save_pretrained(model_dir)
+    _save_tiny_tokenizer(model_dir)
     ids = torch.randint(0, config.vocab_size, (1, 10))
     with torch.no_grad():
         expected = model(ids).logits
@@ -129,16 +130,31 @@ def test_loads_in_a_process_without_hf_sparse(tmp_path, low_rank):
             out = model(ref["ids"]).logits
         assert type(model).__name__ == "SparseLlamaForCausalLM"
         torch.testing.assert_close(out, ref["logits"], rtol=0, atol=0)
+        # The README's tokenizer line: a plain fast tokenizer, no remote code, no prompt.
+        from transformers import PreTrainedTokenizerFast
+        tokenizer = PreTrainedTokenizerFast.from_pretrained({str(model_dir)!r})
+        assert tokenizer("a b").input_ids == [1, 2], tokenizer("a b").input_ids
         print("REMOTE_OK")
         """
     )
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     env["HF_MODULES_CACHE"] = str(tmp_path / "modules")
     result = subprocess.run(
-        [sys.executable, "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300
+        [sys.executable, "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300,
+        stdin=subprocess.DEVNULL,
     )
     assert result.returncode == 0, result.stderr[-3000:]
     assert "REMOTE_OK" in result.stdout
+    assert "Do you wish to run the custom code" not in result.stdout + result.stderr
+
+
+def _save_tiny_tokenizer(folder):
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    backend = Tokenizer(models.WordLevel({"[UNK]": 0, "a": 1, "b": 2}, unk_token="[UNK]"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="[UNK]").save_pretrained(folder)
 
 
 def test_original_research_llama_json_loads():
