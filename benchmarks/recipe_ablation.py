@@ -31,6 +31,10 @@ VARIANTS = {
     "weight 2:4 + dense tail": {
         "activation_2by4": False, "weight_2by4": True, "flip_rate": True, "sparse_dense_finetune_steps": 50,
     },
+    "weight 2:4 + dense tail, masked decay": {
+        "activation_2by4": False, "weight_2by4": True, "flip_rate": True, "sparse_dense_finetune_steps": 50,
+        "weight_masked_decay": 0.05,
+    },
     "weight + activation 2:4": {"activation_2by4": True, "weight_2by4": True, "flip_rate": True},
 }
 
