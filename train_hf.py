@@ -24,7 +24,8 @@ from hf_sparse.numerics import NonFiniteError, NumericsGuardCallback
 from hf_sparse.loro import LoroCallback, build_loro_optimizer_and_scheduler
 from hf_sparse.evaluation import build_compute_metrics, preprocess_logits_for_metrics
 from hf_sparse.report import NotARunError, write_report
-from hf_sparse.run_config import ConfigError, LaunchError, parse_run_config
+from hf_sparse.resume_check import final_step_eval, warn_on_resume_changes
+from hf_sparse.run_config import ConfigError, LaunchError, check_hub_access, format_help, parse_run_config, wants_help
 
 
 logger = logging.getLogger("train_hf")
@@ -64,6 +65,7 @@ def resolve_resume(args) -> str | None:
 def main(argv: list[str]) -> dict:
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
     run = parse_run_config(argv)
+    check_hub_access(run.data_args)  # before any tokenizer or dataset is fetched
     args, data_args = run.training_args, run.data_args
     transformers.utils.logging.set_verbosity_warning()
     set_seed(args.seed)
@@ -130,13 +132,20 @@ def main(argv: list[str]) -> dict:
         ],
         optimizers=optimizers,
     )
-    train_result = trainer.train(resume_from_checkpoint=resolve_resume(args))
+    resume = resolve_resume(args)
+    if resume and trainer.is_world_process_zero():
+        # The Trainer resumes silently with a new max_steps, schedule or batch size.
+        warn_on_resume_changes(resume, args, run.script_args)
+    train_result = trainer.train(resume_from_checkpoint=resume)
     if guard.failure:
         trainer.save_state()  # keep the log history for the post-mortem; no model is saved
         raise NonFiniteError(guard.failure)
     metrics = dict(train_result.metrics)
     if eval_dataset is not None:
-        metrics.update(trainer.evaluate())
+        # Reuse the Trainer's own evaluation of the last step: a second one would log a
+        # duplicate row (and a second TensorBoard events file).
+        final_eval = final_step_eval(trainer.state, args)
+        metrics.update(final_eval if final_eval is not None else trainer.evaluate())
     trainer.log_metrics("all", metrics)
     trainer.save_metrics("all", metrics)
 
@@ -174,8 +183,12 @@ def _close_process_group() -> None:
 
 def cli() -> None:
     """`python train_hf.py CONFIG.json ...` and the `hf-sparse-train` console script."""
+    argv = sys.argv[1:]
+    if wants_help(argv):
+        print(format_help(), end="")  # the CLI's job: usage and every key, to stdout, exit 0
+        return
     try:
-        main(sys.argv[1:])
+        main(argv)
     except (ConfigError, NonFiniteError) as err:
         if isinstance(err, LaunchError) and os.environ.get("RANK", "0") != "0":
             sys.exit(1)  # the same verdict in every rank: rank 0 says it once

@@ -6,9 +6,11 @@ with one line naming the key and its valid values.
 
 import dataclasses
 import difflib
+import enum
 import json
 import logging
 import os
+import textwrap
 import types
 import typing
 from dataclasses import dataclass, field
@@ -19,7 +21,7 @@ from transformers import HfArgumentParser, TrainingArguments
 from transformers.trainer_utils import HubStrategy
 
 from .configuration_sparse_llama import SparseLlamaConfig
-from .data import DataArguments, validate_data_args
+from .data import PATH_LIST_FIELDS, DataArguments, check_hub_resources, validate_data_args
 
 
 logger = logging.getLogger(__name__)
@@ -34,38 +36,81 @@ class LaunchError(ConfigError):
     machine without one, ...). Every rank finds the same, so only rank 0 reports it."""
 
 
+# The model keys come in one dataclass per `train_hf.py --help` section: the help is
+# generated from the classes (docstring, fields, help metadata), so a key appears there by
+# being declared. Every model key defaults to None: absent, it keeps the model JSON's value.
+def _model_key(help_text: str):
+    return field(default=None, metadata={"help": help_text})
+
+
 @dataclass
 class ModelArguments:
-    """Model keys of the run JSON; None keeps the value of the `model_config` file."""
+    """A model JSON, and the FFN type that overrides it."""
 
-    model_config: str = field(default=None, metadata={"help": "Model JSON (this project's or the original LLaMA JSON)."})
-    squ_relu: str | None = field(default=None, metadata={"help": "silu | relu | relu2"})
-    nongated_intermediate_size: int | None = field(default=None, metadata={"help": "Non-gated FFN width."})
-    activation_2by4: bool | None = field(default=None, metadata={"help": "2:4-sparsify the ReLU² output."})
-    activation_sparse_method: str | None = field(default=None, metadata={"help": "naive | mvue | soft_threshold"})
-    activation_dense_warmup_steps: int | None = field(default=None, metadata={"help": "Dense optimizer steps first."})
-    permute_2by4: bool | None = field(default=None, metadata={"help": "Token permutation for the backward 2:4."})
-    activation_backward: str | None = field(default=None, metadata={"help": "split_gemm | naive | exact"})
-    activation_dense_features: float | None = field(default=None, metadata={"help": "Dense feature fraction."})
-    loro_scope: str | None = field(default=None, metadata={"help": "None | all | attn | mlp"})
-    loro_attn_rank: int | None = field(default=None, metadata={"help": "Rank of low-rank attention linears."})
-    loro_mlp_rank: int | None = field(default=None, metadata={"help": "Rank of low-rank FFN linears."})
-    loro_init: str | None = field(default=None, metadata={"help": "xavier | auto | kaiming | orth | randn_<std>"})
-    weight_2by4: bool | None = field(default=None, metadata={"help": "2:4 sparse weights from dense masters."})
-    weight_2by4_scope: str | None = field(default=None, metadata={"help": "mlp | attn | all"})
-    weight_sparse_method: str | None = field(default=None, metadata={"help": "s_ste | ste"})
-    weight_grad_mvue: bool | None = field(default=None, metadata={"help": "MVUE 2:4 output gradient in dW."})
-    weight_masked_decay: float | None = field(default=None, metadata={"help": "Masked decay lambda (0: off)."})
-    weight_2by4_start_step: int | None = field(default=None, metadata={"help": "Dense optimizer steps first."})
-    sparse_dense_finetune_steps: int | None = field(default=None, metadata={"help": "Last N steps dense."})
-    activation_dense_finetune: bool | None = field(
-        default=None, metadata={"help": "Dense activations too during the dense tail."}
+    model_config: str = _model_key(
+        "Model JSON (configs/llama_*.json, or the original research code's LLaMA JSON unchanged)."
+    )
+    squ_relu: str | None = _model_key(
+        "FFN activation: silu (gated SwiGLU) | relu | relu2 (Squared-ReLU; relu and relu2 are non-gated, "
+        "down(act(up(x))))."
+    )
+    nongated_intermediate_size: int | None = _model_key(
+        "Non-gated FFN width (null: 1.5 x intermediate_size rounded up to a multiple of 64)."
     )
 
 
 @dataclass
+class ActivationSparsityArguments:
+    """2:4 sparsity of the ReLU² activations (Haziza et al., arXiv 2503.16672)."""
+
+    activation_2by4: bool | None = _model_key("2:4-sparsify the ReLU² output before down_proj (needs squ_relu relu2).")
+    activation_sparse_method: str | None = _model_key(
+        "naive (keep the 2 largest of each 4; the paper's) | mvue (unbiased stochastic) | soft_threshold (S-STE)."
+    )
+    activation_dense_warmup_steps: int | None = _model_key(
+        "Optimizer steps trained densely before the 2:4 activations switch on."
+    )
+    permute_2by4: bool | None = _model_key("Fixed token permutation for the backward 2:4 (drawn from the seed).")
+    activation_backward: str | None = _model_key(
+        "split_gemm (the paper's) | naive (feature-wise 2:4 on all features) | exact (gradient of the masked forward)."
+    )
+    activation_dense_features: float | None = _model_key(
+        "split_gemm: fraction of the densest features kept in a dense GEMM (1.0: same as exact)."
+    )
+
+
+@dataclass
+class WeightSparsityArguments:
+    """2:4 sparse weights trained from dense masters (S-STE)."""
+
+    weight_2by4: bool | None = _model_key("2:4 sparse weights from dense masters.")
+    weight_2by4_scope: str | None = _model_key("mlp | attn | all: the linears with 2:4 weights.")
+    weight_sparse_method: str | None = _model_key("s_ste (shrunk by the third largest, scaled) | ste")
+    weight_grad_mvue: bool | None = _model_key("MVUE 2:4 output gradient in dW.")
+    weight_masked_decay: float | None = _model_key("Masked decay lambda (0: off).")
+    weight_2by4_start_step: int | None = _model_key("Optimizer steps trained densely before the 2:4 weights.")
+    sparse_dense_finetune_steps: int | None = _model_key(
+        "The last N optimizer steps train dense again (the dense tail; needs max_steps)."
+    )
+    activation_dense_finetune: bool | None = _model_key("Dense activations too during the dense tail.")
+
+
+@dataclass
+class LowRankArguments:
+    """Low-rank (LORO) linears, W = weight_out · weight_inᵀ; train with optimizer loro_adamw."""
+
+    loro_scope: str | None = _model_key("null (full rank) | all | attn | mlp: the decoder linears factorised.")
+    loro_attn_rank: int | None = _model_key("Rank of the low-rank attention linears.")
+    loro_mlp_rank: int | None = _model_key("Rank of the low-rank FFN linears.")
+    loro_init: str | None = _model_key("xavier | auto | kaiming | orth | randn_<std>")
+
+
+MODEL_ARGUMENT_CLASSES = (ModelArguments, ActivationSparsityArguments, WeightSparsityArguments, LowRankArguments)
+
+
+@dataclass
 class ScriptArguments:
-    """Keys of `train_hf.py` itself (names follow the original research script)."""
+    """Keys of train_hf.py itself (names follow the original research script)."""
 
     wandb_sparsityrelu: bool = field(default=False, metadata={"help": "Log per-layer activation sparsity."})
     weight_sparsity_metrics: bool = field(default=True, metadata={"help": "Log per-matrix weight sparsity."})
@@ -109,7 +154,157 @@ class RunConfig:
     raw: dict
 
 
-ARGUMENT_CLASSES = (ModelArguments, DataArguments, ScriptArguments, TrainingArguments)
+ARGUMENT_CLASSES = (*MODEL_ARGUMENT_CLASSES, DataArguments, ScriptArguments, TrainingArguments)
+
+
+USAGE = "train_hf.py CONFIG.json [--key value ...]"
+HELP_FLAGS = ("-h", "--help")
+
+# `train_hf.py --help`: one section per argument class, in this order (title, class, and a
+# description where the class docstring is not meant for users).
+HELP_SECTIONS = (
+    ("model", ModelArguments, None),
+    ("2:4 activations", ActivationSparsityArguments, None),
+    ("weight 2:4", WeightSparsityArguments, None),
+    ("low rank", LowRankArguments, None),
+    ("data", DataArguments, "Training data and tokenizer. With neither dataset_name nor train_files: the embedded "
+     "default corpus and a tokenizer trained on it locally (no network)."),
+    ("script", ScriptArguments, None),
+)
+# The TrainingArguments keys --help shows, with the Trainer's own help (first sentence), the
+# ones a run JSON usually sets; then what train_hf.py adds to that help, or says instead of
+# it where the script changes the key's meaning.
+TRAINER_HELP_KEYS = (
+    "output_dir", "max_steps", "num_train_epochs", "per_device_train_batch_size", "gradient_accumulation_steps",
+    "per_device_eval_batch_size", "learning_rate", "lr_scheduler_type", "warmup_steps", "weight_decay",
+    "max_grad_norm", "bf16", "logging_steps", "eval_strategy", "eval_steps", "save_strategy", "save_steps",
+    "report_to", "run_name", "seed", "resume_from_checkpoint", "push_to_hub", "use_cpu", "torch_compile",
+)
+TRAINER_HELP_NOTES = {
+    "output_dir": "One that holds another run is refused unless overwrite_output_dir.",
+    "logging_steps": "The sparsity telemetry is logged in the same rows as the loss.",
+    "report_to": 'E.g. ["wandb"], ["tensorboard"]; wandb needs `wandb login`, WANDB_API_KEY or WANDB_MODE=offline.',
+    "seed": "Also draws the 2:4 token permutation.",
+    "use_cpu": "Set automatically when no GPU exists.",
+}
+TRAINER_HELP_REPLACED = {
+    "max_steps": "Optimizer steps to train; -1: train for num_train_epochs instead (0 is refused).",
+    "resume_from_checkpoint": 'A checkpoint folder, or true / "last": the last finished checkpoint of output_dir.',
+    "push_to_hub": "Upload the finished output_dir once, at the end, with its model card (hub_strategy 'end' "
+    "unless set).",
+}
+
+
+def wants_help(argv: list[str]) -> bool:
+    """`-h`/`--help` alone or anywhere after the config (`train_hf.py run.json --help`)."""
+    return any(token in HELP_FLAGS for token in argv)
+
+
+def _type_label(annotation, key: str, show_null: bool) -> str:
+    if key in PATH_LIST_FIELDS:
+        return "str | list[str]"
+    union = typing.get_origin(annotation) in (typing.Union, types.UnionType)
+    members = typing.get_args(annotation) if union else (annotation,)
+    labels = []
+    for member in members:
+        if member is type(None):
+            continue
+        if isinstance(member, type) and issubclass(member, enum.Enum):
+            label = "str"  # the Trainer's strategy enums are written as their string values
+        elif typing.get_origin(member) is not None:
+            label = str(member).replace("typing.", "")
+        else:
+            label = getattr(member, "__name__", str(member))
+        if label not in labels:
+            labels.append(label)
+    if show_null and type(None) in members:
+        labels.append("null")
+    return " | ".join(labels) or "any"
+
+
+def _default_label(value) -> str:
+    if isinstance(value, enum.Enum):
+        value = value.value
+    try:
+        return json.dumps(value, ensure_ascii=False)
+    except TypeError:
+        return str(value)
+
+
+def _field_default(f: dataclasses.Field):
+    if f.default is not dataclasses.MISSING:
+        return f.default
+    if f.default_factory is not dataclasses.MISSING:
+        return f.default_factory()
+    return None
+
+
+def _help_entry(key: str, type_label: str, default: str, text: str, width: int) -> list[str]:
+    lines = [f"  {key} ({type_label}, {default})"]
+    if text:
+        lines += textwrap.wrap(text, width, initial_indent="      ", subsequent_indent="      ")
+    return lines
+
+
+def _first_sentence(text: str) -> str:
+    text = " ".join(text.split())
+    head, dot, _ = text.partition(". ")
+    return head + "." if dot else text
+
+
+def format_help(width: int = 100) -> str:
+    """`train_hf.py --help`: usage, then every key of the run JSON by group, generated from
+    the argument dataclasses (types, defaults, help metadata)."""
+    out = [f"usage: {USAGE}", f"       accelerate launch {USAGE}", "       train_hf.py --help", ""]
+    intro = (
+        "Pretrains a sparse_llama model (Squared-ReLU FFN, optional 2:4 activation/weight sparsity, low-rank "
+        "LORO mode) with the HuggingFace Trainer. CONFIG.json is one flat JSON object holding the keys below "
+        "plus any transformers.TrainingArguments field; unknown keys and wrongly typed values are refused "
+        "before anything runs. `--key value` overrides a key of CONFIG.json (the value is parsed as JSON when "
+        "it parses, else taken as a string: --max_steps 100, --report_to '[\"wandb\"]', --train_files "
+        "data.jsonl); a bare --flag means true."
+    )
+    out += textwrap.wrap(intro, width) + [""]
+    model_note = (
+        "Model keys override the model_config file; absent (or null), a key keeps the file's value, and the "
+        "defaults shown are SparseLlamaConfig's."
+    )
+    out += textwrap.wrap(model_note, width)
+    for title, cls, description in HELP_SECTIONS:
+        is_model = cls in MODEL_ARGUMENT_CLASSES
+        description = description or " ".join((cls.__doc__ or "").split())
+        out += ["", f"{title}:"] + textwrap.wrap(description, width, initial_indent="  ", subsequent_indent="  ")
+        hints = typing.get_type_hints(cls)
+        for f in dataclasses.fields(cls):
+            if not f.init:
+                continue
+            if is_model:
+                default = "required" if f.name == "model_config" else (
+                    f"default {_default_label(getattr(SparseLlamaConfig, f.name, None))}"
+                )
+            else:
+                default = f"default {_default_label(_field_default(f))}"
+            label = _type_label(hints.get(f.name, typing.Any), f.name, show_null=not is_model)
+            out += _help_entry(f.name, label, default, f.metadata.get("help", ""), width)
+        if cls is WeightSparsityArguments:
+            for alias, text in ALIASES.items():
+                out += _help_entry(alias, "bool", "alias", f"The {text}", width)
+    out += ["", "trainer:"]
+    trainer_note = (
+        "Every transformers.TrainingArguments field is a key (all of them: "
+        "https://huggingface.co/docs/transformers/main_classes/trainer#transformers.TrainingArguments). "
+        "The most used:"
+    )
+    out += textwrap.wrap(trainer_note, width, initial_indent="  ", subsequent_indent="  ")
+    fields = {f.name: f for f in dataclasses.fields(TrainingArguments)}
+    hints = typing.get_type_hints(TrainingArguments)
+    for key in TRAINER_HELP_KEYS:
+        f = fields[key]
+        text = TRAINER_HELP_REPLACED.get(key) or _first_sentence(f.metadata.get("help", ""))
+        text = " ".join(part for part in (text, TRAINER_HELP_NOTES.get(key)) if part)
+        label = _type_label(hints.get(key, typing.Any), key, show_null=True)
+        out += _help_entry(key, label, f"default {_default_label(_field_default(f))}", text, width)
+    return "\n".join(out) + "\n"
 
 
 def _known_keys():
@@ -192,7 +387,12 @@ def _value_fits(value, annotation) -> bool:
 
 # The original research script's weight-sparsity flags, accepted in the run JSON so its
 # users can port their runs unchanged; each maps onto a SparseLlamaConfig key.
-ALIAS_KEYS = ("enable_2to4_sparse", "mlp_2by4", "attn_2by4")
+ALIASES = {
+    "enable_2to4_sparse": "original name of weight_2by4.",
+    "mlp_2by4": "original flag, default true: 2:4 weights in the MLP (-> weight_2by4_scope).",
+    "attn_2by4": "original flag, default false: 2:4 weights in attention (-> weight_2by4_scope).",
+}
+ALIAS_KEYS = tuple(ALIASES)
 _SCOPE_FROM_FLAGS = {(True, True): "all", (True, False): "mlp", (False, True): "attn"}
 _NO_WEIGHT_TARGETS = (
     "mlp_2by4=False and attn_2by4=False leave weight_2by4 with no matrix to sparsify; "
@@ -264,6 +464,64 @@ def check_sparse_schedule(config: SparseLlamaConfig, max_steps: int) -> None:
         )
 
 
+# TrainingArguments values that the Trainer accepts and only trips over once data and model
+# are built (the sampler's ValueError, a ZeroDivisionError, torch's optimizer): key ->
+# (the strategy key that makes it matter, what it counts). Checked on the raw JSON because
+# building TrainingArguments already raises a multi-line error for some of them.
+_POSITIVE_TRAINER_KEYS = {
+    "per_device_train_batch_size": (None, "sequences per device per micro-batch"),
+    "per_device_eval_batch_size": (None, "sequences per device per evaluation batch"),
+    "gradient_accumulation_steps": (None, "micro-batches per optimizer step"),
+    "logging_steps": ("logging_strategy", "steps between log rows, or a fraction of the run below 1"),
+    "save_steps": ("save_strategy", "steps between checkpoints, or a fraction of the run below 1"),
+    "eval_steps": ("eval_strategy", "steps between evaluations, or a fraction of the run below 1"),
+}
+
+
+def _trainer_default(name: str):
+    return next(f.default for f in dataclasses.fields(TrainingArguments) if f.name == name)
+
+
+def check_trainer_values(data: dict) -> None:
+    """Refuse TrainingArguments values that would fail (or silently do nothing) mid-run."""
+    for key, (strategy_key, meaning) in _POSITIVE_TRAINER_KEYS.items():
+        value = data.get(key, _trainer_default(key))
+        if value is None or value > 0:
+            continue
+        if strategy_key is None:
+            raise ConfigError(f"{key}: {value!r} is not valid; use a positive integer ({meaning}).")
+        strategy = str(data.get(strategy_key, _trainer_default(strategy_key)))
+        if strategy.lower().endswith("steps"):  # "steps" or IntervalStrategy.STEPS
+            raise ConfigError(
+                f"{key}: {value!r} is not valid with {strategy_key}='steps'; use a positive value ({meaning}), "
+                f"or another {strategy_key} ('epoch', 'no')."
+            )
+    learning_rate = data.get("learning_rate", _trainer_default("learning_rate"))
+    if learning_rate < 0:
+        raise ConfigError(f"learning_rate: {learning_rate!r} is negative; use a positive value such as 1e-3.")
+    max_steps = data.get("max_steps", _trainer_default("max_steps"))
+    if max_steps == 0 or max_steps < -1:
+        raise ConfigError(
+            f"max_steps: {max_steps!r} is not valid; use a positive number of optimizer steps, or -1 (the default) "
+            "to train for num_train_epochs."
+        )
+
+
+def check_output_dir_path(output_dir: str | None) -> None:
+    """output_dir, or a folder above it, being a file would fail the first save (FileExistsError)."""
+    if not output_dir:
+        return
+    target = path = os.path.abspath(os.path.expanduser(output_dir))
+    while not os.path.exists(path):  # the nearest existing folder (or file) above it
+        parent = os.path.dirname(path)
+        if parent == path:
+            return
+        path = parent
+    if not os.path.isdir(path):
+        where = "is an existing file" if path == target else f"is below the file {path!r}"
+        raise ConfigError(f"output_dir: {output_dir!r} {where}; output_dir must be a directory (existing or new).")
+
+
 def check_keys_and_types(data: dict) -> None:
     known = _known_keys()
     for key, value in data.items():
@@ -273,6 +531,8 @@ def check_keys_and_types(data: dict) -> None:
             raise ConfigError(f"unknown config key {key!r}.{hint}")
         hints = typing.get_type_hints(known[key])
         annotation = hints.get(key, typing.Any)
+        if key in PATH_LIST_FIELDS and isinstance(value, str):
+            continue  # one path: DataArguments makes it a one-item list
         if not _value_fits(value, annotation):
             raise ConfigError(
                 f"{key}: expected {_type_name(annotation)}, got {value!r} ({type(value).__name__})."
@@ -306,6 +566,7 @@ def load_model_config(path: str, overrides: dict) -> SparseLlamaConfig:
     if raw.get("pad_token_id") == -1:
         raw["pad_token_id"] = None
     raw.update({k: v for k, v in overrides.items() if v is not None})
+    check_attention_heads(raw, path)
     try:
         return SparseLlamaConfig(**raw)
     except ValueError as err:
@@ -316,10 +577,42 @@ def load_model_config(path: str, overrides: dict) -> SparseLlamaConfig:
         raise ConfigError(f"model_config {path}: {lines[-1]}") from None
 
 
+def _divisors(n: int) -> list[int]:
+    return [d for d in range(1, n + 1) if n % d == 0]
+
+
+def check_attention_heads(raw: dict, path: str) -> None:
+    """Head counts that do not divide: transformers checks hidden_size % num_attention_heads
+    in a multi-line report; a num_attention_heads that num_key_value_heads does not divide
+    passes every config check and crashes inside attention at the first step."""
+    values = {}
+    for key in ("hidden_size", "num_attention_heads", "num_key_value_heads"):
+        value = raw.get(key, getattr(SparseLlamaConfig, key, None))
+        if key == "num_key_value_heads" and value is None:
+            value = values["num_attention_heads"]  # None means plain multi-head attention
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise ConfigError(f"{key}: {value!r} in model_config {path!r} is not valid; use a positive integer.")
+        values[key] = value
+    hidden, heads, kv_heads = values["hidden_size"], values["num_attention_heads"], values["num_key_value_heads"]
+    if hidden % heads:
+        near = sorted(_divisors(hidden), key=lambda d: (abs(d - heads), d))[:2]
+        raise ConfigError(
+            f"num_attention_heads: {heads} in model_config {path!r} does not divide hidden_size={hidden} (each head "
+            f"gets hidden_size / num_attention_heads features); use a divisor of {hidden} such as "
+            f"{' or '.join(map(str, sorted(near)))}."
+        )
+    if heads % kv_heads:
+        raise ConfigError(
+            f"num_key_value_heads: {kv_heads} in model_config {path!r} does not divide num_attention_heads={heads} "
+            f"(each key/value head serves a whole group of query heads); use one of "
+            f"{', '.join(map(str, _divisors(heads)))}."
+        )
+
+
 def parse_run_config(argv: list[str]) -> RunConfig:
     """argv = [CONFIG.json, --key, value, ...] -> a validated `RunConfig`."""
-    if not argv or argv[0].startswith("--"):
-        raise ConfigError("usage: train_hf.py CONFIG.json [--key value ...]")
+    if not argv or argv[0].startswith("-"):
+        raise ConfigError(f"usage: {USAGE}; train_hf.py --help lists the keys.")
     data, no_weight_targets = resolve_aliases(apply_cli_overrides(read_run_json(argv[0]), argv[1:]))
     # TrainingArguments types resume_from_checkpoint as a path; true/false are ours: true
     # means the last finished checkpoint ("last"), false no resume.
@@ -328,15 +621,21 @@ def parse_run_config(argv: list[str]) -> RunConfig:
     elif data.get("resume_from_checkpoint") is False:
         data.pop("resume_from_checkpoint")
     check_keys_and_types(data)
+    check_trainer_values(data)
     # Before TrainingArguments: building them already sets up accelerate's distributed state.
     check_launch_environment(data)
 
     if "use_cpu" not in data and not torch.cuda.is_available():
         # Without this, each torchrun rank on a GPU-less machine would train alone.
         data["use_cpu"] = True
-    model_args, data_args, script_args, training_args = HfArgumentParser(ARGUMENT_CLASSES).parse_dict(
-        data, allow_extra_keys=False
-    )
+    try:
+        *model_parts, data_args, script_args, training_args = HfArgumentParser(ARGUMENT_CLASSES).parse_dict(
+            data, allow_extra_keys=False
+        )
+    except ValueError as err:
+        # TrainingArguments' own cross-key checks (multi-line, no key prefix); keep them one line.
+        raise ConfigError(" ".join(str(err).split())) from None
+    model_keys = {k: v for part in model_parts for k, v in dataclasses.asdict(part).items()}
 
     if script_args.optimizer not in OPTIMIZER_CHOICES:
         raise ConfigError(
@@ -350,7 +649,7 @@ def parse_run_config(argv: list[str]) -> RunConfig:
         raise ConfigError("scheduler='cosine_restart' is available with optimizer='loro_adamw'; use lr_scheduler_type otherwise.")
     if script_args.scheduler == "cosine_restart" and training_args.max_steps <= 0:
         raise ConfigError("scheduler='cosine_restart' needs max_steps > 0 (the schedule's length).")
-    if script_args.optimizer == "loro_adamw" and not model_args.loro_scope:
+    if script_args.optimizer == "loro_adamw" and not model_keys["loro_scope"]:
         raise ConfigError(
             "optimizer='loro_adamw' needs low-rank linears: set loro_scope to 'all', 'attn' or 'mlp'."
         )
@@ -367,8 +666,8 @@ def parse_run_config(argv: list[str]) -> RunConfig:
     for key in ("loro_freq", "loro_refresh_freq"):
         if getattr(script_args, key) <= 0:
             raise ConfigError(f"{key}={getattr(script_args, key)!r} must be a positive integer.")
-    overrides = {k: v for k, v in dataclasses.asdict(model_args).items() if k != "model_config"}
-    model_config = load_model_config(model_args.model_config, overrides)
+    model_config_path = model_keys.pop("model_config")
+    model_config = load_model_config(model_config_path, model_keys)
     if no_weight_targets and model_config.weight_2by4:
         raise ConfigError(_NO_WEIGHT_TARGETS)
     check_sparse_schedule(model_config, training_args.max_steps)
@@ -391,8 +690,21 @@ def parse_run_config(argv: list[str]) -> RunConfig:
         # into the repo (a config whose auto_map points at code that is not there yet).
         training_args.hub_strategy = HubStrategy.END
     check_reporting_integrations(training_args.report_to)
+    check_output_dir_path(training_args.output_dir)
     check_output_dir(training_args, script_args)
     return RunConfig(training_args, model_config, data_args, script_args, data)
+
+
+def check_hub_access(data_args: DataArguments) -> None:
+    """The hub tokenizer/dataset of a parsed run can be had (see `data.check_hub_resources`).
+
+    Separate from `parse_run_config`, which needs neither the hub nor its cache (the shipped
+    hub recipes parse offline): train_hf.py calls it next, before anything is loaded.
+    """
+    try:
+        check_hub_resources(data_args)
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
 
 
 def accelerator_available() -> bool:
@@ -482,6 +794,58 @@ def check_reporting_integrations(report_to: list[str]) -> None:
         raise ConfigError(
             f"report_to: {', '.join(map(repr, missing))} requested but not installed (pip install "
             f"{' '.join(missing)}); installed integrations: {installed or 'none'}."
+        )
+    if "wandb" in requested:
+        check_wandb_credentials()
+
+
+_WANDB_QUIET_MODES = ("offline", "dryrun", "disabled")
+
+
+def wandb_credentials_missing() -> str | None:
+    """The W&B host for which no API key can be found, or None when wandb.init() will not
+    need one (offline/disabled mode) or will find one. No network: wandb's own lookup order,
+    read the way wandb reads it: WANDB_MODE (env, then the settings files that `wandb
+    offline` writes), WANDB_API_KEY / WANDB_IDENTITY_TOKEN_FILE, then the netrc entry that
+    `wandb login` writes for the host (WANDB_BASE_URL or the settings' base_url)."""
+    mode = os.environ.get("WANDB_MODE", "").strip().lower()
+    if mode in _WANDB_QUIET_MODES:
+        return None
+    if os.environ.get("WANDB_API_KEY") or os.environ.get("WANDB_IDENTITY_TOKEN_FILE"):
+        return None
+    try:
+        from wandb.sdk.lib.wbauth import read_netrc_auth
+        from wandb.sdk.wandb_settings import Settings
+
+        # A fresh Settings, not wandb's process-wide singleton: that one is frozen at the
+        # first wandb call, and this must see the environment as it is now.
+        settings = Settings(quiet=True)  # no "Loading settings from ..." line
+        config_dir = os.environ.get("WANDB_CONFIG_DIR")
+        settings.settings_system = os.path.join(
+            os.path.expanduser(config_dir) if config_dir else os.path.expanduser(os.path.join("~", ".config", "wandb")),
+            "settings",
+        )
+        settings.update_from_system_settings()
+        settings.update_from_env_vars(dict(os.environ))
+        if str(settings.mode).lower() in _WANDB_QUIET_MODES or settings.api_key:
+            return None
+        if read_netrc_auth(host=settings.base_url):
+            return None
+        return settings.base_url
+    except Exception as err:  # wandb internals moved or a settings file is odd: let wandb decide
+        logger.debug("wandb credential lookup skipped: %s", err)
+        return None
+
+
+def check_wandb_credentials() -> None:
+    """`report_to: ["wandb"]` without a key fails in wandb.init(), after data and model are
+    built (UsageError: No API key configured), or prompts in a terminal."""
+    host = wandb_credentials_missing()
+    if host is not None:
+        raise ConfigError(
+            f"report_to: 'wandb' needs a W&B API key and none is configured for {host} (WANDB_API_KEY, or the "
+            "~/.netrc entry that 'wandb login' writes); run 'wandb login' or set WANDB_API_KEY, or log offline with "
+            "WANDB_MODE=offline (upload later with 'wandb sync'), or drop 'wandb' from report_to."
         )
 
 
