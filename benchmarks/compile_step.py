@@ -21,7 +21,7 @@ import time
 
 import torch
 
-from machine import describe_machine  # benchmarks/machine.py
+from machine import describe_machine, interleaved_step_times  # benchmarks/machine.py
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -71,18 +71,8 @@ def main(argv=None):
     print(f"compile + 3 warm-up steps: {time.perf_counter() - start:.1f} s")
     for _ in range(3):
         step("eager")
-    times, ratios = {"eager": [], "compiled": []}, []
-    for block in range(args.blocks):
-        medians = {}
-        for name in ("eager", "compiled") if block % 2 == 0 else ("compiled", "eager"):
-            block_times = []
-            for _ in range(args.steps_per_block):
-                t0 = time.perf_counter()
-                step(name)
-                block_times.append(time.perf_counter() - t0)
-            times[name] += block_times
-            medians[name] = statistics.median(block_times)
-        ratios.append(medians["eager"] / medians["compiled"])
+    measured = interleaved_step_times(step, ("compiled", "eager"), args.blocks, args.steps_per_block)
+    times, ratios = measured["times"], measured["ratios"]  # ratios: eager / compiled
     print(f"machine: {describe_machine(torch.device('cpu'))}")
     print(f"torch {torch.__version__}, mode {args.mode}, batch {args.batch}x{args.seq}, stages compiled: {args.compile_stages}")
     for name, ts in times.items():

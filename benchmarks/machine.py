@@ -18,3 +18,27 @@ def describe_machine(device: str | torch.device = "cpu") -> str:
     except OSError:
         pass
     return f"{name}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads"
+
+
+def interleaved_step_times(step, names, blocks: int, steps_per_block: int) -> dict:
+    """Time ``step(name)`` for two variants in alternating blocks (ABBA order), so that a
+    shared machine's drifts hit both alike. Returns per-variant step times (seconds) and
+    the per-block ratio of their medians, ``names[1] / names[0]``."""
+    import statistics
+    import time
+
+    first, second = names
+    times = {first: [], second: []}
+    ratios = []
+    for block in range(blocks):
+        medians = {}
+        for name in (first, second) if block % 2 == 0 else (second, first):
+            block_times = []
+            for _ in range(steps_per_block):
+                start = time.perf_counter()
+                step(name)
+                block_times.append(time.perf_counter() - start)
+            times[name] += block_times
+            medians[name] = statistics.median(block_times)
+        ratios.append(medians[second] / medians[first])
+    return {"times": times, "ratios": ratios}

@@ -16,11 +16,10 @@ import json
 import os
 import statistics
 import sys
-import time
 
 import torch
 
-from machine import describe_machine  # benchmarks/machine.py
+from machine import describe_machine, interleaved_step_times  # benchmarks/machine.py
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -60,18 +59,8 @@ def main(argv=None):
     for name in runs:
         for _ in range(3):
             step(name)
-    times, ratios = {name: [] for name in runs}, []
-    for block in range(args.blocks):
-        medians = {}
-        for name in ("dense", "weight24") if block % 2 == 0 else ("weight24", "dense"):
-            block_times = []
-            for _ in range(args.steps_per_block):
-                t0 = time.perf_counter()
-                step(name)
-                block_times.append(time.perf_counter() - t0)
-            times[name] += block_times
-            medians[name] = statistics.median(block_times)
-        ratios.append(medians["weight24"] / medians["dense"])
+    measured = interleaved_step_times(step, ("dense", "weight24"), args.blocks, args.steps_per_block)
+    times, ratios = measured["times"], measured["ratios"]  # ratios: weight24 / dense
     print(f"machine: {describe_machine(torch.device('cpu'))}")
     print(
         f"torch {torch.__version__}, {args.model_config}, relu2, weight 2:4 {args.method} on {args.scope}, "
