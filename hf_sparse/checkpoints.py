@@ -87,6 +87,22 @@ def _framework_versions() -> list[str]:
     return lines
 
 
+def architecture_lines(config) -> list[str]:
+    """Model-card bullets on the architecture (shared by checkpoint and export cards)."""
+    ffn = "SwiGLU (gated SiLU)" if config.squ_relu == "silu" else f"non-gated {config.squ_relu} (`down(act(up(x)))`)"
+    lines = [
+        f"- hidden size {config.hidden_size}, {config.num_hidden_layers} layers, {config.num_attention_heads} heads, "
+        f"vocabulary {config.vocab_size}, context {config.max_position_embeddings}",
+        f"- FFN: {ffn}, width {config.ffn_width}",
+    ]
+    if config.loro_scope:
+        lines.append(
+            f"- low-rank (LORO) linears on `{config.loro_scope}`: attention rank {config.loro_attn_rank}, "
+            f"FFN rank {config.loro_mlp_rank}, init `{config.loro_init}`; W = weight_out · weight_inᵀ"
+        )
+    return lines
+
+
 def model_card(
     config,
     log_history: list[dict],
@@ -104,7 +120,6 @@ def model_card(
 
     eval_row = _latest_eval(log_history)
     metrics = {k: v for k, v in eval_row.items() if k.startswith("eval_") and not k.endswith(("_runtime", "_per_second"))}
-    ffn = "SwiGLU (gated SiLU)" if config.squ_relu == "silu" else f"non-gated {config.squ_relu} (`down(act(up(x)))`)"
     title = base_model_dir_name or "sparse_llama model"
     tags = ["hf_sparse", "sparse_llama", "2:4-activation-sparsity" if config.activation_2by4 else "squared-relu"]
     if getattr(config, "weight_2by4", False):
@@ -129,15 +144,8 @@ def model_card(
         "",
         "## Architecture",
         "",
-        f"- hidden size {config.hidden_size}, {config.num_hidden_layers} layers, {config.num_attention_heads} heads, "
-        f"vocabulary {config.vocab_size}, context {config.max_position_embeddings}",
-        f"- FFN: {ffn}, width {config.ffn_width}",
+        *architecture_lines(config),
     ]
-    if config.loro_scope:
-        lines.append(
-            f"- low-rank (LORO) linears on `{config.loro_scope}`: attention rank {config.loro_attn_rank}, "
-            f"FFN rank {config.loro_mlp_rank}, init `{config.loro_init}`"
-        )
     lines += ["", "## Sparsity", ""]
     if config.activation_2by4:
         lines += [

@@ -50,7 +50,7 @@ from transformers import ArceeConfig, ArceeForCausalLM, LlamaConfig, LlamaForCau
 from transformers.initialization import no_init_weights
 from transformers.utils import logging as transformers_logging
 
-from .checkpoints import last_complete_checkpoint
+from .checkpoints import architecture_lines, last_complete_checkpoint
 from .configuration_sparse_llama import SparseLlamaConfig
 from .modeling_sparse_llama import SparseLlamaForCausalLM, set_training_step
 from .weight_sparse import is_weight_sparse
@@ -257,7 +257,6 @@ def _eval_row(run_dir: str) -> dict:
 
 def _model_card(source: SparseLlamaConfig, info: dict, run_dir: str, title: str) -> str:
     stock = info["architecture"] != "sparse_llama"
-    ffn = "SwiGLU (gated SiLU)" if source.squ_relu == "silu" else f"non-gated {source.squ_relu} (`down(act(up(x)))`)"
     lines = [
         "---",
         "library_name: transformers",
@@ -294,15 +293,8 @@ def _model_card(source: SparseLlamaConfig, info: dict, run_dir: str, title: str)
         "",
         "## Model",
         "",
-        f"- hidden size {source.hidden_size}, {source.num_hidden_layers} layers, {source.num_attention_heads} heads, "
-        f"vocabulary {source.vocab_size}, context {source.max_position_embeddings}",
-        f"- FFN: {ffn}, width {source.ffn_width}",
+        *architecture_lines(source),
     ]
-    if source.loro_scope:
-        lines.append(
-            f"- low-rank linears on `{source.loro_scope}` (attention rank {source.loro_attn_rank}, "
-            f"FFN rank {source.loro_mlp_rank}); W = weight_out · weight_inᵀ"
-        )
     lines += ["", "## Sparsity", ""]
     if info["weight_2by4"]:
         factors = " (each low-rank factor along its own input dim)" if source.loro_scope else ""
@@ -440,7 +432,7 @@ def main(argv=None) -> int:
     except ExportError as err:
         logger.error("error: %s", err)
         return 2
-    print(os.path.abspath(path))
+    logger.info("exported to %s", os.path.abspath(path))
     return 0
 
 

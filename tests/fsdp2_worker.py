@@ -11,16 +11,16 @@ import json
 import os
 import sys
 
-import torch
 import torch.distributed as dist
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import fully_shard
 from torch.distributed.tensor import DTensor
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from hf_sparse import SparseLlamaForCausalLM, set_training_step, sparsity_metrics  # noqa: E402
+from hf_sparse import set_training_step, sparsity_metrics  # noqa: E402
 from hf_sparse.modeling_sparse_llama import SparseLlamaDecoderLayer  # noqa: E402
 from tests.conftest import tiny_config  # noqa: E402
+from tests.fsdp_worker import _batch, model_and_reference  # noqa: E402
 
 VARIANTS = {
     "full": {},
@@ -28,30 +28,10 @@ VARIANTS = {
 }
 
 
-def _batch(rank, vocab):
-    return torch.randint(0, vocab, (2, 16), generator=torch.Generator().manual_seed(100 + rank))
-
-
 def compare(variant, mesh):
     rank, world = dist.get_rank(), dist.get_world_size()
     config = tiny_config(activation_2by4=True, activation_dense_warmup_steps=0, **VARIANTS[variant])
-    torch.manual_seed(0)
-    model = SparseLlamaForCausalLM(config)
-    with torch.no_grad():  # exact zeros scattered over every matrix, so each shard holds some
-        for param in model.model.layers.parameters():
-            if param.dim() == 2:
-                param.mul_(torch.rand(param.shape, generator=torch.Generator().manual_seed(param.numel())) > 0.3)
-    reference = SparseLlamaForCausalLM(config)
-    reference.load_state_dict(model.state_dict())
-    set_training_step(reference, 1)
-
-    # Reference: the unwrapped model on every rank's batch, gradients averaged like FSDP's
-    # reduce-scatter does.
-    for r in range(world):
-        ids = _batch(r, config.vocab_size)
-        (reference(input_ids=ids, labels=ids).loss / world).backward()
-    # Every rank holds the same all-batch counts; the cross-rank sum scales both sides alike.
-    expected = sparsity_metrics(reference)
+    model, reference, expected = model_and_reference(config, world)
 
     # fsdp2.yaml's layout: one unit per decoder layer, the rest (embeddings, norm, head) in the root.
     for module in model.modules():

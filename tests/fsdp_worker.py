@@ -24,6 +24,26 @@ def _batch(rank, vocab):
     return torch.randint(0, vocab, (2, 16), generator=torch.Generator().manual_seed(100 + rank))
 
 
+def model_and_reference(config, world):
+    """The model to shard (exact zeros planted in every matrix, so each shard holds some), an
+    unwrapped copy that has run backward on every rank's batch with gradients averaged as
+    FSDP averages them, and its sparsity metrics (every rank holds the same all-batch
+    counts; the cross-rank sum scales both sides alike)."""
+    torch.manual_seed(0)
+    model = SparseLlamaForCausalLM(config)
+    with torch.no_grad():
+        for param in model.model.layers.parameters():
+            if param.dim() == 2:
+                param.mul_(torch.rand(param.shape, generator=torch.Generator().manual_seed(param.numel())) > 0.3)
+    reference = SparseLlamaForCausalLM(config)
+    reference.load_state_dict(model.state_dict())
+    set_training_step(reference, 1)
+    for r in range(world):
+        ids = _batch(r, config.vocab_size)
+        (reference(input_ids=ids, labels=ids).loss / world).backward()
+    return model, reference, sparsity_metrics(reference)
+
+
 def main(out_path, variant):
     dist.init_process_group("gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
@@ -33,22 +53,7 @@ def main(out_path, variant):
         "weight24": dict(weight_2by4=True, weight_2by4_scope="all"),  # 2:4 weights under FSDP
     }[variant]
     config = tiny_config(activation_2by4=True, activation_dense_warmup_steps=0, **extra)
-    torch.manual_seed(0)
-    model = SparseLlamaForCausalLM(config)
-    with torch.no_grad():  # exact zeros scattered over every matrix, so each shard holds some
-        for param in model.model.layers.parameters():
-            if param.dim() == 2:
-                param.mul_(torch.rand(param.shape, generator=torch.Generator().manual_seed(param.numel())) > 0.3)
-    reference = SparseLlamaForCausalLM(config)
-    reference.load_state_dict(model.state_dict())
-    set_training_step(reference, 1)
-
-    # Reference: the unwrapped model on every rank's batch, gradients averaged like FSDP does.
-    for r in range(world):
-        ids = _batch(r, config.vocab_size)
-        (reference(input_ids=ids, labels=ids).loss / world).backward()
-    # Every rank holds the same all-batch counts; the cross-rank sum scales both sides alike.
-    expected = sparsity_metrics(reference)
+    model, reference, expected = model_and_reference(config, world)
 
     wrapped = FSDP(model, auto_wrap_policy=ModuleWrapPolicy({SparseLlamaDecoderLayer}), use_orig_params=True,
                    sharding_strategy=ShardingStrategy.FULL_SHARD, device_id=torch.device("cpu"))

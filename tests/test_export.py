@@ -244,7 +244,7 @@ def test_errors_are_one_clear_line(exports, tmp_path):
     assert os.listdir(busy) == ["keep.txt"]
 
 
-def test_checkpoint_hint_and_cli(exports, tmp_path, capsys, caplog):
+def test_checkpoint_hint_and_cli(exports, tmp_path, caplog):
     _, cases = exports
     run_root = tmp_path / "run"
     ckpt = run_root / "checkpoint-7"
@@ -256,7 +256,9 @@ def test_checkpoint_hint_and_cli(exports, tmp_path, capsys, caplog):
 
     empty = tmp_path / "empty_out"
     empty.mkdir()  # an existing empty OUT_DIR is fine
-    assert main([str(cases["relu2_arcee"]["run"]), str(empty)]) == 0
-    assert capsys.readouterr().out.strip() == str(empty.resolve())
+    caplog.clear()
+    with caplog.at_level("INFO", logger="hf_sparse.export"):
+        assert main([str(cases["relu2_arcee"]["run"]), str(empty)]) == 0
+    assert f"exported to {empty.resolve()}" in caplog.text
     assert {"config.json", "model.safetensors", "tokenizer.json", "README.md"} <= set(os.listdir(empty))
     assert not [p for p in os.listdir(tmp_path) if ".export-" in p]  # staging folder renamed away
