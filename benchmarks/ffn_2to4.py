@@ -15,6 +15,7 @@ Imports only torch and hf_sparse's model code, so it runs on a bare GPU box.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import statistics
 import sys
@@ -56,19 +57,36 @@ class Timer:
         return (time.perf_counter() - start) * 1e3
 
 
-def run_once(fn, x, w_up, w_down, timer: Timer) -> tuple[float, float]:
-    """(forward ms, backward ms) of one step; grads are cleared outside the timed region."""
+@contextlib.contextmanager
+def env_set(env: dict[str, str]):
+    """Environment variables set for the duration of a block (the op reads its switches per call)."""
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def run_once(fn, x, w_up, w_down, timer: Timer, env: dict[str, str]) -> tuple[float, float]:
+    """(forward ms, backward ms) of one step under ``env`` (both passes: the backward op
+    reads the switches again); grads are cleared outside the timed region."""
     for t in (x, w_up, w_down):
         t.grad = None
     if timer.cuda:
         torch.cuda.synchronize()
-    t0 = timer.start()
-    y = fn(x, w_up, w_down)
-    fwd = timer.stop(t0)
-    gy = torch.ones_like(y)
-    t1 = timer.start()
-    y.backward(gy)
-    bwd = timer.stop(t1)
+    with env_set(env):
+        t0 = timer.start()
+        y = fn(x, w_up, w_down)
+        fwd = timer.stop(t0)
+        gy = torch.ones_like(y)
+        t1 = timer.start()
+        y.backward(gy)
+        bwd = timer.stop(t1)
     return fwd, bwd
 
 
@@ -86,49 +104,24 @@ def bench_shape(d, f, args, device, dtype, timer):
             permutation=perm, stats=stats,
         )
 
-    variants = {"dense": relu2_ffn_reference, "sparse": sparse}
+    # name -> (function, environment for its forward and backward)
+    variants = {"dense": (relu2_ffn_reference, {}), "sparse": (sparse, {})}  # stages: the device default
     if args.compile:
         # Compiled dense FFN (relu+square fused) against the 2:4 op with compiled stages,
         # the comparison that matters once a user sets torch_compile.
-        compiled_dense = torch.compile(relu2_ffn_reference)
-        compiled_sparse = torch.compile(sparse)
-
-        def sparse_compiled(x, wu, wd):
-            prev = os.environ.get(sparse_ffn.COMPILE_STAGES_ENV)
-            os.environ[sparse_ffn.COMPILE_STAGES_ENV] = "1"  # read per call inside the op
-            try:
-                return compiled_sparse(x, wu, wd)
-            finally:
-                if prev is None:
-                    os.environ.pop(sparse_ffn.COMPILE_STAGES_ENV, None)
-                else:
-                    os.environ[sparse_ffn.COMPILE_STAGES_ENV] = prev
-
-        variants["dense_c"] = compiled_dense
-        variants["sparse_c"] = sparse_compiled
+        variants["dense_c"] = (torch.compile(relu2_ffn_reference), {})
+        variants["sparse_c"] = (torch.compile(sparse), {sparse_ffn.COMPILE_STAGES_ENV: "1"})
     kernel_ok = device.type == "cuda" and kernels.use_2to4_kernel(x.detach(), w_up.detach(), w_down.detach())
     if device.type == "cuda":
         # Same op with the kernel switched off: separates mask overhead from GEMM gains.
-        def sparse_ref(x, wu, wd):
-            # The switch is read per call in forward (backward follows its forward).
-            prev = os.environ.get(kernels.DISABLE_ENV)
-            os.environ[kernels.DISABLE_ENV] = "1"
-            try:
-                return sparse(x, wu, wd)
-            finally:
-                if prev is None:
-                    os.environ.pop(kernels.DISABLE_ENV, None)
-                else:
-                    os.environ[kernels.DISABLE_ENV] = prev
-
-        variants["sparse_ref"] = sparse_ref
+        variants["sparse_ref"] = (sparse, {kernels.DISABLE_ENV: "1"})
     times = {k: ([], []) for k in variants}
     for _ in range(args.warmup):
-        for name, fn in variants.items():
-            run_once(fn, x, w_up, w_down, timer)
+        for name, (fn, env) in variants.items():
+            run_once(fn, x, w_up, w_down, timer, env)
     for _ in range(args.repeats):
-        for name, fn in variants.items():  # alternate so drifts hit every variant alike
-            fwd, bwd = run_once(fn, x, w_up, w_down, timer)
+        for name, (fn, env) in variants.items():  # alternate so drifts hit every variant alike
+            fwd, bwd = run_once(fn, x, w_up, w_down, timer, env)
             times[name][0].append(fwd)
             times[name][1].append(bwd)
     out = {}

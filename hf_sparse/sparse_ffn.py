@@ -41,6 +41,7 @@ import contextlib
 import logging
 import math
 import os
+import threading
 from typing import Callable, Optional
 
 import torch
@@ -94,6 +95,14 @@ def _u8(t: Tensor) -> Tensor:
 
 def _rank_keys(v: Tensor) -> Tensor:
     """``v`` with NaN replaced by +inf (for ranking only; the values themselves are kept)."""
+    return _nan_to_inf(v)
+
+
+def _nan_to_inf(v: Tensor) -> Tensor:
+    """``v`` with NaN replaced by +inf, out of place. Compiled as a compare-and-select:
+    CPU inductor lowers nan_to_num to a scalar isnan loop per vector."""
+    if torch.compiler.is_compiling():
+        return torch.where(v != v, math.inf, v)
     return torch.nan_to_num(v, nan=math.inf, posinf=math.inf, neginf=-math.inf)
 
 
@@ -102,27 +111,40 @@ def _rank_keys_(v: Tensor) -> Tensor:
     return v.nan_to_num_(nan=math.inf, posinf=math.inf, neginf=-math.inf)
 
 
+def _small_count_dtype() -> torch.dtype:
+    """dtype of per-group counts (0..4): uint8 eager (a quarter of the bytes); int32 when
+    compiled, because CPU inductor emits scalar loops for uint8 arithmetic (a compiled
+    selection stage measured ~4x slower with uint8 than with 32-bit counts)."""
+    return torch.int32 if torch.compiler.is_compiling() else torch.uint8
+
+
+def _flags(cond: Tensor) -> Tensor:
+    """0/1 flags of a bool tensor in :func:`_small_count_dtype`."""
+    return cond.to(torch.float32) if torch.compiler.is_compiling() else _u8(cond)
+
+
 def _group_nonzero_counts(members: tuple[Tensor, ...]) -> tuple[Tensor, Tensor]:
     """(non-zeros, non-zeros a 2:4 mask drops) of groups given as four member views.
 
     Every rule keeps min(2, nnz) of a group (NaN is a non-zero and ranks highest), so the
-    drop count is sum(max(nnz_g - 2, 0)). Works on uint8 per-group counts: a pass over F/4
+    drop count is sum(max(nnz_g - 2, 0)). Works on small per-group counts: a pass over F/4
     values instead of F, and no float->int conversion of a full-size tensor.
     """
-    nnz_g = sum(_u8(m != 0) for m in members)
+    nnz_g = sum(_flags(m != 0) for m in members)
     # max(nnz_g - 2, 0) = (nnz_g >= 3) + (nnz_g == 4), without uint8 wrap-around
     dropped = count_nonzero(nnz_g > 2) + count_nonzero(nnz_g == 4)
     return nnz_g.sum(-1, dtype=torch.int32).sum(), dropped
 
 
 def _win_counts(a: Tensor, b: Tensor, c: Tensor, d: Tensor) -> tuple[Tensor, ...]:
-    """uint8 number of duels each of (a, b, c, d) wins; ties go to the lower index.
+    """Number of duels each of (a, b, c, d) wins (:func:`_small_count_dtype`); ties go to
+    the lower index.
 
     i beats j (i < j) iff v_i >= v_j. For NaN-free keys that is a total order, so the
     counts are exactly 3, 2, 1, 0 in some order: "wins >= 2" keeps exactly the two largest.
     """
-    w01, w02, w03 = _u8(a >= b), _u8(a >= c), _u8(a >= d)
-    w12, w13, w23 = _u8(b >= c), _u8(b >= d), _u8(c >= d)
+    w01, w02, w03 = _flags(a >= b), _flags(a >= c), _flags(a >= d)
+    w12, w13, w23 = _flags(b >= c), _flags(b >= d), _flags(c >= d)
     # The constant goes in first so that nothing wraps below zero in uint8.
     return (
         w01 + w02 + w03,
@@ -177,8 +199,9 @@ def _group_keep(groups: Tensor, dim: int) -> Tensor:
     return torch.stack(_top2_of_4(*keys), dim)
 
 
-def _mvue_select(mag: Tensor, u: Optional[Tensor] = None) -> Tensor:
-    """Unbiased minimum-variance 2:4 draw (Chmiel et al.) on a (..., 4) magnitude view.
+def _mvue_select(mag: Tensor, u: Optional[Tensor] = None, dim: int = -1) -> Tensor:
+    """Unbiased minimum-variance 2:4 draw (Chmiel et al.) on a magnitude view whose ``dim``
+    (size 4) holds the groups.
 
     Keep probabilities p_i ∝ |v_i| with sum(p) = min(2, nnz), capped at 1 (the capped
     member is kept surely, the other mass is spread over the rest). Members are drawn by
@@ -189,7 +212,7 @@ def _mvue_select(mag: Tensor, u: Optional[Tensor] = None) -> Tensor:
     valid probabilities: it keeps its top-2 (NaN highest) with D = 1, so the NaN/Inf
     flows on to the output instead of spreading over the whole group.
 
-    ``u`` (float32, shaped ``mag.shape[:-1] + (1,)``) is drawn here from the global RNG
+    ``u`` (float32, shaped like ``mag`` with size 1 at ``dim``) is drawn here from the global RNG
     when not given; the FFN op draws it eagerly and passes it in, so a compiled stage
     selects exactly what the eager one does.
 
@@ -199,27 +222,28 @@ def _mvue_select(mag: Tensor, u: Optional[Tensor] = None) -> Tensor:
     cdtype = torch.float64 if mag.dtype == torch.float64 else torch.float32
     tiny = torch.finfo(cdtype).tiny
     m = mag.to(cdtype)
-    finite = torch.isfinite(m.sum(-1, keepdim=True))
+    finite = torch.isfinite(m.sum(dim, keepdim=True))
     m = torch.where(finite, m, 0.0)
     # Normalise by the group max: sums of large bf16/fp32 values could overflow.
-    n = m / m.amax(-1, keepdim=True).clamp_min(tiny)
-    s = n.sum(-1, keepdim=True)
+    n = m / m.amax(dim, keepdim=True).clamp_min(tiny)
+    s = n.sum(dim, keepdim=True)
     # The normalised max is exactly 1; it exceeds half the sum iff s < 2 ("capped"): then
     # it is unique, kept surely, and the others share 1 in proportion. Their sum is taken
     # directly (not as s - 1) and p divided rather than multiplied by a reciprocal, so a
     # group that is already 2:4 gets p = 1 exactly and passes through losslessly.
-    rest = torch.where(n == 1.0, 0.0, n).sum(-1, keepdim=True)
+    rest = torch.where(n == 1.0, 0.0, n).sum(dim, keepdim=True)
     denom = torch.where(s < 2.0, rest, s * 0.5).clamp_min(tiny)
     p = (n / denom).clamp(max=1.0)  # the capped max comes out > 1 and is clamped to 1
     # The clamp keeps rounding from pushing the total past 2 (a third point).
-    c = p.cumsum(-1).clamp(max=2.0)
+    c = p.cumsum(dim).clamp(max=2.0)
     if u is None:
         # Always drawn in float32 so a given seed selects the same members in every dtype.
-        u = torch.rand(m.shape[:-1] + (1,), dtype=torch.float32, device=m.device)
+        u = torch.rand(m.shape[:dim % m.dim()] + (1,) + m.shape[dim % m.dim() + 1 :], dtype=torch.float32, device=m.device)
     hits = (c - u.to(cdtype)).ceil()  # ceil(c_0 - u) = 0 for the implicit c_0 = 0
-    keep = torch.cat((hits[..., :1], hits[..., 1:] - hits[..., :-1]), -1).clamp(max=1.0)
+    first, step = hits.narrow(dim, 0, 1), hits.narrow(dim, 1, 3) - hits.narrow(dim, 0, 3)
+    keep = torch.cat((first, step), dim).clamp(max=1.0)
     inv_p = keep / p.clamp_min(tiny)
-    return torch.where(finite, inv_p, _group_keep(mag, -1).to(cdtype))
+    return torch.where(finite, inv_p, _group_keep(mag, dim).to(cdtype))
 
 
 def _inv_p_to(inv_p: Tensor, dtype: torch.dtype) -> Tensor:
@@ -358,6 +382,9 @@ def _run_stage(stage: Callable, *args):
 
 def _col_nonzero_counts(nz_mask: Tensor) -> Tensor:
     """True entries per column of a (T, F) bool tensor, int64."""
+    if torch.compiler.is_compiling():
+        # One fused column reduction (T < 2**31 rows: int32 is exact).
+        return nz_mask.sum(0, dtype=torch.int32).to(torch.int64)
     nz = _u8(nz_mask)
     t = nz.shape[0]
     # Two-level reduction with int16 partials (chunk <= 128 rows cannot overflow): far
@@ -368,25 +395,50 @@ def _col_nonzero_counts(nz_mask: Tensor) -> Tensor:
     return nz.sum(0, dtype=torch.int64)
 
 
-def _forward_stage(y1: Tensor, u: Optional[Tensor], method: str, count: bool, want_feature_counts: bool):
+def _feature_groups(r: Tensor, planar: bool) -> tuple[Tensor, int]:
+    """(grouped view, group dim) of a (T, F) tensor whose feature groups of 4 lie in
+    ``planar`` layout (member k of group j at column k·F/4 + j) or consecutively."""
+    t, f = r.shape
+    return (r.view(t, 4, f // 4), 1) if planar else (r.view(t, f // 4, 4), 2)
+
+
+def _forward_stage(
+    y1: Tensor,
+    u: Optional[Tensor],
+    method: str,
+    count: bool,
+    want_feature_counts: bool,
+    planar: bool = False,
+    y2s_out: Optional[Tensor] = None,
+    g_out: Optional[Tensor] = None,
+    y2s_members: Optional[tuple[Tensor, ...]] = None,
+    g_members: Optional[tuple[Tensor, ...]] = None,
+):
     """y1 (T×F) -> y2s, g = D ⊙ 2·relu(y1), [relu non-zeros, kept non-zeros], per-feature non-zeros.
 
     The counts are 0-d int64 tensors (None when not asked for): telemetry comes out of
-    this pass instead of a second read of a T×F tensor. Written with in-place ops on the
-    stage's own intermediates (never on its inputs): cheap in eager mode on CPU, and
-    functionalised away when compiled.
+    this pass instead of a second read of a T×F tensor. ``planar``: the feature groups lie
+    in the planar layout (see :func:`_feature_groups`). y2s and g are written into
+    ``y2s_out`` / ``g_out`` when given (buffers the caller chose, see :func:`_scratch`) or
+    returned fresh (MVUE, or when not given); ``*_members`` are those buffers' member views
+    (:func:`_members`), which the compiled planar stage writes. Eager: in place on y1 (the op's own
+    intermediate) and on the outputs; compiled: functional, one fused loop ending in the
+    output buffers (mutating y1 would cost a copy back).
     """
     t, f = y1.shape
+    compiling = torch.compiler.is_compiling()
     # relu, with NaN mapped to +inf: it ranks highest (a NaN breaks pairwise duels, and a
     # group could keep 3 or 4), stays non-finite for the numerics guard, and every later
-    # selection can rank on the values themselves. In place on y1 in eager mode (the op
-    # discards y1); compiled, mutating an input would cost a copy back.
-    r = y1.clamp(min=0) if torch.compiler.is_compiling() else y1.clamp_(min=0)
-    r = r.nan_to_num_(nan=math.inf, posinf=math.inf)
+    # selection can rank on the values themselves.
+    r = _nan_to_inf(y1.clamp(min=0)) if compiling else y1.clamp_(min=0).nan_to_num_(nan=math.inf, posinf=math.inf)
+    if compiling and planar and method != "mvue" and y2s_members is not None and g_members is not None:
+        return _planar_forward_compiled(r, method, count, want_feature_counts, y2s_out, g_out, y2s_members, g_members)
+    groups, dim = _feature_groups(r, planar)
     relu_nnz = kept_nnz = feature_counts = None
     if method == "mvue":
         y2 = r * r
-        inv_p = _mvue_select(y2.view(t, f // 4, 4), u).view(t, f)
+        u = u.view((t, 1, f // 4) if planar else (t, f // 4, 1))
+        inv_p = _mvue_select(y2.view(groups.shape), u, dim).view(t, f)
         kept = inv_p != 0
         y2s = torch.where(kept, (y2.to(inv_p.dtype) * inv_p).to(y1.dtype), 0.0)
         g = torch.where(kept, r * _inv_p_to(inv_p, y1.dtype) * 2.0, 0.0)
@@ -396,29 +448,83 @@ def _forward_stage(y1: Tensor, u: Optional[Tensor], method: str, count: bool, wa
         # Rank on relu(y1) instead of y2 = relu(y1)²: same order (squaring is monotone on
         # r >= 0), so y2 is never materialised unmasked. Only two r whose squares round to
         # the same y2 are ranked by r rather than by index; the kept values are the same.
-        groups = r.view(t, f // 4, 4)
         if count:
             # zeros of y2 = zeros of relu(y1); the mask keeps min(2, nnz) per group. Counted
             # before the S-STE shift, which also zeroes kept members tied with the threshold.
-            relu_nnz, dropped = _group_nonzero_counts(groups.unbind(-1))
+            relu_nnz, dropped = _group_nonzero_counts(groups.unbind(dim))
             kept_nnz = relu_nnz - dropped
         thresh = None
         if method == "soft_threshold":
-            thresh = _third_largest_of_4(*groups.unbind(-1)).unsqueeze(-1)
-        r = _keep_top2_(groups, -1, by_magnitude=False).view(t, f)
-        y2s = r * r
+            thresh = _third_largest_of_4(*groups.unbind(dim)).unsqueeze(dim)
+        r = _keep_top2_(groups, dim, by_magnitude=False).view(t, f)
+        y2s_out = y1.new_empty(t, f) if y2s_out is None else y2s_out
+        g_out = y1.new_empty(t, f) if g_out is None else g_out
+        if compiling:
+            y2s = r * r
+        else:
+            y2s = torch.mul(r, r, out=y2s_out)
         if thresh is not None:
             # Dropped members are 0 and kept ones >= t²: clamp(y·M - t², 0) == M ⊙ (y - t²).
             # Inf - Inf (an infinite threshold) stays +inf: y2s is never NaN.
-            y2s = (y2s.view(t, f // 4, 4) - thresh * thresh).clamp(min=0).view(t, f)
-            y2s = y2s.nan_to_num_(nan=math.inf, posinf=math.inf)
-        g = r.mul_(2.0)  # ours, masked: g = D ⊙ 2·relu(y1) with D = M
+            if compiling:
+                y2s = (y2s.view(groups.shape) - thresh * thresh).clamp(min=0).view(t, f)
+                y2s = y2s.nan_to_num(nan=math.inf, posinf=math.inf)
+            else:
+                y2s.view(groups.shape).sub_(thresh * thresh).clamp_(min=0)
+                y2s.nan_to_num_(nan=math.inf, posinf=math.inf)
+        # g = D ⊙ 2·relu(y1) with D = M (r is masked)
+        if compiling:
+            y2s = y2s_out.copy_(y2s)
+            g = g_out.copy_(r * 2.0)
+        else:
+            g = torch.mul(r, 2.0, out=g_out)
     if want_feature_counts:
         feature_counts = _col_nonzero_counts(y2s != 0)  # the dense-feature ranking's input
     return y2s, g, relu_nnz, kept_nnz, feature_counts
 
 
-def _token_sparse_operand(z: Tensor, nonneg: bool, own: bool, idx: "_FeatureSplit"):
+def _members(t: Tensor, planar_features: bool) -> tuple[Tensor, ...]:
+    """The four member views of a (T, F) tensor's 2:4 groups: feature groups in the planar
+    layout (four T × F/4 column blocks) or token groups (rows 4i + m, m = 0..3)."""
+    rows, cols = t.shape
+    return t.view(rows, 4, cols // 4).unbind(1) if planar_features else t.view(rows // 4, 4, cols).unbind(1)
+
+
+def _planar_forward_compiled(r, method, count, want_feature_counts, y2s_out, g_out, y2s_members, g_members):
+    """Compiled forward stage on the planar layout, written member by member.
+
+    Each output member is its own ``copy_`` into a member view that is an *input* of the
+    compiled function, so inductor emits one loop over (T, F/4) that reads the four
+    members once and stores all eight results. Stacking the members, or taking the views
+    inside the function, makes it realise the result in a temporary first (measured 3-5x
+    slower on CPU).
+    """
+    t, f = r.shape
+    members = _members(r, True)
+    wins = _win_counts(*members)
+    thresh = _third_largest_of_4(*members) if method == "soft_threshold" else None
+    feature_counts = []
+    for m, w, y_out, g_dst in zip(members, wins, y2s_members, g_members):
+        kept = torch.where(w >= 2, m, 0.0)
+        y2s = kept * kept
+        if thresh is not None:
+            # As in the eager stage: M ⊙ (y - t²) with Inf - Inf kept at +inf.
+            y2s = _nan_to_inf((y2s - thresh * thresh).clamp(min=0))
+        y_out.copy_(y2s)
+        g_dst.copy_(kept * 2.0)
+        if want_feature_counts:
+            feature_counts.append((y2s != 0).sum(0, dtype=torch.int32))
+    relu_nnz = kept_nnz = None
+    if count:
+        relu_nnz, dropped = _group_nonzero_counts(members)
+        kept_nnz = relu_nnz - dropped
+    fc = torch.cat(feature_counts).to(torch.int64) if want_feature_counts else None
+    return y2s_out, g_out, relu_nnz, kept_nnz, fc
+
+
+def _token_sparse_operand(
+    z: Tensor, nonneg: bool, own: bool, idx: "_FeatureSplit", out: Optional[Tensor] = None, out_members=None
+):
     """Token-wise 2:4 of a (T, F) tensor as the weight-gradient GEMM wants it.
 
     Per feature, each group of 4 consecutive tokens keeps its 2 largest |values| (NaN
@@ -426,26 +532,41 @@ def _token_sparse_operand(z: Tensor, nonneg: bool, own: bool, idx: "_FeatureSpli
     ``idx.gathered`` (cuSPARSELt): returns the sparse features only, written as
     (F_s + pad) × T row-major (2:4 along rows, zero rows up to the kernel's alignment),
     plus the dense features gathered (T × n_dense). Otherwise (plain GEMMs): one T × F
-    operand with the dense features restored in place, which costs a CPU GEMM less than
-    an odd-width gathered one. ``own``: ``z`` may be overwritten.
+    operand with the dense features kept whole, which costs a CPU GEMM less than an
+    odd-width gathered one. ``own``: ``z`` may be overwritten (eager); ``out``: where a
+    plain operand that is not made in place goes, ``out_members``: its token-member views
+    (written by the compiled stage, see :func:`_planar_forward_compiled`).
     """
-    dense = z.index_select(1, idx.dense) if idx.dense is not None else None
     by_magnitude = not nonneg  # y2s holds no NaN (see _forward_stage); dy1 ranks NaN highest
     if idx.gathered:
+        dense = z.index_select(1, idx.dense) if idx.dense is not None else None
         return _gathered_token_operand(z, idx, by_magnitude), dense
-    zs = z if own else z.clone()
-    t, fs = zs.shape
+    t, fs = z.shape
     tail = -t % 4
+    if torch.compiler.is_compiling() and out_members is not None and not tail:
+        # Member by member into views of ``out``: one fused loop (see _planar_forward_compiled).
+        members = _members(z, False)
+        keys = members if nonneg else [_rank_keys(m.abs()) for m in members]
+        wins = _win_counts(*keys)
+        for m, w, dst in zip(members, wins, out_members):
+            kept = torch.where(w >= 2, m, 0.0)
+            dst.copy_(kept if idx.dense_mask is None else torch.where(idx.dense_mask, m, kept))
+        return out, None
+    if torch.compiler.is_compiling():
+        zs = F.pad(z, (0, 0, 0, tail)) if tail else z
+        zs = _keep_top2_(zs.view(-1, 4, fs), 1, by_magnitude).view(-1, fs)[:t]
+        if idx.dense_mask is not None:
+            zs = torch.where(idx.dense_mask, z, zs)
+        return (zs if out is None else out.copy_(zs)), None
+    # Eager: selection in place; the dense columns are saved first and restored after.
+    dense = z.index_select(1, idx.dense) if idx.dense is not None else None
+    zs = z if own else (z.clone() if out is None else out.copy_(z))
     if tail:
         zs = F.pad(zs, (0, 0, 0, tail))
-    zs = _keep_top2_(zs.view(-1, 4, fs), 1, by_magnitude).view(-1, fs)
-    if tail:
-        zs = zs[:t]
-    if dense is None:
-        return zs, None
-    # Compiled: functional, so that an owned input is not mutated (a copy-back).
-    restore = zs.index_copy if torch.compiler.is_compiling() else zs.index_copy_
-    return restore(1, idx.dense, dense), None
+    zs = _keep_top2_(zs.view(-1, 4, fs), 1, by_magnitude).view(-1, fs)[:t]
+    if dense is not None:
+        zs.index_copy_(1, idx.dense, dense)
+    return zs, None
 
 
 def _gathered_token_operand(z: Tensor, idx: "_FeatureSplit", by_magnitude: bool) -> Tensor:
@@ -469,10 +590,15 @@ def _gathered_token_operand(z: Tensor, idx: "_FeatureSplit", by_magnitude: bool)
 
 
 class _FeatureSplit:
-    """Which features the weight-gradient GEMMs treat as dense, and the operand layout."""
+    """Which features the weight-gradient GEMMs treat as dense, and the operand layout.
 
-    def __init__(self, dense: Optional[Tensor], sparse: Optional[Tensor], pad_rows: int, gathered: bool):
+    ``dense_mask`` (bool, F): the dense features as a mask, for compiled plain-GEMM stages
+    (a broadcast select fuses into the selection loop; an index_copy would not).
+    """
+
+    def __init__(self, dense: Optional[Tensor], sparse: Optional[Tensor], pad_rows: int, gathered: bool, dense_mask: Optional[Tensor] = None):
         self.dense, self.sparse, self.pad_rows, self.gathered = dense, sparse, pad_rows, gathered
+        self.dense_mask = dense_mask
 
 
 def _backward_stage(
@@ -486,6 +612,10 @@ def _backward_stage(
     sparse_idx: Optional[Tensor],
     pad_rows: int,
     gathered: bool,
+    dense_mask: Optional[Tensor] = None,
+    dy1_out: Optional[Tensor] = None,
+    down_out: Optional[Tensor] = None,
+    down_members: Optional[tuple[Tensor, ...]] = None,
 ):
     """One pass over dy2 and g (and y2s): dy1 for dx, and both weight-gradient operands.
 
@@ -494,26 +624,49 @@ def _backward_stage(
     must stay 2:4), so dropped positions are zeroed explicitly; plain GEMMs take the
     product as it is (0·NaN = NaN, as a dense GEMM would propagate it).
     y2s is recomputed from g when not saved (naive): (g/2)² is bitwise the forward's y2s.
+    Plain GEMMs: dy1 goes to ``dy1_out`` and the y2s operand to ``down_out`` where given
+    (eager: dy1 is made in place on dy2, which the op discards).
     """
-    # In place on dy2 in eager mode (the op discards it), as y1 in the forward stage.
-    dy1 = dy2 * g if torch.compiler.is_compiling() else dy2.mul_(g)
-    if gathered:
-        dy1 = torch.where(g != 0, dy1, 0.0) if torch.compiler.is_compiling() else _keep_nonzero_(dy1, g)
-    idx = _FeatureSplit(dense_idx, sparse_idx, pad_rows, gathered)
+    compiling = torch.compiler.is_compiling()
+    if compiling:
+        dy1 = dy2 * g
+        if gathered:
+            dy1 = torch.where(g != 0, dy1, 0.0)
+        elif dy1_out is not None:
+            dy1 = dy1_out.copy_(dy1)
+    else:
+        dy1 = dy2.mul_(g)
+        if gathered:
+            _keep_nonzero_(dy1, g)
+    idx = _FeatureSplit(dense_idx, sparse_idx, pad_rows, gathered, dense_mask)
     up = up_dense = down = down_dense = None
     if need_up and token_sparse and gathered:
-        # (Plain GEMMs: dy1's operand is made in place after dx, see _up_operand_stage.)
+        # (Plain GEMMs: dy1's operand is made after dx, see _up_operand_stage.)
         up, up_dense = _token_sparse_operand(dy1, False, False, idx)
     if need_down:
         own = saved_y2s is None
-        y2s = (g * 0.5).square_() if own else saved_y2s
-        down, down_dense = _token_sparse_operand(y2s, True, own, idx) if token_sparse else (y2s, None)
+        if not own:
+            y2s = saved_y2s
+        elif compiling:
+            y2s = (g * 0.5).square()
+            if down_out is not None and not token_sparse:
+                y2s = down_out.copy_(y2s)
+        elif down_out is None:
+            y2s = (g * 0.5).square_()
+        else:
+            y2s = torch.mul(g, 0.5, out=down_out).square_()
+        if token_sparse:
+            down, down_dense = _token_sparse_operand(y2s, True, own, idx, down_out, down_members)
+        else:
+            down = y2s
     return dy1, up, up_dense, down, down_dense
 
 
-def _up_operand_stage(dy1: Tensor, dense_idx: Optional[Tensor]) -> Tensor:
-    """Plain-GEMM path: dy1's token-wise 2:4 operand, made from dy1 itself once dx is done."""
-    return _token_sparse_operand(dy1, False, True, _FeatureSplit(dense_idx, None, 0, False))[0]
+def _up_operand_stage(dy1, dense_idx, dense_mask=None, out=None, out_members=None) -> Tensor:
+    """Plain-GEMM path: dy1's token-wise 2:4 operand, made once dx is done (eager: in
+    place on dy1; compiled: into ``out`` through ``out_members``)."""
+    idx = _FeatureSplit(dense_idx, None, 0, False, dense_mask)
+    return _token_sparse_operand(dy1, False, True, idx, out, out_members)[0]
 
 
 def _keep_nonzero_(t: Tensor, where: Tensor) -> Tensor:
@@ -524,30 +677,106 @@ def _keep_nonzero_(t: Tensor, where: Tensor) -> Tensor:
     return t
 
 
+# ----- CPU scratch buffers and the planar feature layout -----
+
+
+class _ScratchBuffers(threading.local):
+    def __init__(self):
+        self.buffers: dict[tuple[str, torch.dtype], Tensor] = {}
+
+
+_scratch_buffers = _ScratchBuffers()
+
+
+def _scratch(slot: str, shape: tuple[int, ...], like: Tensor) -> Tensor:
+    """An uninitialised buffer for an intermediate that never leaves the op.
+
+    CPU only: glibc serves allocations this large with fresh mmaps, and the first-touch
+    page faults cost several times the writes themselves (a new 50 MB fp32 tensor: ~16 ms
+    to fault in, ~2.5 ms to write once warm, on the benchmark machine). Each slot keeps
+    one buffer per thread and dtype, reused by every layer and step (grown on demand,
+    never shrunk). Other devices have caching allocators: a plain empty tensor.
+    """
+    if like.device.type != "cpu":
+        return like.new_empty(shape)
+    numel = math.prod(shape)
+    key = (slot, like.dtype)
+    buf = _scratch_buffers.buffers.get(key)
+    if buf is None or buf.numel() < numel:
+        _scratch_buffers.buffers.pop(key, None)  # free the smaller one before allocating
+        buf = _scratch_buffers.buffers[key] = like.new_empty(numel)
+    return buf[:numel].view(shape)
+
+
+def _planar_rows(w: Tensor, out: Tensor) -> Tensor:
+    """``w`` (F×n) with its rows in the planar feature order, written into ``out``: member
+    k of feature group j (row 4j + k) goes to row k·F/4 + j."""
+    f = w.shape[0]
+    out.view(4, f // 4, -1).copy_(w.view(f // 4, 4, -1).transpose(0, 1))
+    return out
+
+
+def _unplanar_rows(w: Tensor) -> Tensor:
+    """Inverse of :func:`_planar_rows` (a new tensor)."""
+    f = w.shape[0]
+    return w.view(4, f // 4, -1).transpose(0, 1).reshape(f, -1)
+
+
+def _unplanar_cols(w: Tensor) -> Tensor:
+    """``w`` (n×F) with planar-ordered columns back in feature order (a new tensor)."""
+    n, f = w.shape
+    return w.view(n, 4, f // 4).transpose(1, 2).reshape(n, f)
+
+
+def _op_weights(w_up: Tensor, w_down: Tensor, planar: bool) -> tuple[Tensor, Tensor]:
+    """(w_up, w_down) as the op's GEMMs use them: in the planar feature order on the
+    plain-GEMM path (rows of w_up, columns of w_down; copies into scratch buffers), as
+    given on the cuSPARSELt path (its 2:4 groups must be consecutive)."""
+    if not planar:
+        return w_up, w_down
+    f, d = w_up.shape
+    up = _planar_rows(w_up, _scratch("w_up", (f, d), w_up))
+    # w_down's columns are w_downᵀ's rows; the transposed view is what the GEMMs read.
+    down = _planar_rows(w_down.t(), _scratch("w_down", (f, d), w_down)).t()
+    return up, down
+
+
 # ----- The op: forward and backward as custom ops -----
 
 
 def _ffn_forward_impl(x, w_up, w_down, method, backward, n_dense, count, want_feature_counts):
     t, f = x.shape[0], w_up.shape[0]
     use_kernel = use_2to4_kernel(x, w_up, w_down)
-    y1 = torch.mm(x, w_up.t())
+    # Plain GEMMs work in the planar feature order (see _planar_rows): each 2:4 group's
+    # members are then four contiguous planes, so the selection runs on unit-stride
+    # vectors (a compiled CPU stage vectorises it; with members 4 apart it emits scalar
+    # loops). The GEMMs do not care about the order; cuSPARSELt needs consecutive groups.
+    planar = not use_kernel
+    w_up_op, w_down_op = _op_weights(w_up, w_down, planar)
+    y1 = torch.mm(x, w_up_op.t(), out=_scratch("y1", (t, f), x))
     # MVUE's uniforms are drawn here, eagerly, so compiled and eager stages keep the same members.
-    u = torch.rand((t, f // 4, 1), dtype=torch.float32, device=x.device) if method == "mvue" else None
+    u = torch.rand((t, f // 4), dtype=torch.float32, device=x.device) if method == "mvue" else None
+    # naive keeps only g: y2s is recomputed from it in backward (bitwise equal), so the op
+    # saves ONE T×F activation where the dense autograd FFN saves two, and y2s (read by
+    # the down GEMM only) can live in a scratch buffer.
+    y2s_out = _scratch("y2s", (t, f), x) if method == "naive" else x.new_empty(t, f)
+    g_out = x.new_empty(t, f)
+    members = (_members(y2s_out, True), _members(g_out, True)) if planar else (None, None)
     y2s, g, relu_nnz, kept_nnz, feature_counts = _run_stage(
-        _forward_stage, y1, u, method, count, want_feature_counts
+        _forward_stage, y1, u, method, count, want_feature_counts, planar, y2s_out, g_out, *members
     )
     del y1, u
-    y3 = sparse24_mm(y2s, w_down.t()) if use_kernel else torch.mm(y2s, w_down.t())
+    y3 = sparse24_mm(y2s, w_down_op.t()) if use_kernel else torch.mm(y2s, w_down_op.t())
     if count:
         numel = torch.full_like(relu_nnz, t * f)
         stat_delta = torch.stack((numel - relu_nnz, numel, relu_nnz - kept_nnz))
     else:
         stat_delta = torch.zeros(3, dtype=torch.int64, device=x.device)
-    # naive keeps only g: y2s is recomputed from it in backward (bitwise equal), so the
-    # op saves ONE T×F activation where the dense autograd FFN saves two.
     y2s_saved = y2s if method != "naive" else y2s.new_empty(0)
     if feature_counts is None:
         feature_counts = torch.empty(0, dtype=torch.int64, device=x.device)
+    # g, y2s and the feature counts stay in the op's feature order (planar on the plain
+    # path): only its backward reads them.
     return y3, g, y2s_saved, feature_counts, stat_delta
 
 
@@ -576,32 +805,43 @@ def _assemble(sparse_part: Tensor, dense_part: Optional[Tensor], idx: _FeatureSp
 def _ffn_backward_impl(dy3, x, w_up, w_down, g, y2s, feature_counts, method, backward, n_dense, need_x, need_up, need_down):
     t, f = g.shape
     use_kernel = use_2to4_kernel(x, w_up, w_down)
+    planar = not use_kernel  # as in forward: g, y2s and the counts are in this order
+    w_up_op, w_down_op = _op_weights(w_up, w_down, planar)
     dy3 = dy3.contiguous()
     token_sparse = backward != "exact" and n_dense < f
-    dense_idx = sparse_idx = None
+    dense_idx = sparse_idx = dense_mask = None
     if token_sparse and n_dense > 0:
         # The densest features (most non-zeros in y2s) go to the dense GEMM: that is where
-        # token-wise 2:4 would drop the most. Ties go to the lower index.
-        order = torch.sort(feature_counts, descending=True, stable=True).indices
+        # token-wise 2:4 would drop the most. Ties go to the lower feature index (ranked
+        # in feature order whatever the layout, so both paths pick the same features).
+        counts = _unplanar_rows(feature_counts.view(f, 1)).view(f) if planar else feature_counts
+        order = torch.sort(counts, descending=True, stable=True).indices
         dense_idx = order[:n_dense]
-        if use_kernel:
+        if planar:
+            dense_idx = (dense_idx % 4) * (f // 4) + dense_idx // 4  # feature 4j+k -> k·F/4 + j
+            dense_mask = torch.zeros(f, dtype=torch.bool, device=g.device).index_fill_(0, dense_idx, True)
+        elif use_kernel:
             sparse_idx = order[n_dense:].sort().values  # ascending: contiguous reads in the gather
     n_sparse = f - n_dense if token_sparse else f
     pad_rows = sparse24_padded_rows(n_sparse) - n_sparse if (token_sparse and use_kernel) else 0
     # Outputs not asked for are distinct empty tensors (custom-op outputs may not alias).
     dx, dw_up, dw_down = x.new_empty(0), x.new_empty(0), x.new_empty(0)
 
-    dy2 = torch.mm(dy3, w_down)
+    dy2 = torch.mm(dy3, w_down_op, out=_scratch("y1", (t, f), dy3))
+    scratch = (None, None, None)
+    if not use_kernel:
+        down_out = _scratch("down", (t, f), dy3)
+        scratch = (_scratch("y2s", (t, f), dy3), down_out, _members(down_out, False) if t % 4 == 0 else None)
     dy1, up, up_dense, down, down_dense = _run_stage(
         _backward_stage,
         dy2, g, y2s if method != "naive" else None, need_up, need_down, token_sparse,
-        dense_idx, sparse_idx, pad_rows, use_kernel,
+        dense_idx, sparse_idx, pad_rows, use_kernel, dense_mask, *scratch,
     )  # fmt: skip
     del dy2
     idx = _FeatureSplit(dense_idx, sparse_idx, pad_rows, use_kernel)
     mm = sparse24_mm if use_kernel else torch.mm
     if need_x:
-        dx = mm(dy1, w_up)
+        dx = mm(dy1, w_up_op)
     if need_up:
         if not token_sparse:
             dw_up = torch.mm(dy1.t(), x)
@@ -609,7 +849,12 @@ def _ffn_backward_impl(dy3, x, w_up, w_down, g, y2s, feature_counts, method, bac
             dense = torch.mm(up_dense.t(), x) if up_dense is not None else None
             dw_up = _assemble(sparse24_mm(up, x)[:n_sparse], dense, idx, 0)
         else:
-            dw_up = torch.mm(_run_stage(_up_operand_stage, dy1, dense_idx).t(), x)
+            up_out = _scratch("up", (t, f), dy1)
+            members = _members(up_out, False) if t % 4 == 0 else None
+            operand = _run_stage(_up_operand_stage, dy1, dense_idx, dense_mask, up_out, members)
+            dw_up = torch.mm(operand.t(), x)
+        if planar:
+            dw_up = _unplanar_rows(dw_up)
     del dy1, up, up_dense
     if need_down:
         if use_kernel and token_sparse:
@@ -618,6 +863,8 @@ def _ffn_backward_impl(dy3, x, w_up, w_down, g, y2s, feature_counts, method, bac
             dw_down = _assemble(part, dense, idx, 1)
         else:
             dw_down = torch.mm(dy3.t(), down)
+            if planar:
+                dw_down = _unplanar_cols(dw_down)
     return dx, dw_up, dw_down
 
 
