@@ -3,7 +3,7 @@
     python benchmarks/ffn_2to4.py                              # CPU: 130m shape, 4096 tokens, fp32
     python benchmarks/ffn_2to4.py --device cuda                # GPU: 3 shapes, 16k tokens, bf16
     python benchmarks/ffn_2to4.py --shapes 768x3072,2048x8192 --tokens 16384 --repeats 20
-    python benchmarks/ffn_2to4.py --compile                    # adds torch.compile'd dense and 2:4 rows
+    python benchmarks/ffn_2to4.py --compile                    # adds compiled rows (dense_c, sparse_c, sparse_s)
 
 Dense and sparse runs alternate inside one process (same allocator/thermal state); each
 number is the median over ``--repeats``. On CUDA the timings use CUDA events after a
@@ -111,6 +111,9 @@ def bench_shape(d, f, args, device, dtype, timer):
         # the comparison that matters once a user sets torch_compile.
         variants["dense_c"] = (torch.compile(relu2_ffn_reference), {})
         variants["sparse_c"] = (torch.compile(sparse), {sparse_ffn.COMPILE_STAGES_ENV: "1"})
+        # The op called eagerly but with its stages compiled (HF_SPARSE_COMPILE_STAGES=1
+        # in an eager model): compared with the eager dense FFN.
+        variants["sparse_s"] = (sparse, {sparse_ffn.COMPILE_STAGES_ENV: "1"})
     kernel_ok = device.type == "cuda" and kernels.use_2to4_kernel(x.detach(), w_up.detach(), w_down.detach())
     if device.type == "cuda":
         # Same op with the kernel switched off: separates mask overhead from GEMM gains.
@@ -182,7 +185,7 @@ def main(argv=None):
         res, kernel_ok = bench_shape(d, f, args, device, dtype, timer)
         for variant, (fw, bw, both) in res.items():
             # Compiled variants are compared with the compiled dense FFN, eager with eager.
-            base = res["dense_c"] if variant.endswith("_c") else res["dense"]
+            base = res["dense_c"] if variant.endswith("_c") else res["dense"]  # sparse_s: vs eager dense
             label = variant
             if variant == "sparse" and gpu:
                 label = "sparse24" if kernel_ok else "sparse(ref)"
@@ -190,7 +193,10 @@ def main(argv=None):
                 f"{name + f' {d}x{f}':>12} {label:>10} {fw:9.2f} {bw:9.2f} {both:9.2f} "
                 f"{fw / base[0]:7.3f} {bw / base[1]:7.3f} {both / base[2]:7.3f}"
             )
-    print("ratios are sparse/dense time (< 1 means faster than dense); *_c rows: both compiled")
+    print(
+        "ratios are sparse/dense time (< 1 means faster than dense); *_c rows: both compiled; "
+        "sparse_s: eager op with compiled stages vs eager dense"
+    )
 
 
 if __name__ == "__main__":

@@ -694,18 +694,22 @@ def _scratch(slot: str, shape: tuple[int, ...], like: Tensor) -> Tensor:
     CPU only: glibc serves allocations this large with fresh mmaps, and the first-touch
     page faults cost several times the writes themselves (a new 50 MB fp32 tensor: ~16 ms
     to fault in, ~2.5 ms to write once warm, on the benchmark machine). Each slot keeps
-    one buffer per thread and dtype, reused by every layer and step (grown on demand,
-    never shrunk). Other devices have caching allocators: a plain empty tensor.
+    one buffer per thread and dtype, reused by every layer and step while the shape stays
+    the same. Other devices have caching allocators: a plain empty tensor.
+
+    Exactly the requested shape, never a view into a larger buffer: compiled stages take
+    member views of these buffers as inputs, and the aliasing base inductor sees must be
+    the buffer itself (a hidden larger base failed inductor's size asserts).
     """
+    shape = tuple(shape)
     if like.device.type != "cpu":
         return like.new_empty(shape)
-    numel = math.prod(shape)
     key = (slot, like.dtype)
     buf = _scratch_buffers.buffers.get(key)
-    if buf is None or buf.numel() < numel:
-        _scratch_buffers.buffers.pop(key, None)  # free the smaller one before allocating
-        buf = _scratch_buffers.buffers[key] = like.new_empty(numel)
-    return buf[:numel].view(shape)
+    if buf is None or tuple(buf.shape) != shape:
+        _scratch_buffers.buffers.pop(key, None)  # free the old one before allocating
+        buf = _scratch_buffers.buffers[key] = like.new_empty(shape)
+    return buf
 
 
 def _planar_rows(w: Tensor, out: Tensor) -> Tensor:

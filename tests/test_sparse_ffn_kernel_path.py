@@ -179,12 +179,12 @@ def test_fractional_dense_feature_count_rounds_up():
 # ----------------------------------------------------------------------------- compiled stages
 
 
-def compiled_vs_eager(method, dtype, with_nan):
-    x, w_up, w_down, dy = make_inputs(t=32, d=16, f=64, dtype=dtype, seed=27)
+def compiled_vs_eager(method, dtype, with_nan, t=32):
+    x, w_up, w_down, dy = make_inputs(t=t, d=16, f=64, dtype=dtype, seed=27)
     if with_nan:
         x[3, 5] = float("nan")
         w_up[7, 2] = float("nan")
-    perm = make_token_permutation(32, seed=1)
+    perm = make_token_permutation(t, seed=1)
     stats_c, stats_e = torch.zeros(3, dtype=F64), torch.zeros(3, dtype=F64)
     got = run_op(x, w_up, w_down, dy, method=method, permutation=perm, stats=stats_c)
     assert not sparse_ffn._compile_broken
@@ -204,6 +204,14 @@ def test_compiled_stages_are_bit_identical_to_eager(compiled_stages, method, dty
     # Masks, counts and every elementwise value equal bit for bit (inductor emulates the
     # eager roundings); MVUE's uniforms are drawn eagerly, so its draws match too.
     compiled_vs_eager(method, dtype, with_nan=False)
+
+
+@pytest.mark.parametrize("t", [32, 30])
+def test_compiled_planar_stages_with_nan(compiled_stages, t):
+    # The plain-GEMM path (planar feature layout): the compiled stages write member views
+    # of their outputs; a token count that is not a multiple of 4 takes the padded route.
+    y, dx, dw_up, dw_down = compiled_vs_eager("naive", torch.float32, with_nan=True, t=t)
+    assert y.isnan().any() and dw_up.isnan().any()
 
 
 def test_compiled_stages_on_the_kernel_branch_with_nan(emulated_cusparselt_wide, compiled_stages):
@@ -289,3 +297,78 @@ def test_op_traces_with_fullgraph():
     for a, b in zip(args, ref[1:]):
         assert_close(a.grad, b, rtol=1e-6, atol=1e-6)
     assert stats[1] == 32 * 32  # the compiled forward counted once (the reference had no stats)
+
+
+# ----------------------------------------------------------------------------- plain path internals
+
+
+def test_planar_feature_order_round_trips():
+    # Row k·F/4 + j of the planar order holds feature 4j + k (member k of group j).
+    w = torch.arange(16 * 3, dtype=F64).view(16, 3)
+    planar = sparse_ffn._planar_rows(w, torch.empty(16, 3, dtype=F64))
+    for j in range(4):
+        for k in range(4):
+            assert torch.equal(planar[k * 4 + j], w[4 * j + k])
+    assert torch.equal(sparse_ffn._unplanar_rows(planar), w)
+    assert torch.equal(sparse_ffn._unplanar_cols(planar.t().contiguous()), w.t())
+    # The member views of a planar tensor are its four column blocks.
+    members = sparse_ffn._members(planar.t().contiguous(), True)
+    assert [tuple(m.shape) for m in members] == [(3, 4)] * 4
+    assert torch.equal(members[2], planar[8:12].t())
+
+
+def two_layer_run(x, layers, dy, **kw):
+    """Output and every gradient of two chained ops (the second reads the first's output)."""
+    x = x.clone().requires_grad_()
+    params = [(u.clone().requires_grad_(), d.clone().requires_grad_()) for u, d in layers]
+    h = x
+    for w_up, w_down in params:
+        h = relu2_2to4_ffn(h, w_up, w_down, **kw)
+    h.backward(dy)
+    return [h.detach(), x.grad] + [p.grad for pair in params for p in pair]
+
+
+def test_scratch_buffers_are_reused_and_never_leak_into_results(monkeypatch):
+    # Both layers' intermediates share the per-thread scratch buffers; anything saved for
+    # backward or returned must not live there (the second layer would overwrite it).
+    gen = torch.Generator().manual_seed(41)
+    x = torch.randn(32, 16, generator=gen, dtype=F64)
+    layers = [(torch.randn(64, 16, generator=gen, dtype=F64) / 4, torch.randn(16, 64, generator=gen, dtype=F64) / 8) for _ in range(2)]
+    dy = torch.randn(32, 16, generator=gen, dtype=F64)
+    kw = dict(method="naive", backward="split_gemm", permutation=make_token_permutation(32, seed=3))
+    monkeypatch.setattr(sparse_ffn, "_scratch_buffers", sparse_ffn._ScratchBuffers())
+    got = two_layer_run(x, layers, dy, **kw)
+    pointers = {k: b.data_ptr() for k, b in sparse_ffn._scratch_buffers.buffers.items()}
+    assert {slot for slot, _ in pointers} >= {"y1", "y2s", "down", "up", "w_up", "w_down"}
+    again = two_layer_run(x, layers, dy, **kw)
+    assert {k: b.data_ptr() for k, b in sparse_ffn._scratch_buffers.buffers.items()} == pointers
+    # Reference: every intermediate freshly allocated (no scratch at all).
+    monkeypatch.setattr(sparse_ffn, "_scratch", lambda slot, shape, like: like.new_empty(shape))
+    fresh = two_layer_run(x, layers, dy, **kw)
+    for a, b, c in zip(got, again, fresh):
+        assert torch.equal(a, c) and torch.equal(b, c)
+
+
+def test_scratch_buffers_are_per_thread():
+    # Two threads running the op at once must not share scratch buffers.
+    import threading
+
+    gen = torch.Generator().manual_seed(42)
+    cases = [make_inputs(t=64, d=16, f=64, seed=s) for s in (43, 44)]
+    expected = [run_op(*c) for c in cases]
+    results: dict[int, list] = {}
+
+    def work(i):
+        out = None
+        for _ in range(20):
+            out = run_op(*cases[i])
+        results[i] = out
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(2)]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join()
+    for i in range(2):
+        for a, b in zip(results[i], expected[i]):
+            assert torch.equal(a, b)
