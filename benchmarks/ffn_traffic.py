@@ -23,6 +23,7 @@ Imports only torch and hf_sparse, so it also runs on a bare GPU box.
 from __future__ import annotations
 
 import argparse
+import inspect
 import contextlib
 import math
 import os
@@ -109,13 +110,16 @@ class KernelRecorder(TorchDispatchMode):
         self.phase = "fwd"
         self._quiet = 0
 
-    def fused(self, name: str, fn, *args, stage: str = ""):
+    def fused(self, name: str, fn, *args, stage: str = "", write_only=()):
         self._quiet += 1
         try:
             out = fn(*args)
         finally:
             self._quiet -= 1
-        self.add(Kernel(f"{name} [{_describe(args)}]", self.phase, "memory", nbytes(args), nbytes(out), stage=stage))
+        # Output buffers handed in by the caller are written, not read.
+        skip = {id(t) for t in tree_leaves(write_only) if isinstance(t, torch.Tensor)}
+        inputs = [a for a in tree_leaves(args) if id(a) not in skip]
+        self.add(Kernel(f"{name} [{_describe(inputs)}]", self.phase, "memory", nbytes(inputs), nbytes(out), stage=stage))
         return out
 
     def add(self, kernel: Kernel) -> None:
@@ -138,7 +142,8 @@ class KernelRecorder(TorchDispatchMode):
         if op in GEMM_OPS:
             a, b = args[-2], args[-1]  # addmm's bias comes first
             flops = 2.0 * a.shape[-2] * a.shape[-1] * b.shape[-1] * (a.shape[0] if a.dim() == 3 else 1)
-            return Kernel(name, self.phase, "gemm", nbytes(args, kwargs), nbytes(out), flops)
+            inputs = {k: v for k, v in kwargs.items() if k != "out"}  # out= is written, not read
+            return Kernel(name, self.phase, "gemm", nbytes(args, inputs), nbytes(out), flops)
         if op == "index_select":
             # A gather reads only the selected elements (and the index), not the whole source.
             return Kernel(name, self.phase, "memory", nbytes(args[2]) + nbytes(out), nbytes(out))
@@ -208,7 +213,10 @@ def patched_op_internals(rec: KernelRecorder):
     """Route the op's stages and sparse GEMMs through ``rec`` (restored on exit)."""
 
     def run_stage(stage, *args):
-        return rec.fused(f"stage {stage.__name__}", stage, *args, stage=stage.__name__)
+        # The stages' output-buffer parameters (*_out, out, *_members) are not reads.
+        bound = inspect.signature(stage).bind(*args).arguments
+        outs = [v for k, v in bound.items() if k == "out" or k.endswith("_out") or k.endswith("members")]
+        return rec.fused(f"stage {stage.__name__}", stage, *args, stage=stage.__name__, write_only=outs)
 
     def sparse24_mm(a, b, *, transpose_result=False):
         m, k = a.shape

@@ -28,6 +28,15 @@ Stages (the op's whole non-GEMM traffic; see benchmarks/ffn_traffic.py):
             token-wise top-2 of dy1 / y2s over the sparse features, written in the
             (F_s×T) layout cuSPARSELt reads, plus the dense features gathered (T×n_dense)
 
+Plain-GEMM path (CPU, and GPUs without the kernel): the op works in a *planar* feature
+order internally (w_up's rows and w_down's columns permuted so that member k of group j
+is feature k·F/4 + j). The GEMMs do not care, and each 2:4 group's members become four
+contiguous column blocks, so the selection runs on unit-stride vectors; g, y2s and the
+per-feature counts stay in that order between forward and backward, and the weight
+gradients are permuted back. On CPU the op's T×F intermediates live in per-thread
+scratch buffers (see ``_scratch``): fresh allocations of that size page-fault on every
+call. The cuSPARSELt path keeps the stock order (its 2:4 groups are consecutive).
+
 The op is registered with ``torch.library.custom_op`` (forward and backward ops with
 fake implementations, autograd registered), so ``torch.compile(model, fullgraph=True)``
 traces it as one node.
