@@ -76,6 +76,7 @@ __all__ = [
     "make_token_permutation",
     "TokenPermutation",
     "stage_compilation_enabled",
+    "release_scratch_buffers",
 ]
 
 
@@ -441,7 +442,7 @@ def _forward_stage(
     # selection can rank on the values themselves.
     r = _nan_to_inf(y1.clamp(min=0)) if compiling else y1.clamp_(min=0).nan_to_num_(nan=math.inf, posinf=math.inf)
     if compiling and planar and method != "mvue" and y2s_members is not None and g_members is not None:
-        return _planar_forward_compiled(r, method, count, want_feature_counts, y2s_out, g_out, y2s_members, g_members)
+        return _planar_forward_by_members(r, method, count, want_feature_counts, y2s_out, g_out, y2s_members, g_members)
     groups, dim = _feature_groups(r, planar)
     relu_nnz = kept_nnz = feature_counts = None
     if method == "mvue":
@@ -492,24 +493,28 @@ def _forward_stage(
     return y2s, g, relu_nnz, kept_nnz, feature_counts
 
 
-def _members(t: Tensor, planar_features: bool) -> tuple[Tensor, ...]:
-    """The four member views of a (T, F) tensor's 2:4 groups: feature groups in the planar
-    layout (four T × F/4 column blocks) or token groups (rows 4i + m, m = 0..3)."""
+def _members(t: Tensor, layout: str) -> tuple[Tensor, ...]:
+    """The four member views of a (T, F) tensor's 2:4 groups: feature groups in the
+    ``planar`` order (four T × F/4 column blocks) or token groups (``tokens``: rows 4i + m)."""
     rows, cols = t.shape
-    return t.view(rows, 4, cols // 4).unbind(1) if planar_features else t.view(rows // 4, 4, cols).unbind(1)
+    if layout == "planar":
+        return t.view(rows, 4, cols // 4).unbind(1)
+    return t.view(rows // 4, 4, cols).unbind(1)
 
 
-def _planar_forward_compiled(r, method, count, want_feature_counts, y2s_out, g_out, y2s_members, g_members):
-    """Compiled forward stage on the planar layout, written member by member.
+def _planar_forward_by_members(r, method, count, want_feature_counts, y2s_out, g_out, y2s_members, g_members):
+    """Compiled forward stage (naive / soft_threshold) on the planar layout, written
+    member by member.
 
     Each output member is its own ``copy_`` into a member view that is an *input* of the
     compiled function, so inductor emits one loop over (T, F/4) that reads the four
     members once and stores all eight results. Stacking the members, or taking the views
     inside the function, makes it realise the result in a temporary first (measured 3-5x
-    slower on CPU).
+    slower on CPU). (The interleaved layout of the cuSPARSELt path keeps the stacked form:
+    its member views are 4 elements apart, and on CPU writing them one by one measured
+    slower than the stack, 169 ms against 110 ms at T=4096, F=3072.)
     """
-    t, f = r.shape
-    members = _members(r, True)
+    members = _members(r, "planar")
     wins = _win_counts(*members)
     thresh = _third_largest_of_4(*members) if method == "soft_threshold" else None
     feature_counts = []
@@ -527,6 +532,7 @@ def _planar_forward_compiled(r, method, count, want_feature_counts, y2s_out, g_o
     if count:
         relu_nnz, dropped = _group_nonzero_counts(members)
         kept_nnz = relu_nnz - dropped
+    # Per-member column counts, concatenated: the planar feature order.
     fc = torch.cat(feature_counts).to(torch.int64) if want_feature_counts else None
     return y2s_out, g_out, relu_nnz, kept_nnz, fc
 
@@ -544,7 +550,7 @@ def _token_sparse_operand(
     operand with the dense features kept whole, which costs a CPU GEMM less than an
     odd-width gathered one. ``own``: ``z`` may be overwritten (eager); ``out``: where a
     plain operand that is not made in place goes, ``out_members``: its token-member views
-    (written by the compiled stage, see :func:`_planar_forward_compiled`).
+    (written by the compiled stage, see :func:`_planar_forward_by_members`).
     """
     by_magnitude = not nonneg  # y2s holds no NaN (see _forward_stage); dy1 ranks NaN highest
     if idx.gathered:
@@ -553,8 +559,8 @@ def _token_sparse_operand(
     t, fs = z.shape
     tail = -t % 4
     if torch.compiler.is_compiling() and out_members is not None and not tail:
-        # Member by member into views of ``out``: one fused loop (see _planar_forward_compiled).
-        members = _members(z, False)
+        # Member by member into views of ``out``: one fused loop (see _planar_forward_by_members).
+        members = _members(z, "tokens")
         keys = members if nonneg else [_rank_keys(m.abs()) for m in members]
         wins = _win_counts(*keys)
         for m, w, dst in zip(members, wins, out_members):
@@ -721,6 +727,15 @@ def _scratch(slot: str, shape: tuple[int, ...], like: Tensor) -> Tensor:
     return buf
 
 
+def release_scratch_buffers() -> None:
+    """Free this thread's CPU scratch buffers (the next call of the op allocates anew).
+
+    They hold up to four T×F intermediates and two F×d weight copies per dtype for as
+    long as the thread lives; call this after training to return the memory.
+    """
+    _scratch_buffers.buffers.clear()
+
+
 def _planar_rows(w: Tensor, out: Tensor) -> Tensor:
     """``w`` (F×n) with its rows in the planar feature order, written into ``out``: member
     k of feature group j (row 4j + k) goes to row k·F/4 + j."""
@@ -774,7 +789,7 @@ def _ffn_forward_impl(x, w_up, w_down, method, backward, n_dense, count, want_fe
     # the down GEMM only) can live in a scratch buffer.
     y2s_out = _scratch("y2s", (t, f), x) if method == "naive" else x.new_empty(t, f)
     g_out = x.new_empty(t, f)
-    members = (_members(y2s_out, True), _members(g_out, True)) if planar else (None, None)
+    members = (_members(y2s_out, "planar"), _members(g_out, "planar")) if planar else (None, None)
     y2s, g, relu_nnz, kept_nnz, feature_counts = _run_stage(
         _forward_stage, y1, u, method, count, want_feature_counts, planar, y2s_out, g_out, *members
     )
@@ -844,7 +859,7 @@ def _ffn_backward_impl(dy3, x, w_up, w_down, g, y2s, feature_counts, method, bac
     scratch = (None, None, None)
     if not use_kernel:
         down_out = _scratch("down", (t, f), dy3)
-        scratch = (_scratch("y2s", (t, f), dy3), down_out, _members(down_out, False) if t % 4 == 0 else None)
+        scratch = (_scratch("y2s", (t, f), dy3), down_out, _members(down_out, "tokens") if t % 4 == 0 else None)
     dy1, up, up_dense, down, down_dense = _run_stage(
         _backward_stage,
         dy2, g, y2s if method != "naive" else None, need_up, need_down, token_sparse,
@@ -863,7 +878,7 @@ def _ffn_backward_impl(dy3, x, w_up, w_down, g, y2s, feature_counts, method, bac
             dw_up = _assemble(sparse24_mm(up, x)[:n_sparse], dense, idx, 0)
         else:
             up_out = _scratch("up", (t, f), dy1)
-            members = _members(up_out, False) if t % 4 == 0 else None
+            members = _members(up_out, "tokens") if t % 4 == 0 else None
             operand = _run_stage(_up_operand_stage, dy1, dense_idx, dense_mask, up_out, members)
             dw_up = torch.mm(operand.t(), x)
         if planar:

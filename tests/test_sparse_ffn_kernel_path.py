@@ -312,7 +312,7 @@ def test_planar_feature_order_round_trips():
     assert torch.equal(sparse_ffn._unplanar_rows(planar), w)
     assert torch.equal(sparse_ffn._unplanar_cols(planar.t().contiguous()), w.t())
     # The member views of a planar tensor are its four column blocks.
-    members = sparse_ffn._members(planar.t().contiguous(), True)
+    members = sparse_ffn._members(planar.t().contiguous(), "planar")
     assert [tuple(m.shape) for m in members] == [(3, 4)] * 4
     assert torch.equal(members[2], planar[8:12].t())
 
@@ -342,6 +342,8 @@ def test_scratch_buffers_are_reused_and_never_leak_into_results(monkeypatch):
     assert {slot for slot, _ in pointers} >= {"y1", "y2s", "down", "up", "w_up", "w_down"}
     again = two_layer_run(x, layers, dy, **kw)
     assert {k: b.data_ptr() for k, b in sparse_ffn._scratch_buffers.buffers.items()} == pointers
+    sparse_ffn.release_scratch_buffers()
+    assert not sparse_ffn._scratch_buffers.buffers
     # Reference: every intermediate freshly allocated (no scratch at all).
     monkeypatch.setattr(sparse_ffn, "_scratch", lambda slot, shape, like: like.new_empty(shape))
     fresh = two_layer_run(x, layers, dy, **kw)
