@@ -140,6 +140,13 @@ def _group_nonzero_counts(members: tuple[Tensor, ...]) -> tuple[Tensor, Tensor]:
     drop count is sum(max(nnz_g - 2, 0)). Works on small per-group counts: a pass over F/4
     values instead of F, and no float->int conversion of a full-size tensor.
     """
+    if torch.compiler.is_compiling():
+        # Two independent expressions, one per reduction: a per-group count read by both
+        # would be written to memory and read back (inductor realises shared producers);
+        # duplicated, each folds into its reduction and the loop computes it once.
+        relu_nnz = sum(_flags(m != 0) for m in members).sum(dtype=torch.int64)
+        dropped = (sum(_flags(m != 0) for m in members) - 2).clamp(min=0).sum(dtype=torch.int64)
+        return relu_nnz, dropped
     nnz_g = sum(_flags(m != 0) for m in members)
     # max(nnz_g - 2, 0) = (nnz_g >= 3) + (nnz_g == 4), without uint8 wrap-around
     dropped = count_nonzero(nnz_g > 2) + count_nonzero(nnz_g == 4)
@@ -467,27 +474,25 @@ def _forward_stage(
         if method == "soft_threshold":
             thresh = _third_largest_of_4(*groups.unbind(dim)).unsqueeze(dim)
         r = _keep_top2_(groups, dim, by_magnitude=False).view(t, f)
-        y2s_out = y1.new_empty(t, f) if y2s_out is None else y2s_out
-        g_out = y1.new_empty(t, f) if g_out is None else g_out
         if compiling:
             y2s = r * r
         else:
-            y2s = torch.mul(r, r, out=y2s_out)
+            y2s = torch.mul(r, r, out=y1.new_empty(t, f) if y2s_out is None else y2s_out)
         if thresh is not None:
             # Dropped members are 0 and kept ones >= t²: clamp(y·M - t², 0) == M ⊙ (y - t²).
             # Inf - Inf (an infinite threshold) stays +inf: y2s is never NaN.
             if compiling:
-                y2s = (y2s.view(groups.shape) - thresh * thresh).clamp(min=0).view(t, f)
-                y2s = y2s.nan_to_num(nan=math.inf, posinf=math.inf)
+                y2s = _nan_to_inf((y2s.view(groups.shape) - thresh * thresh).clamp(min=0).view(t, f))
             else:
                 y2s.view(groups.shape).sub_(thresh * thresh).clamp_(min=0)
                 y2s.nan_to_num_(nan=math.inf, posinf=math.inf)
         # g = D ⊙ 2·relu(y1) with D = M (r is masked)
         if compiling:
-            y2s = y2s_out.copy_(y2s)
-            g = g_out.copy_(r * 2.0)
+            g = r * 2.0
+            y2s = y2s if y2s_out is None else y2s_out.copy_(y2s)
+            g = g if g_out is None else g_out.copy_(g)
         else:
-            g = torch.mul(r, 2.0, out=g_out)
+            g = torch.mul(r, 2.0, out=y1.new_empty(t, f) if g_out is None else g_out)
     if want_feature_counts:
         feature_counts = _col_nonzero_counts(y2s != 0)  # the dense-feature ranking's input
     return y2s, g, relu_nnz, kept_nnz, feature_counts
@@ -787,9 +792,14 @@ def _ffn_forward_impl(x, w_up, w_down, method, backward, n_dense, count, want_fe
     # naive keeps only g: y2s is recomputed from it in backward (bitwise equal), so the op
     # saves ONE T×F activation where the dense autograd FFN saves two, and y2s (read by
     # the down GEMM only) can live in a scratch buffer.
-    y2s_out = _scratch("y2s", (t, f), x) if method == "naive" else x.new_empty(t, f)
-    g_out = x.new_empty(t, f)
-    members = (_members(y2s_out, "planar"), _members(g_out, "planar")) if planar else (None, None)
+    # Output buffers on the plain path (scratch for y2s where it is not saved); the
+    # cuSPARSELt path lets the stage allocate its outputs (the GPU's caching allocator).
+    y2s_out = g_out = None
+    members = (None, None)
+    if planar:
+        y2s_out = _scratch("y2s", (t, f), x) if method == "naive" else x.new_empty(t, f)
+        g_out = x.new_empty(t, f)
+        members = (_members(y2s_out, "planar"), _members(g_out, "planar"))
     y2s, g, relu_nnz, kept_nnz, feature_counts = _run_stage(
         _forward_stage, y1, u, method, count, want_feature_counts, planar, y2s_out, g_out, *members
     )
