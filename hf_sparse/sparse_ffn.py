@@ -769,8 +769,10 @@ def _op_weights(w_up: Tensor, w_down: Tensor, planar: bool) -> tuple[Tensor, Ten
         return w_up, w_down
     f, d = w_up.shape
     up = _planar_rows(w_up, _scratch("w_up", (f, d), w_up))
-    # w_down's columns are w_downᵀ's rows; the transposed view is what the GEMMs read.
-    down = _planar_rows(w_down.t(), _scratch("w_down", (f, d), w_down)).t()
+    # Columns permuted within each row of w_down (reads and writes stay row by row); the
+    # GEMMs then see w_down in its stock (d, F) row-major layout, as the dense FFN does.
+    down = _scratch("w_down", (d, f), w_down)
+    down.view(d, 4, f // 4).copy_(w_down.view(d, f // 4, 4).transpose(1, 2))
     return up, down
 
 
@@ -1125,7 +1127,10 @@ def relu2_2to4_ffn(
     if permutation is not None:
         if permutation.dim() != 1 or permutation.shape[0] != x2.shape[0]:
             raise ValueError(f"permutation must be a 1-D tensor of length {x2.shape[0]} (tokens)")
-        x2 = x2.index_select(0, permutation)
+        # Both directions are gathers (the inverse is a scatter of T indices): index_select's
+        # own backward would be a zero fill plus an index_add over T×d.
+        inverse = torch.empty_like(permutation).index_copy_(0, permutation, torch.arange(permutation.shape[0], device=permutation.device))
+        x2 = _GatherRows.apply(x2, permutation, inverse)
 
     # Round before ceil so that e.g. 0.05 * F landing a hair above an integer does not
     # add a feature.
@@ -1146,9 +1151,23 @@ def relu2_2to4_ffn(
         # Partial sums of the row-parallel down projection (what RowwiseParallel reduces).
         y = tp_sum_forward(y, tp_group)
     if permutation is not None:
-        # In place into a fresh buffer: out-of-place index_copy would first copy y.
-        y = torch.empty_like(y).index_copy_(0, permutation, y)
+        y = _GatherRows.apply(y, inverse, permutation)  # row perm[i] of the result is row i of y
     return y.view(*lead, y.shape[-1])
+
+
+class _GatherRows(torch.autograd.Function):
+    """``t[index]`` along dim 0 for a permutation ``index`` whose inverse is ``inverse``:
+    the gradient is gathered back with the inverse (no scatter-add)."""
+
+    @staticmethod
+    def forward(ctx, t, index, inverse):
+        ctx.save_for_backward(inverse)
+        return t.index_select(0, index)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (inverse,) = ctx.saved_tensors
+        return grad.index_select(0, inverse), None, None
 
 
 def relu2_ffn_reference(x: Tensor, w_up: Tensor, w_down: Tensor) -> Tensor:
