@@ -516,8 +516,8 @@ def _planar_forward_by_members(r, method, count, want_feature_counts, y2s_out, g
     members once and stores all eight results. Stacking the members, or taking the views
     inside the function, makes it realise the result in a temporary first (measured 3-5x
     slower on CPU). (The interleaved layout of the cuSPARSELt path keeps the stacked form:
-    its member views are 4 elements apart, and on CPU writing them one by one measured
-    slower than the stack, 169 ms against 110 ms at T=4096, F=3072.)
+    its member views are 4 elements apart, and on CPU writing them one by one was slower
+    than the stack; unmeasured on a GPU.)
     """
     members = _members(r, "planar")
     wins = _win_counts(*members)
