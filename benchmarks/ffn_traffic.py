@@ -262,7 +262,7 @@ def trace_sparse_op(t: int, d: int, f: int) -> list[Kernel]:
         y3, g, y2s, counts, _stats = sparse_ffn._ffn_forward_impl(x, w_up, w_down, "naive", "split_gemm", n_dense, True, True)
         rec.phase = "bwd"
         sparse_ffn._ffn_backward_impl(
-            dy3, x, w_up, w_down, g, y2s, counts, "naive", "split_gemm", n_dense, True, True, True
+            dy3, x, w_up, w_down, g, y2s, counts, "naive", "split_gemm", n_dense, True, True, True, True
         )  # fmt: skip
     return rec.kernels
 

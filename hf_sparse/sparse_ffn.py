@@ -842,10 +842,13 @@ def _assemble(sparse_part: Tensor, dense_part: Optional[Tensor], idx: _FeatureSp
     return out.index_copy_(dim, idx.dense, dense_part)
 
 
-def _ffn_backward_impl(dy3, x, w_up, w_down, g, y2s, feature_counts, method, backward, n_dense, need_x, need_up, need_down):
+def _ffn_backward_impl(
+    dy3, x, w_up, w_down, g, y2s, feature_counts, method, backward, n_dense, need_x, need_up, need_down, use_kernel
+):
+    # use_kernel: the forward's decision (see _setup_context), never re-read here: it also
+    # fixes the layout of g, y2s and the counts (planar on the plain-GEMM path).
     t, f = g.shape
-    use_kernel = use_2to4_kernel(x, w_up, w_down)
-    planar = not use_kernel  # as in forward: g, y2s and the counts are in this order
+    planar = not use_kernel
     w_up_op, w_down_op = _op_weights(w_up, w_down, planar)
     dy3 = dy3.contiguous()
     token_sparse = backward != "exact" and n_dense < f
@@ -908,7 +911,9 @@ def _ffn_backward_impl(dy3, x, w_up, w_down, g, y2s, feature_counts, method, bac
     return dx, dw_up, dw_down
 
 
-def _ffn_backward_fake(dy3, x, w_up, w_down, g, y2s, feature_counts, method, backward, n_dense, need_x, need_up, need_down):
+def _ffn_backward_fake(
+    dy3, x, w_up, w_down, g, y2s, feature_counts, method, backward, n_dense, need_x, need_up, need_down, use_kernel
+):
     return (
         torch.empty_like(x) if need_x else x.new_empty(0),
         torch.empty_like(w_up) if need_up else x.new_empty(0),
@@ -924,6 +929,11 @@ def _setup_context(ctx, inputs, output):
     # Those outputs never get gradients: no T×F zero tensors for them in backward.
     ctx.set_materialize_grads(False)
     ctx.method, ctx.backward_mode, ctx.n_dense = method, backward, n_dense
+    # The forward just decided this from the same tensors and switches (run right after
+    # it, or at trace time under torch.compile): the backward must follow it even if a
+    # switch (HF_SPARSE_DISABLE_2TO4_KERNEL, set_kernel_override) changes in between,
+    # because the decision also fixes the feature order of g, y2s and the counts.
+    ctx.use_kernel = use_2to4_kernel(x, w_up, w_down)
 
 
 def _ffn_backward(ctx, dy3, *_unused_grads):
@@ -933,7 +943,7 @@ def _ffn_backward(ctx, dy3, *_unused_grads):
     if dy3 is not None and (need_x or need_up or need_down):
         dx, dw_up, dw_down = torch.ops.hf_sparse.relu2_2to4_ffn_bwd(
             dy3, x, w_up, w_down, g, y2s, feature_counts,
-            ctx.method, ctx.backward_mode, ctx.n_dense, need_x, need_up, need_down,
+            ctx.method, ctx.backward_mode, ctx.n_dense, need_x, need_up, need_down, ctx.use_kernel,
         )  # fmt: skip
         grads[:3] = (dx if need_x else None, dw_up if need_up else None, dw_down if need_down else None)
     return tuple(grads)
@@ -952,7 +962,8 @@ def _register_ops() -> None:
     fwd.register_fake(_ffn_forward_fake)
     bwd_schema = (
         "(Tensor dy3, Tensor x, Tensor w_up, Tensor w_down, Tensor g, Tensor y2s, Tensor feature_counts, "
-        "str method, str backward, int n_dense, bool need_x, bool need_up, bool need_down) -> (Tensor, Tensor, Tensor)"
+        "str method, str backward, int n_dense, bool need_x, bool need_up, bool need_down, bool use_kernel) "
+        "-> (Tensor, Tensor, Tensor)"
     )
     bwd = torch.library.custom_op("hf_sparse::relu2_2to4_ffn_bwd", _ffn_backward_impl, mutates_args=(), schema=bwd_schema)
     bwd.register_fake(_ffn_backward_fake)

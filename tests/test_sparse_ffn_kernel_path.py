@@ -276,7 +276,7 @@ def test_custom_ops_pass_opcheck():
     torch.library.opcheck(torch.ops.hf_sparse.relu2_2to4_ffn_fwd.default, fwd_args)
     y3, g, y2s, counts, _ = torch.ops.hf_sparse.relu2_2to4_ffn_fwd(*fwd_args)
     bwd_args = (torch.randn_like(y3), x, w_up.detach(), w_down.detach(), g, y2s, counts)
-    bwd_args += ("soft_threshold", "split_gemm", 2, True, True, True)
+    bwd_args += ("soft_threshold", "split_gemm", 2, True, True, True, False)
     torch.library.opcheck(torch.ops.hf_sparse.relu2_2to4_ffn_bwd.default, bwd_args)
 
 
@@ -374,3 +374,20 @@ def test_scratch_buffers_are_per_thread():
     for i in range(2):
         for a, b in zip(results[i], expected[i]):
             assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("forward_kernel", [True, False])
+def test_backward_follows_the_forward_gemm_path(emulated_cusparselt_wide, forward_kernel):
+    # The forward's path also fixes the feature order of what it saves (planar on the
+    # plain path): a switch flipped between forward and backward must not change it.
+    x, w_up, w_down, dy = make_inputs(t=48, d=32, f=64, seed=45)
+    ref = reference_path(x, w_up, w_down, dy)
+    x, w_up, w_down = (a.clone().requires_grad_() for a in (x, w_up, w_down))
+    kernels.set_kernel_override(forward_kernel)
+    y = relu2_2to4_ffn(x, w_up, w_down)
+    kernels.set_kernel_override(not forward_kernel)
+    y.backward(dy)
+    emu = emulated_cusparselt_wide
+    assert len(emu.mm_calls) == (4 if forward_kernel else 0)  # forward and dx, then both dW on the kernel path
+    for name, a, b in zip(("y", "dx", "dw_up", "dw_down"), (y.detach(), x.grad, w_up.grad, w_down.grad), ref):
+        assert_close(a, b, rtol=1e-12, atol=1e-12, msg=name)
