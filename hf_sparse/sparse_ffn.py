@@ -255,7 +255,9 @@ def _mvue_select(mag: Tensor, u: Optional[Tensor] = None, dim: int = -1) -> Tens
     c = p.cumsum(dim).clamp(max=2.0)
     if u is None:
         # Always drawn in float32 so a given seed selects the same members in every dtype.
-        u = torch.rand(m.shape[:dim % m.dim()] + (1,) + m.shape[dim % m.dim() + 1 :], dtype=torch.float32, device=m.device)
+        u_shape = list(m.shape)
+        u_shape[dim] = 1
+        u = torch.rand(u_shape, dtype=torch.float32, device=m.device)
     hits = (c - u.to(cdtype)).ceil()  # ceil(c_0 - u) = 0 for the implicit c_0 = 0
     first, step = hits.narrow(dim, 0, 1), hits.narrow(dim, 1, 3) - hits.narrow(dim, 0, 3)
     keep = torch.cat((first, step), dim).clamp(max=1.0)
@@ -616,7 +618,14 @@ class _FeatureSplit:
     (a broadcast select fuses into the selection loop; an index_copy would not).
     """
 
-    def __init__(self, dense: Optional[Tensor], sparse: Optional[Tensor], pad_rows: int, gathered: bool, dense_mask: Optional[Tensor] = None):
+    def __init__(
+        self,
+        dense: Optional[Tensor],
+        sparse: Optional[Tensor],
+        pad_rows: int,
+        gathered: bool,
+        dense_mask: Optional[Tensor] = None,
+    ):
         self.dense, self.sparse, self.pad_rows, self.gathered = dense, sparse, pad_rows, gathered
         self.dense_mask = dense_mask
 
@@ -1140,7 +1149,8 @@ def relu2_2to4_ffn(
             raise ValueError(f"permutation must be a 1-D tensor of length {x2.shape[0]} (tokens)")
         # Both directions are gathers (the inverse is a scatter of T indices): index_select's
         # own backward would be a zero fill plus an index_add over T×d.
-        inverse = torch.empty_like(permutation).index_copy_(0, permutation, torch.arange(permutation.shape[0], device=permutation.device))
+        positions = torch.arange(permutation.shape[0], device=permutation.device)
+        inverse = torch.empty_like(permutation).index_copy_(0, permutation, positions)
         x2 = _GatherRows.apply(x2, permutation, inverse)
 
     # Round before ceil so that e.g. 0.05 * F landing a hair above an integer does not

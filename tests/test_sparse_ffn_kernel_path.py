@@ -333,7 +333,10 @@ def test_scratch_buffers_are_reused_and_never_leak_into_results(monkeypatch):
     # backward or returned must not live there (the second layer would overwrite it).
     gen = torch.Generator().manual_seed(41)
     x = torch.randn(32, 16, generator=gen, dtype=F64)
-    layers = [(torch.randn(64, 16, generator=gen, dtype=F64) / 4, torch.randn(16, 64, generator=gen, dtype=F64) / 8) for _ in range(2)]
+    layers = [
+        (torch.randn(64, 16, generator=gen, dtype=F64) / 4, torch.randn(16, 64, generator=gen, dtype=F64) / 8)
+        for _ in range(2)
+    ]
     dy = torch.randn(32, 16, generator=gen, dtype=F64)
     kw = dict(method="naive", backward="split_gemm", permutation=make_token_permutation(32, seed=3))
     monkeypatch.setattr(sparse_ffn, "_scratch_buffers", sparse_ffn._ScratchBuffers())
