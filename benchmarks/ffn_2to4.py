@@ -23,7 +23,7 @@ import time
 
 import torch
 
-from machine import describe_machine  # benchmarks/machine.py
+from machine import describe_machine, parse_ffn_shapes  # benchmarks/machine.py
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -31,7 +31,6 @@ from hf_sparse import kernels  # noqa: E402
 from hf_sparse import sparse_ffn  # noqa: E402
 from hf_sparse.sparse_ffn import relu2_2to4_ffn, relu2_ffn_reference  # noqa: E402
 
-SHAPES = {"130m": (768, 3072), "1b": (2048, 8192), "7b": (4096, 16384)}
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, "fp64": torch.float64}
 
 
@@ -143,18 +142,6 @@ def bench_shape(d, f, args, device, dtype, timer):
     return out, kernel_ok
 
 
-def parse_shapes(text: str):
-    shapes = []
-    for item in text.split(","):
-        item = item.strip()
-        if item in SHAPES:
-            shapes.append((item, *SHAPES[item]))
-        else:
-            d, f = item.lower().split("x")
-            shapes.append((item, int(d), int(f)))
-    return shapes
-
-
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -177,7 +164,7 @@ def main(argv=None):
     args.tokens = args.tokens or (16384 if gpu else 4096)
     args.repeats = args.repeats or (20 if gpu else 5)
     args.warmup = args.warmup if args.warmup is not None else (3 if gpu else 1)
-    shapes = parse_shapes(args.shapes or ("130m,1b,7b" if gpu else "130m"))
+    shapes = parse_ffn_shapes(args.shapes or ("130m,1b,7b" if gpu else "130m"))
     timer = Timer(device)
 
     print(f"machine: {describe_machine(device)}")

@@ -23,8 +23,8 @@ Imports only torch and hf_sparse, so it also runs on a bare GPU box.
 from __future__ import annotations
 
 import argparse
-import inspect
 import contextlib
+import inspect
 import math
 import os
 import re
@@ -35,11 +35,12 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
+from machine import parse_ffn_shapes  # benchmarks/machine.py
+
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from hf_sparse import kernels, sparse_ffn  # noqa: E402
 
-SHAPES = {"130m": (768, 3072), "1b": (2048, 8192), "7b": (4096, 16384)}
 DTYPE = torch.bfloat16
 DENSE_FEATURES = 0.05  # relu2_2to4_ffn's default split
 # cuSPARSELt's compressed 16-bit operand: the kept half of the values plus 2 bits of
@@ -304,18 +305,6 @@ def summarize(ks: list[Kernel], hw: Machine) -> Summary:
     )
 
 
-def parse_shapes(text: str):
-    shapes = []
-    for item in text.split(","):
-        item = item.strip()
-        if item in SHAPES:
-            shapes.append((item, *SHAPES[item]))
-        else:
-            d, f = item.lower().split("x")
-            shapes.append((item, int(d), int(f)))
-    return shapes
-
-
 def print_assumptions(args) -> None:
     print("MODEL, not a measurement: a modelled H100 SXM, bf16, one FFN forward+backward")
     print(f"  HBM bandwidth            {args.bandwidth_tbs:g} TB/s (--bandwidth-tbs)")
@@ -523,7 +512,7 @@ def main(argv=None):
     args = p.parse_args(argv)
 
     hw = Machine(args.bandwidth_tbs * 1e12, args.dense_tflops * 1e12, args.sparse_tflops * 1e12, args.launch_us * 1e-6)
-    shapes = parse_shapes(args.shapes)
+    shapes = parse_ffn_shapes(args.shapes)
     if args.tokens % kernels.ALIGN:
         p.error(f"--tokens must be a multiple of {kernels.ALIGN} for the cuSPARSELt path")
     print_assumptions(args)

@@ -1,4 +1,5 @@
-"""The machine line every benchmark prints with its figures."""
+"""The machine line every benchmark prints with its figures, and the FFN shapes the FFN
+benchmarks share."""
 
 import os
 import platform
@@ -42,3 +43,20 @@ def interleaved_step_times(step, names, blocks: int, steps_per_block: int) -> di
             medians[name] = statistics.median(block_times)
         ratios.append(medians[second] / medians[first])
     return {"times": times, "ratios": ratios}
+
+
+# (d, F) of the paper's model sizes, as the FFN benchmarks name them.
+FFN_SHAPES = {"130m": (768, 3072), "1b": (2048, 8192), "7b": (4096, 16384)}
+
+
+def parse_ffn_shapes(text: str) -> list[tuple[str, int, int]]:
+    """``"130m,2048x8192"`` -> [(name, d, F), ...]: names from FFN_SHAPES or DxF."""
+    shapes = []
+    for item in text.split(","):
+        item = item.strip()
+        if item in FFN_SHAPES:
+            shapes.append((item, *FFN_SHAPES[item]))
+        else:
+            d, f = item.lower().split("x")
+            shapes.append((item, int(d), int(f)))
+    return shapes
