@@ -788,6 +788,34 @@ def _op_weights(w_up: Tensor, w_down: Tensor, planar: bool) -> tuple[Tensor, Ten
 # ----- The op: forward and backward as custom ops -----
 
 
+# g's data pointer -> the GEMM path its forward took. The backward is told the path by
+# setup_context (see there); under torch.compile that ran at trace time, so a switch
+# flipped after compiling could disagree with the forward's runtime choice and mix
+# feature orders. A live g's pointer is unique, so a recorded disagreement is real.
+_forward_paths: dict[int, bool] = {}
+_MAX_FORWARD_PATHS = 4096  # forwards without a backward (inference) leave entries: bounded
+
+
+def _record_forward_path(g: Tensor, use_kernel: bool) -> None:
+    if g.device.type == "meta":
+        return
+    if len(_forward_paths) >= _MAX_FORWARD_PATHS:
+        _forward_paths.clear()
+    _forward_paths[g.data_ptr()] = use_kernel
+
+
+def _check_forward_path(g: Tensor, use_kernel: bool) -> None:
+    recorded = _forward_paths.pop(g.data_ptr(), None) if g.device.type != "meta" else None
+    if recorded is not None and recorded != use_kernel:
+        raise RuntimeError(
+            "2:4 FFN: this backward was set up for the "
+            f"{'cuSPARSELt' if use_kernel else 'plain-GEMM'} path but its forward took the "
+            f"{'cuSPARSELt' if recorded else 'plain-GEMM'} one; HF_SPARSE_DISABLE_2TO4_KERNEL or "
+            "set_kernel_override changed after torch.compile traced the model. Call torch._dynamo.reset() "
+            "after changing them."
+        )
+
+
 def _ffn_forward_impl(x, w_up, w_down, method, backward, n_dense, count, want_feature_counts):
     t, f = x.shape[0], w_up.shape[0]
     use_kernel = use_2to4_kernel(x, w_up, w_down)
@@ -815,6 +843,7 @@ def _ffn_forward_impl(x, w_up, w_down, method, backward, n_dense, count, want_fe
         _forward_stage, y1, u, method, count, want_feature_counts, planar, y2s_out, g_out, *members
     )
     del y1, u
+    _record_forward_path(g, use_kernel)
     y3 = sparse24_mm(y2s, w_down_op.t()) if use_kernel else torch.mm(y2s, w_down_op.t())
     if count:
         numel = torch.full_like(relu_nnz, t * f)
@@ -857,6 +886,7 @@ def _ffn_backward_impl(
     # use_kernel: the forward's decision (see _setup_context), never re-read here: it also
     # fixes the layout of g, y2s and the counts (planar on the plain-GEMM path).
     t, f = g.shape
+    _check_forward_path(g, use_kernel)
     planar = not use_kernel
     w_up_op, w_down_op = _op_weights(w_up, w_down, planar)
     dy3 = dy3.contiguous()

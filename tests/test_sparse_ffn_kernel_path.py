@@ -394,3 +394,20 @@ def test_backward_follows_the_forward_gemm_path(emulated_cusparselt_wide, forwar
     assert len(emu.mm_calls) == (4 if forward_kernel else 0)  # forward and dx, then both dW on the kernel path
     for name, a, b in zip(("y", "dx", "dw_up", "dw_down"), (y.detach(), x.grad, w_up.grad, w_down.grad), ref):
         assert_close(a, b, rtol=1e-12, atol=1e-12, msg=name)
+
+
+def test_backward_refuses_a_path_its_forward_did_not_take(emulated_cusparselt_wide):
+    # Under torch.compile the backward's path is fixed at trace time while the forward
+    # decides at run time: a switch flipped in between must fail loudly, not mix layouts.
+    x, w_up, w_down, dy = make_inputs(t=48, d=32, f=64, seed=46)
+    kernels.set_kernel_override(True)
+    fwd_args = (x, w_up, w_down, "naive", "split_gemm", 4, False, True)
+    y3, g, y2s, counts, _ = torch.ops.hf_sparse.relu2_2to4_ffn_fwd(*fwd_args)
+    args = (dy, x, w_up, w_down, g, y2s, counts, "naive", "split_gemm", 4, True, True, True)
+    with pytest.raises(RuntimeError, match="changed after torch.compile traced the model"):
+        torch.ops.hf_sparse.relu2_2to4_ffn_bwd(*args, False)
+    # A backward told the forward's own path runs.
+    y3, g, y2s, counts, _ = torch.ops.hf_sparse.relu2_2to4_ffn_fwd(*fwd_args)
+    args = (dy, x, w_up, w_down, g, y2s, counts, "naive", "split_gemm", 4, True, True, True)
+    dx, _, _ = torch.ops.hf_sparse.relu2_2to4_ffn_bwd(*args, True)
+    assert dx.shape == x.shape and torch.isfinite(dx).all()
