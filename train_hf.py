@@ -172,6 +172,17 @@ def main(argv: list[str]) -> dict:
     return metrics
 
 
+def _wait_for_all_ranks() -> None:
+    # After a successful run only (a rank that failed never arrives): rank 0 may still be
+    # writing the final checkpoint when the others finish, and a rank that tore the group
+    # down meanwhile aborted at exit once ("terminate called without an active exception",
+    # a full-suite run on 2 loaded vCPUs, 2026-12-02).
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        dist.barrier()
+
+
 def _close_process_group() -> None:
     # Leaving a gloo/NCCL group open at interpreter exit can abort the process
     # ("terminate called without an active exception") after a successful run.
@@ -189,6 +200,7 @@ def cli() -> None:
         return
     try:
         main(argv)
+        _wait_for_all_ranks()
     except (ConfigError, NonFiniteError) as err:
         if isinstance(err, LaunchError) and os.environ.get("RANK", "0") != "0":
             sys.exit(1)  # the same verdict in every rank: rank 0 says it once
