@@ -121,15 +121,10 @@ def _rank_keys_(v: Tensor) -> Tensor:
     return v.nan_to_num_(nan=math.inf, posinf=math.inf, neginf=-math.inf)
 
 
-def _small_count_dtype() -> torch.dtype:
-    """dtype of per-group counts (0..4): uint8 eager (a quarter of the bytes); int32 when
-    compiled, because CPU inductor emits scalar loops for uint8 arithmetic (a compiled
-    selection stage measured ~4x slower with uint8 than with 32-bit counts)."""
-    return torch.int32 if torch.compiler.is_compiling() else torch.uint8
-
-
 def _flags(cond: Tensor) -> Tensor:
-    """0/1 flags of a bool tensor in :func:`_small_count_dtype`."""
+    """0/1 flags of a bool tensor for small per-group counts (0..4): uint8 eager (a quarter
+    of the bytes); float32 when compiled, because CPU inductor emits scalar loops for uint8
+    arithmetic (a compiled selection stage measured ~4x slower with uint8 counts)."""
     return cond.to(torch.float32) if torch.compiler.is_compiling() else _u8(cond)
 
 
@@ -154,8 +149,8 @@ def _group_nonzero_counts(members: tuple[Tensor, ...]) -> tuple[Tensor, Tensor]:
 
 
 def _win_counts(a: Tensor, b: Tensor, c: Tensor, d: Tensor) -> tuple[Tensor, ...]:
-    """Number of duels each of (a, b, c, d) wins (:func:`_small_count_dtype`); ties go to
-    the lower index.
+    """Number of duels each of (a, b, c, d) wins (in :func:`_flags`' dtype); ties go to the
+    lower index.
 
     i beats j (i < j) iff v_i >= v_j. For NaN-free keys that is a total order, so the
     counts are exactly 3, 2, 1, 0 in some order: "wins >= 2" keeps exactly the two largest.

@@ -71,11 +71,6 @@ def main(out_path):
 
 
 if __name__ == "__main__":
-    main(sys.argv[1])
-    # Skip the interpreter's C++ teardown: with the process group already closed, a
-    # gloo/c10d thread destroyed at exit still aborted a rank now and then ("terminate
-    # called without an active exception", twice in five full-suite runs on
-    # 2026-12-02); the results are written by now.
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)
+    from tests.dist_exit import run_then_exit
+
+    run_then_exit(main, sys.argv[1])
