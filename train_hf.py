@@ -17,15 +17,15 @@ import transformers
 from transformers import AutoModelForCausalLM, Trainer, default_data_collator, set_seed
 
 import hf_sparse
-from hf_sparse.callbacks import EvalPerplexityCallback, ModelCardCallback
-from hf_sparse.checkpoints import last_complete_checkpoint, write_model_card
-from hf_sparse.data import build_datasets, load_tokenizer
-from hf_sparse.numerics import NonFiniteError, NumericsGuardCallback
-from hf_sparse.loro import LoroCallback, build_loro_optimizer_and_scheduler
-from hf_sparse.evaluation import build_compute_metrics, preprocess_logits_for_metrics
+from hf_sparse.training.callbacks import EvalPerplexityCallback, ModelCardCallback
+from hf_sparse.training.checkpoints import last_complete_checkpoint, write_model_card
+from hf_sparse.training.data import build_datasets, load_tokenizer
+from hf_sparse.training.numerics import NonFiniteError, NumericsGuardCallback
+from hf_sparse.training.loro import LoroCallback, build_loro_optimizer_and_scheduler
+from hf_sparse.training.evaluation import build_compute_metrics, preprocess_logits_for_metrics
 from hf_sparse.report import NotARunError, write_report
-from hf_sparse.resume_check import final_step_eval, warn_on_resume_changes
-from hf_sparse.run_config import ConfigError, LaunchError, check_hub_access, format_help, parse_run_config, wants_help
+from hf_sparse.training.resume_check import final_step_eval, warn_on_resume_changes
+from hf_sparse.training.run_config import ConfigError, LaunchError, check_hub_access, format_help, parse_run_config, wants_help
 
 
 logger = logging.getLogger("train_hf")

@@ -26,8 +26,8 @@ from machine import describe_machine, interleaved_step_times  # benchmarks/machi
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from hf_sparse import SparseLlamaConfig, SparseLlamaForCausalLM, set_training_step  # noqa: E402
-from hf_sparse.modeling_sparse_llama import ensure_activation_stats  # noqa: E402
-from hf_sparse.sparse_ffn import COMPILE_STAGES_ENV  # noqa: E402
+from hf_sparse.model.modeling_sparse_llama import ensure_activation_stats  # noqa: E402
+from hf_sparse.model.sparse_ffn import COMPILE_STAGES_ENV  # noqa: E402
 
 
 def main(argv=None):

@@ -25,7 +25,7 @@ from machine import describe_machine  # benchmarks/machine.py
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from hf_sparse import sparse_ffn  # noqa: E402
+from hf_sparse.model import sparse_ffn  # noqa: E402
 
 
 def median_ms(fn, repeats: int) -> float:

@@ -4,7 +4,7 @@
     python benchmarks/cslt_gemm_check.py --shape 1b --repeats 50
     python benchmarks/cslt_gemm_check.py --cpu-smoke        # control flow only, emulated ops
 
-The 2:4 FFN op (hf_sparse/sparse_ffn.py) runs four of its six GEMMs as
+The 2:4 FFN op (hf_sparse/model/sparse_ffn.py) runs four of its six GEMMs as
 ``torch._cslt_sparse_mm`` on an activation that ``torch._cslt_compress`` packs anew at every
 call. The op can only beat the dense FFN if those four GEMMs, compression included, beat
 torch.mm at the same sizes, so this is measured first:
@@ -39,7 +39,7 @@ import torch
 
 from machine import describe_machine  # benchmarks/machine.py, next to this script
 
-ALG_ID_ENV = "HF_SPARSE_CSLT_ALG_ID"  # read by hf_sparse/kernels.py (not imported: torch only)
+ALG_ID_ENV = "HF_SPARSE_CSLT_ALG_ID"  # read by hf_sparse/model/kernels.py (not imported: torch only)
 FFN_SHAPES = {"7b": (4096, 16384), "1b": (2048, 8192), "130m": (768, 3072)}  # (d, F)
 DENSE_FEATURE_FRACTION = 0.05  # the op's split_gemm default: densest 5% of features stay dense
 ALIGN = 64

@@ -27,9 +27,9 @@ from machine import describe_machine, parse_ffn_shapes  # benchmarks/machine.py
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from hf_sparse import kernels  # noqa: E402
-from hf_sparse import sparse_ffn  # noqa: E402
-from hf_sparse.sparse_ffn import relu2_2to4_ffn, relu2_ffn_reference  # noqa: E402
+from hf_sparse.model import kernels  # noqa: E402
+from hf_sparse.model import sparse_ffn  # noqa: E402
+from hf_sparse.model.sparse_ffn import relu2_2to4_ffn, relu2_ffn_reference  # noqa: E402
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, "fp64": torch.float64}
 

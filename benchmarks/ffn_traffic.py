@@ -39,7 +39,7 @@ from machine import parse_ffn_shapes  # benchmarks/machine.py
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from hf_sparse import kernels, sparse_ffn  # noqa: E402
+from hf_sparse.model import kernels, sparse_ffn  # noqa: E402
 
 DTYPE = torch.bfloat16
 DENSE_FEATURES = 0.05  # relu2_2to4_ffn's default split

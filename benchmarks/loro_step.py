@@ -31,8 +31,8 @@ from torch import nn
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from hf_sparse.loro import LOROAdamW  # noqa: E402
-from hf_sparse.lowrank import LowRankLinear  # noqa: E402
+from hf_sparse.training.loro import LOROAdamW  # noqa: E402
+from hf_sparse.model.lowrank import LowRankLinear  # noqa: E402
 
 
 # hidden, intermediate, layers, rank (original LORO / GaLore LLaMA recipes)

@@ -22,7 +22,7 @@ from machine import describe_machine  # benchmarks/machine.py
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from hf_sparse import SparseLlamaConfig, SparseLlamaForCausalLM, set_training_step, sparsity_metrics  # noqa: E402
-from hf_sparse.modeling_sparse_llama import sparse_mlps  # noqa: E402
+from hf_sparse.model.modeling_sparse_llama import sparse_mlps  # noqa: E402
 
 
 

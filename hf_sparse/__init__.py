@@ -3,15 +3,15 @@ telemetry and a low-rank (LORO) mode, on the stock HuggingFace Trainer."""
 
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 
-from .configuration_sparse_llama import SparseLlamaConfig
-from .modeling_sparse_llama import (
+from .model.configuration_sparse_llama import SparseLlamaConfig
+from .model.modeling_sparse_llama import (
     SparseLlamaForCausalLM,
     SparseLlamaModel,
     SparseLlamaPreTrainedModel,
     set_training_step,
 )
-from .telemetry import sparsity_metrics
-from .callbacks import SparsityCallback
+from .training.telemetry import sparsity_metrics
+from .training.callbacks import SparsityCallback
 
 __version__ = "0.1.0"
 

@@ -50,10 +50,10 @@ from transformers import ArceeConfig, ArceeForCausalLM, LlamaConfig, LlamaForCau
 from transformers.initialization import no_init_weights
 from transformers.utils import logging as transformers_logging
 
-from .checkpoints import architecture_lines, last_complete_checkpoint
-from .configuration_sparse_llama import SparseLlamaConfig
-from .modeling_sparse_llama import SparseLlamaForCausalLM, set_training_step
-from .weight_sparse import is_weight_sparse
+from .training.checkpoints import architecture_lines, last_complete_checkpoint
+from .model.configuration_sparse_llama import SparseLlamaConfig
+from .model.modeling_sparse_llama import SparseLlamaForCausalLM, set_training_step
+from .model.weight_sparse import is_weight_sparse
 
 logger = logging.getLogger(__name__)
 

@@ -336,7 +336,7 @@ class Emulator:
         self.allow_wide_dtypes = allow_wide_dtypes
         self.compressed: list[CompressCall] = []
         self.mm_calls: list[MmCall] = []
-        # Set by install(): whether hf_sparse.kernels.set_kernel_override was switched on.
+        # Set by install(): whether hf_sparse.model.kernels.set_kernel_override was switched on.
         self.kernel_override = False
 
     def compress(self, a: Tensor) -> Tensor:
@@ -406,7 +406,7 @@ def install(monkeypatch, allow_wide_dtypes: bool = False) -> Emulator:
     monkeypatch.setattr(torch.backends.cusparselt, "is_available", lambda: True)
     monkeypatch.setattr(torch.backends.cusparselt, "get_max_alg_id", lambda: NUM_ALG_IDS)
 
-    kernels = importlib.import_module("hf_sparse.kernels")
+    kernels = importlib.import_module("hf_sparse.model.kernels")
     # Self-check verdicts and warn-once keys recorded under emulation must not leak
     # into later tests that run without it.
     for name in ("_self_check", "_warned"):

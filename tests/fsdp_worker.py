@@ -16,7 +16,7 @@ from torch.distributed.fsdp.wrap import ModuleWrapPolicy
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from hf_sparse import SparseLlamaForCausalLM, set_training_step, sparsity_metrics  # noqa: E402
-from hf_sparse.modeling_sparse_llama import SparseLlamaDecoderLayer  # noqa: E402
+from hf_sparse.model.modeling_sparse_llama import SparseLlamaDecoderLayer  # noqa: E402
 from tests.conftest import tiny_config  # noqa: E402
 
 

@@ -18,9 +18,9 @@ import time
 
 import pytest
 
-import hf_sparse.data as data_module
-from hf_sparse.data import DataArguments, check_hub_resources, hub_reachable, load_tokenizer
-from hf_sparse.run_config import (
+import hf_sparse.training.data as data_module
+from hf_sparse.training.data import DataArguments, check_hub_resources, hub_reachable, load_tokenizer
+from hf_sparse.training.run_config import (
     ALIASES,
     HELP_SECTIONS,
     MODEL_ARGUMENT_CLASSES,

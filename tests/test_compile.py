@@ -17,7 +17,7 @@ from torch._dynamo.utils import counters
 from transformers import Trainer, TrainerCallback
 
 from hf_sparse import SparseLlamaForCausalLM, SparsityCallback, set_training_step
-from hf_sparse.modeling_sparse_llama import STAT_TOTAL, SparseLlamaMLP, ensure_activation_stats
+from hf_sparse.model.modeling_sparse_llama import STAT_TOTAL, SparseLlamaMLP, ensure_activation_stats
 from tests.conftest import host_sync_calls, tiny_config, tiny_training_args
 from tests.test_telemetry import RandomTokens
 
@@ -175,7 +175,7 @@ def test_run_json_accepts_torch_compile(tmp_path):
     """`"torch_compile": true` in the run JSON reaches TrainingArguments (the Trainer compiles)."""
     import json
 
-    from hf_sparse.run_config import parse_run_config
+    from hf_sparse.training.run_config import parse_run_config
 
     path = tmp_path / "run.json"
     path.write_text(json.dumps({

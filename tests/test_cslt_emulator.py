@@ -8,7 +8,7 @@ real library would silently misread.
 import pytest
 import torch
 
-from hf_sparse import kernels
+from hf_sparse.model import kernels
 from tests.cslt_emulator import (
     NUM_ALG_IDS,
     CompressCall,
@@ -288,7 +288,7 @@ def test_kernel_self_check_runs_on_emulator(emulated_cusparselt):
     # kernels.check_alg_id exercises row-major B, transposed B and transposed result
     # against a dense GEMM: with the emulator it must pass, and a bad id must fail.
     if not hasattr(kernels, "check_alg_id"):
-        pytest.skip("hf_sparse.kernels has no check_alg_id")
+        pytest.skip("hf_sparse.model.kernels has no check_alg_id")
     ok, detail = kernels.check_alg_id("cpu", BF16, 0, shapes=((64, 64, 32),))
     assert ok, detail
     assert emulated_cusparselt.layouts == {("row", False), ("col", False), ("row", True)}

@@ -1,4 +1,4 @@
-"""hf_sparse.data: embedded corpus, embedded tokenizer, packing, file/streaming sources,
+"""hf_sparse.training.data: embedded corpus, embedded tokenizer, packing, file/streaming sources,
 argument validation. CPU only, no network."""
 
 import dataclasses
@@ -12,7 +12,7 @@ import time
 
 import pytest
 
-from hf_sparse import data as D
+from hf_sparse.training import data as D
 
 
 VOCAB = 1024
@@ -426,13 +426,13 @@ def test_embedded_default_streaming(tok):
 def test_determinism_across_processes(tok, shared_cache):
     """Another interpreter (other hash seed, as another rank would be) gets the same data.
 
-    The same (costly) interpreter also checks that importing hf_sparse.data and
-    hf_sparse.evaluation pulls in neither `datasets`, `evaluate` (seconds to import) nor
+    The same (costly) interpreter also checks that importing hf_sparse.training.data and
+    hf_sparse.training.evaluation pulls in neither `datasets`, `evaluate` (seconds to import) nor
     `wandb`: model code shares the package and must run without them.
     """
     train_ds, _ = D.build_datasets(D.DataArguments(max_length=64), tok)
     code = (
-        "import json, sys; from hf_sparse import data as D, evaluation\n"
+        "import json, sys; from hf_sparse.training import data as D, evaluation\n"
         "print(json.dumps(sorted(m for m in ('datasets', 'evaluate', 'wandb') if m in sys.modules)))\n"
         f"tok = D.load_tokenizer(None, {VOCAB})\n"
         "train, val = D.build_datasets(D.DataArguments(max_length=64), tok)\n"

@@ -1,4 +1,4 @@
-"""hf_sparse.evaluation: next-token accuracy through `evaluate` (loaded by path, offline),
+"""hf_sparse.training.evaluation: next-token accuracy through `evaluate` (loaded by path, offline),
 Trainer hooks, perplexity."""
 
 import math
@@ -9,7 +9,7 @@ import pytest
 import torch
 from transformers import EvalPrediction
 
-from hf_sparse import evaluation as E
+from hf_sparse.training import evaluation as E
 
 
 @pytest.fixture(scope="module")

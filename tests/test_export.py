@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 
 from hf_sparse import SparseLlamaForCausalLM, set_training_step
 from hf_sparse.export import ExportError, export_model, main, stock_architecture
-from hf_sparse.weight_sparse import sparse_weight_2to4
+from hf_sparse.model.weight_sparse import sparse_weight_2to4
 from tests.conftest import tiny_config
 
 LOW_RANK = dict(loro_scope="all", loro_attn_rank=8, loro_mlp_rank=8)

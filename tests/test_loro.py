@@ -8,8 +8,8 @@ import pytest
 import torch
 from torch import nn
 
-from hf_sparse.loro import LOROAdamW, _cosine_restart_lambda, get_cosine_restart_schedule, loro_exact_update
-from hf_sparse.lowrank import LowRankLinear
+from hf_sparse.training.loro import LOROAdamW, _cosine_restart_lambda, get_cosine_restart_schedule, loro_exact_update
+from hf_sparse.model.lowrank import LowRankLinear
 
 F64 = torch.float64
 

@@ -7,7 +7,7 @@ import torch
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from hf_sparse.lowrank import (
+from hf_sparse.model.lowrank import (
     LOW_RANK_FACTOR_NAMES,
     LowRankLinear,
     init_low_rank_,

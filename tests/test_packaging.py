@@ -26,7 +26,7 @@ def test_pip_install_gives_package_scripts_and_module_entry_points(tmp_path):
     assert build.returncode == 0, build.stderr[-3000:]
     installed = {p.name for p in target.iterdir()}
     assert {"hf_sparse", "train_hf.py", "bin"} <= installed
-    assert (target / "hf_sparse" / "metrics" / "next_token_accuracy" / "next_token_accuracy.py").exists()
+    assert (target / "hf_sparse" / "training" / "metrics" / "next_token_accuracy" / "next_token_accuracy.py").exists()
     assert {"hf-sparse-train", "hf-sparse-report", "hf-sparse-export"} <= {p.name for p in (target / "bin").iterdir()}
 
     # The console script calls train_hf.cli (whose error path tests/test_train_hf.py covers).

@@ -11,7 +11,7 @@ import time
 
 import pytest
 
-from hf_sparse.checkpoints import is_complete_checkpoint, last_complete_checkpoint
+from hf_sparse.training.checkpoints import is_complete_checkpoint, last_complete_checkpoint
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TRAIN = os.path.join(REPO_ROOT, "train_hf.py")

@@ -1,4 +1,4 @@
-"""CPU tests of the 2:4 activation-sparse ReLU² FFN op (hf_sparse/sparse_ffn.py).
+"""CPU tests of the 2:4 activation-sparse ReLU² FFN op (hf_sparse/model/sparse_ffn.py).
 
 References are built here, independently of the op: masks from a sort-based top-2,
 gradients from plain float64 autograd with explicit token-wise masking.
@@ -9,9 +9,9 @@ import math
 import pytest
 import torch
 
-from hf_sparse import kernels
+from hf_sparse.model import kernels
 from tests.conftest import host_sync_calls
-from hf_sparse.sparse_ffn import (
+from hf_sparse.model.sparse_ffn import (
     BACKWARD_MODES,
     SPARSE_METHODS,
     TokenPermutation,

@@ -10,9 +10,9 @@ import math
 import pytest
 import torch
 
-import hf_sparse.sparse_ffn as sparse_ffn
-from hf_sparse import kernels
-from hf_sparse.sparse_ffn import BACKWARD_MODES, SPARSE_METHODS, make_token_permutation, relu2_2to4_ffn
+import hf_sparse.model.sparse_ffn as sparse_ffn
+from hf_sparse.model import kernels
+from hf_sparse.model.sparse_ffn import BACKWARD_MODES, SPARSE_METHODS, make_token_permutation, relu2_2to4_ffn
 
 pytestmark = [
     pytest.mark.gpu,

@@ -12,9 +12,9 @@ import math
 import pytest
 import torch
 
-import hf_sparse.sparse_ffn as sparse_ffn
-from hf_sparse import kernels
-from hf_sparse.sparse_ffn import BACKWARD_MODES, SPARSE_METHODS, make_token_permutation, relu2_2to4_ffn
+import hf_sparse.model.sparse_ffn as sparse_ffn
+from hf_sparse.model import kernels
+from hf_sparse.model.sparse_ffn import BACKWARD_MODES, SPARSE_METHODS, make_token_permutation, relu2_2to4_ffn
 from tests.conftest import host_sync_calls
 from tests.cslt_emulator import emulated_cusparselt, emulated_cusparselt_wide  # noqa: F401  (fixtures)
 from tests.test_sparse_ffn import assert_close, groups, make_inputs, reference_grads, run_op

@@ -9,7 +9,7 @@ from transformers import Trainer, TrainingArguments
 
 import hf_sparse
 from hf_sparse import SparseLlamaForCausalLM, SparsityCallback, sparsity_metrics
-from hf_sparse.modeling_sparse_llama import set_training_step
+from hf_sparse.model.modeling_sparse_llama import set_training_step
 from tests.conftest import tiny_config
 
 
@@ -328,7 +328,7 @@ def test_metric_callbacks_run_before_the_reporting_integrations(tmp_path):
     """LORO metrics are added in on_log too: they must reach TensorBoard/wandb."""
     from transformers.integrations import TensorBoardCallback
 
-    from hf_sparse.loro import LoroCallback
+    from hf_sparse.training.loro import LoroCallback
     args = TrainingArguments(output_dir=str(tmp_path), report_to=["tensorboard"], use_cpu=True, max_steps=1)
     ours = [SparsityCallback(), LoroCallback()]
     trainer = Trainer(model=SparseLlamaForCausalLM(tiny_config()), args=args, train_dataset=RandomTokens(4),

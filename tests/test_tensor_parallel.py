@@ -13,8 +13,8 @@ from transformers import GenerationMixin, LlamaConfig, LlamaForCausalLM
 from transformers.integrations.tensor_parallel import ALL_PARALLEL_STYLES, replace_layer_number_by_wildcard
 
 from hf_sparse import SparseLlamaForCausalLM
-from hf_sparse.configuration_sparse_llama import LOWRANK_COLWISE, LOWRANK_ROWWISE
-from hf_sparse.modeling_sparse_llama import SparseLlamaPreTrainedModel
+from hf_sparse.model.configuration_sparse_llama import LOWRANK_COLWISE, LOWRANK_ROWWISE
+from hf_sparse.model.modeling_sparse_llama import SparseLlamaPreTrainedModel
 from tests.conftest import tiny_config
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

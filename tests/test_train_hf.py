@@ -13,7 +13,7 @@ import torch
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO_ROOT)
 import train_hf  # noqa: E402
-from hf_sparse.run_config import ConfigError  # noqa: E402
+from hf_sparse.training.run_config import ConfigError  # noqa: E402
 
 TINY_MODEL = os.path.join(REPO_ROOT, "configs", "llama_tiny.json")
 
@@ -185,7 +185,7 @@ def test_malformed_json_names_line_and_column(tmp_path):
 
 
 def test_readme_has_the_two_lines_and_quickstart_parses():
-    from hf_sparse.run_config import parse_run_config
+    from hf_sparse.training.run_config import parse_run_config
 
     with open(os.path.join(REPO_ROOT, "README.md")) as handle:
         readme = handle.read()
@@ -251,7 +251,7 @@ def test_contradictory_low_rank_settings(tmp_path):
     "name", ["quickstart.json", "quickstart_lowrank.json", "c4_llama_130m_relu2.json", "c4_llama_130m_loro.json"]
 )
 def test_shipped_run_configs_parse(name, tmp_path):
-    from hf_sparse.run_config import parse_run_config
+    from hf_sparse.training.run_config import parse_run_config
 
     run = parse_run_config([os.path.join(REPO_ROOT, "configs", name), "--output_dir", str(tmp_path / "out")])
     if "loro" in name or "lowrank" in name:
@@ -299,7 +299,7 @@ def test_push_to_hub_uploads_the_finished_folder_with_our_card(tmp_path, monkeyp
 def test_push_to_hub_pushes_once_at_the_end_unless_told_otherwise(tmp_path):
     from transformers.trainer_utils import HubStrategy
 
-    from hf_sparse.run_config import parse_run_config
+    from hf_sparse.training.run_config import parse_run_config
 
     run = parse_run_config([_write_config(tmp_path, push_to_hub=True, hub_model_id="a/b")])
     assert run.training_args.hub_strategy == HubStrategy.END

@@ -1,4 +1,4 @@
-"""Weight 2:4 (hf_sparse/weight_sparse.py): masks, S-STE values, the fixed scale, the
+"""Weight 2:4 (hf_sparse/model/weight_sparse.py): masks, S-STE values, the fixed scale, the
 straight-through gradients, MVUE, the schedule and the composition with the 2:4 FFN op.
 
 References are written here independently: masks from a stable sort, values and scales
@@ -11,8 +11,8 @@ import pytest
 import torch
 
 from hf_sparse import SparseLlamaForCausalLM, set_training_step
-from hf_sparse.sparse_ffn import relu2_2to4_ffn
-from hf_sparse.weight_sparse import Sparse24Linear, Sparse24LowRankLinear, next_weight_generation, sparse_linear
+from hf_sparse.model.sparse_ffn import relu2_2to4_ffn
+from hf_sparse.model.weight_sparse import Sparse24Linear, Sparse24LowRankLinear, next_weight_generation, sparse_linear
 from tests.conftest import host_sync_calls, tiny_config
 from tests.cslt_emulator import emulated_cusparselt  # noqa: F401  (fixture)
 
@@ -261,7 +261,7 @@ def test_kernel_forward_compresses_once_per_optimizer_step(emulated_cusparselt):
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_weight_2to4_forward_on_cusparselt(monkeypatch):
-    from hf_sparse import kernels
+    from hf_sparse.model import kernels
 
     if torch.cuda.get_device_capability() < kernels.MIN_CAPABILITY or not kernels.cusparselt_available():
         pytest.skip("needs sm80+ and a PyTorch build with cuSPARSELt")

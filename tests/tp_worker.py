@@ -111,7 +111,7 @@ def _check_op_refuses_straddling_groups():
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.tensor import Shard, distribute_tensor
 
-    from hf_sparse.sparse_ffn import relu2_2to4_ffn
+    from hf_sparse.model.sparse_ffn import relu2_2to4_ffn
 
     mesh = init_device_mesh("cpu", (dist.get_world_size(),))
     torch.manual_seed(0)  # distribute_tensor needs the same full tensor on every rank

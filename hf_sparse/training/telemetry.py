@@ -12,14 +12,14 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from .modeling_sparse_llama import (
+from ..model.modeling_sparse_llama import (
     NUM_ACTIVATION_STATS,
     STAT_DROPPED_24,
     STAT_TOTAL,
     STAT_ZEROS,
     sparse_mlps,
 )
-from .sparse_ffn import count_nonzero
+from ..model.sparse_ffn import count_nonzero
 
 logger = logging.getLogger(__name__)
 

@@ -57,7 +57,7 @@ class SparseLlamaConfig(LlamaConfig):
         Seed of that permutation; `train_hf.py` sets it from the training seed. It lives
         in the config so a resumed or reloaded model uses the same permutation.
     activation_backward (`str`, *optional*, defaults to `"split_gemm"`):
-        `"split_gemm"`, `"naive"` or `"exact"` (see `hf_sparse.sparse_ffn`).
+        `"split_gemm"`, `"naive"` or `"exact"` (see `hf_sparse.model.sparse_ffn`).
     activation_dense_features (`float`, *optional*, defaults to 0.05):
         Fraction of densest features kept dense in the `split_gemm` weight gradients.
     loro_scope (`str`, *optional*):
@@ -67,7 +67,7 @@ class SparseLlamaConfig(LlamaConfig):
     loro_init (`str`, *optional*, defaults to `"xavier"`):
         Factor initialisation: `xavier`, `auto`, `kaiming`, `orth` or `randn_<std>`.
     weight_2by4 (`bool`, *optional*, defaults to `False`):
-        Train 2:4 sparse weights from dense masters (see `hf_sparse.weight_sparse`).
+        Train 2:4 sparse weights from dense masters (see `hf_sparse.model.weight_sparse`).
     weight_2by4_scope (`str`, *optional*, defaults to `"mlp"`):
         Which decoder linears: `"mlp"` (gate/up/down), `"attn"` (q/k/v/o) or `"all"`.
     weight_sparse_method (`str`, *optional*, defaults to `"s_ste"`):

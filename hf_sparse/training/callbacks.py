@@ -12,8 +12,8 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from transformers.integrations import INTEGRATION_TO_CALLBACK
 
 from .checkpoints import write_model_card
-from .modeling_sparse_llama import ensure_activation_stats, set_training_step
-from .weight_sparse import next_weight_generation
+from ..model.modeling_sparse_llama import ensure_activation_stats, set_training_step
+from ..model.weight_sparse import next_weight_generation
 from .telemetry import snapshot_weight_masks, sparsity_metrics
 
 

@@ -25,7 +25,7 @@ from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LambdaLR
 
 from .callbacks import _FirstCallback, merge_into_log_row
-from .lowrank import is_low_rank
+from ..model.lowrank import is_low_rank
 
 
 logger = logging.getLogger(__name__)

@@ -20,7 +20,7 @@ from huggingface_hub.errors import StrictDataclassError
 from transformers import HfArgumentParser, TrainingArguments
 from transformers.trainer_utils import HubStrategy
 
-from .configuration_sparse_llama import SparseLlamaConfig
+from ..model.configuration_sparse_llama import SparseLlamaConfig
 from .data import PATH_LIST_FIELDS, DataArguments, check_hub_resources, validate_data_args
 
 
@@ -130,7 +130,7 @@ class ScriptArguments:
     )
     cosine_restart_warmup: int = field(default=0, metadata={"help": "cosine_restart: re-warm-up length (steps)."})
     nonfinite_policy: str = field(
-        default="stop", metadata={"help": "stop | skip: what a non-finite loss/activation does (see hf_sparse.numerics)."}
+        default="stop", metadata={"help": "stop | skip: what a non-finite loss/activation does (see hf_sparse.training.numerics)."}
     )
     overwrite_output_dir: bool = field(
         default=False, metadata={"help": "Allow writing into an output_dir that holds another run."}
