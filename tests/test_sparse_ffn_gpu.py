@@ -10,6 +10,7 @@ import math
 import pytest
 import torch
 
+import hf_sparse.model.ffn_stages as ffn_stages
 import hf_sparse.model.sparse_ffn as sparse_ffn
 from hf_sparse.model import kernels
 from hf_sparse.model.sparse_ffn import BACKWARD_MODES, SPARSE_METHODS, make_token_permutation, relu2_2to4_ffn
@@ -169,7 +170,7 @@ def test_compiled_stages_equal_eager_on_gpu(method, monkeypatch):
     stats_e = torch.zeros(3, dtype=torch.float64, device=DEV)
     assert sparse_ffn.stage_compilation_enabled("cuda")
     got = run_op(x, w_up, w_down, dy, method=method, permutation=perm, stats=stats_c)
-    assert not sparse_ffn._compile_broken, sparse_ffn._compile_broken
+    assert not ffn_stages._compile_broken, ffn_stages._compile_broken
     monkeypatch.setenv(sparse_ffn.DISABLE_COMPILE_ENV, "1")
     eager = run_op(x, w_up, w_down, dy, method=method, permutation=perm, stats=stats_e)
     for a, b in zip(got, eager):

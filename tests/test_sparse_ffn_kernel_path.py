@@ -12,6 +12,8 @@ import math
 import pytest
 import torch
 
+import hf_sparse.model.cpu_layout as cpu_layout
+import hf_sparse.model.ffn_stages as ffn_stages
 import hf_sparse.model.sparse_ffn as sparse_ffn
 from hf_sparse.model import kernels
 from hf_sparse.model.sparse_ffn import BACKWARD_MODES, SPARSE_METHODS, make_token_permutation, relu2_2to4_ffn
@@ -187,8 +189,8 @@ def compiled_vs_eager(method, dtype, with_nan, t=32):
     perm = make_token_permutation(t, seed=1)
     stats_c, stats_e = torch.zeros(3, dtype=F64), torch.zeros(3, dtype=F64)
     got = run_op(x, w_up, w_down, dy, method=method, permutation=perm, stats=stats_c)
-    assert not sparse_ffn._compile_broken
-    assert sparse_ffn._forward_stage in sparse_ffn._compiled_stages
+    assert not ffn_stages._compile_broken
+    assert ffn_stages._forward_stage in ffn_stages._compiled_stages
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv(sparse_ffn.DISABLE_COMPILE_ENV, "1")
         eager = run_op(x, w_up, w_down, dy, method=method, permutation=perm, stats=stats_e)
@@ -230,8 +232,8 @@ def test_compile_failure_falls_back_to_eager(compiled_stages, monkeypatch, caplo
 
         return run
 
-    monkeypatch.setattr(sparse_ffn, "_compiled_stages", {})
-    monkeypatch.setattr(sparse_ffn, "_compile_broken", [])
+    monkeypatch.setattr(ffn_stages, "_compiled_stages", {})
+    monkeypatch.setattr(ffn_stages, "_compile_broken", [])
     monkeypatch.setattr(torch, "compile", broken)
     x, w_up, w_down, dy = make_inputs(t=32, seed=28)
     with caplog.at_level(logging.WARNING, logger="hf_sparse"):
@@ -262,7 +264,7 @@ def test_compiled_stages_make_no_host_sync(compiled_stages, monkeypatch):
     kw = dict(method="mvue", permutation=perm, stats=stats)
     run_op(x, w_up, w_down, dy, **kw)  # compiles if needed (compilers may sync)
     assert host_sync_calls(monkeypatch, lambda: run_op(x, w_up, w_down, dy, **kw)) == []
-    assert not sparse_ffn._compile_broken
+    assert not ffn_stages._compile_broken
 
 
 # ----------------------------------------------------------------------------- custom ops
@@ -305,14 +307,14 @@ def test_op_traces_with_fullgraph():
 def test_planar_feature_order_round_trips():
     # Row k·F/4 + j of the planar order holds feature 4j + k (member k of group j).
     w = torch.arange(16 * 3, dtype=F64).view(16, 3)
-    planar = sparse_ffn._planar_rows(w, torch.empty(16, 3, dtype=F64))
+    planar = cpu_layout._planar_rows(w, torch.empty(16, 3, dtype=F64))
     for j in range(4):
         for k in range(4):
             assert torch.equal(planar[k * 4 + j], w[4 * j + k])
-    assert torch.equal(sparse_ffn._unplanar_rows(planar), w)
-    assert torch.equal(sparse_ffn._unplanar_cols(planar.t().contiguous()), w.t())
+    assert torch.equal(cpu_layout._unplanar_rows(planar), w)
+    assert torch.equal(cpu_layout._unplanar_cols(planar.t().contiguous()), w.t())
     # The member views of a planar tensor are its four column blocks.
-    members = sparse_ffn._members(planar.t().contiguous(), "planar")
+    members = ffn_stages._members(planar.t().contiguous(), "planar")
     assert [tuple(m.shape) for m in members] == [(3, 4)] * 4
     assert torch.equal(members[2], planar[8:12].t())
 
@@ -339,14 +341,14 @@ def test_scratch_buffers_are_reused_and_never_leak_into_results(monkeypatch):
     ]
     dy = torch.randn(32, 16, generator=gen, dtype=F64)
     kw = dict(method="naive", backward="split_gemm", permutation=make_token_permutation(32, seed=3))
-    monkeypatch.setattr(sparse_ffn, "_scratch_buffers", sparse_ffn._ScratchBuffers())
+    monkeypatch.setattr(cpu_layout, "_scratch_buffers", cpu_layout._ScratchBuffers())
     got = two_layer_run(x, layers, dy, **kw)
-    pointers = {k: b.data_ptr() for k, b in sparse_ffn._scratch_buffers.buffers.items()}
+    pointers = {k: b.data_ptr() for k, b in cpu_layout._scratch_buffers.buffers.items()}
     assert {slot for slot, _ in pointers} >= {"y1", "y2s", "down", "up", "w_up", "w_down"}
     again = two_layer_run(x, layers, dy, **kw)
-    assert {k: b.data_ptr() for k, b in sparse_ffn._scratch_buffers.buffers.items()} == pointers
-    sparse_ffn.release_scratch_buffers()
-    assert not sparse_ffn._scratch_buffers.buffers
+    assert {k: b.data_ptr() for k, b in cpu_layout._scratch_buffers.buffers.items()} == pointers
+    cpu_layout.release_scratch_buffers()
+    assert not cpu_layout._scratch_buffers.buffers
     # Reference: every intermediate freshly allocated (no scratch at all).
     monkeypatch.setattr(sparse_ffn, "_scratch", lambda slot, shape, like: like.new_empty(shape))
     fresh = two_layer_run(x, layers, dy, **kw)

@@ -32,16 +32,10 @@ except ImportError:
 
 from .configuration_sparse_llama import LOWRANK_COLWISE, LOWRANK_ROWWISE, SparseLlamaConfig
 from .lowrank import LowRankLinear, init_low_rank_, is_low_rank
-from .sparse_ffn import (
-    TokenPermutation,
-    _is_dtensor,
-    count_2to4_stats,
-    count_nonzero,
-    make_token_permutation,
-    relu2_2to4_ffn,
-    tp_sum_backward,
-    tp_sum_forward,
-)
+from .ffn_tensor_parallel import _is_dtensor, tp_sum_backward, tp_sum_forward
+from .select_2to4 import count_2to4_stats, count_nonzero
+from .sparse_ffn import relu2_2to4_ffn
+from .token_permutation import TokenPermutation, make_token_permutation
 from .weight_sparse import Sparse24Linear, Sparse24LowRankLinear, is_weight_sparse
 
 

@@ -22,7 +22,7 @@ from torch import Tensor, nn
 
 from .kernels import compress_2to4, sparse24_mm_packed, use_2to4_kernel
 from .lowrank import LowRankLinear
-from .sparse_ffn import sparsify_2to4
+from .select_2to4 import sparsify_2to4
 
 WEIGHT_SPARSE_METHODS = ("s_ste", "ste")
 WEIGHT_2BY4_SCOPES = ("mlp", "attn", "all")

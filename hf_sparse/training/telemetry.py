@@ -19,7 +19,7 @@ from ..model.modeling_sparse_llama import (
     STAT_ZEROS,
     sparse_mlps,
 )
-from ..model.sparse_ffn import count_nonzero
+from ..model.select_2to4 import count_nonzero
 
 logger = logging.getLogger(__name__)
 

@@ -1,0 +1,60 @@
+"""Token permutation for the backward 2:4 (the paper's optimisation 2): a fixed,
+seeded permutation of the tokens, so token-wise 2:4 groups are not neighbouring tokens.
+
+Shipped as HF remote code: imports only torch.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+
+_MASK31 = (1 << 31) - 1
+# Odd multipliers below 2**30: a 31-bit value times one stays below 2**61 (no int64
+# overflow on any device or compiler).
+_HASH_MULTIPLIERS = (0x2C1B3C6D, 0x297A2D39, 0x3B4F9E25)
+
+
+def make_token_permutation(num_tokens: int, seed: int, device=None) -> Tensor:
+    """Deterministic pseudo-random permutation of ``num_tokens`` from ``seed``.
+
+    The argsort of an integer hash of (token index, seed): pure tensor ops, so it is the
+    same on every device, traceable by torch.compile (no torch.Generator), and leaves the
+    global RNG stream untouched. Hash ties are broken by index (stable sort).
+    """
+    seed_key = (int(seed) * 0x9E3779B1 + 0x7F4A7C15) & _MASK31  # spread small seeds apart
+    h = (torch.arange(int(num_tokens), dtype=torch.int64, device=device) ^ seed_key) & _MASK31
+    for mult in _HASH_MULTIPLIERS:
+        h = ((h ^ (h >> 15)) * mult) & _MASK31
+    return torch.argsort(h ^ (h >> 13), stable=True)
+
+
+class TokenPermutation:
+    """Per-(T, device) cache of :func:`make_token_permutation` for one seed.
+
+    A model holds one per module; the cache avoids regenerating and re-uploading the
+    permutation every step. Only a few token counts occur in practice (train, eval, the
+    last partial batch); the cache is cleared past ``max_entries`` to stay bounded.
+    """
+
+    def __init__(self, seed: int, max_entries: int = 8):
+        self.seed = int(seed)
+        self.max_entries = max_entries
+        self._cache: dict[tuple[int, torch.device], Tensor] = {}
+
+    def __call__(self, num_tokens: int, device) -> Tensor:
+        dev = torch.device(device)
+        if dev.type == "cuda" and dev.index is None:
+            dev = torch.device("cuda", torch.cuda.current_device())
+        key = (int(num_tokens), dev)
+        perm = self._cache.get(key)
+        if perm is None:
+            if len(self._cache) >= self.max_entries:
+                self._cache.clear()
+            perm = make_token_permutation(num_tokens, self.seed, dev)
+            self._cache[key] = perm
+        return perm
+
+    def __repr__(self) -> str:
+        return f"TokenPermutation(seed={self.seed})"
