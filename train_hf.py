@@ -19,7 +19,8 @@ from transformers import AutoModelForCausalLM, Trainer, default_data_collator, s
 import hf_sparse
 from hf_sparse.training.callbacks import EvalPerplexityCallback, ModelCardCallback
 from hf_sparse.training.checkpoints import last_complete_checkpoint, write_model_card
-from hf_sparse.training.data import build_datasets, load_tokenizer
+from hf_sparse.training.data import build_datasets
+from hf_sparse.training.tokenizer import load_tokenizer
 from hf_sparse.training.numerics import NonFiniteError, NumericsGuardCallback
 from hf_sparse.training.loro import LoroCallback, build_loro_optimizer_and_scheduler
 from hf_sparse.training.evaluation import build_compute_metrics, preprocess_logits_for_metrics

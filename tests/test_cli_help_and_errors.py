@@ -19,7 +19,11 @@ import time
 import pytest
 
 import hf_sparse.training.data as data_module
-from hf_sparse.training.data import DataArguments, check_hub_resources, hub_reachable, load_tokenizer
+import hf_sparse.training.hub_access as hub_access
+import hf_sparse.training.tokenizer as tokenizer_module
+from hf_sparse.training.data_args import DataArguments
+from hf_sparse.training.hub_access import check_hub_resources, hub_reachable
+from hf_sparse.training.tokenizer import load_tokenizer
 from hf_sparse.training.run_config import (
     ALIASES,
     HELP_SECTIONS,
@@ -221,7 +225,7 @@ def empty_caches(tmp_path, monkeypatch):
         raise AssertionError("the hub check should have stopped the run before loading anything")
 
     # train_hf.py imports these when runpy runs it: a check that let the run through fails loudly.
-    monkeypatch.setattr(data_module, "load_tokenizer", must_not_load)
+    monkeypatch.setattr(tokenizer_module, "load_tokenizer", must_not_load)
     monkeypatch.setattr(data_module, "build_datasets", must_not_load)
     return tmp_path
 
@@ -237,7 +241,7 @@ HUB_CASES = {
 @pytest.mark.parametrize("overrides, named, alternative", list(HUB_CASES.values()), ids=list(HUB_CASES))
 def test_hub_resource_offline_and_not_cached(empty_caches, monkeypatch, capsys, overrides, named, alternative):
     tmp_path = empty_caches
-    monkeypatch.setattr(data_module, "hub_reachable", lambda *a, **k: pytest.fail("offline: no probe"))
+    monkeypatch.setattr(hub_access, "hub_reachable", lambda *a, **k: pytest.fail("offline: no probe"))
     start = time.perf_counter()
     code = _run_script(monkeypatch, _write_config(tmp_path, **overrides))
     _assert_one_line_error(
@@ -260,7 +264,7 @@ def test_hub_resource_unreachable_hub_probed_once(empty_caches, monkeypatch, cap
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
     monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", False)
     probes = []
-    monkeypatch.setattr(data_module, "hub_reachable", lambda *a, **k: probes.append(1) or False)
+    monkeypatch.setattr(hub_access, "hub_reachable", lambda *a, **k: probes.append(1) or False)
     code = _run_script(monkeypatch, _write_config(tmp_path, **overrides))
     _assert_one_line_error(
         code, capsys,
@@ -304,7 +308,7 @@ def test_cached_hub_resources_pass_offline(empty_caches, monkeypatch):
     """A copy in the local cache is enough offline: the check lets it through (no probe) and
     the tokenizer loads from the cache."""
     tmp_path = empty_caches
-    monkeypatch.setattr(data_module, "hub_reachable", lambda *a, **k: pytest.fail("cached: no probe"))
+    monkeypatch.setattr(hub_access, "hub_reachable", lambda *a, **k: pytest.fail("cached: no probe"))
     _cache_tiny_tokenizer(tmp_path / "hub_cache", "someone/tiny-tokenizer")
     # datasets' prepared copy: <cache>/<org>___<name, CamelCase to snake_case>/<config>/<version>/<hash>
     (tmp_path / "datasets_cache" / "someone___tiny_corpus" / "en" / "0.0.0" / "abc123").mkdir(parents=True)
@@ -318,7 +322,7 @@ def test_cached_hub_resources_pass_offline(empty_caches, monkeypatch):
 
 
 def test_local_paths_and_builders_are_not_hub_resources(empty_caches, monkeypatch):
-    monkeypatch.setattr(data_module, "hub_reachable", lambda *a, **k: pytest.fail("local: no probe"))
+    monkeypatch.setattr(hub_access, "hub_reachable", lambda *a, **k: pytest.fail("local: no probe"))
     (empty_caches / "tok").mkdir()
     check_hub_resources(DataArguments(tokenizer_name=str(empty_caches / "tok"), dataset_name=str(empty_caches)))
     check_hub_resources(DataArguments(dataset_name="json"))

@@ -13,6 +13,9 @@ import time
 import pytest
 
 from hf_sparse.training import data as D
+from hf_sparse.training import data_args, packing
+from hf_sparse.training import embedded_corpus as corpus
+from hf_sparse.training import tokenizer as tokenizer_module
 
 
 VOCAB = 1024
@@ -37,7 +40,7 @@ def isolated_caches(shared_cache, tmp_path, monkeypatch):
 def tok(shared_cache):
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("HF_SPARSE_CACHE", shared_cache)
-        return D.load_tokenizer(None, VOCAB)
+        return tokenizer_module.load_tokenizer(None, VOCAB)
 
 
 def _docs(n, seed=0):
@@ -83,18 +86,18 @@ def _ids(dataset):
 
 
 def test_embedded_corpus_deterministic_nonempty_split():
-    train, val = D.embedded_corpus()
+    train, val = corpus.embedded_corpus()
     assert len(train) > 50 and len(val) >= 1
     assert 0.01 < len(val) / (len(train) + len(val)) < 0.15
     total = sum(len(t.encode("utf-8")) for t in train + val)
-    assert 3_000_000 < total <= D.EMBEDDED.max_bytes
-    fingerprint = D.embedded_corpus_fingerprint()
-    D._embedded_corpus_cached.cache_clear()
-    assert D.embedded_corpus() == (train, val)
-    assert D.embedded_corpus_fingerprint() == fingerprint
+    assert 3_000_000 < total <= corpus.EMBEDDED.max_bytes
+    fingerprint = corpus.embedded_corpus_fingerprint()
+    corpus._embedded_corpus_cached.cache_clear()
+    assert corpus.embedded_corpus() == (train, val)
+    assert corpus.embedded_corpus_fingerprint() == fingerprint
     # Callers get copies: mutating them must not change the corpus.
     train.clear()
-    assert len(D.embedded_corpus()[0]) > 50
+    assert len(corpus.embedded_corpus()[0]) > 50
 
 
 @pytest.fixture
@@ -118,14 +121,14 @@ def fake_stdlib(tmp_path, monkeypatch):
         (root / rel).parent.mkdir(parents=True, exist_ok=True)
         (root / rel).write_text(text, encoding="utf-8")
     (root / "latin1.py").write_bytes(b"# caf\xe9\n")
-    monkeypatch.setattr(D.sysconfig, "get_paths", lambda *a, **k: {"stdlib": str(root)})
-    D._embedded_corpus_cached.cache_clear()
+    monkeypatch.setattr(corpus.sysconfig, "get_paths", lambda *a, **k: {"stdlib": str(root)})
+    corpus._embedded_corpus_cached.cache_clear()
     yield files
-    D._embedded_corpus_cached.cache_clear()
+    corpus._embedded_corpus_cached.cache_clear()
 
 
 def test_embedded_corpus_selection_rules(fake_stdlib):
-    train, val = D.embedded_corpus()
+    train, val = corpus.embedded_corpus()
     wanted = {fake_stdlib[r] for r in ("a.py", "pkg/b.py", "pkg/sub/c.py", "z.py")}
     assert set(train) | set(val) == wanted
     assert train and val and not set(train) & set(val)
@@ -135,8 +138,8 @@ def test_embedded_corpus_selection_rules(fake_stdlib):
 
 
 def test_embedded_corpus_byte_cap(fake_stdlib, monkeypatch):
-    monkeypatch.setattr(D, "EMBEDDED", dataclasses.replace(D.EMBEDDED, max_bytes=1500))
-    train, val = D.embedded_corpus()
+    monkeypatch.setattr(corpus, "EMBEDDED", dataclasses.replace(corpus.EMBEDDED, max_bytes=1500))
+    train, val = corpus.embedded_corpus()
     total = sum(len(t) for t in train + val)
     assert 0 < total <= 1500
     assert len(train) + len(val) < 4 and train and val
@@ -154,10 +157,10 @@ def test_embedded_tokenizer_fits_vocab_and_roundtrips(tok, shared_cache):
     ids = tok.encode(text, add_special_tokens=False)
     assert max(ids) < VOCAB and tok.decode(ids) == text
     # Trained on code: common code is compressed well below one token per byte.
-    train, _ = D.embedded_corpus()
+    train, _ = corpus.embedded_corpus()
     assert len(tok.encode(train[0], add_special_tokens=False)) < 0.5 * len(train[0].encode())
     cached = [n for n in os.listdir(shared_cache) if n.startswith(f"embedded_tokenizer_v1_{VOCAB}_")]
-    assert len(cached) == 1 and D.embedded_corpus_fingerprint()[:16] in cached[0]
+    assert len(cached) == 1 and corpus.embedded_corpus_fingerprint()[:16] in cached[0]
     assert not [n for n in os.listdir(shared_cache) if "tmp" in n]
 
 
@@ -165,9 +168,9 @@ def test_embedded_tokenizer_second_call_uses_cache(tok, monkeypatch):
     def no_training(vocab_size):
         raise AssertionError("retrained instead of loading the cache")
 
-    monkeypatch.setattr(D, "_train_embedded_tokenizer", no_training)
+    monkeypatch.setattr(tokenizer_module, "_train_embedded_tokenizer", no_training)
     start = time.perf_counter()
-    again = D.load_tokenizer(None, VOCAB)
+    again = tokenizer_module.load_tokenizer(None, VOCAB)
     assert time.perf_counter() - start < 2.0
     assert again.get_vocab() == tok.get_vocab()
     assert again.eos_token_id == tok.eos_token_id
@@ -188,8 +191,8 @@ def test_embedded_tokenizer_lost_race_uses_winner(tok, shared_cache, tmp_path, m
         config_path.write_text(json.dumps(config))
         return trained
 
-    monkeypatch.setattr(D, "_train_embedded_tokenizer", train_while_other_rank_finishes)
-    result = D.load_tokenizer(None, VOCAB)
+    monkeypatch.setattr(tokenizer_module, "_train_embedded_tokenizer", train_while_other_rank_finishes)
+    result = tokenizer_module.load_tokenizer(None, VOCAB)
     assert result.model_max_length == 4242
     assert sorted(os.listdir(other_cache)) == [winner]  # no temp dir left behind
 
@@ -198,9 +201,9 @@ def test_embedded_tokenizer_default_cache_location(tok, tmp_path, monkeypatch):
     monkeypatch.delenv("HF_SPARSE_CACHE")
     monkeypatch.setenv("HOME", str(tmp_path))
     trained = []
-    monkeypatch.setattr(D, "_train_embedded_tokenizer", lambda vocab_size: trained.append(vocab_size) or tok)
-    first = D.load_tokenizer(None, VOCAB)
-    second = D.load_tokenizer(None, VOCAB)
+    monkeypatch.setattr(tokenizer_module, "_train_embedded_tokenizer", lambda vocab_size: trained.append(vocab_size) or tok)
+    first = tokenizer_module.load_tokenizer(None, VOCAB)
+    second = tokenizer_module.load_tokenizer(None, VOCAB)
     assert trained == [VOCAB]  # the second call found the cache
     assert first.get_vocab() == second.get_vocab() == tok.get_vocab()
     entries = os.listdir(tmp_path / ".cache" / "hf_sparse")
@@ -209,7 +212,7 @@ def test_embedded_tokenizer_default_cache_location(tok, tmp_path, monkeypatch):
 
 def test_embedded_tokenizer_vocab_too_small():
     with pytest.raises(ValueError, match="vocab_size"):
-        D.load_tokenizer(None, 100)
+        tokenizer_module.load_tokenizer(None, 100)
 
 
 def test_named_tokenizer_gets_pad_from_eos(tok, tmp_path):
@@ -218,7 +221,7 @@ def test_named_tokenizer_gets_pad_from_eos(tok, tmp_path):
     no_pad = PreTrainedTokenizerFast(tokenizer_object=tok.backend_tokenizer, eos_token=EOS)
     assert no_pad.pad_token is None
     no_pad.save_pretrained(tmp_path / "tk")
-    loaded = D.load_tokenizer(str(tmp_path / "tk"), VOCAB)
+    loaded = tokenizer_module.load_tokenizer(str(tmp_path / "tk"), VOCAB)
     assert loaded.pad_token == EOS and loaded.pad_token_id == loaded.eos_token_id
 
 
@@ -240,7 +243,7 @@ def test_packing_matches_hand_computation(tok, tmp_path):
     expected = [flat[i : i + max_length] for i in range(0, len(flat) - len(flat) % max_length, max_length)]
     assert len(expected) >= 3
 
-    args = D.DataArguments(train_files=train, validation_files=val, max_length=max_length)
+    args = data_args.DataArguments(train_files=train, validation_files=val, max_length=max_length)
     train_ds, val_ds = D.build_datasets(args, tok)
     assert _ids(train_ds) == expected
     assert all(row["labels"] == row["input_ids"] for row in train_ds)
@@ -250,9 +253,9 @@ def test_packing_matches_hand_computation(tok, tmp_path):
 
 
 def test_pack_token_ids_drops_only_the_tail():
-    blocks = D.pack_token_ids([[1, 2, 3], [4], [5, 6]], eos_token_id=0, max_length=3)
+    blocks = packing.pack_token_ids([[1, 2, 3], [4], [5, 6]], eos_token_id=0, max_length=3)
     assert blocks == [[1, 2, 3], [0, 4, 0], [5, 6, 0]]
-    assert D.pack_token_ids([[1, 2, 3], [4]], eos_token_id=0, max_length=4) == [[1, 2, 3, 0]]
+    assert packing.pack_token_ids([[1, 2, 3], [4]], eos_token_id=0, max_length=4) == [[1, 2, 3, 0]]
 
 
 @pytest.mark.parametrize("fmt", ["json", "jsonl", "txt", "parquet", "jsonl.gz"])
@@ -278,7 +281,7 @@ def test_local_formats(tok, tmp_path, fmt):
         datasets.Dataset.from_dict({column: docs, "n": list(range(len(docs)))}).to_parquet(str(path))
     val = _write_jsonl(tmp_path / "val.jsonl", docs[:10], column)
 
-    args = D.DataArguments(train_files=[str(path)], validation_files=[val], max_length=16, text_column=column)
+    args = data_args.DataArguments(train_files=[str(path)], validation_files=[val], max_length=16, text_column=column)
     train_ds, val_ds = D.build_datasets(args, tok)
     assert isinstance(train_ds, datasets.Dataset)
     assert train_ds.column_names == ["input_ids", "labels"]
@@ -289,7 +292,7 @@ def test_local_formats(tok, tmp_path, fmt):
 def test_missing_text_column_is_clear(tok, tmp_path):
     train = _write_jsonl(tmp_path / "train.jsonl", _docs(10), column="body")
     with pytest.raises(ValueError, match="text_column"):
-        D.build_datasets(D.DataArguments(train_files=train, max_length=8), tok)
+        D.build_datasets(data_args.DataArguments(train_files=train, max_length=8), tok)
 
 
 def test_validation_split_percentage_is_deterministic_and_disjoint(tok, tmp_path):
@@ -304,7 +307,7 @@ def test_validation_split_percentage_is_deterministic_and_disjoint(tok, tmp_path
     assert train_docs["text"] == [d for d in docs if d in train_set]  # order kept
 
     path = _write_jsonl(tmp_path / "train.jsonl", docs)
-    args = D.DataArguments(train_files=path, max_length=16, validation_split_percentage=10.0)
+    args = data_args.DataArguments(train_files=path, max_length=16, validation_split_percentage=10.0)
     first = D.build_datasets(args, tok)
     second = D.build_datasets(args, tok)
     assert _ids(first[1]) == _ids(second[1]) == _expected_blocks(tok, val_docs["text"], 16)
@@ -313,7 +316,7 @@ def test_validation_split_percentage_is_deterministic_and_disjoint(tok, tmp_path
 
 def test_tiny_split_still_has_validation(tok, tmp_path):
     path = _write_jsonl(tmp_path / "train.jsonl", _docs(3, seed=5))
-    train_ds, val_ds = D.build_datasets(D.DataArguments(train_files=path, max_length=2), tok)
+    train_ds, val_ds = D.build_datasets(data_args.DataArguments(train_files=path, max_length=2), tok)
     assert len(train_ds) > 0 and len(val_ds) > 0
 
 
@@ -322,16 +325,16 @@ def test_cache_not_stale_across_max_length_and_tokenizer(tok, tmp_path):
     train = _write_jsonl(tmp_path / "train.jsonl", docs)
     val = _write_jsonl(tmp_path / "val.jsonl", docs[:5])
     for max_length in (8, 16, 8):
-        train_ds, _ = D.build_datasets(D.DataArguments(train_files=train, validation_files=val, max_length=max_length), tok)
+        train_ds, _ = D.build_datasets(data_args.DataArguments(train_files=train, validation_files=val, max_length=max_length), tok)
         assert _ids(train_ds) == _expected_blocks(tok, docs, max_length)
     other = _small_tokenizer(docs)
-    train_ds, _ = D.build_datasets(D.DataArguments(train_files=train, validation_files=val, max_length=8), other)
+    train_ds, _ = D.build_datasets(data_args.DataArguments(train_files=train, validation_files=val, max_length=8), other)
     assert _ids(train_ds) == _expected_blocks(other, docs, 8) != _expected_blocks(tok, docs, 8)
 
 
 def test_max_eval_samples_caps_map_style(tok, tmp_path):
     docs = _docs(60, seed=3)
-    args = D.DataArguments(
+    args = data_args.DataArguments(
         train_files=_write_jsonl(tmp_path / "t.jsonl", docs),
         validation_files=_write_jsonl(tmp_path / "v.jsonl", docs),
         max_length=8,
@@ -351,19 +354,19 @@ def test_streaming_matches_map_style(tok, tmp_path):
     train = _write_jsonl(tmp_path / "train.jsonl", docs)
     val = _write_jsonl(tmp_path / "val.jsonl", docs[:50])
     base = dict(train_files=train, validation_files=val, max_length=32)
-    map_train, map_val = D.build_datasets(D.DataArguments(**base), tok)
+    map_train, map_val = D.build_datasets(data_args.DataArguments(**base), tok)
 
-    s_train, s_val = D.build_datasets(D.DataArguments(**base, streaming=True, shuffle_buffer_size=0), tok)
+    s_train, s_val = D.build_datasets(data_args.DataArguments(**base, streaming=True, shuffle_buffer_size=0), tok)
     assert isinstance(s_train, datasets.IterableDataset) and isinstance(s_val, datasets.IterableDataset)
     assert _ids(s_train) == _ids(map_train)
     assert _ids(s_val) == _ids(map_val)
     assert all(row["labels"] == row["input_ids"] for row in s_train)
 
-    shuffled, capped = D.build_datasets(D.DataArguments(**base, streaming=True, max_eval_samples=3), tok, seed=7)
+    shuffled, capped = D.build_datasets(data_args.DataArguments(**base, streaming=True, max_eval_samples=3), tok, seed=7)
     shuffled_ids = _ids(shuffled)
     assert shuffled_ids != _ids(map_train)  # shuffled...
     assert sorted(shuffled_ids) == sorted(_ids(map_train))  # ...but the same blocks
-    again, _ = D.build_datasets(D.DataArguments(**base, streaming=True), tok, seed=7)
+    again, _ = D.build_datasets(data_args.DataArguments(**base, streaming=True), tok, seed=7)
     assert _ids(again) == shuffled_ids  # reproducible from the seed
     assert _ids(capped) == _ids(map_val)[:3]
 
@@ -372,8 +375,8 @@ def test_streaming_hash_split_matches_map_style(tok, tmp_path):
     docs = [f"doc {i} " + d for i, d in enumerate(_docs(200, seed=6))]
     path = _write_jsonl(tmp_path / "train.jsonl", docs)
     base = dict(train_files=path, max_length=16, validation_split_percentage=10.0)
-    map_train, map_val = D.build_datasets(D.DataArguments(**base), tok)
-    s_train, s_val = D.build_datasets(D.DataArguments(**base, streaming=True, shuffle_buffer_size=0), tok)
+    map_train, map_val = D.build_datasets(data_args.DataArguments(**base), tok)
+    s_train, s_val = D.build_datasets(data_args.DataArguments(**base, streaming=True, shuffle_buffer_size=0), tok)
     assert len(map_val) > 0
     assert _ids(s_val) == _ids(map_val)
     assert _ids(s_train) == _ids(map_train)
@@ -385,14 +388,14 @@ def test_streaming_hash_split_matches_map_style(tok, tmp_path):
 def test_embedded_default_build(tok):
     import datasets
 
-    D._EMBEDDED_CACHE.clear()
-    train_ds, val_ds = D.build_datasets(D.DataArguments(max_length=128), tok)
+    packing._EMBEDDED_CACHE.clear()
+    train_ds, val_ds = D.build_datasets(data_args.DataArguments(max_length=128), tok)
     assert isinstance(train_ds, datasets.Dataset) and isinstance(val_ds, datasets.Dataset)
     assert len(train_ds) > 1000 and len(val_ds) > 20
     first = train_ds[:3]
     assert all(len(b) == 128 for b in first["input_ids"]) and first["labels"] == first["input_ids"]
 
-    train_texts, val_texts = D.embedded_corpus()
+    train_texts, val_texts = corpus.embedded_corpus()
     flat = []
     for text in train_texts:
         flat += tok.encode(text, add_special_tokens=False) + [tok.eos_token_id]
@@ -404,20 +407,20 @@ def test_embedded_default_build(tok):
 
     # Cached in-process, and on disk for later processes; keyed by max_length.
     start = time.perf_counter()
-    assert D.build_datasets(D.DataArguments(max_length=128), tok)[0][5] == train_ds[5]
-    D._EMBEDDED_CACHE.clear()
-    again, _ = D.build_datasets(D.DataArguments(max_length=128), tok)
+    assert D.build_datasets(data_args.DataArguments(max_length=128), tok)[0][5] == train_ds[5]
+    packing._EMBEDDED_CACHE.clear()
+    again, _ = D.build_datasets(data_args.DataArguments(max_length=128), tok)
     assert time.perf_counter() - start < 1.5
     assert again[7] == train_ds[7]
-    short, _ = D.build_datasets(D.DataArguments(max_length=64), tok)
+    short, _ = D.build_datasets(data_args.DataArguments(max_length=64), tok)
     assert short[0]["input_ids"] == flat[:64] and short[1]["input_ids"] == flat[64:128]
 
 
 def test_embedded_default_streaming(tok):
     import datasets
 
-    map_train, map_val = D.build_datasets(D.DataArguments(max_length=128), tok)
-    s_train, s_val = D.build_datasets(D.DataArguments(max_length=128, streaming=True, max_eval_samples=4), tok)
+    map_train, map_val = D.build_datasets(data_args.DataArguments(max_length=128), tok)
+    s_train, s_val = D.build_datasets(data_args.DataArguments(max_length=128, streaming=True, max_eval_samples=4), tok)
     assert isinstance(s_train, datasets.IterableDataset)
     assert _ids(s_val) == map_val[:4]["input_ids"]
     assert sum(1 for _ in s_train) == len(map_train)
@@ -430,13 +433,15 @@ def test_determinism_across_processes(tok, shared_cache):
     hf_sparse.training.evaluation pulls in neither `datasets`, `evaluate` (seconds to import) nor
     `wandb`: model code shares the package and must run without them.
     """
-    train_ds, _ = D.build_datasets(D.DataArguments(max_length=64), tok)
+    train_ds, _ = D.build_datasets(data_args.DataArguments(max_length=64), tok)
     code = (
-        "import json, sys; from hf_sparse.training import data as D, evaluation\n"
+        "import json, sys\n"
+        "from hf_sparse.training import data as D, data_args, embedded_corpus as corpus, evaluation\n"
+        "from hf_sparse.training import tokenizer as tokenizer_module\n"
         "print(json.dumps(sorted(m for m in ('datasets', 'evaluate', 'wandb') if m in sys.modules)))\n"
-        f"tok = D.load_tokenizer(None, {VOCAB})\n"
-        "train, val = D.build_datasets(D.DataArguments(max_length=64), tok)\n"
-        "print(json.dumps([D.embedded_corpus_fingerprint(), train[0]['input_ids'], train[len(train) - 1]['input_ids'], len(val)]))\n"
+        f"tok = tokenizer_module.load_tokenizer(None, {VOCAB})\n"
+        "train, val = D.build_datasets(data_args.DataArguments(max_length=64), tok)\n"
+        "print(json.dumps([corpus.embedded_corpus_fingerprint(), train[0]['input_ids'], train[len(train) - 1]['input_ids'], len(val)]))\n"
     )
     env = dict(os.environ, HF_SPARSE_CACHE=shared_cache, PYTHONHASHSEED="12345")
     repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -446,8 +451,8 @@ def test_determinism_across_processes(tok, shared_cache):
     *_, imported, result = out.strip().splitlines()
     assert json.loads(imported) == []
     fingerprint, first, last, n_val = json.loads(result)
-    _, val_ds = D.build_datasets(D.DataArguments(max_length=64), tok)
-    assert fingerprint == D.embedded_corpus_fingerprint()
+    _, val_ds = D.build_datasets(data_args.DataArguments(max_length=64), tok)
+    assert fingerprint == corpus.embedded_corpus_fingerprint()
     assert first == train_ds[0]["input_ids"] and last == train_ds[len(train_ds) - 1]["input_ids"]
     assert n_val == len(val_ds)
 
@@ -456,15 +461,15 @@ def test_determinism_across_processes(tok, shared_cache):
 
 
 def test_data_arguments_accept_single_paths():
-    args = D.DataArguments(train_files="a.jsonl", validation_files=("b.jsonl", "c.jsonl"))
+    args = data_args.DataArguments(train_files="a.jsonl", validation_files=("b.jsonl", "c.jsonl"))
     assert args.train_files == ["a.jsonl"] and args.validation_files == ["b.jsonl", "c.jsonl"]
-    assert D.DataArguments(train_files=[]).train_files is None
+    assert data_args.DataArguments(train_files=[]).train_files is None
 
 
 def test_data_arguments_with_hf_argument_parser():
     from transformers import HfArgumentParser
 
-    parser = HfArgumentParser(D.DataArguments)
+    parser = HfArgumentParser(data_args.DataArguments)
     (args,) = parser.parse_args_into_dataclasses(["--train_files", "a.json", "b.json", "--max_length", "64"])
     assert args.train_files == ["a.json", "b.json"] and args.max_length == 64
     (args,) = parser.parse_dict({"train_files": "x.jsonl", "streaming": True})
@@ -510,7 +515,7 @@ CASES = ["missing", "missing_glob", "empty", "empty_parquet", "blank", "extensio
 def test_validate_data_args_rejects(tmp_path, case):
     kwargs, key, fragment = _bad_cases(tmp_path)[case]
     with pytest.raises(ValueError) as info:
-        D.validate_data_args(D.DataArguments(**kwargs))
+        data_args.validate_data_args(data_args.DataArguments(**kwargs))
     message = str(info.value)
     assert key in message and "\n" not in message
     if fragment:
@@ -527,18 +532,18 @@ def test_validate_data_args_unreadable(tmp_path, monkeypatch):
         return real_open(file, *args, **kwargs)
 
     # Tests may run as root, where chmod 000 does not stop reads.
-    monkeypatch.setattr(D, "open", guarded_open, raising=False)
+    monkeypatch.setattr(data_args, "open", guarded_open, raising=False)
     with pytest.raises(ValueError, match=r"train_files: .*not readable"):
-        D.validate_data_args(D.DataArguments(train_files=path))
+        data_args.validate_data_args(data_args.DataArguments(train_files=path))
 
 
 def test_validate_data_args_accepts_good_inputs(tmp_path):
     good = _good_file(tmp_path)
     other = _good_file(tmp_path, "other.json")
-    D.validate_data_args(D.DataArguments())
-    D.validate_data_args(D.DataArguments(train_files=[good, other], validation_files=good))
-    D.validate_data_args(D.DataArguments(train_files=str(tmp_path / "*.json*")))
-    D.validate_data_args(D.DataArguments(dataset_name="allenai/c4", dataset_config_name="en", validation_files=good))
+    data_args.validate_data_args(data_args.DataArguments())
+    data_args.validate_data_args(data_args.DataArguments(train_files=[good, other], validation_files=good))
+    data_args.validate_data_args(data_args.DataArguments(train_files=str(tmp_path / "*.json*")))
+    data_args.validate_data_args(data_args.DataArguments(dataset_name="allenai/c4", dataset_config_name="en", validation_files=good))
 
 
 @pytest.mark.parametrize("streaming", [False, True])
@@ -549,7 +554,7 @@ def test_dataset_name_path_uses_its_validation_split(tok, tmp_path, streaming):
     folder.mkdir()
     _write_jsonl(folder / "train.jsonl", docs[:100])
     _write_jsonl(folder / "validation.jsonl", docs[100:])
-    args = D.DataArguments(dataset_name=str(folder), max_length=16, streaming=streaming, shuffle_buffer_size=0)
+    args = data_args.DataArguments(dataset_name=str(folder), max_length=16, streaming=streaming, shuffle_buffer_size=0)
     train_ds, val_ds = D.build_datasets(args, tok)
     assert _ids(train_ds) == _expected_blocks(tok, docs[:100], 16)
     assert _ids(val_ds) == _expected_blocks(tok, docs[100:], 16)
@@ -560,7 +565,7 @@ def test_dataset_name_without_validation_split_is_hash_split(tok, tmp_path):
     folder = tmp_path / "train_only"
     folder.mkdir()
     _write_jsonl(folder / "train.jsonl", docs)
-    args = D.DataArguments(dataset_name=str(folder), max_length=16, validation_split_percentage=20.0)
+    args = data_args.DataArguments(dataset_name=str(folder), max_length=16, validation_split_percentage=20.0)
     train_ds, val_ds = D.build_datasets(args, tok)
     val_docs = [d for d in docs if D._doc_in_validation(d, 20.0)]
     assert 10 < len(val_docs) < 60

@@ -190,8 +190,6 @@ def model_card(
     return str(ModelCard(f"---\n{card_data.to_yaml()}\n---\n\n" + "\n".join(lines) + "\n"))
 
 
-
-
 def write_model_card(
     folder: str, config, log_history: list[dict], training_args=None, dataset_name: str | None = None
 ) -> str:

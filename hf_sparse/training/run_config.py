@@ -21,7 +21,8 @@ from transformers import HfArgumentParser, TrainingArguments
 from transformers.trainer_utils import HubStrategy
 
 from ..model.configuration_sparse_llama import SparseLlamaConfig
-from .data import PATH_LIST_FIELDS, DataArguments, check_hub_resources, validate_data_args
+from .data_args import PATH_LIST_FIELDS, DataArguments, validate_data_args
+from .hub_access import check_hub_resources
 
 
 logger = logging.getLogger(__name__)
