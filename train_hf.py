@@ -17,17 +17,19 @@ import transformers
 from transformers import AutoModelForCausalLM, Trainer, default_data_collator, set_seed
 
 import hf_sparse
+from hf_sparse.report import NotARunError, write_report
 from hf_sparse.training.callbacks import EvalPerplexityCallback, ModelCardCallback
 from hf_sparse.training.checkpoints import last_complete_checkpoint, write_model_card
+from hf_sparse.training.cli_help import format_help, wants_help
 from hf_sparse.training.data import build_datasets
-from hf_sparse.training.tokenizer import load_tokenizer
-from hf_sparse.training.numerics import NonFiniteError, NumericsGuardCallback
-from hf_sparse.training.loro import LoroCallback, build_loro_optimizer_and_scheduler
 from hf_sparse.training.evaluation import build_compute_metrics, preprocess_logits_for_metrics
-from hf_sparse.report import NotARunError, write_report
+from hf_sparse.training.launch_checks import check_hub_access
+from hf_sparse.training.loro import LoroCallback, build_loro_optimizer_and_scheduler
+from hf_sparse.training.numerics import NonFiniteError, NumericsGuardCallback
 from hf_sparse.training.resume_check import final_step_eval, warn_on_resume_changes
-from hf_sparse.training.run_config import ConfigError, LaunchError, check_hub_access, format_help, parse_run_config, wants_help
-
+from hf_sparse.training.run_args import ConfigError, LaunchError
+from hf_sparse.training.run_config import parse_run_config
+from hf_sparse.training.tokenizer import load_tokenizer
 
 logger = logging.getLogger("train_hf")
 

@@ -188,10 +188,11 @@ def _run_json(tmp_path, **overrides):
 def test_single_process_accelerate_launch_warns(monkeypatch, tmp_path, caplog):
     """`accelerate launch --num_processes 2` without a config file on a machine without
     several GPUs runs ONE process: train_hf.py says so and how to get two."""
-    from hf_sparse.training.run_config import check_launch_environment, parse_run_config
+    from hf_sparse.training.launch_checks import check_launch_environment
+    from hf_sparse.training.run_config import parse_run_config
 
     _launched_env(monkeypatch, tmp_path, ["--num_processes", "2"])
-    with caplog.at_level(logging.WARNING, logger="hf_sparse.training.run_config"):
+    with caplog.at_level(logging.WARNING, logger="hf_sparse.training.launch_checks"):
         run = parse_run_config([_run_json(tmp_path)])
     assert run.training_args.world_size == 1
     warning = " ".join(record.getMessage() for record in caplog.records if record.levelno == logging.WARNING)
@@ -202,7 +203,7 @@ def test_single_process_accelerate_launch_warns(monkeypatch, tmp_path, caplog):
     # --cpu runs one process whatever the machine has (DESIGN §4): the same warning.
     caplog.clear()
     env = _launched_env(monkeypatch, tmp_path, ["--cpu", "--num_processes", "2"])
-    with caplog.at_level(logging.WARNING, logger="hf_sparse.training.run_config"):
+    with caplog.at_level(logging.WARNING, logger="hf_sparse.training.launch_checks"):
         check_launch_environment({}, env)
     assert "ONE process" in caplog.text and "--cpu" in caplog.text
 
@@ -210,7 +211,7 @@ def test_single_process_accelerate_launch_warns(monkeypatch, tmp_path, caplog):
     for launch_args in (["--num_processes", "1"], ["--config_file", _accelerate_yaml("ddp.yaml"), "--num_processes", "2"]):
         caplog.clear()
         env = _launched_env(monkeypatch, tmp_path, launch_args)
-        with caplog.at_level(logging.WARNING, logger="hf_sparse.training.run_config"):
+        with caplog.at_level(logging.WARNING, logger="hf_sparse.training.launch_checks"):
             check_launch_environment({}, env)
         assert "ONE process" not in caplog.text, launch_args
 
@@ -220,12 +221,14 @@ def test_fsdp_yaml_without_gpu_fails_up_front_in_one_line(monkeypatch, tmp_path,
     """The FSDP configs need GPUs: one `train_hf.py: error:` line before data and model are
     built, instead of accelerate's error in every rank (FSDP1) or a silent fall-back to
     plain DDP on CPU (FSDP2)."""
+    import hf_sparse.training.launch_checks as launch_checks
+    import hf_sparse.training.run_args as run_args
     import hf_sparse.training.run_config as run_config
 
     env = _launched_env(monkeypatch, tmp_path, ["--config_file", _accelerate_yaml(yaml_name), "--num_processes", "2"])
     assert env["ACCELERATE_USE_FSDP"] == "true" and env["FSDP_VERSION"] == version
-    monkeypatch.setattr(run_config, "accelerator_available", lambda: False)  # also on a GPU machine
-    with pytest.raises(run_config.LaunchError) as err:
+    monkeypatch.setattr(launch_checks, "accelerator_available", lambda: False)  # also on a GPU machine
+    with pytest.raises(run_args.LaunchError) as err:
         run_config.parse_run_config([_run_json(tmp_path)])
     message = str(err.value)
     assert "\n" not in message
@@ -237,16 +240,18 @@ def test_accelerate_mixed_precision_must_match_the_run_json(monkeypatch, tmp_pat
     """The run JSON decides precision: an accelerate bf16 (config or --mixed_precision) it does
     not ask for is refused up front (DeepSpeed would stop every rank on it; DDP would
     silently autocast); the shipped yamls leave precision to the run JSON."""
+    import hf_sparse.training.launch_checks as launch_checks
+    import hf_sparse.training.run_args as run_args
     import hf_sparse.training.run_config as run_config
 
     ddp = ["--config_file", _accelerate_yaml("ddp.yaml"), "--num_processes", "2"]
     env = _launched_env(monkeypatch, tmp_path, [*ddp, "--mixed_precision", "bf16"])
     assert env["ACCELERATE_MIXED_PRECISION"] == "bf16"
-    with pytest.raises(run_config.LaunchError, match=r"mixed_precision is 'bf16' .* bf16=False; .*\"bf16\": true"):
+    with pytest.raises(run_args.LaunchError, match=r"mixed_precision is 'bf16' .* bf16=False; .*\"bf16\": true"):
         run_config.parse_run_config([_run_json(tmp_path)])
-    run_config.check_launch_environment({"bf16": True}, env)  # asked for by the run JSON: fine
-    with pytest.raises(run_config.LaunchError, match="fp16=False"):
-        run_config.check_launch_environment({"bf16": True}, dict(env, ACCELERATE_MIXED_PRECISION="fp16"))
+    launch_checks.check_launch_environment({"bf16": True}, env)  # asked for by the run JSON: fine
+    with pytest.raises(run_args.LaunchError, match="fp16=False"):
+        launch_checks.check_launch_environment({"bf16": True}, dict(env, ACCELERATE_MIXED_PRECISION="fp16"))
 
 
 def test_shipped_accelerate_yamls():

@@ -24,15 +24,9 @@ import hf_sparse.training.tokenizer as tokenizer_module
 from hf_sparse.training.data_args import DataArguments
 from hf_sparse.training.hub_access import check_hub_resources, hub_reachable
 from hf_sparse.training.tokenizer import load_tokenizer
-from hf_sparse.training.run_config import (
-    ALIASES,
-    HELP_SECTIONS,
-    MODEL_ARGUMENT_CLASSES,
-    TRAINER_HELP_KEYS,
-    ConfigError,
-    ScriptArguments,
-    parse_run_config,
-)
+from hf_sparse.training.run_args import ALIASES, MODEL_ARGUMENT_CLASSES, ConfigError, ScriptArguments
+from hf_sparse.training.cli_help import HELP_SECTIONS, TRAINER_HELP_KEYS
+from hf_sparse.training.run_config import parse_run_config
 from tests.conftest import REPO_ROOT
 from tests.test_train_hf import _write_config
 

@@ -13,7 +13,7 @@ import torch
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO_ROOT)
 import train_hf  # noqa: E402
-from hf_sparse.training.run_config import ConfigError  # noqa: E402
+from hf_sparse.training.run_args import ConfigError  # noqa: E402
 
 TINY_MODEL = os.path.join(REPO_ROOT, "configs", "llama_tiny.json")
 

@@ -11,6 +11,7 @@ transformers and same-folder modules with `from .x import y`.
 import torch
 from torch import nn
 from torch.nn import functional as F
+from transformers.activations import ACT2FN
 from transformers.generation import GenerationMixin
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.models.llama.modeling_llama import (
@@ -22,7 +23,6 @@ from transformers.models.llama.modeling_llama import (
     LlamaRMSNorm,
     LlamaRotaryEmbedding,
 )
-from transformers.activations import ACT2FN
 from transformers.utils import logging
 
 try:  # the DTensor tensor-parallel API of transformers 5.x
@@ -31,13 +31,12 @@ except ImportError:
     ALL_PARALLEL_STYLES = TensorParallelLayer = None
 
 from .configuration_sparse_llama import LOWRANK_COLWISE, LOWRANK_ROWWISE, SparseLlamaConfig
-from .lowrank import LowRankLinear, init_low_rank_, is_low_rank
 from .ffn_tensor_parallel import _is_dtensor, tp_sum_backward, tp_sum_forward
+from .lowrank import LowRankLinear, init_low_rank_, is_low_rank
 from .select_2to4 import count_2to4_stats, count_nonzero
 from .sparse_ffn import relu2_2to4_ffn
 from .token_permutation import TokenPermutation, make_token_permutation
 from .weight_sparse import Sparse24Linear, Sparse24LowRankLinear, is_weight_sparse
-
 
 logger = logging.get_logger(__name__)
 

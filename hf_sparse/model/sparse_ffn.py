@@ -53,7 +53,6 @@ Shipped as HF remote code: imports only torch and same-folder modules.
 from __future__ import annotations
 
 import contextlib
-import logging
 import math
 from typing import Optional
 
@@ -76,8 +75,6 @@ from .ffn_tensor_parallel import _is_dtensor, _tensor_parallel_slices, tp_sum_ba
 from .kernels import sparse24_mm, sparse24_padded_rows, use_2to4_kernel
 from .select_2to4 import SPARSE_METHODS, _check_stats, count_2to4_stats, count_nonzero, sparsify_2to4
 from .token_permutation import TokenPermutation, make_token_permutation
-
-logger = logging.getLogger(__name__)
 
 BACKWARD_MODES = ("split_gemm", "naive", "exact")
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-
 _MASK31 = (1 << 31) - 1
 # Odd multipliers below 2**30: a 31-bit value times one stays below 2**61 (no int64
 # overflow on any device or compiler).

@@ -7,15 +7,14 @@ import os
 import sys
 
 from transformers import TrainerCallback
+from transformers.integrations import INTEGRATION_TO_CALLBACK
 from transformers.trainer_callback import CallbackHandler
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
-from transformers.integrations import INTEGRATION_TO_CALLBACK
 
-from .checkpoints import write_model_card
 from ..model.modeling_sparse_llama import ensure_activation_stats, set_training_step
 from ..model.weight_sparse import next_weight_generation
+from .checkpoints import write_model_card
 from .telemetry import snapshot_weight_masks, sparsity_metrics
-
 
 logger = logging.getLogger(__name__)
 

@@ -16,10 +16,9 @@ that need it: importing it costs seconds, and `import hf_sparse` must stay light
 import hashlib
 import logging
 
-from .data_args import DataArguments, _extension, _resolve_files, SUPPORTED_EXTENSIONS, validate_data_args
-from .packing import _block_features, _embedded_datasets, PACK_BATCH_DOCS, _PACK_VERSION, _TokenizeAndPack
+from .data_args import SUPPORTED_EXTENSIONS, DataArguments, _extension, _resolve_files, validate_data_args
+from .packing import _PACK_VERSION, PACK_BATCH_DOCS, _block_features, _embedded_datasets, _TokenizeAndPack
 from .tokenizer import tokenizer_fingerprint
-
 
 logger = logging.getLogger(__name__)
 

@@ -3,13 +3,8 @@ and values, all before anything is loaded."""
 
 import glob
 import gzip
-import logging
 import os
 from dataclasses import dataclass, field
-
-
-logger = logging.getLogger(__name__)
-
 
 # File suffix -> `datasets` builder. Gzip variants matter for the real recipe: C4 shards
 # are distributed as .json.gz.

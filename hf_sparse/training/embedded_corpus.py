@@ -8,7 +8,6 @@ import os
 import sysconfig
 from dataclasses import dataclass
 
-
 logger = logging.getLogger(__name__)
 
 

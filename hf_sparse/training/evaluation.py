@@ -11,7 +11,6 @@ import os
 
 import numpy as np
 
-
 logger = logging.getLogger(__name__)
 
 NEXT_TOKEN_ACCURACY_PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "metrics", "next_token_accuracy")

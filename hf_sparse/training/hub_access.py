@@ -2,15 +2,10 @@
 reachable, is a copy in the local cache, and one clear error when neither holds."""
 
 import glob
-import logging
 import os
 from typing import NamedTuple
 
 from .data_args import DataArguments
-
-
-logger = logging.getLogger(__name__)
-
 
 # Seconds the connectivity probe waits for the hub. Only asked when a hub resource is named
 # and missing from the local cache, so a reachable hub costs one quick request.

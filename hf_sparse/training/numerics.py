@@ -18,9 +18,9 @@ import logging
 import torch
 from transformers import TrainerCallback
 
+from ..model.modeling_sparse_llama import STAT_FIRST_NONFINITE_STEP, STAT_NONFINITE, sparse_mlps
 from .callbacks import _calling_handler, _FirstCallback, merge_into_log_row
 from .checkpoints import last_complete_checkpoint
-from ..model.modeling_sparse_llama import STAT_FIRST_NONFINITE_STEP, STAT_NONFINITE, sparse_mlps
 
 logger = logging.getLogger(__name__)
 

@@ -1,0 +1,178 @@
+"""Value checks of a run configuration: values the Trainer or the model would accept and
+only trip over mid-run (batch sizes, step counts, schedules, head counts, output_dir).
+"""
+
+import dataclasses
+import os
+
+from transformers import TrainingArguments
+
+from ..model.configuration_sparse_llama import SparseLlamaConfig
+from .run_args import OPTIMIZER_CHOICES, SCHEDULER_CHOICES, ConfigError, ScriptArguments
+
+
+def check_sparse_schedule(config: SparseLlamaConfig, max_steps: int) -> None:
+    """The dense tail is counted back from `max_steps`, so it needs a known run length and
+    must fit in it; with weight 2:4 on, the sparse phase [start, max_steps - tail) must
+    hold at least one optimizer step (otherwise weight 2:4 would silently never run)."""
+    tail, start = config.sparse_dense_finetune_steps, config.weight_2by4_start_step
+    if tail > 0 and max_steps <= 0:
+        raise ConfigError(
+            f"sparse_dense_finetune_steps={tail} needs max_steps > 0: the dense tail is the last "
+            f"{tail} of max_steps optimizer steps."
+        )
+    if tail > max_steps > 0:
+        raise ConfigError(
+            f"sparse_dense_finetune_steps={tail} is larger than max_steps={max_steps}; "
+            f"use sparse_dense_finetune_steps <= {max_steps}."
+        )
+    if config.weight_2by4 and max_steps > 0 and start + tail >= max_steps:
+        raise ConfigError(
+            f"weight_2by4_start_step={start} and sparse_dense_finetune_steps={tail} leave no sparse step in "
+            f"max_steps={max_steps} (dense before step {start} and from step {max_steps - tail} on); "
+            "need weight_2by4_start_step + sparse_dense_finetune_steps < max_steps."
+        )
+
+
+# TrainingArguments values that the Trainer accepts and only trips over once data and model
+# are built (the sampler's ValueError, a ZeroDivisionError, torch's optimizer): key ->
+# (the strategy key that makes it matter, what it counts). Checked on the raw JSON because
+# building TrainingArguments already raises a multi-line error for some of them.
+_POSITIVE_TRAINER_KEYS = {
+    "per_device_train_batch_size": (None, "sequences per device per micro-batch"),
+    "per_device_eval_batch_size": (None, "sequences per device per evaluation batch"),
+    "gradient_accumulation_steps": (None, "micro-batches per optimizer step"),
+    "logging_steps": ("logging_strategy", "steps between log rows, or a fraction of the run below 1"),
+    "save_steps": ("save_strategy", "steps between checkpoints, or a fraction of the run below 1"),
+    "eval_steps": ("eval_strategy", "steps between evaluations, or a fraction of the run below 1"),
+}
+
+
+def _trainer_default(name: str):
+    return next(f.default for f in dataclasses.fields(TrainingArguments) if f.name == name)
+
+
+def check_trainer_values(data: dict) -> None:
+    """Refuse TrainingArguments values that would fail (or silently do nothing) mid-run."""
+    for key, (strategy_key, meaning) in _POSITIVE_TRAINER_KEYS.items():
+        value = data.get(key, _trainer_default(key))
+        if value is None or value > 0:
+            continue
+        if strategy_key is None:
+            raise ConfigError(f"{key}: {value!r} is not valid; use a positive integer ({meaning}).")
+        strategy = str(data.get(strategy_key, _trainer_default(strategy_key)))
+        if strategy.lower().endswith("steps"):  # "steps" or IntervalStrategy.STEPS
+            raise ConfigError(
+                f"{key}: {value!r} is not valid with {strategy_key}='steps'; use a positive value ({meaning}), "
+                f"or another {strategy_key} ('epoch', 'no')."
+            )
+    learning_rate = data.get("learning_rate", _trainer_default("learning_rate"))
+    if learning_rate < 0:
+        raise ConfigError(f"learning_rate: {learning_rate!r} is negative; use a positive value such as 1e-3.")
+    max_steps = data.get("max_steps", _trainer_default("max_steps"))
+    if max_steps == 0 or max_steps < -1:
+        raise ConfigError(
+            f"max_steps: {max_steps!r} is not valid; use a positive number of optimizer steps, or -1 (the default) "
+            "to train for num_train_epochs."
+        )
+
+
+def check_script_values(script_args: ScriptArguments, training_args: TrainingArguments, loro_scope: str | None) -> None:
+    """Values of the script keys (optimizer, scheduler, LORO and non-finite settings) that
+    their types allow but the run cannot use."""
+    if script_args.optimizer not in OPTIMIZER_CHOICES:
+        raise ConfigError(
+            f"optimizer={script_args.optimizer!r} is not valid; choose one of {', '.join(map(repr, OPTIMIZER_CHOICES))}."
+        )
+    if script_args.scheduler not in SCHEDULER_CHOICES:
+        raise ConfigError(
+            f"scheduler={script_args.scheduler!r} is not valid; choose one of {', '.join(map(repr, SCHEDULER_CHOICES))}."
+        )
+    if script_args.scheduler == "cosine_restart" and script_args.optimizer != "loro_adamw":
+        raise ConfigError("scheduler='cosine_restart' is available with optimizer='loro_adamw'; use lr_scheduler_type otherwise.")
+    if script_args.scheduler == "cosine_restart" and training_args.max_steps <= 0:
+        raise ConfigError("scheduler='cosine_restart' needs max_steps > 0 (the schedule's length).")
+    if script_args.optimizer == "loro_adamw" and not loro_scope:
+        raise ConfigError(
+            "optimizer='loro_adamw' needs low-rank linears: set loro_scope to 'all', 'attn' or 'mlp'."
+        )
+    if script_args.nonfinite_policy not in ("stop", "skip"):
+        raise ConfigError(
+            f"nonfinite_policy={script_args.nonfinite_policy!r} is not valid; choose one of 'stop', 'skip'."
+        )
+    if script_args.loro_type not in ("loro", "eucl"):
+        raise ConfigError(f"loro_type={script_args.loro_type!r} is not valid; choose one of 'loro', 'eucl'.")
+    if script_args.loro_refresh not in (None, "all", "lrk", "reg"):
+        raise ConfigError(
+            f"loro_refresh={script_args.loro_refresh!r} is not valid; choose one of null, 'all', 'lrk', 'reg'."
+        )
+    for key in ("loro_freq", "loro_refresh_freq"):
+        if getattr(script_args, key) <= 0:
+            raise ConfigError(f"{key}={getattr(script_args, key)!r} must be a positive integer.")
+
+
+def check_output_dir_path(output_dir: str | None) -> None:
+    """output_dir, or a folder above it, being a file would fail the first save (FileExistsError)."""
+    if not output_dir:
+        return
+    target = path = os.path.abspath(os.path.expanduser(output_dir))
+    while not os.path.exists(path):  # the nearest existing folder (or file) above it
+        parent = os.path.dirname(path)
+        if parent == path:
+            return
+        path = parent
+    if not os.path.isdir(path):
+        where = "is an existing file" if path == target else f"is below the file {path!r}"
+        raise ConfigError(f"output_dir: {output_dir!r} {where}; output_dir must be a directory (existing or new).")
+
+
+def _divisors(n: int) -> list[int]:
+    return [d for d in range(1, n + 1) if n % d == 0]
+
+
+def check_attention_heads(raw: dict, path: str) -> None:
+    """Head counts that do not divide: transformers checks hidden_size % num_attention_heads
+    in a multi-line report; a num_attention_heads that num_key_value_heads does not divide
+    passes every config check and crashes inside attention at the first step."""
+    values = {}
+    for key in ("hidden_size", "num_attention_heads", "num_key_value_heads"):
+        value = raw.get(key, getattr(SparseLlamaConfig, key, None))
+        if key == "num_key_value_heads" and value is None:
+            value = values["num_attention_heads"]  # None means plain multi-head attention
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise ConfigError(f"{key}: {value!r} in model_config {path!r} is not valid; use a positive integer.")
+        values[key] = value
+    hidden, heads, kv_heads = values["hidden_size"], values["num_attention_heads"], values["num_key_value_heads"]
+    if hidden % heads:
+        near = sorted(_divisors(hidden), key=lambda d: (abs(d - heads), d))[:2]
+        raise ConfigError(
+            f"num_attention_heads: {heads} in model_config {path!r} does not divide hidden_size={hidden} (each head "
+            f"gets hidden_size / num_attention_heads features); use a divisor of {hidden} such as "
+            f"{' or '.join(map(str, sorted(near)))}."
+        )
+    if heads % kv_heads:
+        raise ConfigError(
+            f"num_key_value_heads: {kv_heads} in model_config {path!r} does not divide num_attention_heads={heads} "
+            f"(each key/value head serves a whole group of query heads); use one of "
+            f"{', '.join(map(str, _divisors(heads)))}."
+        )
+
+
+def output_dir_holds_run(output_dir: str) -> bool:
+    if not output_dir or not os.path.isdir(output_dir):
+        return False
+    return any(
+        name in ("trainer_state.json", "config.json", "all_results.json") or name.startswith("checkpoint-")
+        for name in os.listdir(output_dir)
+    )
+
+
+def check_output_dir(training_args: TrainingArguments, script_args: ScriptArguments) -> None:
+    """Refuse to mix a new run into the folder of another one."""
+    if script_args.overwrite_output_dir or training_args.resume_from_checkpoint:
+        return
+    if output_dir_holds_run(training_args.output_dir):
+        raise ConfigError(
+            f"output_dir {training_args.output_dir!r} already holds a run; set overwrite_output_dir=true, "
+            "resume it with resume_from_checkpoint, or choose another output_dir."
+        )

@@ -1,0 +1,149 @@
+"""The package layout's rules: the shipped model folder imports only torch, transformers and
+itself; every module stays one concern (<= 600 lines); the README's architecture tree is
+the code's; the public names survive the move; a checkpoint written before it still loads."""
+
+import ast
+import os
+import re
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import hf_sparse
+from hf_sparse import SparseLlamaForCausalLM, set_training_step
+from tests.conftest import REPO_ROOT, tiny_config
+
+PACKAGE = os.path.join(REPO_ROOT, "hf_sparse")
+MODEL_DIR = os.path.join(PACKAGE, "model")
+FIXTURE = os.path.join(REPO_ROOT, "tests", "fixtures", "pre_layout_checkpoint")
+# Remote code runs where only torch and transformers are installed (huggingface_hub comes
+# with transformers); the standard library is always there.
+ALLOWED_ROOTS = {"torch", "transformers", "huggingface_hub"}
+MAX_MODULE_LINES = 600
+
+
+def forbidden_imports(source: str, folder_modules: set[str]) -> list[str]:
+    """The imports of `source` that a flat remote-code copy could not satisfy."""
+    bad = []
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.Import):
+            bad += [a.name for a in node.names if a.name.split(".")[0] not in ALLOWED_ROOTS | set(sys.stdlib_module_names)]
+        elif isinstance(node, ast.ImportFrom):
+            if node.level == 0:
+                root = node.module.split(".")[0]
+                if root not in ALLOWED_ROOTS | set(sys.stdlib_module_names):
+                    bad.append(node.module)
+            elif node.level > 1 or node.module is None or node.module not in folder_modules:
+                # `from .. import x`, `from . import x` and subpackages do not survive the flat copy.
+                bad.append("." * node.level + (node.module or ""))
+    return bad
+
+
+def model_modules() -> set[str]:
+    return {name[:-3] for name in os.listdir(MODEL_DIR) if name.endswith(".py") and name != "__init__.py"}
+
+
+def test_the_import_check_catches_what_breaks_remote_code():
+    source = (
+        "import datasets\nfrom hf_sparse.training import data\nfrom ..training import callbacks\n"
+        "from . import sparse_ffn\nfrom .no_such_module import x\nimport torch\nfrom .kernels import sparse24_mm\n"
+        "def f():\n    import wandb\n"
+    )
+    assert forbidden_imports(source, {"kernels"}) == [
+        "datasets", "hf_sparse.training", "..training", ".", ".no_such_module", "wandb",
+    ]  # fmt: skip
+
+
+@pytest.mark.parametrize("module", sorted(model_modules()))
+def test_model_folder_imports_only_torch_transformers_and_itself(module):
+    with open(os.path.join(MODEL_DIR, module + ".py"), encoding="utf-8") as handle:
+        assert forbidden_imports(handle.read(), model_modules()) == []
+
+
+def test_a_saved_checkpoint_carries_exactly_the_model_folder(tmp_path):
+    """transformers copies the modeling file and, recursively, its relative imports: every
+    model module must be reachable from it (none orphaned), and nothing else comes along."""
+    SparseLlamaForCausalLM(tiny_config()).save_pretrained(tmp_path)
+    shipped = {name[:-3] for name in os.listdir(tmp_path) if name.endswith(".py")}
+    assert shipped == model_modules()
+
+
+def test_no_module_does_five_jobs():
+    long = {}
+    for folder, _, files in os.walk(PACKAGE):
+        for name in files:
+            if name.endswith(".py"):
+                path = os.path.join(folder, name)
+                with open(path, encoding="utf-8") as handle:
+                    count = sum(1 for _ in handle)
+                if count > MAX_MODULE_LINES:
+                    long[os.path.relpath(path, REPO_ROOT)] = count
+    assert long == {}
+
+
+def readme_tree() -> set[str]:
+    """Paths (relative to hf_sparse/) named in the README's architecture tree."""
+    with open(os.path.join(REPO_ROOT, "README.md"), encoding="utf-8") as handle:
+        text = handle.read()
+    section = text[text.index("## Architecture"):]
+    block = section[section.index("```\n") + 4:]
+    block = block[: block.index("```")]
+    paths, stack = set(), []
+    for line in block.splitlines():
+        match = re.match(r"^( *)(\S+)", line)
+        if not match or match.group(2) == "hf_sparse/":
+            continue
+        depth = len(match.group(1)) // 2 - 1
+        if depth < 0:
+            continue  # top-level entries beside the package (train_hf.py, configs/, ...)
+        name = match.group(2)
+        stack = stack[:depth] + [name.rstrip("/")]
+        paths.add("/".join(stack))
+    return paths
+
+
+def test_readme_architecture_tree_matches_the_code():
+    code = set()
+    for folder, dirs, files in os.walk(PACKAGE):
+        dirs[:] = [d for d in dirs if d != "__pycache__"]
+        rel = os.path.relpath(folder, PACKAGE)
+        if rel != ".":
+            code.add(rel.replace(os.sep, "/"))
+        if rel.startswith(os.path.join("training", "metrics")):
+            dirs[:] = []
+            continue  # the metric's own files: the tree names its folder
+        code |= {os.path.normpath(os.path.join(rel, f)).replace(os.sep, "/") for f in files if f.endswith(".py")}
+    # Subpackage __init__ files carry only a docstring; the tree names the folders.
+    code -= {"model/__init__.py", "training/__init__.py"}
+    assert readme_tree() == code
+
+
+def test_public_names_survive_the_move():
+    from hf_sparse.model import ffn_stages, kernels
+    from hf_sparse.training import tokenizer
+
+    for name in ("SparseLlamaConfig", "SparseLlamaForCausalLM", "SparsityCallback", "sparsity_metrics", "set_training_step"):
+        assert hasattr(hf_sparse, name)
+    for op in ("relu2_2to4_ffn_fwd", "relu2_2to4_ffn_bwd", "sparse24_mm"):
+        assert hasattr(torch.ops.hf_sparse, op)
+    assert (ffn_stages.DISABLE_COMPILE_ENV, ffn_stages.COMPILE_STAGES_ENV) == (
+        "HF_SPARSE_DISABLE_COMPILE", "HF_SPARSE_COMPILE_STAGES",
+    )  # fmt: skip
+    assert (kernels.DISABLE_ENV, kernels.ALG_ID_ENV) == ("HF_SPARSE_DISABLE_2TO4_KERNEL", "HF_SPARSE_CSLT_ALG_ID")
+    assert "HF_SPARSE_CACHE" in open(tokenizer.__file__, encoding="utf-8").read()
+
+
+def test_checkpoint_written_before_the_layout_change_loads_and_computes_the_same():
+    """tests/fixtures/pre_layout_checkpoint was saved by the flat hf_sparse/ of commit 648b80c
+    (low-rank attention, 2:4 weights with their scales, 2:4 activations), with its logits."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(FIXTURE).eval()
+    assert isinstance(model, SparseLlamaForCausalLM)
+    set_training_step(model, None)
+    expected = load_file(os.path.join(FIXTURE, "expected_logits.safetensors"))
+    with torch.no_grad():
+        logits = model(expected["input_ids"]).logits
+    torch.testing.assert_close(logits, expected["logits"], rtol=0, atol=1e-6)
