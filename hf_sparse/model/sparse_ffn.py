@@ -203,7 +203,10 @@ def _ffn_backward_impl(
     planar = not use_kernel
     w_up_op, w_down_op = _op_weights(w_up, w_down, planar)
     dy3 = dy3.contiguous()
-    token_sparse = backward != "exact" and n_dense < f
+    # Token-wise 2:4 only shapes the weight-gradient operands (dx is exact in every mode),
+    # and the forward counts features only when a weight needs a gradient: with frozen
+    # weights there is nothing to rank and nothing to sparsify.
+    token_sparse = backward != "exact" and n_dense < f and (need_up or need_down)
     dense_idx = sparse_idx = dense_mask = None
     if token_sparse and n_dense > 0:
         # The densest features (most non-zeros in y2s) go to the dense GEMM: that is where
