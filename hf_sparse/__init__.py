@@ -8,6 +8,7 @@ from .model.modeling_sparse_llama import (
     SparseLlamaForCausalLM,
     SparseLlamaModel,
     SparseLlamaPreTrainedModel,
+    prepare_2to4_gemms,
     set_training_step,
 )
 from .training.telemetry import sparsity_metrics
@@ -29,6 +30,7 @@ __all__ = [
     "SparseLlamaModel",
     "SparseLlamaPreTrainedModel",
     "SparsityCallback",
+    "prepare_2to4_gemms",
     "set_training_step",
     "sparsity_metrics",
 ]

@@ -26,6 +26,8 @@ followed by their positions 0..3 in the group, stored as values (exact in bf16/f
 from __future__ import annotations
 
 import importlib
+import os
+import tempfile
 import weakref
 from typing import NamedTuple, Optional
 
@@ -42,6 +44,7 @@ __all__ = [
     "compress",
     "decompress",
     "emulated_cusparselt",
+    "emulated_cusparselt_cuda_rules",
     "emulated_cusparselt_wide",
     "install",
     "is_compressed",
@@ -338,6 +341,8 @@ class Emulator:
         self.mm_calls: list[MmCall] = []
         # Set by install(): whether hf_sparse.model.kernels.set_kernel_override was switched on.
         self.kernel_override = False
+        # Alg ids that return wrong products (as some do on real GPUs, pytorch#155333).
+        self.wrong_alg_ids: set[int] = set()
 
     def compress(self, a: Tensor) -> Tensor:
         buf = compress(a, allow_wide_dtypes=self.allow_wide_dtypes)
@@ -369,6 +374,8 @@ class Emulator:
             allow_wide_dtypes=self.allow_wide_dtypes,
         )
         self.mm_calls.append(call)
+        if alg_id in self.wrong_alg_ids:
+            return out * 2 + 1
         return out
 
     @property
@@ -398,13 +405,17 @@ class _OnRestore:
             self._callback()
 
 
-def install(monkeypatch, allow_wide_dtypes: bool = False) -> Emulator:
-    """Replace the cuSPARSELt ops with a recording emulator until ``monkeypatch`` undoes."""
+def install(monkeypatch, allow_wide_dtypes: bool = False, cuda_rules: bool = False) -> Emulator:
+    """Replace the cuSPARSELt ops with a recording emulator until ``monkeypatch`` undoes.
+
+    ``cuda_rules``: the kernel override is ``"cuda"`` (eligibility, per-shape verification
+    and timing as on a GPU) instead of ``True`` (every aligned GEMM sparse, untimed)."""
     emu = Emulator(allow_wide_dtypes=allow_wide_dtypes)
     monkeypatch.setattr(torch, "_cslt_compress", emu.compress, raising=False)
     monkeypatch.setattr(torch, "_cslt_sparse_mm", emu.sparse_mm, raising=False)
     monkeypatch.setattr(torch.backends.cusparselt, "is_available", lambda: True)
     monkeypatch.setattr(torch.backends.cusparselt, "get_max_alg_id", lambda: NUM_ALG_IDS)
+    monkeypatch.setattr(torch.backends.cusparselt, "version", lambda: "emulated", raising=False)
 
     kernels = importlib.import_module("hf_sparse.model.kernels")
     # Self-check verdicts and warn-once keys recorded under emulation must not leak
@@ -413,12 +424,18 @@ def install(monkeypatch, allow_wide_dtypes: bool = False) -> Emulator:
         state = getattr(kernels, name, None)
         if isinstance(state, (dict, set)):
             monkeypatch.setattr(kernels, name, type(state)())
+    # Nor may per-shape GEMM verdicts, the tuning budget or the user's verdict file.
+    tuning = importlib.import_module("hf_sparse.model.gemm_tuning")
+    monkeypatch.setattr(tuning, "_choices", {})
+    monkeypatch.setattr(tuning, "_table_loaded", [])
+    monkeypatch.setattr(tuning, "_budget", {"spent": 0.0, "warned": False})
+    monkeypatch.setenv(tuning.TABLE_PATH_ENV, os.path.join(tempfile.mkdtemp(prefix="gemm_table_"), "table.json"))
     override = getattr(kernels, "set_kernel_override", None)
     if override is not None:
         # Registered before switching on, so undo() switches off even if a later
         # monkeypatch step in the same test fails.
         monkeypatch.setattr(_OnRestore(lambda: override(None)), "armed", True)
-        override(True)
+        override(kernels.CUDA_RULES if cuda_rules else True)
         emu.kernel_override = True
     return emu
 
@@ -433,3 +450,10 @@ def emulated_cusparselt(monkeypatch) -> Emulator:
 def emulated_cusparselt_wide(monkeypatch) -> Emulator:
     """As ``emulated_cusparselt`` but also accepting float32/float64 (still 2:4)."""
     return install(monkeypatch, allow_wide_dtypes=True)
+
+
+@pytest.fixture
+def emulated_cusparselt_cuda_rules(monkeypatch) -> Emulator:
+    """Emulated cuSPARSELt (bf16/fp16) with the CUDA decision path on CPU: eligibility,
+    per-shape verification and timing (inject a timer with gemm_tuning.set_gemm_timer)."""
+    return install(monkeypatch, cuda_rules=True)

@@ -7,7 +7,6 @@ from huggingface_hub.dataclasses import strict
 from transformers import LlamaConfig
 from transformers.utils import logging
 
-
 logger = logging.get_logger(__name__)
 
 SQU_RELU_CHOICES = ("silu", "relu", "relu2")

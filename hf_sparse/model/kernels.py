@@ -6,14 +6,16 @@ a row has at most 2 non-zeros. It compresses ``a`` with ``torch._cslt_compress``
 ``torch._cslt_sparse_mm``. PyTorch's CUTLASS 2:4 kernels are sm8x-only; cuSPARSELt covers
 sm80+ including H100 (sm90), so it is the one backend used here.
 
-``use_2to4_kernel`` decides per call (pure Python checks, no host sync) whether the FFN
-may use it; otherwise the reference GEMMs run. A structural reason (dtype, capability, a
-model width that is not aligned) is warned once; a token count that is not aligned (decode,
-the last partial batch) falls back silently, call after call. The
-first use per (device, dtype) runs a one-off numerical self-check of the configured
-``alg_id`` against a dense GEMM (some alg ids have returned wrong results), the only
-host sync in this module. Set ``HF_SPARSE_DISABLE_2TO4_KERNEL=1`` to force the reference
-path, ``HF_SPARSE_CSLT_ALG_ID`` to pick another cuSPARSELt algorithm (default 0).
+``use_2to4_kernel`` decides per call, from metadata only (device, dtype, capability,
+aligned shapes; no host sync, so it is safe while torch.compile traces), whether the FFN
+takes the cuSPARSELt data path. A structural reason (dtype, capability, a model width that
+is not aligned) is warned once; a token count that is not aligned (decode, the last
+partial batch) falls back silently, call after call. Within that path each GEMM shape
+then runs as a 2:4 GEMM or a dense GEMM on the same masked operands, whichever
+``gemm_tuning`` found correct and faster (verified and timed once per shape, eagerly, at
+run time). Set ``HF_SPARSE_DISABLE_2TO4_KERNEL=1`` to force the plain path,
+``HF_SPARSE_CSLT_ALG_ID`` for the alg id tried first (default 0), and
+``HF_SPARSE_2TO4_GEMMS`` (auto | sparse | dense) to override the per-shape verdicts.
 
 ``sparse24_mm`` is the custom op ``hf_sparse::sparse24_mm`` (with a fake kernel:
 ``torch._cslt_compress`` has none), so graphs that contain it trace under torch.compile.
@@ -25,10 +27,12 @@ from __future__ import annotations
 
 import logging
 import os
-from typing import Optional
+from typing import Optional, Union
 
 import torch
 from torch import Tensor
+
+from .gemm_tuning import GemmShape, _dense_mm, gemm_choice, verify_alg_id
 
 logger = logging.getLogger(__name__)
 
@@ -48,14 +52,19 @@ _SELF_CHECK_RTOL = 2e-2
 _warned: set[str] = set()
 _self_check: dict[tuple, bool] = {}
 # None: decide from the hardware. True: take the cuSPARSELt branch on any device/dtype
-# whenever shapes are aligned (tests, with torch._cslt_* replaced by a CPU emulation).
-# False: never.
-_kernel_override: list[Optional[bool]] = [None]
+# whenever shapes are aligned, with every GEMM sparse (tests, with torch._cslt_* replaced
+# by a CPU emulation). "cuda": the CUDA decision path (eligibility, per-shape verification
+# and timing) on any device, for the same emulated tests. False: never.
+_kernel_override: list[Union[None, bool, str]] = [None]
+CUDA_RULES = "cuda"
 
 
-def set_kernel_override(enabled: Optional[bool]) -> None:
-    """Force the cuSPARSELt branch on (``True``, e.g. with an emulated backend) or off
-    (``False``); ``None`` restores the hardware-based decision."""
+def set_kernel_override(enabled: Union[None, bool, str]) -> None:
+    """Force the cuSPARSELt branch on (``True``, e.g. with an emulated backend), follow the
+    CUDA rules on any device (``"cuda"``), or never (``False``); ``None`` restores the
+    hardware-based decision."""
+    if enabled not in (None, True, False, CUDA_RULES):
+        raise ValueError(f"kernel override must be None, True, False or {CUDA_RULES!r}, got {enabled!r}")
     _kernel_override[0] = enabled
 
 
@@ -94,7 +103,8 @@ def ineligibility_reason(x: Tensor, w_up: Tensor, w_down: Tensor) -> Optional[st
     """
     if kernel_disabled():
         return f"disabled by {DISABLE_ENV}"
-    if x.device.type != "cuda":
+    emulated = _kernel_override[0] == CUDA_RULES
+    if x.device.type != "cuda" and not emulated:
         return f"device is {x.device.type}, needs CUDA"
     if w_up.device != x.device or w_down.device != x.device:
         return "operands on different devices"
@@ -107,7 +117,7 @@ def ineligibility_reason(x: Tensor, w_up: Tensor, w_down: Tensor) -> Optional[st
         return reason
     if not cusparselt_available():
         return "PyTorch was built without cuSPARSELt"
-    cap = torch.cuda.get_device_capability(x.device)
+    cap = torch.cuda.get_device_capability(x.device) if x.device.type == "cuda" else MIN_CAPABILITY
     if cap < MIN_CAPABILITY:
         return f"compute capability {cap} < {MIN_CAPABILITY}"
     return None
@@ -129,11 +139,13 @@ def gpu_2to4_eligible(x: Tensor, w_up: Tensor, w_down: Tensor) -> bool:
 
 
 def use_2to4_kernel(x: Tensor, w_up: Tensor, w_down: Tensor) -> bool:
-    """Eligibility + one-off self-check; warns once (on CUDA) when falling back."""
+    """Whether the op takes the cuSPARSELt data path: metadata only (no sync, nothing
+    cached), so the same answer comes at trace time and at run time. Warns once (on
+    CUDA) when a structural reason sends it to the plain path."""
     override = _kernel_override[0]
-    if override is not None:
+    if override is True or override is False:
         return override and x.dim() == 2 and _shape_reason(x, w_up) is None
-    if x.device.type != "cuda":
+    if x.device.type != "cuda" and override != CUDA_RULES:
         # CPU/MPS: the reference path is the implementation, not a fallback.
         return False
     reason = ineligibility_reason(x, w_up, w_down)
@@ -147,7 +159,7 @@ def use_2to4_kernel(x: Tensor, w_up: Tensor, w_down: Tensor) -> bool:
             reason,
         )
         return False
-    return self_check(x.device, x.dtype)
+    return True
 
 
 def sparse24_padded_rows(rows: int) -> int:
@@ -170,11 +182,23 @@ def compress_2to4(a: Tensor) -> Tensor:
     return torch._cslt_compress(a.contiguous())
 
 
-def sparse24_mm_packed(packed: Tensor, b: Tensor, *, transpose_result: bool = False) -> Tensor:
+def sparse24_mm_packed(packed: Tensor, b: Tensor, *, transpose_result: bool = False, alg_id: Optional[int] = None) -> Tensor:
     """:func:`sparse24_mm` with ``a`` already compressed by :func:`compress_2to4`."""
     if not (b.is_contiguous() or b.t().is_contiguous()):
         b = b.contiguous()
-    return torch._cslt_sparse_mm(packed, b, transpose_result=transpose_result, alg_id=cusparselt_alg_id())
+    alg = cusparselt_alg_id() if alg_id is None else alg_id
+    return torch._cslt_sparse_mm(packed, b, transpose_result=transpose_result, alg_id=alg)
+
+
+def gemm_verdict(a: Tensor, b: Tensor, transpose_result: bool = False, name: str = ""):
+    """The per-shape verdict (:func:`gemm_tuning.gemm_choice`) for ``a @ b`` on the
+    cuSPARSELt path. Under a forced override (``True``/``False``: tests with an emulated
+    backend) every GEMM on that path is sparse, untimed."""
+    if _kernel_override[0] is True or _kernel_override[0] is False:
+        from .gemm_tuning import GemmChoice
+
+        return GemmChoice(cusparselt_alg_id(), 0.0, 0.0, 1.0, "kernel override", forced=True)
+    return gemm_choice(a, b, transpose_result, cusparselt_alg_id(), name)
 
 
 def _sparse24_mm_impl(a: Tensor, b: Tensor, transpose_result: bool) -> Tensor:
@@ -182,10 +206,15 @@ def _sparse24_mm_impl(a: Tensor, b: Tensor, transpose_result: bool) -> Tensor:
     # row-major tensor otherwise; any other stride pattern would be read wrongly.
     if not (b.is_contiguous() or b.t().is_contiguous()):
         b = b.contiguous()
+    a = a.contiguous()
+    choice = gemm_verdict(a, b, transpose_result)
+    if not choice.use_sparse():
+        # The operand is already 2:4: a dense GEMM gives the same product, faster here.
+        return _dense_mm(a, b, transpose_result).contiguous()
     # The compressed form (kept values + metadata) is rebuilt every call: activations
     # change every step, so there is nothing to cache, unlike 2:4 weights.
-    packed = torch._cslt_compress(a.contiguous())
-    return torch._cslt_sparse_mm(packed, b, transpose_result=transpose_result, alg_id=cusparselt_alg_id())
+    packed = torch._cslt_compress(a)
+    return torch._cslt_sparse_mm(packed, b, transpose_result=transpose_result, alg_id=choice.alg_id)
 
 
 def _sparse24_mm_fake(a: Tensor, b: Tensor, transpose_result: bool) -> Tensor:
@@ -203,51 +232,34 @@ if not hasattr(torch.ops.hf_sparse, "sparse24_mm"):
     ).register_fake(_sparse24_mm_fake)
 
 
-def _prune_2to4_rows(a: Tensor) -> Tensor:
-    """Keep the 2 largest |a| of each 4 along rows (test-data helper, not hot path)."""
-    v = a.view(a.shape[0], -1, 4)
-    idx = v.abs().topk(2, dim=-1).indices
-    return torch.zeros_like(v).scatter_(-1, idx, v.gather(-1, idx)).view_as(a)
-
-
 def check_alg_id(device, dtype: torch.dtype, alg_id: int, shapes=((256, 512, 128),)) -> tuple[bool, str]:
-    """Compare ``_cslt_sparse_mm`` with ``alg_id`` against a dense GEMM (host sync).
-
-    Covers the three layouts the FFN uses: row-major B, transposed B and a transposed
-    result. Uses a private generator so the global RNG stream (MVUE) is untouched.
-    Returns (ok, detail).
-    """
-    gen = torch.Generator(device=device)
-    gen.manual_seed(1234)
-    worst = 0.0
-    try:
-        for m, k, n in shapes:
-            a = _prune_2to4_rows(torch.randn(m, k, device=device, generator=gen)).to(dtype)
-            bt = torch.randn(n, k, device=device, generator=gen).to(dtype)
-            ref = a.float() @ bt.float().t()
-            packed = torch._cslt_compress(a)
-            # Row-major B, transposed B and a transposed result: the FFN uses all three.
-            outs = (
-                torch._cslt_sparse_mm(packed, bt.t().contiguous(), alg_id=alg_id),
-                torch._cslt_sparse_mm(packed, bt.t(), alg_id=alg_id),
-                torch._cslt_sparse_mm(packed, bt.t().contiguous(), transpose_result=True, alg_id=alg_id).t(),
-            )
-            for out in outs:
-                err = ((out.float() - ref).norm() / ref.norm().clamp_min(1e-30)).item()
-                worst = max(worst, err if err == err else float("inf"))
-    except RuntimeError as exc:  # invalid alg id, missing library, unsupported arch
-        return False, f"{type(exc).__name__}: {exc}"
-    return worst <= _SELF_CHECK_RTOL, f"max relative error {worst:.3g}"
+    """Compare ``_cslt_sparse_mm`` with ``alg_id`` against a dense GEMM at each (m, k, n) of
+    ``shapes`` in the three layouts the FFN uses: row-major B, transposed B and a
+    transposed result (host sync). Returns (ok, detail of the worst case)."""
+    dtype_name = str(dtype).replace("torch.", "")
+    details = []
+    for m, k, n in shapes:
+        for layout, transpose_result in (("row", False), ("col", False), ("row", True)):
+            ok, detail = verify_alg_id(GemmShape(m, k, n, layout, transpose_result, dtype_name), device, alg_id)
+            if not ok:
+                return False, detail
+            details.append(detail)
+    return True, max(details, key=lambda d: float(d.rsplit(" ", 1)[-1]))
 
 
 def self_check(device, dtype: torch.dtype) -> bool:
-    """Cached per (device, dtype, alg id): one sync the first time, none afterwards."""
+    """Cached per (device, dtype, alg id): one sync the first time, none afterwards (a
+    diagnostic: the op's GEMMs are verified per shape by ``gemm_tuning``). While
+    torch.compile traces it only reads the cache: a sync there would raise, and that
+    error must not be cached as a broken alg id."""
     dev = torch.device(device)
-    if dev.index is None:
+    if dev.index is None and dev.type == "cuda":
         dev = torch.device(dev.type, torch.cuda.current_device())
     alg_id = cusparselt_alg_id()
     key = (dev, dtype, alg_id)
     ok = _self_check.get(key)
+    if ok is None and torch.compiler.is_compiling():
+        return False
     if ok is None:
         ok, detail = check_alg_id(dev, dtype, alg_id)
         _self_check[key] = ok

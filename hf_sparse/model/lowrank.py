@@ -11,7 +11,6 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-
 logger = logging.getLogger(__name__)
 
 # Public contract: the state-dict keys of a replaced linear are `<name>.weight_in` and

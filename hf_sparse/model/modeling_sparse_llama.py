@@ -32,9 +32,11 @@ except ImportError:
 
 from .configuration_sparse_llama import LOWRANK_COLWISE, LOWRANK_ROWWISE, SparseLlamaConfig
 from .ffn_tensor_parallel import _is_dtensor, tp_sum_backward, tp_sum_forward
+from .gemm_tuning import GemmShape, choice_for, format_gemm_table
+from .kernels import cusparselt_alg_id, use_2to4_kernel
 from .lowrank import LowRankLinear, init_low_rank_, is_low_rank
 from .select_2to4 import count_2to4_stats, count_nonzero
-from .sparse_ffn import relu2_2to4_ffn
+from .sparse_ffn import ffn_gemm_shapes, relu2_2to4_ffn
 from .token_permutation import TokenPermutation, make_token_permutation
 from .weight_sparse import Sparse24Linear, Sparse24LowRankLinear, is_weight_sparse
 
@@ -435,6 +437,49 @@ def set_training_step(model: nn.Module, step: int | None, max_steps: int | None 
                 linear.sparse_weight_on = weight_on
 
 
+def prepare_2to4_gemms(model: nn.Module, tokens: int, dtype: torch.dtype | None = None) -> list[tuple[str, GemmShape]]:
+    """Verify and time, eagerly, the 2:4 GEMMs the model will run for ``tokens`` tokens per
+    forward (``dtype``: the compute dtype, e.g. the autocast one; default the weights').
+
+    The per-shape verdicts (``gemm_tuning``) are otherwise made at the first call of each
+    shape, inside step 1; made here, before the first (possibly compiled) step, they stay
+    out of the hot path. Only shapes on the cuSPARSELt path are tuned (a CUDA GPU, or the
+    ``"cuda"`` kernel override in tests). Returns the (name, shape) pairs that were.
+    """
+    # Shapes, dtypes and devices only: building a 2:4 weight here would fix its scale early.
+    named = {}
+
+    def probe(rows: int, cols: int, like: torch.Tensor, compute: torch.dtype) -> torch.Tensor:
+        return torch.empty(1, dtype=compute, device=like.device).expand(rows, cols)
+
+    for _, mlp in sparse_mlps(model):
+        param = next(mlp.up_proj.parameters())
+        compute = dtype or param.dtype
+        d, f = mlp.up_proj.in_features, mlp.up_proj.out_features
+        x, w_up, w_down = probe(tokens, d, param, compute), probe(f, d, param, compute), probe(d, f, param, compute)
+        if mlp.config.activation_2by4 and use_2to4_kernel(x, w_up, w_down):
+            shapes = ffn_gemm_shapes(
+                tokens, d, f, compute, mlp.config.activation_dense_features, mlp.config.activation_backward
+            )
+            named.update({(shape.key(), param.device): (f"FFN {name}", shape, param.device) for name, shape in shapes})
+    for module_name, linear in model.named_modules():
+        if is_weight_sparse(linear) and hasattr(linear, "weight"):
+            compute = dtype or linear.weight.dtype
+            out_f, in_f = linear.weight.shape
+            weight = probe(out_f, in_f, linear.weight, compute)
+            if use_2to4_kernel(probe(tokens, in_f, linear.weight, compute), weight, weight):
+                shape = GemmShape(out_f, in_f, tokens, "col", True, str(compute).split(".")[-1])
+                label = "2:4 weight " + module_name.rsplit(".", 2)[-2] + "." + module_name.rsplit(".", 1)[-1]
+                named.setdefault((shape.key(), linear.weight.device), (label, shape, linear.weight.device))
+    done = []
+    for label, shape, device in named.values():
+        choice_for(shape, device, cusparselt_alg_id(), label)
+        done.append((label, shape))
+    if done:
+        logger.info(format_gemm_table(done, next(iter(named.values()))[2]))
+    return done
+
+
 def ensure_activation_stats(model: nn.Module, device=None) -> None:
     """Create every sparse MLP's stat tensor on `device` (default: the MLP's parameters'
     device) unless it is already there. Call before compiled training forwards: a stat
@@ -455,4 +500,5 @@ __all__ = [
     "sparse_mlps",
     "set_training_step",
     "ensure_activation_stats",
+    "prepare_2to4_gemms",
 ]

@@ -72,6 +72,7 @@ from .ffn_stages import (
     stage_compilation_enabled,
 )
 from .ffn_tensor_parallel import _is_dtensor, _tensor_parallel_slices, tp_sum_backward, tp_sum_forward
+from .gemm_tuning import GemmShape
 from .kernels import sparse24_mm, sparse24_padded_rows, use_2to4_kernel
 from .select_2to4 import SPARSE_METHODS, _check_stats, count_2to4_stats, count_nonzero, sparsify_2to4
 from .token_permutation import TokenPermutation, make_token_permutation
@@ -328,6 +329,28 @@ def _register_ops() -> None:
 _register_ops()
 
 
+def dense_feature_count(f: int, dense_features: float, backward: str) -> int:
+    """How many of the F features the split backward keeps dense: ceil(dense_features·F)."""
+    # Round before ceil so that e.g. 0.05 * F landing a hair above an integer does not
+    # add a feature.
+    return min(f, math.ceil(round(dense_features * f, 6))) if backward == "split_gemm" else 0
+
+
+def ffn_gemm_shapes(
+    tokens: int, d: int, f: int, dtype: torch.dtype, dense_features: float = 0.05, backward: str = "split_gemm"
+) -> list[tuple[str, GemmShape]]:
+    """The 2:4 GEMMs the op runs on the cuSPARSELt path for T = ``tokens``, named as in
+    the module docstring (y3, dx, dW_up, dW_down), as ``gemm_tuning`` keys them."""
+    name = str(dtype).replace("torch.", "")
+    shapes = [("y3", GemmShape(tokens, f, d, "col", False, name)), ("dx", GemmShape(tokens, f, d, "row", False, name))]
+    n_dense = dense_feature_count(f, dense_features, backward)
+    if backward != "exact" and n_dense < f:
+        rows = sparse24_padded_rows(f - n_dense)  # the sparse features, padded to the alignment
+        shapes += [("dW_up", GemmShape(rows, tokens, d, "row", False, name)),
+                   ("dW_down", GemmShape(rows, tokens, d, "row", True, name))]  # fmt: skip
+    return shapes
+
+
 def _autocast_dtype(device_type: str) -> Optional[torch.dtype]:
     if torch.is_autocast_enabled(device_type):
         return torch.get_autocast_dtype(device_type)
@@ -416,9 +439,7 @@ def relu2_2to4_ffn(
         inverse = torch.empty_like(permutation).index_copy_(0, permutation, positions)
         x2 = _GatherRows.apply(x2, permutation, inverse)
 
-    # Round before ceil so that e.g. 0.05 * F landing a hair above an integer does not
-    # add a feature.
-    n_dense = min(f, math.ceil(round(dense_features * f, 6))) if backward == "split_gemm" else 0
+    n_dense = dense_feature_count(f, dense_features, backward)
     weights_need_grad = torch.is_grad_enabled() and (w_up.requires_grad or w_down.requires_grad)
     # Per-feature counts only feed the dense-feature ranking of a split backward.
     want_feature_counts = weights_need_grad and 0 < n_dense < f

@@ -6,12 +6,13 @@ import math
 import os
 import sys
 
+import torch
 from transformers import TrainerCallback
 from transformers.integrations import INTEGRATION_TO_CALLBACK
 from transformers.trainer_callback import CallbackHandler
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
-from ..model.modeling_sparse_llama import ensure_activation_stats, set_training_step
+from ..model.modeling_sparse_llama import ensure_activation_stats, prepare_2to4_gemms, set_training_step
 from ..model.weight_sparse import next_weight_generation
 from .checkpoints import write_model_card
 from .telemetry import snapshot_weight_masks, sparsity_metrics
@@ -83,6 +84,26 @@ class _FirstCallback(TrainerCallback):
         self._move_first()
 
 
+def _tokens_per_micro_batch(args, train_dataloader) -> int | None:
+    """Tokens of one training micro-batch when the data says so (packed blocks of a
+    map-style dataset); None for a stream, whose block length is only seen in step 1."""
+    dataset = getattr(train_dataloader, "dataset", None)
+    if dataset is None or not hasattr(dataset, "__getitem__") or not hasattr(dataset, "__len__") or len(dataset) == 0:
+        return None
+    try:
+        return args.per_device_train_batch_size * len(dataset[0]["input_ids"])
+    except (KeyError, TypeError, IndexError):
+        return None
+
+
+def _prepare_gemms(model, args, train_dataloader) -> None:
+    tokens = _tokens_per_micro_batch(args, train_dataloader)
+    if model is None or tokens is None:
+        return  # each shape is then tuned at its first call
+    dtype = torch.bfloat16 if args.bf16 else torch.float16 if args.fp16 else None
+    prepare_2to4_gemms(model, tokens, dtype)
+
+
 class EvalPerplexityCallback(_FirstCallback):
     """Adds `eval_perplexity = exp(eval_loss)` to every evaluation log row."""
 
@@ -123,6 +144,9 @@ class SparsityCallback(_FirstCallback):
         ensure_activation_stats(model, args.device)
         set_training_step(model, state.global_step, state.max_steps)
         next_weight_generation(model)  # turns the per-step 2:4 weight cache on
+        # The 2:4 GEMM verdicts (verified and timed per shape, with host syncs) are made
+        # now, eagerly, not inside step 1 or while torch.compile traces it.
+        _prepare_gemms(model, args, kwargs.get("train_dataloader"))
         if self.flip_rate:
             # The Trainer has loaded any resume checkpoint by now: the baseline is the
             # restored weights' masks (device work only, no host sync).

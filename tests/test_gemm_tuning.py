@@ -1,0 +1,222 @@
+"""Per-shape 2:4 GEMM verdicts (hf_sparse/model/gemm_tuning.py) on CPU: the CUDA decision
+path runs against the emulated cuSPARSELt (tests/cslt_emulator.py) with an injected timer.
+
+What is checked: the verdict takes the fastest *correct* alg id and compares it, with its
+compression, against the dense GEMM; it is kept in a JSON table keyed by GPU, torch and
+cuSPARSELt versions; HF_SPARSE_2TO4_GEMMS overrides it; tuning is bounded; nothing is
+ever tuned or cached while torch.compile traces; and a compiled model runs the sparse
+GEMMs after compilation, across the dense->sparse switch.
+"""
+
+import json
+import logging
+import math
+
+import pytest
+import torch
+
+from hf_sparse import SparseLlamaForCausalLM, set_training_step
+from hf_sparse.model import gemm_tuning, kernels
+from hf_sparse.model.gemm_tuning import GemmShape, choice_for, gemm_choice, set_gemm_timer
+from hf_sparse.model.modeling_sparse_llama import prepare_2to4_gemms
+from hf_sparse.model.sparse_ffn import ffn_gemm_shapes, relu2_2to4_ffn
+from tests.cslt_emulator import emulated_cusparselt_cuda_rules  # noqa: F401  (fixture)
+from tests.conftest import tiny_config
+
+BF16 = torch.bfloat16
+SHAPE = GemmShape(64, 128, 32, "row", False, "bfloat16")
+
+
+class FakeTimer:
+    """Seconds per call by kind ("sparse" per alg id, "compress", "dense"); records calls."""
+
+    def __init__(self, sparse, compress=0.1, dense=1.0):
+        self.sparse, self.compress, self.dense = sparse, compress, dense
+        self.calls = []
+
+    def __call__(self, kind, alg_id, run):
+        self.calls.append((kind, alg_id))
+        if kind == "sparse":
+            return self.sparse.get(alg_id, 10.0)
+        return self.compress if kind == "compress" else self.dense
+
+
+@pytest.fixture
+def timer():
+    fake = FakeTimer({0: 0.9, 1: 0.5, 2: 0.3, 3: 0.6})
+    set_gemm_timer(fake)
+    yield fake
+    set_gemm_timer(None)
+
+
+def test_fastest_correct_alg_id_wins_and_is_compared_with_dense(emulated_cusparselt_cuda_rules, timer):
+    emulated_cusparselt_cuda_rules.wrong_alg_ids = {2}  # the fastest one computes garbage
+    choice = choice_for(SHAPE, "cpu")
+    assert choice.alg_id == 1  # 2 is faster but wrong, so it was never timed
+    assert ("sparse", 2) not in timer.calls and ("sparse", 1) in timer.calls
+    assert "wrong: [2]" in choice.reason
+    assert choice.use_sparse()  # 0.5 + 0.1 compression < 1.0 dense
+    assert choice.speedup() == pytest.approx(1.0 / 0.6)
+    # Same shape, dense faster than sparse + compression: dense; with the compression
+    # paid once per step (2:4 weights) sparse still wins.
+    gemm_tuning._choices.clear()
+    timer.dense = 0.55
+    slower = choice_for(SHAPE, "cpu")
+    assert not slower.use_sparse() and slower.use_sparse(amortised_compression=True)
+
+
+def test_no_correct_alg_id_means_dense(emulated_cusparselt_cuda_rules, timer):
+    emulated_cusparselt_cuda_rules.wrong_alg_ids = set(range(8))
+    choice = choice_for(SHAPE, "cpu")
+    assert choice.alg_id == -1 and not choice.use_sparse()
+    assert not [c for c in timer.calls if c[0] == "sparse"]
+
+
+def test_verdicts_persist_in_a_table_keyed_by_gpu_and_versions(emulated_cusparselt_cuda_rules, timer, monkeypatch):
+    first = choice_for(SHAPE, "cpu")
+    path = gemm_tuning.table_path()
+    with open(path, encoding="utf-8") as handle:
+        data = json.load(handle)
+    key = gemm_tuning.table_key("cpu")
+    assert "cuSPARSELt emulated" in key and f"torch {torch.__version__}" in key
+    assert data["tables"][key][SHAPE.key()]["alg_id"] == first.alg_id
+    # A new process (same GPU and versions) reads the verdict instead of tuning.
+    gemm_tuning.reset_gemm_choices()
+    timer.calls.clear()
+    again = choice_for(SHAPE, "cpu")
+    assert again == first and timer.calls == []
+    # Another cuSPARSELt version invalidates it: tuned anew, both entries kept.
+    gemm_tuning.reset_gemm_choices()
+    monkeypatch.setattr(torch.backends.cusparselt, "version", lambda: "emulated-2")
+    choice_for(SHAPE, "cpu")
+    assert timer.calls
+    with open(path, encoding="utf-8") as handle:
+        assert len(json.load(handle)["tables"]) == 2
+
+
+def test_unreadable_table_is_ignored_with_a_warning(emulated_cusparselt_cuda_rules, timer, caplog):
+    with open(gemm_tuning.table_path(), "w", encoding="utf-8") as handle:
+        handle.write("{not json")
+    with caplog.at_level(logging.WARNING, logger="hf_sparse"):
+        assert choice_for(SHAPE, "cpu").alg_id == 2
+    assert sum("unreadable" in r.getMessage() for r in caplog.records) == 1
+    with open(gemm_tuning.table_path(), encoding="utf-8") as handle:
+        assert json.load(handle)["format"] == gemm_tuning.TABLE_FORMAT  # rewritten whole
+
+
+def test_env_override(emulated_cusparselt_cuda_rules, timer, monkeypatch):
+    monkeypatch.setenv(gemm_tuning.GEMMS_ENV, "dense")
+    assert not choice_for(SHAPE, "cpu").use_sparse()
+    monkeypatch.setenv(gemm_tuning.GEMMS_ENV, "sparse")
+    gemm_tuning._choices.clear()
+    forced = choice_for(SHAPE, "cpu")
+    assert forced.use_sparse() and forced.alg_id == 0 and timer.calls == []  # verified, not timed
+    # A forced alg id that is wrong at the shape still never runs.
+    emulated_cusparselt_cuda_rules.wrong_alg_ids = {0}
+    gemm_tuning._choices.clear()
+    assert not choice_for(SHAPE, "cpu").use_sparse()
+    monkeypatch.setenv(gemm_tuning.GEMMS_ENV, "fastest")
+    gemm_tuning._choices.clear()
+    with pytest.raises(ValueError, match=r"HF_SPARSE_2TO4_GEMMS='fastest' is not valid; choose one of 'auto'"):
+        choice_for(SHAPE, "cpu")
+
+
+def test_tuning_budget_is_bounded_and_said(emulated_cusparselt_cuda_rules, timer, monkeypatch, caplog):
+    monkeypatch.setenv(gemm_tuning.TUNE_SECONDS_ENV, "0")
+    with caplog.at_level(logging.WARNING, logger="hf_sparse"):
+        first = choice_for(SHAPE, "cpu")
+        choice_for(GemmShape(32, 64, 16, "col", True, "bfloat16"), "cpu")
+    assert not first.use_sparse() and first.reason == "budget spent"
+    assert timer.calls == []
+    assert sum("tuning budget" in r.getMessage() for r in caplog.records) == 1
+
+
+def test_nothing_is_tuned_or_cached_while_tracing(emulated_cusparselt_cuda_rules, timer, monkeypatch):
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode():
+        a, b = torch.empty(64, 128, dtype=BF16), torch.empty(128, 32, dtype=BF16)
+        choice = gemm_choice(a, b, False)
+    assert not choice.use_sparse() and choice.reason == "not tuned before tracing"
+    assert gemm_tuning._choices == {} and timer.calls == []
+    # The alg-id self-check: inside tracing a sync would raise; it must read, not write.
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    assert kernels.self_check("cpu", BF16) is False
+    assert kernels._self_check == {}
+
+
+def test_op_takes_each_gemm_as_its_verdict_says(emulated_cusparselt_cuda_rules, timer):
+    """Dense for the forward GEMM, sparse for the rest: only three shapes reach cuSPARSELt,
+    and the result is the plain path's up to the GEMMs' accumulation order."""
+    t, d, f = 64, 32, 128
+    shapes = dict(ffn_gemm_shapes(t, d, f, BF16))
+    for name, shape in shapes.items():
+        timer.dense = 0.3 if name == "y3" else 1.0  # y3: dense beats 0.5 + 0.1
+        choice_for(shape, "cpu")
+    emu = emulated_cusparselt_cuda_rules
+    emu.reset()
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(t, d, generator=gen).to(BF16).requires_grad_()
+    w_up = (torch.randn(f, d, generator=gen) / d**0.5).to(BF16).requires_grad_()
+    w_down = (torch.randn(d, f, generator=gen) / f**0.5).to(BF16).requires_grad_()
+    y = relu2_2to4_ffn(x, w_up, w_down)
+    y.float().square().sum().backward()
+    ran = {(c.m, c.k, c.n, c.b_layout, c.transpose_result) for c in emu.mm_calls}
+    expected = {(s.m, s.k, s.n, s.b_layout, s.transpose_result) for n, s in shapes.items() if n != "y3"}
+    assert ran == expected
+    kernels.set_kernel_override(False)
+    ref = [a.detach().clone() for a in (x, w_up, w_down)]
+    ref = [a.requires_grad_() for a in ref]
+    y_ref = relu2_2to4_ffn(*ref)
+    y_ref.float().square().sum().backward()
+    kernels.set_kernel_override(kernels.CUDA_RULES)
+    for got, want in ((y, y_ref), (x.grad, ref[0].grad), (w_up.grad, ref[1].grad), (w_down.grad, ref[2].grad)):
+        assert (got.float() - want.float()).norm() <= 2e-2 * want.float().norm()
+
+
+def quick_model():
+    config = tiny_config(
+        activation_2by4=True, activation_dense_warmup_steps=1, torch_dtype="bfloat16", vocab_size=64
+    )
+    torch.manual_seed(0)
+    return SparseLlamaForCausalLM(config).to(BF16).train()
+
+
+@pytest.mark.parametrize("prepared", [False, True])
+def test_compiled_model_runs_sparse_gemms_after_the_switch(emulated_cusparselt_cuda_rules, timer, prepared):
+    """The review's bug: a self-check reached while torch.compile traced the model cached
+    "broken" and the run trained on dense GEMMs for good. Now verdicts are made eagerly,
+    before the first step (``prepared``, as SparsityCallback does at train begin) or at
+    the op's first run-time call; tracing only reads them. Either way the compiled steps
+    after the dense->sparse recompile run the emulated 2:4 GEMMs."""
+    # A fresh trace, as in a new process: compiled-graph caches would replay an earlier
+    # test's trace-time decisions instead of making them again.
+    torch._dynamo.reset()
+    with torch._inductor.config.patch(fx_graph_cache=False), torch._functorch.config.patch(enable_autograd_cache=False):
+        run_compiled_steps(emulated_cusparselt_cuda_rules, prepared)
+
+
+def run_compiled_steps(emu, prepared):
+    model = quick_model()
+    batch, seq = 2, 16
+    tokens = batch * seq
+    if prepared:
+        named = prepare_2to4_gemms(model, tokens)
+        assert {name for name, _ in named} == {"FFN y3", "FFN dx", "FFN dW_up", "FFN dW_down"}
+        assert all(choice.use_sparse() for choice in gemm_tuning._choices.values())
+    compiled = torch.compile(model)
+    ids = torch.randint(0, 64, (batch, seq), generator=torch.Generator().manual_seed(0))
+    for step in range(4):
+        emu.reset()
+        set_training_step(model, step, 4)
+        compiled(input_ids=ids, labels=ids).loss.backward()
+        ffn_calls = [c for c in emu.mm_calls if tokens in (c.m, c.k)]
+        if step == 0:
+            assert ffn_calls == []  # dense warm-up: no 2:4 op in the graph
+        elif step == 1 and not prepared:
+            assert len(ffn_calls) > 8  # the op's first calls verify and time each shape
+        else:
+            # Forward and dx per layer, both weight gradients per layer: 4 x 2 layers.
+            assert len(ffn_calls) == 8, ffn_calls
+    assert all(math.isfinite(float(p.grad.float().norm())) for p in model.parameters() if p.grad is not None)
+    assert all(choice.use_sparse() for choice in gemm_tuning._choices.values())
