@@ -11,6 +11,7 @@ import pytest
 import torch
 
 import hf_sparse.model.ffn_stages as ffn_stages
+import hf_sparse.model.gemm_tuning as gemm_tuning
 import hf_sparse.model.sparse_ffn as sparse_ffn
 from hf_sparse.model import kernels
 from hf_sparse.model.sparse_ffn import BACKWARD_MODES, SPARSE_METHODS, make_token_permutation, relu2_2to4_ffn
@@ -21,6 +22,14 @@ pytestmark = [
 ]
 
 DEV = "cuda"
+
+
+@pytest.fixture(autouse=True)
+def every_gemm_sparse(monkeypatch):
+    """These tests check the cuSPARSELt path itself: every GEMM on it sparse (its alg id
+    verified at each shape) rather than the tuned per-shape verdicts, which
+    test_tuned_verdicts_at_ffn_shapes covers."""
+    monkeypatch.setenv(gemm_tuning.GEMMS_ENV, "sparse")
 
 
 def kernel_capable():
@@ -141,14 +150,21 @@ def test_kernel_path_matches_reference_path(
     x[5, 7] = float("nan")  # NaN must not break 2:4 (it ranks highest, the group keeps 2)
     perm = make_token_permutation(1024, seed=3, device=DEV)
     kw = dict(method=method, backward=backward, dense_features=0.05, permutation=perm)
+    # Every GEMM sparse (each shape's alg id verified once, on the first call, which also
+    # compresses random operands: not counted below).
+    monkeypatch.setenv(gemm_tuning.GEMMS_ENV, "sparse")
+    run_op(x, w_up, w_down, dy, **kw)
+    count_kernel_calls.clear()
+    compressed_operands_are_2to4.clear()
     got = run_op(x, w_up, w_down, dy, **kw)
     # forward, dx, and the two weight gradients (2 for exact/dense only on dx)
     assert len(count_kernel_calls) == (2 if backward == "exact" else 4)
     assert len(compressed_operands_are_2to4) == len(count_kernel_calls)
-    # The weight-gradient operands cover the sparse features only (F - ceil(0.05 F),
-    # rounded up to the 16-row alignment), not all F.
+    # The weight-gradient operands cover the sparse features only (F minus ceil(0.05 F)
+    # rounded up to 8, then padded to the 16-row alignment), not all F.
     if backward == "split_gemm":
-        assert (kernels.sparse24_padded_rows(1024 - 52), 1024) in compressed_operands_are_2to4
+        n_dense = kernels.aligned_dense_count(52, 1024)
+        assert (kernels.sparse24_padded_rows(1024 - n_dense), 1024) in compressed_operands_are_2to4
     monkeypatch.setenv(kernels.DISABLE_ENV, "1")
     ref = run_op(x, w_up, w_down, dy, **kw)
     assert len(count_kernel_calls) == (2 if backward == "exact" else 4)  # unchanged
@@ -229,3 +245,26 @@ def test_no_host_sync_on_gpu():
         torch.cuda.set_sync_debug_mode(0)
     torch.cuda.synchronize()
     assert stats[1].item() == 9 * 1024 * 1024  # the timed loop only (warm-up had no stats)
+
+
+def test_tuned_verdicts_at_ffn_shapes(monkeypatch, tmp_path, caplog):
+    """auto mode at the 130m FFN shapes: every verdict names a verified alg id or dense,
+    the table file is written, and the op agrees with the plain path either way."""
+    kernel_capable()
+    monkeypatch.setenv(gemm_tuning.GEMMS_ENV, "auto")
+    monkeypatch.setenv(gemm_tuning.TABLE_PATH_ENV, str(tmp_path / "table.json"))
+    monkeypatch.setattr(gemm_tuning, "_choices", {})
+    monkeypatch.setattr(gemm_tuning, "_table_loaded", [])
+    t, d, f = 4096, 768, 3072
+    named = sparse_ffn.ffn_gemm_shapes(t, d, f, torch.bfloat16)
+    with caplog.at_level(logging.INFO, logger="hf_sparse"):
+        choices = [gemm_tuning.choice_for(shape, DEV) for _, shape in named]
+    print(gemm_tuning.format_gemm_table(named, DEV))
+    assert all(c.alg_id >= 0 or not c.use_sparse() for c in choices)
+    assert (tmp_path / "table.json").exists() or not any(c.alg_id >= 0 for c in choices)
+    x, w_up, w_down, dy = make_inputs(t, d, f, seed=9)
+    got = run_op(x, w_up, w_down, dy)
+    monkeypatch.setenv(kernels.DISABLE_ENV, "1")
+    ref = run_op(x, w_up, w_down, dy)
+    for a, b in zip(got, ref):
+        assert rel_err(a, b) < 2e-2

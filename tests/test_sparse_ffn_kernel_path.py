@@ -16,7 +16,13 @@ import hf_sparse.model.cpu_layout as cpu_layout
 import hf_sparse.model.ffn_stages as ffn_stages
 import hf_sparse.model.sparse_ffn as sparse_ffn
 from hf_sparse.model import kernels
-from hf_sparse.model.sparse_ffn import BACKWARD_MODES, SPARSE_METHODS, make_token_permutation, relu2_2to4_ffn
+from hf_sparse.model.sparse_ffn import (
+    BACKWARD_MODES,
+    SPARSE_METHODS,
+    dense_feature_count,
+    make_token_permutation,
+    relu2_2to4_ffn,
+)
 from tests.conftest import host_sync_calls
 from tests.cslt_emulator import emulated_cusparselt, emulated_cusparselt_wide  # noqa: F401  (fixtures)
 from tests.test_sparse_ffn import assert_close, groups, make_inputs, reference_grads, run_op
@@ -24,12 +30,18 @@ from tests.test_sparse_ffn import assert_close, groups, make_inputs, reference_g
 F64 = torch.float64
 
 
-def reference_path(*args, **kw):
-    """The op with plain torch.mm GEMMs, whatever the installed backend."""
+def reference_path(x, w_up, w_down, dy, kernel_path=True, **kw):
+    """The op with plain torch.mm GEMMs, whatever the installed backend, keeping as many
+    dense features as the cuSPARSELt path does (it rounds the count up to a multiple of
+    kernels.DENSE_FEATURE_ALIGN; the plain path keeps the ceil rule)."""
+    if kernel_path and kw.get("backward", "split_gemm") == "split_gemm":
+        f = w_up.shape[0]
+        ceil = dense_feature_count(f, kw.get("dense_features", 0.05), "split_gemm")
+        kw = dict(kw, dense_features=kernels.aligned_dense_count(ceil, f) / f)
     previous = kernels._kernel_override[0]
     kernels.set_kernel_override(False)
     try:
-        return run_op(*args, **kw)
+        return run_op(x, w_up, w_down, dy, **kw)
     finally:
         kernels.set_kernel_override(previous)
 
@@ -48,8 +60,9 @@ def compiled_stages(monkeypatch):
 @pytest.mark.parametrize("method", SPARSE_METHODS)
 @pytest.mark.parametrize("backward", BACKWARD_MODES)
 def test_kernel_branch_matches_reference_float64(emulated_cusparselt_wide, method, backward, permute):
-    # F=64 with dense_features=0.05: ceil(3.2) = 4 dense features, 60 sparse ones, which
-    # the weight-gradient operands pad to 64 rows (cuSPARSELt's 16-alignment).
+    # F=64 with dense_features=0.05: ceil(3.2) = 4 dense features, rounded up to 8 on this
+    # path (16-byte rows of the gathered dense operands), 56 sparse ones, which the
+    # weight-gradient operands pad to 64 rows (cuSPARSELt's 16-alignment).
     x, w_up, w_down, dy = make_inputs(t=48, d=32, f=64, seed=21)
     perm = make_token_permutation(48, seed=2) if permute else None
     kw = dict(method=method, backward=backward, dense_features=0.05, permutation=perm)
@@ -66,12 +79,35 @@ def test_kernel_branch_matches_reference_float64(emulated_cusparselt_wide, metho
     if backward == "exact":
         assert len(emu.mm_calls) == 2
     else:
-        n_sparse = 60 if backward == "split_gemm" else 64
+        n_sparse = 56 if backward == "split_gemm" else 64
         padded = kernels.sparse24_padded_rows(n_sparse)
         assert padded == 64
         assert (padded, 48, 32, "row", False) in shapes  # dW_up over the sparse features
         assert (padded, 48, 32, "row", True) in shapes  # dW_down, transposed result
         assert len(emu.mm_calls) == 4
+
+
+def test_dense_feature_count_is_aligned_on_the_kernel_path():
+    # The ceil rule is the lower bound; the cuSPARSELt path rounds up to 8 (16 bytes of bf16).
+    assert [kernels.aligned_dense_count(n, 64) for n in (0, 1, 4, 8, 9, 60, 64)] == [0, 8, 8, 8, 16, 64, 64]
+    assert kernels.aligned_dense_count(3, 4) == 4  # never more than F
+    for f in (32, 64, 100, 3072, 16384):
+        ceil = dense_feature_count(f, 0.05, "split_gemm")
+        aligned = kernels.aligned_dense_count(ceil, f)
+        assert ceil <= aligned < ceil + kernels.DENSE_FEATURE_ALIGN and aligned % kernels.DENSE_FEATURE_ALIGN == 0
+
+
+def test_kernel_path_keeps_the_aligned_number_of_dense_features(emulated_cusparselt_wide):
+    """dW over the dense features is exact (not token-sparsified): with 8 dense features the
+    kernel path's dW_up equals the plain path's at dense_features=8/64, not at 4/64."""
+    x, w_up, w_down, dy = make_inputs(t=48, d=32, f=64, seed=27)
+    got = run_op(x, w_up, w_down, dy, dense_features=0.05)
+    kernels.set_kernel_override(False)
+    eight = run_op(x, w_up, w_down, dy, dense_features=8 / 64)
+    four = run_op(x, w_up, w_down, dy, dense_features=0.05)
+    kernels.set_kernel_override(True)
+    assert_close(got[2], eight[2], rtol=1e-12, atol=1e-12)
+    assert not torch.allclose(got[2], four[2], rtol=1e-6, atol=1e-9)
 
 
 @pytest.mark.parametrize("method", SPARSE_METHODS)
@@ -143,7 +179,7 @@ def test_unaligned_token_count_falls_back_silently(emulated_cusparselt_wide, cap
             got = run_op(x, w_up, w_down, dy)
     assert emulated_cusparselt_wide.mm_calls == []
     assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
-    ref = reference_path(x, w_up, w_down, dy)
+    ref = reference_path(x, w_up, w_down, dy, kernel_path=False)
     for a, b in zip(got, ref):
         assert torch.equal(a, b)
 
@@ -412,7 +448,7 @@ def test_backward_follows_the_forward_gemm_path(emulated_cusparselt_wide, forwar
     # The forward's path also fixes the feature order of what it saves (planar on the
     # plain path): a switch flipped between forward and backward must not change it.
     x, w_up, w_down, dy = make_inputs(t=48, d=32, f=64, seed=45)
-    ref = reference_path(x, w_up, w_down, dy)
+    ref = reference_path(x, w_up, w_down, dy, kernel_path=forward_kernel)
     x, w_up, w_down = (a.clone().requires_grad_() for a in (x, w_up, w_down))
     kernels.set_kernel_override(forward_kernel)
     y = relu2_2to4_ffn(x, w_up, w_down)

@@ -162,6 +162,20 @@ def use_2to4_kernel(x: Tensor, w_up: Tensor, w_down: Tensor) -> bool:
     return True
 
 
+# The dense features of a split backward are gathered into T×n_dense operands on the
+# cuSPARSELt path; rows of a multiple of 8 elements are 16-byte aligned in bf16/fp16 (the
+# alignment cuBLAS's fastest GEMM kernels want), so the count is rounded up to it there.
+DENSE_FEATURE_ALIGN = 8
+
+
+def aligned_dense_count(n_dense: int, f: int) -> int:
+    """The cuSPARSELt path's dense-feature count: ``n_dense`` (the ceil rule, a lower
+    bound) rounded up to a multiple of ``DENSE_FEATURE_ALIGN``, at most ``f``; 0 stays 0."""
+    if n_dense <= 0:
+        return 0
+    return min(f, -(-n_dense // DENSE_FEATURE_ALIGN) * DENSE_FEATURE_ALIGN)
+
+
 def sparse24_padded_rows(rows: int) -> int:
     """``rows`` rounded up to the sparse operand's row alignment (padding rows are zeros)."""
     return -(-rows // ALIGN) * ALIGN

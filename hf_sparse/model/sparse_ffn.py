@@ -73,7 +73,7 @@ from .ffn_stages import (
 )
 from .ffn_tensor_parallel import _is_dtensor, _tensor_parallel_slices, tp_sum_backward, tp_sum_forward
 from .gemm_tuning import GemmShape
-from .kernels import sparse24_mm, sparse24_padded_rows, use_2to4_kernel
+from .kernels import aligned_dense_count, sparse24_mm, sparse24_padded_rows, use_2to4_kernel
 from .select_2to4 import SPARSE_METHODS, _check_stats, count_2to4_stats, count_nonzero, sparsify_2to4
 from .token_permutation import TokenPermutation, make_token_permutation
 
@@ -202,6 +202,8 @@ def _ffn_backward_impl(
     t, f = g.shape
     _check_forward_path(g, use_kernel)
     planar = not use_kernel
+    if use_kernel:
+        n_dense = aligned_dense_count(n_dense, f)  # gathered T×n_dense rows 16-byte aligned
     w_up_op, w_down_op = _op_weights(w_up, w_down, planar)
     dy3 = dy3.contiguous()
     # Token-wise 2:4 only shapes the weight-gradient operands (dx is exact in every mode),
@@ -343,7 +345,7 @@ def ffn_gemm_shapes(
     the module docstring (y3, dx, dW_up, dW_down), as ``gemm_tuning`` keys them."""
     name = str(dtype).replace("torch.", "")
     shapes = [("y3", GemmShape(tokens, f, d, "col", False, name)), ("dx", GemmShape(tokens, f, d, "row", False, name))]
-    n_dense = dense_feature_count(f, dense_features, backward)
+    n_dense = aligned_dense_count(dense_feature_count(f, dense_features, backward), f)
     if backward != "exact" and n_dense < f:
         rows = sparse24_padded_rows(f - n_dense)  # the sparse features, padded to the alignment
         shapes += [("dW_up", GemmShape(rows, tokens, d, "row", False, name)),
