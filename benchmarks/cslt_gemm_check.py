@@ -83,10 +83,12 @@ class Tuning:
 
 
 def sparse_feature_rows(f: int) -> int:
-    """Features whose weight gradients use the sparse GEMMs: F minus the densest 5%, rounded
-    down to a multiple of 64 (16384 -> 15552)."""
+    """Rows of the weight-gradient 2:4 operands, as the op makes them on the cuSPARSELt
+    path: F minus the densest 5% (ceil, rounded up to 8), padded up to 16 rows
+    (16384 -> 15568)."""
     n_dense = math.ceil(round(DENSE_FEATURE_FRACTION * f, 6))
-    return (f - n_dense) // ALIGN * ALIGN
+    n_dense = min(f, -(-n_dense // 8) * 8)
+    return -(-(f - n_dense) // 16) * 16
 
 
 def ffn_gemms(d: int, f: int, tokens: int) -> list[Gemm]:

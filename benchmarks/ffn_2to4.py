@@ -27,7 +27,7 @@ from machine import describe_machine, parse_ffn_shapes  # benchmarks/machine.py
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from hf_sparse.model import kernels  # noqa: E402
+from hf_sparse.model import gemm_tuning, kernels  # noqa: E402
 from hf_sparse.model import sparse_ffn  # noqa: E402
 from hf_sparse.model.sparse_ffn import relu2_2to4_ffn, relu2_ffn_reference  # noqa: E402
 
@@ -156,6 +156,14 @@ def main(argv=None):
     p.add_argument("--no-stats", dest="stats", action="store_false", help="do not collect telemetry counts")
     p.add_argument("--no-permute", dest="permute", action="store_false", help="no token permutation")
     p.add_argument("--compile", action="store_true", help="also time torch.compile'd dense and 2:4 (compiled stages)")
+    p.add_argument(
+        "--go-no-go", action="store_true",
+        help="with --compile: end with one GO/NO-GO line per shape, compiled 2:4 op vs compiled dense FFN",
+    )  # fmt: skip
+    p.add_argument(
+        "--gemm-table", action="store_true",
+        help="GPU: make and print the per-shape sparse-or-dense GEMM verdicts (gemm_tuning) before timing",
+    )  # fmt: skip
     args = p.parse_args(argv)
 
     device = torch.device(args.device)
@@ -177,8 +185,16 @@ def main(argv=None):
     header = f"{'shape':>12} {'variant':>10} {'fwd ms':>9} {'bwd ms':>9} {'fwd+bwd':>9} {'fwd x':>7} {'bwd x':>7} {'f+b x':>7}"
     print(header)
     print("-" * len(header))
+    verdicts = []
     for name, d, f in shapes:
+        if args.gemm_table and gpu:
+            named = sparse_ffn.ffn_gemm_shapes(args.tokens, d, f, dtype, args.dense_features, args.backward)
+            for _, shape in named:
+                gemm_tuning.choice_for(shape, device, kernels.cusparselt_alg_id())
+            print(gemm_tuning.format_gemm_table([(f"{name} {n}", shape) for n, shape in named], device))
         res, kernel_ok = bench_shape(d, f, args, device, dtype, timer)
+        if "sparse_c" in res:
+            verdicts.append((name if name == f"{d}x{f}" else f"{name} {d}x{f}", res["sparse_c"][3][2], kernel_ok))
         for variant, (fw, bw, both, (rf, rb, rboth)) in res.items():
             label = variant
             if variant == "sparse" and gpu:
@@ -191,6 +207,14 @@ def main(argv=None):
         "ratios are sparse/dense time, median of per-repeat ratios (< 1 means faster than dense); "
         "*_c rows: both compiled; sparse_s: eager op with compiled stages vs eager dense"
     )
+    if args.go_no_go:
+        if not verdicts:
+            print("go/no-go: needs --compile (the baseline is the compiled dense FFN)")
+        precision = str(dtype).replace("torch.", "")
+        for label, ratio, kernel_ok in verdicts:
+            path = "cuSPARSELt path" if kernel_ok else "plain-GEMM path"
+            decision = "GO" if ratio < 1.0 else "NO-GO"
+            print(f"go/no-go ({precision}, {path}): compiled 2:4 op / compiled dense FFN at {label} = {ratio:.3f} -> {decision}")
 
 
 if __name__ == "__main__":

@@ -1,7 +1,7 @@
 """Memory-traffic MODEL of one FFN forward+backward: dense ReLU² vs the 2:4 op (no GPU needed).
 
-    python benchmarks/ffn_traffic.py                        # 130m, 1b, 7b shapes, 16k tokens, bf16
-    python benchmarks/ffn_traffic.py --launch-us 0 --sparse-tflops 1300
+    python benchmarks/ffn_traffic.py                        # 130m, 1b, 7b shapes, 16k tokens, bf16 + fp8
+    python benchmarks/ffn_traffic.py --bf16-sparse-speedup 1.5 --launch-us 0
     python benchmarks/ffn_traffic.py --inductor-check       # + kernels inductor makes per stage (CPU)
 
 Nothing here is timed. Every kernel of one forward+backward is traced on meta tensors (no
@@ -12,11 +12,17 @@ memory is allocated, so the 7b shape costs nothing) and priced on a modelled H10
 with GEMMs at the dense or 2:4 throughput and everything else memory-bound (flops = 0).
 Variants:
   (a) dense eager: ``relu2_ffn_reference`` under autograd; every aten op is one kernel.
-  (b) dense fused: the same GEMMs, relu+square one pass forward, the backward factor one
-      pass (what torch.compile gives the dense FFN): a fairness reference.
+  (b) dense compiled: the same GEMMs, relu+square one pass forward, the backward factor one
+      pass (what torch.compile gives the dense FFN): THE BASELINE (like for like with the
+      op, whose stages are compiled on a GPU).
   (c) 2:4 op on its cuSPARSELt path: ``_ffn_forward_impl``/``_ffn_backward_impl`` called
       directly, each elementwise stage priced as ONE fused kernel, each ``sparse24_mm`` as
       a cuSPARSELt compress plus a 2:4 GEMM, every other aten op as an eager kernel.
+  FP8 (row-wise scaled, e4m3, bf16 outputs): (b) and (c) again with every GEMM in FP8 and
+  the same quantization rule for both (see ``Fp8Rule``): the dense baseline is the
+  ``torch._scaled_mm`` FFN, the 2:4 op runs its four 2:4 GEMMs as FP8 2:4 GEMMs.
+GEMM speed-ups are inputs taken from published measurements (README of this folder), not
+one optimistic constant; the sensitivity table shows where the answer changes.
 Imports only torch and hf_sparse, so it also runs on a bare GPU box.
 """
 
@@ -64,6 +70,7 @@ class Kernel:
     written: int  # bytes
     flops: float = 0.0  # dense-equivalent 2mnk for GEMMs, also for 2:4 ones
     stage: str = ""  # the op stage this fused kernel stands for, if any
+    precision: str = "bf16"  # of a GEMM's operands: "bf16" or "fp8"
 
     @property
     def bytes(self) -> int:
@@ -73,13 +80,22 @@ class Kernel:
 @dataclass
 class Machine:
     bandwidth: float  # bytes/s
-    dense_flops: float  # flop/s
-    sparse_flops: float  # dense-equivalent flop/s of a 2:4 GEMM
+    bf16_flops: float  # flop/s of a dense bf16 GEMM
+    fp8_flops: float  # flop/s of a dense row-wise scaled FP8 GEMM
+    bf16_sparse_speedup: float  # 2:4 bf16 GEMM vs dense bf16 GEMM
+    fp8_sparse_speedup: float  # 2:4 FP8 GEMM vs dense FP8 GEMM
     launch_s: float
 
+    def gemm_flops(self, k: Kernel) -> float:
+        fp8 = k.precision == "fp8"
+        dense = self.fp8_flops if fp8 else self.bf16_flops
+        if k.kind == "sparse_gemm":
+            return dense * (self.fp8_sparse_speedup if fp8 else self.bf16_sparse_speedup)
+        return dense
+
     def seconds(self, k: Kernel) -> float:
-        throughput = self.sparse_flops if k.kind == "sparse_gemm" else self.dense_flops
-        return max(k.bytes / self.bandwidth, k.flops / throughput) + self.launch_s
+        compute = k.flops / self.gemm_flops(k) if k.kind != "memory" else 0.0
+        return max(k.bytes / self.bandwidth, compute) + self.launch_s
 
 
 def nbytes(*objs) -> int:
@@ -105,11 +121,12 @@ class KernelRecorder(TorchDispatchMode):
     compiled stage is meant to cost.
     """
 
-    def __init__(self):
+    def __init__(self, fp8: "Fp8Rule | None" = None):
         super().__init__()
         self.kernels: list[Kernel] = []
         self.phase = "fwd"
         self._quiet = 0
+        self.fp8 = fp8
 
     def fused(self, name: str, fn, *args, stage: str = "", write_only=()):
         self._quiet += 1
@@ -120,7 +137,10 @@ class KernelRecorder(TorchDispatchMode):
         # Output buffers handed in by the caller are written, not read.
         skip = {id(t) for t in tree_leaves(write_only) if isinstance(t, torch.Tensor)}
         inputs = [a for a in tree_leaves(args) if id(a) not in skip]
-        self.add(Kernel(f"{name} [{_describe(inputs)}]", self.phase, "memory", nbytes(inputs), nbytes(out), stage=stage))
+        kernel = Kernel(f"{name} [{_describe(inputs)}]", self.phase, "memory", nbytes(inputs), nbytes(out), stage=stage)
+        self.add(kernel)
+        if self.fp8 is not None:
+            self.fp8.stage_wrote(kernel, out)
         return out
 
     def add(self, kernel: Kernel) -> None:
@@ -143,6 +163,9 @@ class KernelRecorder(TorchDispatchMode):
         if op in GEMM_OPS:
             a, b = args[-2], args[-1]  # addmm's bias comes first
             flops = 2.0 * a.shape[-2] * a.shape[-1] * b.shape[-1] * (a.shape[0] if a.dim() == 3 else 1)
+            if self.fp8 is not None and self.fp8.dense_gemms and op == "mm":
+                read = self.fp8.operand(self, a, reduce_last=True) + self.fp8.operand(self, b, reduce_last=False)
+                return Kernel(name, self.phase, "gemm", read, nbytes(out), flops, precision="fp8")
             inputs = {k: v for k, v in kwargs.items() if k != "out"}  # out= is written, not read
             return Kernel(name, self.phase, "gemm", nbytes(args, inputs), nbytes(out), flops)
         if op == "index_select":
@@ -156,6 +179,59 @@ class KernelRecorder(TorchDispatchMode):
         if op == "copy_":
             return Kernel(name, self.phase, "memory", nbytes(args[1]), nbytes(args[0]))
         return Kernel(name, self.phase, "memory", nbytes(args, kwargs), nbytes(out))
+
+
+class Fp8Rule:
+    """How FP8 GEMM operands come about: one rule for the dense baseline and the 2:4 op.
+
+    Row-wise scaled FP8 (``torch._scaled_mm``, and cuSPARSELt's FP8 2:4 GEMM) scales each
+    operand along the dims it keeps, i.e. its values are grouped along the reduction dim.
+    An operand that a fused stage writes as a T×F tensor and that a GEMM reduces along F
+    (the stage holds whole token rows) is written as FP8 by that stage directly (half the
+    bytes, no extra pass). Every other operand (the FFN's inputs x and dy, the weights, a
+    T×F tensor reduced along T, the token-wise 2:4 operands written F×T) costs one extra
+    quantization kernel per (tensor, orientation): read bf16, write FP8. GEMM outputs are
+    bf16. ``dense_gemms``: dense GEMMs run in FP8 too. Both FP8 variants use it: the FP8
+    dense FFN runs its six GEMMs in FP8, the FP8 2:4 op its four 2:4 GEMMs as FP8 2:4 GEMMs
+    and its dense ones (x·W_upᵀ, dy·W_down, the dense features) as FP8 dense GEMMs, so the
+    two differ only by the sparsity.
+    """
+
+    def __init__(self, tokens: int, dense_gemms: bool):
+        self.tokens = tokens
+        self.dense_gemms = dense_gemms
+        self._stage_outputs: dict[int, Kernel] = {}
+        self._fused: set[int] = set()
+        self._quantized: set[tuple[int, bool]] = set()
+        self._alive: list[torch.Tensor] = []  # ids stay unique while the trace runs
+
+    def stage_wrote(self, kernel: Kernel, out) -> None:
+        for t in tree_leaves(out):
+            if isinstance(t, torch.Tensor) and t.dim() == 2 and t.shape[0] == self.tokens and t.is_contiguous():
+                self._stage_outputs[id(t)] = kernel
+                self._alive.append(t)
+
+    def operand(self, rec: "KernelRecorder", t: torch.Tensor, reduce_last: bool) -> int:
+        """Bytes an FP8 GEMM reads for operand ``t`` (adding its quantization, if any)."""
+        base = t if t._base is None else t._base
+        transposed = t is not base and t.dim() == 2 and t.stride(0) == 1 and t.shape[0] > 1
+        along_base_rows = reduce_last != transposed  # the reduction runs along base's last dim
+        stage = self._stage_outputs.get(id(base))
+        numel = t.numel()
+        if stage is not None and along_base_rows:
+            if id(base) not in self._fused:
+                self._fused.add(id(base))
+                stage.written -= numel * (base.element_size() - 1)  # written once, as FP8
+            return numel
+        key = (id(base), along_base_rows)
+        if key not in self._quantized:
+            self._quantized.add(key)
+            self._alive.append(base)
+            shape = "x".join(map(str, t.shape))
+            along = "rows" if along_base_rows else "columns"
+            rec.add(Kernel(f"quantize fp8 [{shape}, scales per {along}]", rec.phase, "memory",
+                           numel * base.element_size(), numel))  # fmt: skip
+        return numel
 
 
 def meta(*shape, grad=False):
@@ -184,10 +260,11 @@ def _relu_square_backward(dy2, y1):
     return dy2 * 2.0 * y1.clamp(min=0)
 
 
-def trace_dense_fused(t: int, d: int, f: int) -> list[Kernel]:
-    """The dense FFN with its elementwise work fused (y1 and y2 saved, as compile saves them)."""
+def trace_dense_fused(t: int, d: int, f: int, fp8: bool = False) -> list[Kernel]:
+    """The dense FFN with its elementwise work fused (y1 and y2 saved, as compile saves them);
+    ``fp8``: every GEMM row-wise scaled FP8 (the ``torch._scaled_mm`` FFN)."""
     x, w_up, w_down, dy3 = meta(t, d), meta(f, d), meta(d, f), meta(t, d)
-    rec = KernelRecorder()
+    rec = KernelRecorder(Fp8Rule(t, dense_gemms=True) if fp8 else None)
     with rec:
         y1 = torch.mm(x, w_up.t())
         y2 = rec.fused("fused relu²", _relu_square, y1)
@@ -204,9 +281,9 @@ def trace_dense_fused(t: int, d: int, f: int) -> list[Kernel]:
 # ----- (c) the 2:4 op on its cuSPARSELt path -----
 
 
-def compressed_bytes(a: torch.Tensor) -> int:
+def compressed_bytes(a: torch.Tensor, element_size: int | None = None) -> int:
     kept = a.numel() // 2
-    return kept * a.element_size() + kept * METADATA_BITS_PER_KEPT_VALUE // 8
+    return kept * (element_size or a.element_size()) + kept * METADATA_BITS_PER_KEPT_VALUE // 8
 
 
 @contextlib.contextmanager
@@ -228,14 +305,21 @@ def patched_op_internals(rec: KernelRecorder):
             a = a.contiguous()
         if not (b.is_contiguous() or b.t().is_contiguous()):
             b = b.contiguous()
-        packed = compressed_bytes(a)
         shapes = f"{m}x{k}"
-        rec.add(Kernel(f"cslt_compress [{shapes}]", rec.phase, "memory", nbytes(a), packed))
         out = a.new_empty((n, m) if transpose_result else (m, n))
+        if rec.fp8 is not None:
+            # FP8 operands (quantized by the rule), compressed at one byte per kept value.
+            a_bytes = rec.fp8.operand(rec, a, reduce_last=True)
+            b_bytes = rec.fp8.operand(rec, b, reduce_last=False)
+            packed = compressed_bytes(a, element_size=1)
+            precision = "fp8"
+        else:
+            a_bytes, b_bytes, packed, precision = nbytes(a), nbytes(b), compressed_bytes(a), "bf16"
+        rec.add(Kernel(f"cslt_compress [{shapes}]", rec.phase, "memory", a_bytes, packed))
         rec.add(
             Kernel(
                 f"cslt_sparse_mm [{shapes},{k}x{n}]", rec.phase, "sparse_gemm",
-                packed + nbytes(b), nbytes(out), 2.0 * m * n * k,
+                packed + b_bytes, nbytes(out), 2.0 * m * n * k, precision=precision,
             )
         )  # fmt: skip
         return out
@@ -251,14 +335,16 @@ def patched_op_internals(rec: KernelRecorder):
 
 
 def n_dense_features(f: int) -> int:
-    # The same rounding as relu2_2to4_ffn.
-    return min(f, math.ceil(round(DENSE_FEATURES * f, 6)))
+    # The op's own rule on its cuSPARSELt path (ceil, then rounded up to 8).
+    return kernels.aligned_dense_count(sparse_ffn.dense_feature_count(f, DENSE_FEATURES, "split_gemm"), f)
 
 
-def trace_sparse_op(t: int, d: int, f: int) -> list[Kernel]:
+def trace_sparse_op(t: int, d: int, f: int, fp8: bool = False) -> list[Kernel]:
+    """The op on its cuSPARSELt path; ``fp8``: every GEMM in FP8 (the four 2:4 ones as FP8
+    2:4 GEMMs), as the FP8 dense baseline has them."""
     x, w_up, w_down, dy3 = meta(t, d), meta(f, d), meta(d, f), meta(t, d)
     n_dense = n_dense_features(f)
-    rec = KernelRecorder()
+    rec = KernelRecorder(Fp8Rule(t, dense_gemms=True) if fp8 else None)
     with patched_op_internals(rec), rec:
         y3, g, y2s, counts, _stats = sparse_ffn._ffn_forward_impl(x, w_up, w_down, "naive", "split_gemm", n_dense, True, True)
         rec.phase = "bwd"
@@ -306,13 +392,13 @@ def summarize(ks: list[Kernel], hw: Machine) -> Summary:
 
 
 def print_assumptions(args) -> None:
-    print("MODEL, not a measurement: a modelled H100 SXM, bf16, one FFN forward+backward")
-    print(f"  HBM bandwidth            {args.bandwidth_tbs:g} TB/s (--bandwidth-tbs)")
+    print("MODEL, not a measurement: a modelled H100 SXM, one FFN forward+backward")
+    print(f"  HBM bandwidth            {args.bandwidth_tbs:g} TB/s, datasheet peak, for every non-GEMM kernel "
+          "(--bandwidth-tbs; a kernel at efficiency e costs 1/e passes: see the sensitivity table)")  # fmt: skip
     print(f"  dense bf16 GEMM          {args.dense_tflops:g} TFLOPS effective (--dense-tflops)")
-    print(
-        f"  2:4 bf16 GEMM            {args.sparse_tflops:g} TFLOPS effective, dense-equivalent: "
-        f"time = 2mnk / this, 2mnk counted as if dense (--sparse-tflops)"
-    )
+    print(f"  dense FP8 GEMM           {args.fp8_dense_factor:g}x the bf16 rate (--fp8-dense-factor; datasheet FP8/bf16 peak)")
+    print(f"  2:4 bf16 GEMM            {args.bf16_sparse_speedup:g}x the dense bf16 GEMM (--bf16-sparse-speedup)")
+    print(f"  2:4 FP8 GEMM             {args.fp8_sparse_speedup:g}x the dense FP8 GEMM (--fp8-sparse-speedup)")
     print(f"  launch overhead          {args.launch_us:g} us per kernel, every kernel (--launch-us)")
     print("  kernel time              max(bytes / bandwidth, flops / throughput) + launch; non-GEMMs: flops = 0")
     print("  eager aten op            one kernel; reads its tensor operands in full, writes its outputs;")
@@ -321,30 +407,69 @@ def print_assumptions(args) -> None:
     print("  2:4 op stage             one fused kernel: tensor inputs read once, tensor outputs written once")
     print(
         f"  cuSPARSELt compress      reads A, writes A/2 values + {METADATA_BITS_PER_KEPT_VALUE} bits metadata "
-        "per kept value (A/16 bytes), once per sparse GEMM"
+        "per kept value, once per sparse GEMM (counted: it is part of every activation 2:4 GEMM)"
     )
-    print("  2:4 GEMM                reads compressed A + dense B, writes C")
+    print("  2:4 GEMM                reads compressed A + dense B, writes C (bf16)")
+    print("  FP8                      row-wise scales; see Fp8Rule: stage-written T×F operands reduced along F")
+    print("                           are written as FP8 by their stage, every other operand costs one")
+    print("                           quantization kernel (read bf16, write FP8); same rule for dense and 2:4")
     print(
-        f"  2:4 op configuration     method naive, backward split_gemm, n_dense = ceil({DENSE_FEATURES}·F), "
-        "telemetry counts on, per-feature counts on; token permutation not included (see its row)"
+        f"  2:4 op configuration     method naive, backward split_gemm, n_dense = ceil({DENSE_FEATURES}·F) rounded "
+        "up to 8, telemetry and per-feature counts on; token permutation in its own row"
     )
+    print("  baseline                 (b) the compiled dense FFN in the same precision; eager shown beside it")
     print("  pass                     bytes of one T×F bf16 tensor (T tokens × F FFN width × 2 bytes)")
 
 
 def print_table(rows) -> None:
     header = (
-        f"{'shape':>16} {'variant':<24} {'non-GEMM':>8} {'GB':>7} {'T×F':>6} {'mem ms':>7} "
-        f"{'GEMMs':>5} {'GEMM ms':>8} {'total ms':>9} {'vs eager':>8}"
+        f"{'shape':>16} {'variant':<26} {'non-GEMM':>8} {'GB':>7} {'T×F':>6} {'mem ms':>7} "
+        f"{'GEMMs':>5} {'GEMM ms':>8} {'total ms':>9} {'vs compiled':>11} {'vs eager':>8}"
     )
     print(header)
     print("-" * len(header))
-    for shape, variant, s, pass_bytes, base in rows:
+    for shape, variant, s, pass_bytes, compiled, eager in rows:
         print(
-            f"{shape:>16} {variant:<24} {s.memory_kernels:8d} {s.memory_bytes / 1e9:7.2f} "
+            f"{shape:>16} {variant:<26} {s.memory_kernels:8d} {s.memory_bytes / 1e9:7.2f} "
             f"{s.memory_bytes / pass_bytes:6.1f} {s.memory_s * 1e3:7.3f} {s.gemms:5d} {s.gemm_s * 1e3:8.3f} "
-            f"{s.total_s * 1e3:9.3f} {s.total_s / base:8.2f}"
+            f"{s.total_s * 1e3:9.3f} {s.total_s / compiled:11.2f} {s.total_s / eager:8.2f}"
         )
-    print("non-GEMM = kernels outside the GEMMs; T×F = their bytes in passes over a T×F bf16 tensor")
+    print("non-GEMM = kernels outside the GEMMs; T×F = their bytes in passes over a T×F bf16 tensor;")
+    print("vs compiled = against (b) in the same precision (FP8 rows: against the FP8 dense FFN)")
+
+
+SENSITIVITY_SPEEDUPS = (1.0, 1.1, 1.2, 1.3, 1.4, 1.5, 1.6)
+SENSITIVITY_PASSES = (10, 15, 20, 25, 30)
+
+
+def sensitivity(sparse: list[Kernel], dense_compiled: list[Kernel], hw: Machine, pass_bytes: int):
+    """Modelled 2:4/compiled-dense ratio over a grid of 2:4 GEMM speed-ups and non-GEMM
+    passes (the op's GEMM flops and kernel count fixed), and the break-even speed-up per
+    pass count (None where no speed-up reaches it)."""
+    base = summarize(dense_compiled, hw).total_s
+    sparse_gemm_s = sum(k.flops / hw.gemm_flops(k) * (hw.bf16_sparse_speedup if k.precision == "bf16"
+                        else hw.fp8_sparse_speedup) for k in sparse if k.kind == "sparse_gemm")  # fmt: skip
+    other_gemm_s = sum(hw.seconds(k) - hw.launch_s for k in sparse if k.kind == "gemm")
+    launches = len(sparse) * hw.launch_s
+    grid, even = {}, {}
+    for passes in SENSITIVITY_PASSES:
+        memory_s = passes * pass_bytes / hw.bandwidth
+        fixed = other_gemm_s + memory_s + launches
+        for speedup in SENSITIVITY_SPEEDUPS:
+            grid[passes, speedup] = (fixed + sparse_gemm_s / speedup) / base
+        room = base - fixed
+        even[passes] = sparse_gemm_s / room if room > 0 else None
+    return grid, even
+
+
+def print_sensitivity(label: str, grid, even, measured_passes: float) -> None:
+    print(f"\nSensitivity at {label}, bf16, vs the compiled dense FFN (model): ratio by 2:4 GEMM speed-up (columns)")
+    print(f"and the op's non-GEMM passes over T×F (rows; this op: {measured_passes:.1f}); < 1 means faster")
+    print(f"{'passes':>7} " + " ".join(f"{s:>6.1f}x" for s in SENSITIVITY_SPEEDUPS) + "   break-even speed-up")
+    for passes in SENSITIVITY_PASSES:
+        cells = " ".join(f"{grid[passes, s]:7.2f}" for s in SENSITIVITY_SPEEDUPS)
+        need = even[passes]
+        print(f"{passes:>7} {cells}   {'none' if need is None else f'{need:.2f}x'}")
 
 
 def print_breakdown(label: str, ks: list[Kernel], hw: Machine, pass_bytes: int) -> None:
@@ -494,9 +619,11 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--shapes", default="130m,1b,7b", help="names (130m,1b,7b) or DxF, comma-separated")
     p.add_argument("--tokens", type=int, default=16384)
-    p.add_argument("--bandwidth-tbs", type=float, default=3.35, help="HBM bandwidth, TB/s (H100 SXM)")
+    p.add_argument("--bandwidth-tbs", type=float, default=3.35, help="HBM bandwidth, TB/s (H100 SXM datasheet)")
     p.add_argument("--dense-tflops", type=float, default=700.0, help="effective dense bf16 GEMM TFLOPS")
-    p.add_argument("--sparse-tflops", type=float, default=1100.0, help="effective 2:4 bf16 GEMM TFLOPS, dense-equivalent")
+    p.add_argument("--fp8-dense-factor", type=float, default=2.0, help="dense FP8 / dense bf16 GEMM rate")
+    p.add_argument("--bf16-sparse-speedup", type=float, default=1.2, help="2:4 bf16 GEMM / dense bf16 GEMM")
+    p.add_argument("--fp8-sparse-speedup", type=float, default=1.5, help="2:4 FP8 GEMM / dense FP8 GEMM")
     p.add_argument("--launch-us", type=float, default=3.0, help="fixed overhead per kernel, microseconds")
     p.add_argument("--breakdown", default="7b", help="shape whose 2:4 kernels are listed (name from --shapes)")
     p.add_argument(
@@ -511,7 +638,10 @@ def main(argv=None):
     )  # fmt: skip
     args = p.parse_args(argv)
 
-    hw = Machine(args.bandwidth_tbs * 1e12, args.dense_tflops * 1e12, args.sparse_tflops * 1e12, args.launch_us * 1e-6)
+    hw = Machine(
+        args.bandwidth_tbs * 1e12, args.dense_tflops * 1e12, args.dense_tflops * args.fp8_dense_factor * 1e12,
+        args.bf16_sparse_speedup, args.fp8_sparse_speedup, args.launch_us * 1e-6,
+    )  # fmt: skip
     shapes = parse_ffn_shapes(args.shapes)
     if args.tokens % kernels.ALIGN:
         p.error(f"--tokens must be a multiple of {kernels.ALIGN} for the cuSPARSELt path")
@@ -523,34 +653,48 @@ def main(argv=None):
         factors = inductor_check(t, f, args.inductor_device)
     print()
 
-    rows, ratios, breakdown = [], {}, None
+    rows, ratios, fp8_ratios, breakdown = [], {}, {}, None
     for name, d, f in shapes:
         t = args.tokens
         pass_bytes = t * f * torch.finfo(DTYPE).bits // 8
         eager = trace_dense_eager(t, d, f)
+        compiled = trace_dense_fused(t, d, f)
         sparse = trace_sparse_op(t, d, f)
-        variants = {
+        fp8_dense = trace_dense_fused(t, d, f, fp8=True)
+        fp8_sparse = trace_sparse_op(t, d, f, fp8=True)
+        eager_s, compiled_s = summarize(eager, hw).total_s, summarize(compiled, hw).total_s
+        fp8_compiled_s = summarize(fp8_dense, hw).total_s
+        label = f"{name} {d}x{f}"
+        bf16_rows = {
             "(a) dense eager": eager,
-            "(b) dense fused": trace_dense_fused(t, d, f),
+            "(b) dense compiled": compiled,
             "(c) 2:4 op": sparse,
             "(c) + token permutation": sparse + trace_permutation(t, d),
         }
         if factors:
-            variants["(c), stages as CPU nests"] = scale_stages(sparse, factors)
-        base = summarize(eager, hw).total_s
-        label = f"{name} {d}x{f}"
-        for variant, ks in variants.items():
-            rows.append((label, variant, summarize(ks, hw), pass_bytes, base))
-        ratios[name] = summarize(sparse, hw).total_s / base
+            bf16_rows["(c), stages as CPU nests"] = scale_stages(sparse, factors)
+        for variant, ks in bf16_rows.items():
+            rows.append((label, variant, summarize(ks, hw), pass_bytes, compiled_s, eager_s))
+        for variant, ks in {"(b) FP8 dense compiled": fp8_dense, "(c) FP8 2:4 op": fp8_sparse}.items():
+            rows.append((label, variant, summarize(ks, hw), pass_bytes, fp8_compiled_s, eager_s))
+        ratios[name] = summarize(sparse, hw).total_s / compiled_s
+        fp8_ratios[name] = summarize(fp8_sparse, hw).total_s / fp8_compiled_s
         if name == args.breakdown:
-            breakdown = (label, sparse, pass_bytes)
+            breakdown = (label, sparse, compiled, pass_bytes)
     print_table(rows)
     if breakdown is not None:
-        print_breakdown(breakdown[0], breakdown[1], hw, breakdown[2])
+        label, sparse, compiled, pass_bytes = breakdown
+        print_breakdown(label, sparse, hw, pass_bytes)
+        passes = summarize(sparse, hw).memory_bytes / pass_bytes
+        print_sensitivity(label, *sensitivity(sparse, compiled, hw, pass_bytes), passes)
     print()
-    # The requested shape's ratio goes last: scripts read the final line.
-    for name, ratio in sorted(ratios.items(), key=lambda item: item[0] == args.breakdown):
-        print(f"modelled 2:4/dense fwd+bwd at {name}: {ratio:.2f}")
+    # The requested shape's ratios go last: scripts read the final two lines.
+    for name in sorted(ratios, key=lambda n: n == args.breakdown):
+        if name != args.breakdown:
+            print(f"modelled 2:4/dense fwd+bwd at {name}: {ratios[name]:.2f} (fp8: {fp8_ratios[name]:.2f})")
+    if args.breakdown in ratios:
+        print(f"modelled 2:4/dense fwd+bwd at {args.breakdown}: {ratios[args.breakdown]:.2f}")
+        print(f"modelled fp8 2:4/fp8 dense fwd+bwd at {args.breakdown}: {fp8_ratios[args.breakdown]:.2f}")
 
 
 if __name__ == "__main__":

@@ -3,14 +3,16 @@
 # accelerate only). The GPU is lent once, so the question that decides the project is answered
 # first, and every step runs even when an earlier one failed:
 #   1. environment: nvidia-smi, torch / CUDA / cuSPARSELt versions, device and capability
-#   2. go/no-go: benchmarks/cslt_gemm_check.py at the 7B FFN shape (the op's four 2:4 GEMMs vs
-#      torch.mm, compression included, alg-id check and tuning); its last line starts "go/no-go:"
-#   3. the gpu-marked tests (tests/test_sparse_ffn_gpu.py)
-#   4. benchmarks/ffn_2to4.py: the whole 2:4 FFN op vs dense at the 130m / 1B / 7B shapes, 16k
-#      tokens, bf16; once more at 7B with the tuned alg id when step 2 recommends another one
-#   5. benchmarks/scaling.py gpu: 130m training tokens/s, dense vs 2:4
-# Expected: about 3 minutes on an H100. Each step runs under `timeout`, clipped so that the whole
-# script ends within GPU_CHECK_BUDGET_S seconds (default 540, under a 10-minute lease).
+#   2. go/no-go: benchmarks/ffn_2to4.py at the 7B shape, 16k tokens, bf16: the per-shape GEMM
+#      verdict table (sparse or dense per GEMM, as training makes it), then the compiled 2:4 op
+#      against the COMPILED dense FFN; lines start "go/no-go (bf16" and "go/no-go (fp8"
+#   3. GEMM detail: benchmarks/cslt_gemm_check.py (the four 2:4 GEMMs vs torch.mm, every alg id)
+#   4. Triton kernels per compiled stage (benchmarks/ffn_traffic.py --inductor-check on cuda)
+#   5. the gpu-marked tests (tests/test_sparse_ffn_gpu.py, tests/test_weight_sparse.py)
+#   6. benchmarks/ffn_2to4.py: the whole op vs dense (eager and compiled), 130m / 1B / 7B
+#   7. benchmarks/scaling.py gpu: 130m training tokens/s, dense vs 2:4
+# Expected: about 5 minutes on an H100. Each step runs under `timeout`, clipped so that the whole
+# script ends within GPU_CHECK_BUDGET_S seconds (default 540: 9 minutes).
 # Usage: OUT=dir bash benchmarks/gpu_check.sh  -> dir/gpu_check.log (everything),
 # dir/cslt_gemm_check.txt, dir/ffn_2to4_gpu*.txt. Exit status 1 if any step failed.
 set -uo pipefail  # no -e: a failed step is reported and the next one still runs
@@ -80,32 +82,36 @@ for name in ("transformers", "accelerate", "pytest"):
         print(name, "not installed")
 '
 
-# 2. go/no-go first: without faster 2:4 GEMMs nothing later can be faster than dense.
+# 2. go/no-go first, against the compiled dense FFN: without it nothing later matters.
+step "go/no-go: compiled 2:4 op vs compiled dense FFN at 7B, bf16 (+ GEMM verdict table)" 180 --save go_no_go.txt \
+    python benchmarks/ffn_2to4.py --device cuda --dtype bf16 --shapes 7b --tokens 16384 --repeats 10 \
+    --compile --gemm-table --go-no-go
+log echo "go/no-go (fp8): not measured: the FP8 2:4 path (activation_2by4_fp8) is not implemented yet"
+
+# 3. the GEMMs alone: every alg id verified and timed, compression included
 alg_file=$scratch/cslt_alg_id.txt
-step "go/no-go: cuSPARSELt 2:4 GEMMs vs dense at the 7B shape" 180 --save cslt_gemm_check.txt \
+step "cuSPARSELt 2:4 GEMMs vs dense at the 7B shape, all alg ids" 120 --save cslt_gemm_check.txt \
     python benchmarks/cslt_gemm_check.py --shape 7b --tokens 16384 --write-alg-id "$alg_file"
 
-# 3. correctness of the kernel path against the reference path
+# 4. how many Triton kernels each compiled stage became (the model assumes one)
+step "Triton kernels per compiled stage" 90 --save triton_stages.txt \
+    python benchmarks/ffn_traffic.py --shapes 7b --inductor-check --inductor-device cuda --inductor-shape 4096x16384
+
+# 5. correctness of the kernel path against the reference path
 if python -c "import pytest" 2>/dev/null; then
-    step "GPU tests" 150 python -m pytest -q -m gpu tests/test_sparse_ffn_gpu.py tests/test_weight_sparse.py -p no:cacheprovider -rs
+    step "GPU tests" 120 python -m pytest -q -m gpu tests/test_sparse_ffn_gpu.py tests/test_weight_sparse.py -p no:cacheprovider -rs
 else
     log echo "step skipped: GPU tests (pytest is not installed)"
     failed_steps+="  GPU tests (no pytest)"$'\n'
 fi
 
-# 4. the whole op vs the dense FFN
-step "ffn_2to4: 2:4 FFN op vs dense, 130m/1B/7B" 150 --save ffn_2to4_gpu.txt \
-    python benchmarks/ffn_2to4.py --device cuda --dtype bf16 --shapes 130m,1b,7b --tokens 16384 --repeats 20
-tuned_id=""
-[[ -s "$alg_file" ]] && tuned_id=$(tr -d '[:space:]' <"$alg_file")
-if [[ -n "$tuned_id" && "$tuned_id" != "${HF_SPARSE_CSLT_ALG_ID:-0}" ]]; then
-    step "ffn_2to4 at 7B with the tuned alg id $tuned_id" 90 --save "ffn_2to4_gpu_alg$tuned_id.txt" \
-        env HF_SPARSE_CSLT_ALG_ID="$tuned_id" \
-        python benchmarks/ffn_2to4.py --device cuda --dtype bf16 --shapes 7b --tokens 16384 --repeats 20
-fi
+# 6. the whole op vs the dense FFN at three shapes
+step "ffn_2to4: 2:4 FFN op vs dense, 130m/1B/7B, eager and compiled" 120 --save ffn_2to4_gpu.txt \
+    python benchmarks/ffn_2to4.py --device cuda --dtype bf16 --shapes 130m,1b,7b --tokens 16384 --repeats 10 \
+    --compile --go-no-go
 
-# 5. Issue 6: single-GPU training tokens/s of the 130m relu2 model, dense vs the 2:4 recipe (bf16).
-step "scaling: 130m training tokens/s, dense vs 2:4" 120 python benchmarks/scaling.py gpu --batch 32 --steps 20
+# 7. Issue 6: single-GPU training tokens/s of the 130m relu2 model, dense vs the 2:4 recipe (bf16).
+step "scaling: 130m training tokens/s, dense vs 2:4" 90 python benchmarks/scaling.py gpu --batch 32 --steps 20
 
 if [[ -n "$failed_steps" ]]; then
     log printf 'gpu_check finished in %ss; failed or skipped steps:\n%s' "$SECONDS" "$failed_steps"
