@@ -28,6 +28,7 @@ from machine import describe_machine, parse_ffn_shapes  # benchmarks/machine.py
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from hf_sparse.model import gemm_tuning, kernels  # noqa: E402
+from hf_sparse.model.fp8 import dense_fp8_mm, quantize_rows  # noqa: E402
 from hf_sparse.model import sparse_ffn  # noqa: E402
 from hf_sparse.model.sparse_ffn import relu2_2to4_ffn, relu2_ffn_reference  # noqa: E402
 
@@ -89,6 +90,30 @@ def run_once(fn, x, w_up, w_down, timer: Timer, env: dict[str, str]) -> tuple[fl
     return fwd, bwd
 
 
+class _Fp8DenseFFN(torch.autograd.Function):
+    """The dense ReLU² FFN with the GEMMs the op's FP8 mode runs in FP8 (y3 = y2·W_downᵀ and
+    dx = dy1·W_up) as row-wise scaled ``torch._scaled_mm``, the rest bf16: the like-for-like
+    baseline of ``relu2_2to4_ffn(..., fp8=True)``."""
+
+    @staticmethod
+    def forward(ctx, x, w_up, w_down):
+        y1 = x @ w_up.t()
+        y2 = torch.relu(y1).square()
+        ctx.save_for_backward(x, w_up, w_down, y1, y2)
+        return dense_fp8_mm(*quantize_rows(y2), *quantize_rows(w_down), x.dtype)
+
+    @staticmethod
+    def backward(ctx, dy3):
+        x, w_up, w_down, y1, y2 = ctx.saved_tensors
+        dy1 = (dy3 @ w_down) * 2.0 * torch.relu(y1)
+        dx = dense_fp8_mm(*quantize_rows(dy1), *quantize_rows(w_up.t()), x.dtype)
+        return dx, dy1.t() @ x, dy3.t() @ y2
+
+
+def fp8_dense_ffn(x, w_up, w_down):
+    return _Fp8DenseFFN.apply(x, w_up, w_down)
+
+
 def bench_shape(d, f, args, device, dtype, timer):
     gen = torch.Generator(device="cpu").manual_seed(0)
     x = torch.randn(args.tokens, d, generator=gen).to(device=device, dtype=dtype).requires_grad_()
@@ -100,21 +125,23 @@ def bench_shape(d, f, args, device, dtype, timer):
     def sparse(x, wu, wd):
         return relu2_2to4_ffn(
             x, wu, wd, method=args.method, backward=args.backward, dense_features=args.dense_features,
-            permutation=perm, stats=stats,
+            permutation=perm, stats=stats, fp8=args.fp8,
         )
 
-    # name -> (function, environment for its forward and backward)
-    variants = {"dense": (relu2_ffn_reference, {}), "sparse": (sparse, {})}  # stages: the device default
+    # name -> (function, environment for its forward and backward); with --fp8 the dense
+    # baseline runs the same two GEMMs in FP8 as the op does.
+    dense = fp8_dense_ffn if args.fp8 else relu2_ffn_reference
+    variants = {"dense": (dense, {}), "sparse": (sparse, {})}  # stages: the device default
     if args.compile:
         # Compiled dense FFN (relu+square fused) against the 2:4 op with compiled stages,
         # the comparison that matters once a user sets torch_compile.
-        variants["dense_c"] = (torch.compile(relu2_ffn_reference), {})
+        variants["dense_c"] = (torch.compile(dense), {})
         variants["sparse_c"] = (torch.compile(sparse), {sparse_ffn.COMPILE_STAGES_ENV: "1"})
         # The op called eagerly but with its stages compiled (HF_SPARSE_COMPILE_STAGES=1
         # in an eager model): compared with the eager dense FFN.
         variants["sparse_s"] = (sparse, {sparse_ffn.COMPILE_STAGES_ENV: "1"})
     kernel_ok = device.type == "cuda" and kernels.use_2to4_kernel(x.detach(), w_up.detach(), w_down.detach())
-    if device.type == "cuda":
+    if device.type == "cuda" and not args.fp8:
         # Same op with the kernel switched off: separates mask overhead from GEMM gains.
         variants["sparse_ref"] = (sparse, {kernels.DISABLE_ENV: "1"})
     times = {k: ([], []) for k in variants}
@@ -156,6 +183,10 @@ def main(argv=None):
     p.add_argument("--no-stats", dest="stats", action="store_false", help="do not collect telemetry counts")
     p.add_argument("--no-permute", dest="permute", action="store_false", help="no token permutation")
     p.add_argument("--compile", action="store_true", help="also time torch.compile'd dense and 2:4 (compiled stages)")
+    p.add_argument(
+        "--fp8", action="store_true",
+        help="the op's FP8 mode (activation_2by4_fp8) against a dense FFN with the same GEMMs in row-wise FP8",
+    )  # fmt: skip
     p.add_argument(
         "--go-no-go", action="store_true",
         help="with --compile: end with one GO/NO-GO line per shape, compiled 2:4 op vs compiled dense FFN",
@@ -210,7 +241,7 @@ def main(argv=None):
     if args.go_no_go:
         if not verdicts:
             print("go/no-go: needs --compile (the baseline is the compiled dense FFN)")
-        precision = str(dtype).replace("torch.", "")
+        precision = "fp8" if args.fp8 else str(dtype).replace("torch.", "")
         for label, ratio, kernel_ok in verdicts:
             path = "cuSPARSELt path" if kernel_ok else "plain-GEMM path"
             decision = "GO" if ratio < 1.0 else "NO-GO"

@@ -18,9 +18,9 @@ Variants:
   (c) 2:4 op on its cuSPARSELt path: ``_ffn_forward_impl``/``_ffn_backward_impl`` called
       directly, each elementwise stage priced as ONE fused kernel, each ``sparse24_mm`` as
       a cuSPARSELt compress plus a 2:4 GEMM, every other aten op as an eager kernel.
-  FP8 (row-wise scaled, e4m3, bf16 outputs): (b) and (c) again with every GEMM in FP8 and
-  the same quantization rule for both (see ``Fp8Rule``): the dense baseline is the
-  ``torch._scaled_mm`` FFN, the 2:4 op runs its four 2:4 GEMMs as FP8 2:4 GEMMs.
+  FP8 (row-wise scaled, e4m3, bf16 outputs): (c) in its own FP8 mode (y3 and dx as FP8 2:4
+  GEMMs, the rest bf16) against (b) with the same two GEMMs as ``torch._scaled_mm`` and
+  the same quantization (see ``Fp8Rule``).
 GEMM speed-ups are inputs taken from published measurements (README of this folder), not
 one optimistic constant; the sensitivity table shows where the answer changes.
 Imports only torch and hf_sparse, so it also runs on a bare GPU box.
@@ -146,6 +146,19 @@ class KernelRecorder(TorchDispatchMode):
     def add(self, kernel: Kernel) -> None:
         self.kernels.append(kernel)
 
+    def mm(self, a: torch.Tensor, b: torch.Tensor, fp8: bool = False) -> torch.Tensor:
+        """``a @ b``; with ``fp8`` (and an ``Fp8Rule``) priced as a row-wise scaled FP8 GEMM:
+        operands quantized by the rule, bf16 result, scales applied in one pass over it."""
+        if not (fp8 and self.fp8 is not None):
+            return torch.mm(a, b)
+        out = a.new_empty(a.shape[0], b.shape[1])
+        read = self.fp8.operand(self, a, reduce_last=True) + self.fp8.operand(self, b, reduce_last=False)
+        shapes = f"{_describe((a, b))}"
+        self.add(Kernel(f"scaled_mm fp8 [{shapes}]", self.phase, "gemm", read, nbytes(out),
+                        2.0 * a.shape[0] * a.shape[1] * b.shape[1], precision="fp8"))  # fmt: skip
+        self.add(Kernel(f"fp8 scales [{_describe(out)}]", self.phase, "memory", nbytes(out), nbytes(out)))
+        return out
+
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         out = func(*args, **kwargs)
@@ -163,9 +176,6 @@ class KernelRecorder(TorchDispatchMode):
         if op in GEMM_OPS:
             a, b = args[-2], args[-1]  # addmm's bias comes first
             flops = 2.0 * a.shape[-2] * a.shape[-1] * b.shape[-1] * (a.shape[0] if a.dim() == 3 else 1)
-            if self.fp8 is not None and self.fp8.dense_gemms and op == "mm":
-                read = self.fp8.operand(self, a, reduce_last=True) + self.fp8.operand(self, b, reduce_last=False)
-                return Kernel(name, self.phase, "gemm", read, nbytes(out), flops, precision="fp8")
             inputs = {k: v for k, v in kwargs.items() if k != "out"}  # out= is written, not read
             return Kernel(name, self.phase, "gemm", nbytes(args, inputs), nbytes(out), flops)
         if op == "index_select":
@@ -182,24 +192,20 @@ class KernelRecorder(TorchDispatchMode):
 
 
 class Fp8Rule:
-    """How FP8 GEMM operands come about: one rule for the dense baseline and the 2:4 op.
+    """How the FP8 dense baseline is priced: the same FP8 GEMMs and quantization as the op.
 
-    Row-wise scaled FP8 (``torch._scaled_mm``, and cuSPARSELt's FP8 2:4 GEMM) scales each
-    operand along the dims it keeps, i.e. its values are grouped along the reduction dim.
-    An operand that a fused stage writes as a T×F tensor and that a GEMM reduces along F
-    (the stage holds whole token rows) is written as FP8 by that stage directly (half the
-    bytes, no extra pass). Every other operand (the FFN's inputs x and dy, the weights, a
-    T×F tensor reduced along T, the token-wise 2:4 operands written F×T) costs one extra
-    quantization kernel per (tensor, orientation): read bf16, write FP8. GEMM outputs are
-    bf16. ``dense_gemms``: dense GEMMs run in FP8 too. Both FP8 variants use it: the FP8
-    dense FFN runs its six GEMMs in FP8, the FP8 2:4 op its four 2:4 GEMMs as FP8 2:4 GEMMs
-    and its dense ones (x·W_upᵀ, dy·W_down, the dense features) as FP8 dense GEMMs, so the
-    two differ only by the sparsity.
+    The op (``activation_2by4_fp8``, see ``hf_sparse/model/fp8.py``) runs its forward and
+    input-gradient GEMMs (y3 = y2s·W_downᵀ, dx = dy1·W_up: T×F by F×d) in row-wise scaled FP8,
+    the rest in bf16; the baseline is the dense FFN with the same two GEMMs as
+    ``torch._scaled_mm``. Row-wise scales group values along the reduction dim: a T×F operand
+    that a fused stage writes and a GEMM reduces along F is written as FP8 by that stage (no
+    extra pass); any other operand (here the weights) costs one quantization kernel per
+    (tensor, orientation): read bf16, write FP8. GEMM outputs are bf16, their scales applied
+    in one pass over the T×d result (as the op applies them).
     """
 
-    def __init__(self, tokens: int, dense_gemms: bool):
+    def __init__(self, tokens: int):
         self.tokens = tokens
-        self.dense_gemms = dense_gemms
         self._stage_outputs: dict[int, Kernel] = {}
         self._fused: set[int] = set()
         self._quantized: set[tuple[int, bool]] = set()
@@ -262,17 +268,17 @@ def _relu_square_backward(dy2, y1):
 
 def trace_dense_fused(t: int, d: int, f: int, fp8: bool = False) -> list[Kernel]:
     """The dense FFN with its elementwise work fused (y1 and y2 saved, as compile saves them);
-    ``fp8``: every GEMM row-wise scaled FP8 (the ``torch._scaled_mm`` FFN)."""
+    ``fp8``: y3 and dx as row-wise scaled FP8 GEMMs (``torch._scaled_mm``), as the op has them."""
     x, w_up, w_down, dy3 = meta(t, d), meta(f, d), meta(d, f), meta(t, d)
-    rec = KernelRecorder(Fp8Rule(t, dense_gemms=True) if fp8 else None)
+    rec = KernelRecorder(Fp8Rule(t) if fp8 else None)
     with rec:
         y1 = torch.mm(x, w_up.t())
         y2 = rec.fused("fused relu²", _relu_square, y1)
-        torch.mm(y2, w_down.t())
+        rec.mm(y2, w_down.t(), fp8=True)  # y3: FP8 in the FP8 variant, as in the op
         rec.phase = "bwd"
         dy2 = torch.mm(dy3, w_down)
         dy1 = rec.fused("fused relu² backward", _relu_square_backward, dy2, y1)
-        torch.mm(dy1, w_up)
+        rec.mm(dy1, w_up, fp8=True)  # dx: likewise
         torch.mm(dy1.t(), x)
         torch.mm(dy3.t(), y2)
     return rec.kernels
@@ -324,13 +330,34 @@ def patched_op_internals(rec: KernelRecorder):
         )  # fmt: skip
         return out
 
-    saved = (sparse_ffn._run_stage, sparse_ffn.sparse24_mm)
-    sparse_ffn._run_stage, sparse_ffn.sparse24_mm = run_stage, sparse24_mm
+    def quantize_rows(w):
+        # One kernel: read the bf16 weight, write its FP8 values and row scales.
+        values = torch.empty(w.shape, device="meta", dtype=torch.float8_e4m3fn)
+        scales = torch.empty(w.shape[0], 1, device="meta", dtype=torch.float32)
+        rec.add(Kernel(f"quantize fp8 [{_describe(w)}]", rec.phase, "memory", nbytes(w), nbytes(values, scales)))
+        return values, scales
+
+    def sparse24_mm_fp8(a, a_scale, bt, b_scale, dtype):
+        m, k = a.shape
+        n = bt.shape[0]
+        packed = compressed_bytes(a)
+        out = torch.empty(m, n, device="meta", dtype=dtype)
+        rec.add(Kernel(f"cslt_compress fp8 [{m}x{k}]", rec.phase, "memory", nbytes(a), packed))
+        rec.add(Kernel(f"cslt_sparse_mm fp8 [{m}x{k},{k}x{n}]", rec.phase, "sparse_gemm", packed + nbytes(bt, a_scale, b_scale),
+                       nbytes(out), 2.0 * m * n * k, precision="fp8"))  # fmt: skip
+        rec.add(Kernel(f"fp8 scales [{m}x{n}]", rec.phase, "memory", nbytes(out), nbytes(out)))
+        return out
+
+    names = ("_run_stage", "sparse24_mm", "sparse24_mm_fp8", "quantize_rows")
+    saved = {name: getattr(sparse_ffn, name) for name in names}
+    for name, fn in zip(names, (run_stage, sparse24_mm, sparse24_mm_fp8, quantize_rows)):
+        setattr(sparse_ffn, name, fn)
     kernels.set_kernel_override(True)
     try:
         yield
     finally:
-        sparse_ffn._run_stage, sparse_ffn.sparse24_mm = saved
+        for name, fn in saved.items():
+            setattr(sparse_ffn, name, fn)
         kernels.set_kernel_override(None)
 
 
@@ -340,16 +367,18 @@ def n_dense_features(f: int) -> int:
 
 
 def trace_sparse_op(t: int, d: int, f: int, fp8: bool = False) -> list[Kernel]:
-    """The op on its cuSPARSELt path; ``fp8``: every GEMM in FP8 (the four 2:4 ones as FP8
-    2:4 GEMMs), as the FP8 dense baseline has them."""
+    """The op on its cuSPARSELt path, traced as it runs; ``fp8``: its own FP8 mode (y3 and dx
+    as FP8 2:4 GEMMs, operands quantized in the stages, weights by one kernel each)."""
     x, w_up, w_down, dy3 = meta(t, d), meta(f, d), meta(d, f), meta(t, d)
     n_dense = n_dense_features(f)
-    rec = KernelRecorder(Fp8Rule(t, dense_gemms=True) if fp8 else None)
+    rec = KernelRecorder()
     with patched_op_internals(rec), rec:
-        y3, g, y2s, counts, _stats = sparse_ffn._ffn_forward_impl(x, w_up, w_down, "naive", "split_gemm", n_dense, True, True)
+        y3, g, y2s, counts, _stats = sparse_ffn._ffn_forward_impl(
+            x, w_up, w_down, "naive", "split_gemm", n_dense, True, True, fp8
+        )
         rec.phase = "bwd"
         sparse_ffn._ffn_backward_impl(
-            dy3, x, w_up, w_down, g, y2s, counts, "naive", "split_gemm", n_dense, True, True, True, True
+            dy3, x, w_up, w_down, g, y2s, counts, "naive", "split_gemm", n_dense, True, True, True, True, fp8
         )  # fmt: skip
     return rec.kernels
 
@@ -410,9 +439,9 @@ def print_assumptions(args) -> None:
         "per kept value, once per sparse GEMM (counted: it is part of every activation 2:4 GEMM)"
     )
     print("  2:4 GEMM                reads compressed A + dense B, writes C (bf16)")
-    print("  FP8                      row-wise scales; see Fp8Rule: stage-written T×F operands reduced along F")
-    print("                           are written as FP8 by their stage, every other operand costs one")
-    print("                           quantization kernel (read bf16, write FP8); same rule for dense and 2:4")
+    print("  FP8                      y3 and dx in row-wise scaled FP8 (the op's activation_2by4_fp8), the other")
+    print("                           GEMMs bf16, in both; T×F operands quantized by their stage, weights by one")
+    print("                           kernel each, scales applied in one pass over the result (see Fp8Rule)")
     print(
         f"  2:4 op configuration     method naive, backward split_gemm, n_dense = ceil({DENSE_FEATURES}·F) rounded "
         "up to 8, telemetry and per-feature counts on; token permutation in its own row"

@@ -5,7 +5,8 @@
 #   1. environment: nvidia-smi, torch / CUDA / cuSPARSELt versions, device and capability
 #   2. go/no-go: benchmarks/ffn_2to4.py at the 7B shape, 16k tokens, bf16: the per-shape GEMM
 #      verdict table (sparse or dense per GEMM, as training makes it), then the compiled 2:4 op
-#      against the COMPILED dense FFN; lines start "go/no-go (bf16" and "go/no-go (fp8"
+#      against the COMPILED dense FFN; then the FP8 mode against a dense FFN with the same GEMMs in
+#      row-wise FP8; lines start "go/no-go (bf16" and "go/no-go (fp8"
 #   3. GEMM detail: benchmarks/cslt_gemm_check.py (the four 2:4 GEMMs vs torch.mm, every alg id)
 #   4. Triton kernels per compiled stage (benchmarks/ffn_traffic.py --inductor-check on cuda)
 #   5. the gpu-marked tests (tests/test_sparse_ffn_gpu.py, tests/test_weight_sparse.py)
@@ -86,7 +87,9 @@ for name in ("transformers", "accelerate", "pytest"):
 step "go/no-go: compiled 2:4 op vs compiled dense FFN at 7B, bf16 (+ GEMM verdict table)" 180 --save go_no_go.txt \
     python benchmarks/ffn_2to4.py --device cuda --dtype bf16 --shapes 7b --tokens 16384 --repeats 10 \
     --compile --gemm-table --go-no-go
-log echo "go/no-go (fp8): not measured: the FP8 2:4 path (activation_2by4_fp8) is not implemented yet"
+step "go/no-go: compiled FP8 2:4 op vs compiled FP8 dense FFN at 7B" 120 --save go_no_go_fp8.txt \
+    python benchmarks/ffn_2to4.py --device cuda --dtype bf16 --shapes 7b --tokens 16384 --repeats 10 \
+    --compile --fp8 --go-no-go
 
 # 3. the GEMMs alone: every alg id verified and timed, compression included
 alg_file=$scratch/cslt_alg_id.txt

@@ -37,6 +37,12 @@ VARIANTS = {
     },
     "weight + activation 2:4": {"activation_2by4": True, "weight_2by4": True, "flip_rate": True},
 }
+# --emulated-cusparselt: the cuSPARSELt path on CPU (tests/cslt_emulator.py, bf16 autocast),
+# the bf16 2:4 recipe against its FP8 mode (activation_2by4_fp8, real float8_e4m3fn rounding).
+EMULATED_VARIANTS = {
+    "2:4 recipe, bf16, emulated cuSPARSELt": {"activation_2by4": True, "bf16": True},
+    "2:4 recipe, FP8, emulated cuSPARSELt": {"activation_2by4": True, "activation_2by4_fp8": True, "bf16": True},
+}
 
 
 
@@ -54,17 +60,28 @@ def main() -> None:
     parser.add_argument("--max_steps", type=int, default=300)
     parser.add_argument("--warmup", type=int, default=100, help="activation_dense_warmup_steps")
     parser.add_argument("--out", default=os.path.join(REPO_ROOT, "outputs", "ablation"))
-    parser.add_argument("--variants", default=";".join(VARIANTS), help="names separated by ';'; the first is the baseline")
+    parser.add_argument("--variants", default=None, help="names separated by ';'; the first is the baseline")
+    parser.add_argument(
+        "--emulated-cusparselt", action="store_true",
+        help="run the cuSPARSELt path on CPU through the test emulator (bf16): the FP8 rows",
+    )  # fmt: skip
     args = parser.parse_args()
-    names = [n.strip() for n in args.variants.split(";") if n.strip()]
-    unknown = [n for n in names if n not in VARIANTS]
+    variants = EMULATED_VARIANTS if args.emulated_cusparselt else VARIANTS
+    names = [n.strip() for n in (args.variants or ";".join(variants)).split(";") if n.strip()]
+    unknown = [n for n in names if n not in variants]
     if unknown:
-        parser.error(f"unknown variant(s) {unknown}; choose from {list(VARIANTS)}")
+        parser.error(f"unknown variant(s) {unknown}; choose from {list(variants)}")
     logging.basicConfig(level=logging.WARNING)
+    if args.emulated_cusparselt:
+        import pytest
+
+        from tests.cslt_emulator import install
+
+        install(pytest.MonkeyPatch())  # every aligned FFN GEMM through the emulator, to the end
 
     results = []
     for name in names:
-        overrides = VARIANTS[name]
+        overrides = variants[name]
         run_dir = os.path.join(args.out, "".join(c if c.isalnum() else "_" for c in name))
         argv = [args.config, "--output_dir", run_dir, "--overwrite_output_dir", "true",
                 "--max_steps", str(args.max_steps), "--activation_dense_warmup_steps", str(args.warmup),

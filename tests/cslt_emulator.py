@@ -53,6 +53,10 @@ __all__ = [
 
 NARROW_DTYPES = (torch.bfloat16, torch.float16)
 WIDE_DTYPES = (torch.float32, torch.float64)
+# FP8 e4m3 2:4 (cuSPARSELt >= 0.6.2, sm90): the dense operand must be column-major and the
+# result comes out in out_dtype (bf16/fp16/fp32). Worked on here through float32 (few CPU
+# ops take float8 tensors), stored back as float8, so every value keeps its e4m3 rounding.
+FP8_DTYPES = (torch.float8_e4m3fn,)
 # PyTorch's cuSPARSELt constraint table for 16-bit operands: sparse min rows/cols 16,
 # dense min cols 8.
 SPARSE_ALIGN = 16
@@ -141,7 +145,7 @@ def _maybe_non_differentiable(name: str, out: Tensor, *inputs) -> Tensor:
 
 
 def _check_dtype(dtype: torch.dtype, allow_wide_dtypes: bool, what: str) -> None:
-    if dtype in NARROW_DTYPES:
+    if dtype in NARROW_DTYPES or dtype in FP8_DTYPES:
         return
     if dtype in WIDE_DTYPES:
         if allow_wide_dtypes:
@@ -195,6 +199,9 @@ def compress(a: Tensor, *, allow_wide_dtypes: bool = False) -> Tensor:
     m, k = a.shape
     if m <= 0 or k <= 0 or m % SPARSE_ALIGN or k % SPARSE_ALIGN:
         raise CusparseLtPreconditionError(f"A is {m}×{k}: both dims must be positive multiples of {SPARSE_ALIGN}")
+    fp8 = a.dtype in FP8_DTYPES
+    source = a
+    a = a.float() if fp8 else a
     with torch.no_grad():
         _check_2to4(a)
         groups = a.view(m, k // 4, 4)
@@ -205,7 +212,9 @@ def compress(a: Tensor, *, allow_wide_dtypes: bool = False) -> Tensor:
         slots = (rank.sort(dim=-1).values[..., :2] % 4).sort(dim=-1).values
         values = groups.gather(-1, slots)
         buf = torch.cat([values.reshape(-1), slots.reshape(-1).to(a.dtype)])
-    buf = _maybe_non_differentiable("_cslt_compress", buf, a)
+        if fp8:
+            buf = buf.to(source.dtype)  # values were FP8 already: exact
+    buf = _maybe_non_differentiable("_cslt_compress", buf, source)
     _register(buf, m, k)
     return buf
 
@@ -219,6 +228,8 @@ def decompress(buf: Tensor) -> Tensor:
         )
     m, k = meta
     half = m * k // 2
+    if buf.dtype in FP8_DTYPES:
+        buf = buf.float()  # the dense result comes back in float32 (exact for FP8 values)
     with torch.no_grad():
         values = buf[:half].view(m, k // 4, 2)
         codes = buf[half:].view(m, k // 4, 2)
@@ -258,9 +269,12 @@ def _sparse_mm(
         raise RuntimeError(f"cuSPARSELt: invalid split_k {split_k}")
     if split_k_mode not in SPLIT_K_MODES:
         raise RuntimeError(f"cuSPARSELt: invalid split_k_mode {split_k_mode}")
-    if out_dtype is not None:
+    fp8 = compressed_a.dtype in FP8_DTYPES
+    if out_dtype is not None and not fp8:
         # The real op only takes out_dtype for int8/fp8 inputs, never bf16/fp16.
         raise RuntimeError(f"out_dtype is only supported for 8-bit inputs, got {compressed_a.dtype}")
+    if fp8 and out_dtype not in (torch.bfloat16, torch.float16, torch.float32):
+        raise CusparseLtPreconditionError(f"FP8 inputs need out_dtype bf16, fp16 or fp32, got {out_dtype}")
     if alpha is not None:
         # cuSPARSELt reads alpha as a per-row vector (ALPHA_VECTOR_SCALING); its exact
         # contract is not pinned down here and our op does not use it.
@@ -272,6 +286,11 @@ def _sparse_mm(
         raise CusparseLtPreconditionError(f"B has dtype {dense_b.dtype}, A has {compressed_a.dtype}")
     _check_dtype(dense_b.dtype, allow_wide_dtypes, "B")
     layout = _b_layout(dense_b)
+    if fp8 and layout != "col":
+        raise CusparseLtPreconditionError(
+            "FP8 2:4 on sm89/sm90 takes the dense operand column-major only (the transpose of a "
+            "contiguous tensor); B is row-major"
+        )
     kb, n = dense_b.shape
     if kb != k:
         # The real op derives m from numel // B.size(0): a wrong k gives a silently
@@ -287,13 +306,13 @@ def _sparse_mm(
         if bias.dtype != compressed_a.dtype or not bias.is_contiguous():
             raise CusparseLtPreconditionError(f"bias must be contiguous {compressed_a.dtype}, got {bias.dtype}")
 
-    # Tensor cores accumulate 16-bit products in float32; wide dtypes keep their own.
-    acc = torch.float32 if dense_b.dtype in NARROW_DTYPES else dense_b.dtype
+    # Tensor cores accumulate 16-bit and 8-bit products in float32; wide dtypes keep their own.
+    acc = torch.float32 if dense_b.dtype in NARROW_DTYPES + FP8_DTYPES else dense_b.dtype
     with torch.no_grad():
         out = decompress(compressed_a).to(acc) @ dense_b.to(acc)
         if bias is not None:
             out += bias.to(acc).unsqueeze(1)
-        out = out.to(dense_b.dtype)
+        out = out.to(out_dtype if fp8 else dense_b.dtype)
         out = out.t().contiguous() if transpose_result else out.contiguous()
     out = _maybe_non_differentiable("_cslt_sparse_mm", out, compressed_a, dense_b, bias)
     call = MmCall(m, k, n, layout, bool(transpose_result), dense_b.dtype, alg_id, bias is not None)

@@ -337,11 +337,11 @@ def test_custom_ops_pass_opcheck():
     x, w_up, w_down, _ = make_inputs(t=32, d=16, f=32, dtype=torch.float32, seed=30)
     w_up.requires_grad_()
     w_down.requires_grad_()
-    fwd_args = (x, w_up, w_down, "soft_threshold", "split_gemm", 2, True, True)
+    fwd_args = (x, w_up, w_down, "soft_threshold", "split_gemm", 2, True, True, False)
     torch.library.opcheck(torch.ops.hf_sparse.relu2_2to4_ffn_fwd.default, fwd_args)
     y3, g, y2s, counts, _ = torch.ops.hf_sparse.relu2_2to4_ffn_fwd(*fwd_args)
     bwd_args = (torch.randn_like(y3), x, w_up.detach(), w_down.detach(), g, y2s, counts)
-    bwd_args += ("soft_threshold", "split_gemm", 2, True, True, True, False)
+    bwd_args += ("soft_threshold", "split_gemm", 2, True, True, True, False, False)
     torch.library.opcheck(torch.ops.hf_sparse.relu2_2to4_ffn_bwd.default, bwd_args)
 
 
@@ -465,13 +465,13 @@ def test_backward_refuses_a_path_its_forward_did_not_take(emulated_cusparselt_wi
     # decides at run time: a switch flipped in between must fail loudly, not mix layouts.
     x, w_up, w_down, dy = make_inputs(t=48, d=32, f=64, seed=46)
     kernels.set_kernel_override(True)
-    fwd_args = (x, w_up, w_down, "naive", "split_gemm", 4, False, True)
+    fwd_args = (x, w_up, w_down, "naive", "split_gemm", 4, False, True, False)
     y3, g, y2s, counts, _ = torch.ops.hf_sparse.relu2_2to4_ffn_fwd(*fwd_args)
     args = (dy, x, w_up, w_down, g, y2s, counts, "naive", "split_gemm", 4, True, True, True)
     with pytest.raises(RuntimeError, match="changed after torch.compile traced the model"):
-        torch.ops.hf_sparse.relu2_2to4_ffn_bwd(*args, False)
+        torch.ops.hf_sparse.relu2_2to4_ffn_bwd(*args, False, False)
     # A backward told the forward's own path runs.
     y3, g, y2s, counts, _ = torch.ops.hf_sparse.relu2_2to4_ffn_fwd(*fwd_args)
     args = (dy, x, w_up, w_down, g, y2s, counts, "naive", "split_gemm", 4, True, True, True)
-    dx, _, _ = torch.ops.hf_sparse.relu2_2to4_ffn_bwd(*args, True)
+    dx, _, _ = torch.ops.hf_sparse.relu2_2to4_ffn_bwd(*args, True, False)
     assert dx.shape == x.shape and torch.isfinite(dx).all()

@@ -59,6 +59,9 @@ class SparseLlamaConfig(LlamaConfig):
         `"split_gemm"`, `"naive"` or `"exact"` (see `hf_sparse.model.sparse_ffn`).
     activation_dense_features (`float`, *optional*, defaults to 0.05):
         Fraction of densest features kept dense in the `split_gemm` weight gradients.
+    activation_2by4_fp8 (`bool`, *optional*, defaults to `False`):
+        Run the 2:4 FFN's forward and input-gradient GEMMs as row-wise scaled FP8 e4m3 2:4
+        GEMMs (the paper's fast path; sm90 GPUs with cuSPARSELt >= 0.6.2 only).
     loro_scope (`str`, *optional*):
         `None` (full rank), `"all"`, `"attn"` or `"mlp"`: which decoder linears are low-rank.
     loro_attn_rank / loro_mlp_rank (`int`, *optional*, defaults to 256):
@@ -95,6 +98,7 @@ class SparseLlamaConfig(LlamaConfig):
     permute_2by4_seed: int = 0
     activation_backward: str = "split_gemm"
     activation_dense_features: float | int = 0.05
+    activation_2by4_fp8: bool = False
     loro_scope: str | None = None
     loro_attn_rank: int = 256
     loro_mlp_rank: int = 256
@@ -129,6 +133,8 @@ class SparseLlamaConfig(LlamaConfig):
                 f"activation_2by4=True requires squ_relu='relu2' (got squ_relu={self.squ_relu!r}); "
                 "2:4 activation sparsity is defined on the Squared-ReLU output."
             )
+        if self.activation_2by4_fp8 and not self.activation_2by4:
+            raise ValueError("activation_2by4_fp8=True requires activation_2by4=True (FP8 is a mode of the 2:4 FFN).")
         if self.activation_2by4 and self.mlp_bias:
             raise ValueError("activation_2by4=True does not support mlp_bias=True; set mlp_bias=False.")
         if not 0.0 <= self.activation_dense_features <= 1.0:

@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .fp8 import quantize_rows
 from .select_2to4 import (
     _INT_OF_SIZE,
     _group_nonzero_counts,
@@ -124,8 +125,10 @@ def _forward_stage(
     g_out: Optional[Tensor] = None,
     y2s_members: Optional[tuple[Tensor, ...]] = None,
     g_members: Optional[tuple[Tensor, ...]] = None,
+    fp8: bool = False,
 ):
-    """y1 (T×F) -> y2s, g = D ⊙ 2·relu(y1), [relu non-zeros, kept non-zeros], per-feature non-zeros.
+    """y1 (T×F) -> y2s, g = D ⊙ 2·relu(y1), [relu non-zeros, kept non-zeros], per-feature non-zeros
+    [, y2s as row-wise FP8 and its row scales when ``fp8`` (cuSPARSELt path only)].
 
     The counts are 0-d int64 tensors (None when not asked for): telemetry comes out of
     this pass instead of a second read of a T×F tensor. ``planar``: the feature groups lie
@@ -189,6 +192,11 @@ def _forward_stage(
             g = torch.mul(r, 2.0, out=y1.new_empty(t, f) if g_out is None else g_out)
     if want_feature_counts:
         feature_counts = _col_nonzero_counts(y2s != 0)  # the dense-feature ranking's input
+    if fp8:
+        # Each token row's scale comes from the row this stage just made: no extra pass.
+        # The bf16 y2s is kept only where the backward reads it (mvue, soft_threshold).
+        y2s_q, y2s_scale = quantize_rows(y2s)
+        return (y2s if method != "naive" else None, g, relu_nnz, kept_nnz, feature_counts, y2s_q, y2s_scale)
     return y2s, g, relu_nnz, kept_nnz, feature_counts
 
 
@@ -337,8 +345,10 @@ def _backward_stage(
     dy1_out: Optional[Tensor] = None,
     down_out: Optional[Tensor] = None,
     down_members: Optional[tuple[Tensor, ...]] = None,
+    fp8: bool = False,
 ):
-    """One pass over dy2 and g (and y2s): dy1 for dx, and both weight-gradient operands.
+    """One pass over dy2 and g (and y2s): dy1 for dx, and both weight-gradient operands
+    [, dy1 as row-wise FP8 and its row scales when ``fp8``, for the FP8 dx GEMM].
 
     dy1 = D ⊙ dy2 ⊙ 2·relu(y1) = dy2 ⊙ g is 2:4 along features. On the cuSPARSELt path a
     non-finite dy2 at a dropped position must not leave NaN = Inf·0 there (the operand
@@ -380,6 +390,10 @@ def _backward_stage(
             down, down_dense = _token_sparse_operand(y2s, True, own, idx, down_out, down_members)
         else:
             down = y2s
+    if fp8:
+        # dx reads dy1 as FP8; the bf16 dy1 is kept only where dW_up reads it whole (exact).
+        dy1_q, dy1_scale = quantize_rows(dy1)
+        return (None if token_sparse else dy1, up, up_dense, down, down_dense, dy1_q, dy1_scale)
     return dy1, up, up_dense, down, down_dense
 
 

@@ -245,12 +245,20 @@ def _random_operands(shape: GemmShape, device, gen: torch.Generator) -> tuple[Te
 
 
 def _dense_mm(a: Tensor, b: Tensor, transpose_result: bool) -> Tensor:
+    if a.dtype == torch.float8_e4m3fn:
+        # FP8's dense GEMM is the scaled one (unit scales here: only its time and values count).
+        ones_a = torch.ones(a.shape[0], 1, device=a.device)
+        ones_b = torch.ones(1, b.shape[1], device=a.device)
+        out = torch._scaled_mm(a, b, scale_a=ones_a, scale_b=ones_b, out_dtype=torch.bfloat16)
+        return out.t() if transpose_result else out
     # (AB)ᵀ as one GEMM Bᵀ·Aᵀ, contiguous like cuSPARSELt's transposed result.
     return torch.mm(b.t(), a.t()) if transpose_result else torch.mm(a, b)
 
 
 def _sparse_mm(packed: Tensor, b: Tensor, transpose_result: bool, alg_id: int) -> Tensor:
-    return torch._cslt_sparse_mm(packed, b, transpose_result=transpose_result, alg_id=alg_id)
+    # FP8 products come out in bf16 (cuSPARSELt takes out_dtype for 8-bit inputs only).
+    out_dtype = torch.bfloat16 if b.dtype == torch.float8_e4m3fn else None
+    return torch._cslt_sparse_mm(packed, b, transpose_result=transpose_result, alg_id=alg_id, out_dtype=out_dtype)
 
 
 def verify_alg_id(shape: GemmShape, device, alg_id: int, draws: int = VERIFY_DRAWS) -> tuple[bool, str]:

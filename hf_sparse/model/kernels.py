@@ -32,6 +32,7 @@ from typing import Optional, Union
 import torch
 from torch import Tensor
 
+from .fp8 import apply_scales, dense_fp8_mm, fp8_support_reason
 from .gemm_tuning import GemmShape, _dense_mm, gemm_choice, verify_alg_id
 
 logger = logging.getLogger(__name__)
@@ -204,15 +205,42 @@ def sparse24_mm_packed(packed: Tensor, b: Tensor, *, transpose_result: bool = Fa
     return torch._cslt_sparse_mm(packed, b, transpose_result=transpose_result, alg_id=alg)
 
 
+def gemm_verdicts_forced() -> bool:
+    """True under a forced kernel override (``True``/``False``): every GEMM on the cuSPARSELt
+    path is then sparse, untimed, and nothing is tuned."""
+    return _kernel_override[0] is True or _kernel_override[0] is False
+
+
 def gemm_verdict(a: Tensor, b: Tensor, transpose_result: bool = False, name: str = ""):
     """The per-shape verdict (:func:`gemm_tuning.gemm_choice`) for ``a @ b`` on the
     cuSPARSELt path. Under a forced override (``True``/``False``: tests with an emulated
     backend) every GEMM on that path is sparse, untimed."""
-    if _kernel_override[0] is True or _kernel_override[0] is False:
+    if gemm_verdicts_forced():
         from .gemm_tuning import GemmChoice
 
         return GemmChoice(cusparselt_alg_id(), 0.0, 0.0, 1.0, "kernel override", forced=True)
     return gemm_choice(a, b, transpose_result, cusparselt_alg_id(), name)
+
+
+def sparse24_mm_fp8(a: Tensor, a_scale: Tensor, bt: Tensor, b_scale: Tensor, out_dtype: torch.dtype) -> Tensor:
+    """``(a·a_scale) @ (bt·b_scale)ᵀ`` in ``out_dtype`` for FP8 ``a`` (m×k, 2:4 along k, row
+    scales m×1) and FP8 ``bt`` (n×k row-major, so B = btᵀ is the column-major dense operand
+    FP8 sparse tensor cores take; scales per row of bt). A 2:4 FP8 GEMM or a dense scaled
+    FP8 GEMM, whichever this shape's verdict says; run-time only (inside the op's kernels)."""
+    b = bt.t()
+    choice = gemm_verdict(a, b)
+    if not choice.use_sparse():
+        return dense_fp8_mm(a, a_scale, bt, b_scale, out_dtype)
+    out = torch._cslt_sparse_mm(torch._cslt_compress(a), b, out_dtype=torch.bfloat16, alg_id=choice.alg_id)
+    return apply_scales(out, a_scale, b_scale, out_dtype)
+
+
+def fp8_ineligibility_reason(device) -> Optional[str]:
+    """Why FP8 2:4 GEMMs cannot run on ``device`` (None: they can, or a test forces the
+    cuSPARSELt path with an emulated backend)."""
+    if _kernel_override[0] in (True, CUDA_RULES):
+        return None
+    return fp8_support_reason(torch.device(device))
 
 
 def _sparse24_mm_impl(a: Tensor, b: Tensor, transpose_result: bool) -> Tensor:

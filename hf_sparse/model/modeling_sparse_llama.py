@@ -33,7 +33,7 @@ except ImportError:
 from .configuration_sparse_llama import LOWRANK_COLWISE, LOWRANK_ROWWISE, SparseLlamaConfig
 from .ffn_tensor_parallel import _is_dtensor, tp_sum_backward, tp_sum_forward
 from .gemm_tuning import GemmShape, choice_for, format_gemm_table
-from .kernels import cusparselt_alg_id, use_2to4_kernel
+from .kernels import cusparselt_alg_id, gemm_verdicts_forced, use_2to4_kernel
 from .lowrank import LowRankLinear, init_low_rank_, is_low_rank
 from .select_2to4 import count_2to4_stats, count_nonzero
 from .sparse_ffn import ffn_gemm_shapes, relu2_2to4_ffn
@@ -261,6 +261,7 @@ class SparseLlamaMLP(nn.Module):
                 dense_features=self.config.activation_dense_features,
                 permutation=permutation,
                 stats=stats,
+                fp8=self.config.activation_2by4_fp8,
             )
 
         activation = self.act_fn(self.up_proj(x))
@@ -446,6 +447,8 @@ def prepare_2to4_gemms(model: nn.Module, tokens: int, dtype: torch.dtype | None 
     out of the hot path. Only shapes on the cuSPARSELt path are tuned (a CUDA GPU, or the
     ``"cuda"`` kernel override in tests). Returns the (name, shape) pairs that were.
     """
+    if gemm_verdicts_forced():
+        return []  # a test override makes every GEMM sparse: nothing to decide
     # Shapes, dtypes and devices only: building a 2:4 weight here would fix its scale early.
     named = {}
 

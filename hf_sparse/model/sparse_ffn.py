@@ -72,8 +72,16 @@ from .ffn_stages import (
     stage_compilation_enabled,
 )
 from .ffn_tensor_parallel import _is_dtensor, _tensor_parallel_slices, tp_sum_backward, tp_sum_forward
+from .fp8 import quantize_rows
 from .gemm_tuning import GemmShape
-from .kernels import aligned_dense_count, sparse24_mm, sparse24_padded_rows, use_2to4_kernel
+from .kernels import (
+    aligned_dense_count,
+    fp8_ineligibility_reason,
+    sparse24_mm,
+    sparse24_mm_fp8,
+    sparse24_padded_rows,
+    use_2to4_kernel,
+)
 from .select_2to4 import SPARSE_METHODS, _check_stats, count_2to4_stats, count_nonzero, sparsify_2to4
 from .token_permutation import TokenPermutation, make_token_permutation
 
@@ -130,9 +138,10 @@ def _check_forward_path(g: Tensor, use_kernel: bool) -> None:
         )
 
 
-def _ffn_forward_impl(x, w_up, w_down, method, backward, n_dense, count, want_feature_counts):
+def _ffn_forward_impl(x, w_up, w_down, method, backward, n_dense, count, want_feature_counts, fp8):
     t, f = x.shape[0], w_up.shape[0]
     use_kernel = use_2to4_kernel(x, w_up, w_down)
+    fp8 = fp8 and use_kernel  # FP8 is a cuSPARSELt-path mode (an unaligned T runs plain, in bf16)
     # Plain GEMMs work in the planar feature order (see _planar_rows): each 2:4 group's
     # members are then four contiguous planes, so the selection runs on unit-stride
     # vectors (a compiled CPU stage vectorises it; with members 4 apart it emits scalar
@@ -153,18 +162,23 @@ def _ffn_forward_impl(x, w_up, w_down, method, backward, n_dense, count, want_fe
         y2s_out = _scratch("y2s", (t, f), x) if method == "naive" else x.new_empty(t, f)
         g_out = x.new_empty(t, f)
         members = (_members(y2s_out, "planar"), _members(g_out, "planar"))
-    y2s, g, relu_nnz, kept_nnz, feature_counts = _run_stage(
-        _forward_stage, y1, u, method, count, want_feature_counts, planar, y2s_out, g_out, *members
+    y2s, g, relu_nnz, kept_nnz, feature_counts, *y2s_fp8 = _run_stage(
+        _forward_stage, y1, u, method, count, want_feature_counts, planar, y2s_out, g_out, *members, fp8
     )
     del y1, u
     _record_forward_path(g, use_kernel)
-    y3 = sparse24_mm(y2s, w_down_op.t()) if use_kernel else torch.mm(y2s, w_down_op.t())
+    if fp8:
+        # y2s (rows scaled by the stage) against W_down quantized per output channel.
+        y3 = sparse24_mm_fp8(*y2s_fp8, *quantize_rows(w_down_op), x.dtype)
+    else:
+        y3 = sparse24_mm(y2s, w_down_op.t()) if use_kernel else torch.mm(y2s, w_down_op.t())
+    del y2s_fp8
     if count:
         numel = torch.full_like(relu_nnz, t * f)
         stat_delta = torch.stack((numel - relu_nnz, numel, relu_nnz - kept_nnz))
     else:
         stat_delta = torch.zeros(3, dtype=torch.int64, device=x.device)
-    y2s_saved = y2s if method != "naive" else y2s.new_empty(0)
+    y2s_saved = y2s if method != "naive" else g.new_empty(0)
     if feature_counts is None:
         feature_counts = torch.empty(0, dtype=torch.int64, device=x.device)
     # g, y2s and the feature counts stay in the op's feature order (planar on the plain
@@ -172,7 +186,7 @@ def _ffn_forward_impl(x, w_up, w_down, method, backward, n_dense, count, want_fe
     return y3, g, y2s_saved, feature_counts, stat_delta
 
 
-def _ffn_forward_fake(x, w_up, w_down, method, backward, n_dense, count, want_feature_counts):
+def _ffn_forward_fake(x, w_up, w_down, method, backward, n_dense, count, want_feature_counts, fp8):
     t, f = x.shape[0], w_up.shape[0]
     return (
         x.new_empty(t, w_down.shape[0]),
@@ -195,8 +209,9 @@ def _assemble(sparse_part: Tensor, dense_part: Optional[Tensor], idx: _FeatureSp
 
 
 def _ffn_backward_impl(
-    dy3, x, w_up, w_down, g, y2s, feature_counts, method, backward, n_dense, need_x, need_up, need_down, use_kernel
-):
+    dy3, x, w_up, w_down, g, y2s, feature_counts, method, backward, n_dense, need_x, need_up, need_down, use_kernel,
+    fp8,
+):  # fmt: skip
     # use_kernel: the forward's decision (see _setup_context), never re-read here: it also
     # fixes the layout of g, y2s and the counts (planar on the plain-GEMM path).
     t, f = g.shape
@@ -233,16 +248,21 @@ def _ffn_backward_impl(
     if not use_kernel:
         down_out = _scratch("down", (t, f), dy3)
         scratch = (_scratch("y2s", (t, f), dy3), down_out, _members(down_out, "tokens") if t % 4 == 0 else None)
-    dy1, up, up_dense, down, down_dense = _run_stage(
+    fp8 = fp8 and use_kernel and need_x
+    dy1, up, up_dense, down, down_dense, *dy1_fp8 = _run_stage(
         _backward_stage,
         dy2, g, y2s if method != "naive" else None, need_up, need_down, token_sparse,
-        dense_idx, sparse_idx, pad_rows, use_kernel, dense_mask, *scratch,
+        dense_idx, sparse_idx, pad_rows, use_kernel, dense_mask, *scratch, fp8,
     )  # fmt: skip
     del dy2
     idx = _FeatureSplit(dense_idx, sparse_idx, pad_rows, use_kernel)
     mm = sparse24_mm if use_kernel else torch.mm
-    if need_x:
+    if fp8:
+        # dy1 (rows scaled by the stage) against W_up quantized per output channel of dx.
+        dx = sparse24_mm_fp8(*dy1_fp8, *quantize_rows(w_up_op.t()), dy3.dtype)
+    elif need_x:
         dx = mm(dy1, w_up_op)
+    del dy1_fp8
     if need_up:
         if not token_sparse:
             dw_up = torch.mm(dy1.t(), x)
@@ -270,8 +290,9 @@ def _ffn_backward_impl(
 
 
 def _ffn_backward_fake(
-    dy3, x, w_up, w_down, g, y2s, feature_counts, method, backward, n_dense, need_x, need_up, need_down, use_kernel
-):
+    dy3, x, w_up, w_down, g, y2s, feature_counts, method, backward, n_dense, need_x, need_up, need_down, use_kernel,
+    fp8,
+):  # fmt: skip
     return (
         torch.empty_like(x) if need_x else x.new_empty(0),
         torch.empty_like(w_up) if need_up else x.new_empty(0),
@@ -280,13 +301,13 @@ def _ffn_backward_fake(
 
 
 def _setup_context(ctx, inputs, output):
-    x, w_up, w_down, method, backward, n_dense, _count, _want = inputs
+    x, w_up, w_down, method, backward, n_dense, _count, _want, fp8 = inputs
     _y3, g, y2s, feature_counts, stat_delta = output
     ctx.save_for_backward(x, w_up, w_down, g, y2s, feature_counts)
     ctx.mark_non_differentiable(g, y2s, feature_counts, stat_delta)
     # Those outputs never get gradients: no T×F zero tensors for them in backward.
     ctx.set_materialize_grads(False)
-    ctx.method, ctx.backward_mode, ctx.n_dense = method, backward, n_dense
+    ctx.method, ctx.backward_mode, ctx.n_dense, ctx.fp8 = method, backward, n_dense, fp8
     # The forward just decided this from the same tensors and switches (run right after
     # it, or at trace time under torch.compile): the backward must follow it even if a
     # switch (HF_SPARSE_DISABLE_2TO4_KERNEL, set_kernel_override) changes in between,
@@ -297,11 +318,11 @@ def _setup_context(ctx, inputs, output):
 def _ffn_backward(ctx, dy3, *_unused_grads):
     x, w_up, w_down, g, y2s, feature_counts = ctx.saved_tensors
     need_x, need_up, need_down = ctx.needs_input_grad[:3]
-    grads = [None] * 8
+    grads = [None] * 9
     if dy3 is not None and (need_x or need_up or need_down):
         dx, dw_up, dw_down = torch.ops.hf_sparse.relu2_2to4_ffn_bwd(
             dy3, x, w_up, w_down, g, y2s, feature_counts,
-            ctx.method, ctx.backward_mode, ctx.n_dense, need_x, need_up, need_down, ctx.use_kernel,
+            ctx.method, ctx.backward_mode, ctx.n_dense, need_x, need_up, need_down, ctx.use_kernel, ctx.fp8,
         )  # fmt: skip
         grads[:3] = (dx if need_x else None, dw_up if need_up else None, dw_down if need_down else None)
     return tuple(grads)
@@ -314,14 +335,14 @@ def _register_ops() -> None:
         return
     fwd_schema = (
         "(Tensor x, Tensor w_up, Tensor w_down, str method, str backward, int n_dense, bool count, "
-        "bool want_feature_counts) -> (Tensor, Tensor, Tensor, Tensor, Tensor)"
+        "bool want_feature_counts, bool fp8) -> (Tensor, Tensor, Tensor, Tensor, Tensor)"
     )
     fwd = torch.library.custom_op("hf_sparse::relu2_2to4_ffn_fwd", _ffn_forward_impl, mutates_args=(), schema=fwd_schema)
     fwd.register_fake(_ffn_forward_fake)
     bwd_schema = (
         "(Tensor dy3, Tensor x, Tensor w_up, Tensor w_down, Tensor g, Tensor y2s, Tensor feature_counts, "
-        "str method, str backward, int n_dense, bool need_x, bool need_up, bool need_down, bool use_kernel) "
-        "-> (Tensor, Tensor, Tensor)"
+        "str method, str backward, int n_dense, bool need_x, bool need_up, bool need_down, bool use_kernel, "
+        "bool fp8) -> (Tensor, Tensor, Tensor)"
     )
     bwd = torch.library.custom_op("hf_sparse::relu2_2to4_ffn_bwd", _ffn_backward_impl, mutates_args=(), schema=bwd_schema)
     bwd.register_fake(_ffn_backward_fake)
@@ -369,6 +390,7 @@ def relu2_2to4_ffn(
     dense_features: float = 0.05,
     permutation: Optional[Tensor] = None,
     stats: Optional[Tensor] = None,
+    fp8: bool = False,
 ) -> Tensor:
     """Non-gated ReLU² FFN ``relu(x w_upᵀ)² w_downᵀ`` with 2:4 activation sparsity.
 
@@ -384,6 +406,10 @@ def relu2_2to4_ffn(
             must be a permutation (not checked: that would need a host sync).
         stats: optional float64/int64 1-D tensor (len >= 3) receiving, in place and in
             forward only: zeros of y2, numel of y2, non-zeros dropped by the 2:4 mask.
+        fp8: run the forward and input-gradient 2:4 GEMMs in row-wise scaled FP8 e4m3 with
+            bf16 output (see ``fp8.py``); on the cuSPARSELt path only (sm90 GPUs with
+            cuSPARSELt >= 0.6.2), refused with one error anywhere else. A call whose token
+            count is not aligned runs the plain path in bf16, as every non-FP8 call does.
 
     Computes in the input dtype (under autocast: the autocast dtype, like F.linear).
     Traceable by ``torch.compile(fullgraph=True)``: the work is two custom ops.
@@ -424,6 +450,10 @@ def relu2_2to4_ffn(
     if stats is not None:
         _check_stats(stats)
 
+    if fp8:
+        reason = fp8_ineligibility_reason(x.device)
+        if reason is not None:
+            raise ValueError(f"activation_2by4_fp8: FP8 2:4 GEMMs cannot run here ({reason}); set it to false.")
     cast = _autocast_dtype(x.device.type)
     if cast is not None:
         x, w_up, w_down = x.to(cast), w_up.to(cast), w_down.to(cast)
@@ -449,8 +479,9 @@ def relu2_2to4_ffn(
     ctx = torch.autocast(x2.device.type, enabled=False) if cast is not None else contextlib.nullcontext()
     with ctx:
         y, _g, _y2s, _counts, stat_delta = torch.ops.hf_sparse.relu2_2to4_ffn_fwd(
-            x2, w_up.contiguous(), w_down.contiguous(), method, backward, n_dense, stats is not None, want_feature_counts
-        )
+            x2, w_up.contiguous(), w_down.contiguous(), method, backward, n_dense, stats is not None, want_feature_counts,
+            fp8,
+        )  # fmt: skip
     if stats is not None:
         with torch.no_grad():
             stats[:3].add_(stat_delta)

@@ -5,9 +5,11 @@ only trip over mid-run (batch sizes, step counts, schedules, head counts, output
 import dataclasses
 import os
 
+import torch
 from transformers import TrainingArguments
 
 from ..model.configuration_sparse_llama import SparseLlamaConfig
+from ..model.kernels import fp8_ineligibility_reason
 from .run_args import OPTIMIZER_CHOICES, SCHEDULER_CHOICES, ConfigError, ScriptArguments
 
 
@@ -50,6 +52,20 @@ _POSITIVE_TRAINER_KEYS = {
 
 def _trainer_default(name: str):
     return next(f.default for f in dataclasses.fields(TrainingArguments) if f.name == name)
+
+
+def check_fp8_support(config: SparseLlamaConfig, use_cpu: bool) -> None:
+    """activation_2by4_fp8 runs only where FP8 2:4 GEMMs exist: say so before anything is built."""
+    if not config.activation_2by4_fp8:
+        return
+    cuda = torch.cuda.is_available() and not use_cpu
+    device = torch.device("cuda", torch.cuda.current_device()) if cuda else torch.device("cpu")
+    reason = fp8_ineligibility_reason(device)
+    if reason is not None:
+        raise ConfigError(
+            f"activation_2by4_fp8=True needs FP8 2:4 GEMMs (an sm90 GPU such as H100/H200, cuSPARSELt >= 0.6.2) "
+            f"and {reason}; set activation_2by4_fp8 to false (the bf16 2:4 recipe runs anywhere)."
+        )
 
 
 def check_trainer_values(data: dict) -> None:

@@ -61,6 +61,10 @@ class ActivationSparsityArguments:
     activation_dense_features: float | None = _model_key(
         "split_gemm: fraction of the densest features kept in a dense GEMM (1.0: same as exact)."
     )
+    activation_2by4_fp8: bool | None = _model_key(
+        "Forward and input-gradient 2:4 GEMMs in row-wise FP8 e4m3 (the paper's fast path); needs an sm90 "
+        "GPU with cuSPARSELt >= 0.6.2 and is refused before anything runs elsewhere."
+    )
 
 
 @dataclass

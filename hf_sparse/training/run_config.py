@@ -20,6 +20,7 @@ from ..model.configuration_sparse_llama import SparseLlamaConfig
 from .cli_help import USAGE
 from .config_checks import (
     check_attention_heads,
+    check_fp8_support,
     check_output_dir,
     check_output_dir_path,
     check_script_values,
@@ -254,6 +255,7 @@ def parse_run_config(argv: list[str]) -> RunConfig:
     if no_weight_targets and model_config.weight_2by4:
         raise ConfigError(_NO_WEIGHT_TARGETS)
     check_sparse_schedule(model_config, training_args.max_steps)
+    check_fp8_support(model_config, training_args.use_cpu)
     # The backward token permutation follows the training seed (and the config carries it
     # into checkpoints, so a resumed run permutes identically).
     model_config.permute_2by4_seed = training_args.seed
