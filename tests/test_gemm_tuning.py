@@ -220,3 +220,31 @@ def run_compiled_steps(emu, prepared):
             assert len(ffn_calls) == 8, ffn_calls
     assert all(math.isfinite(float(p.grad.float().norm())) for p in model.parameters() if p.grad is not None)
     assert all(choice.use_sparse() for choice in gemm_tuning._choices.values())
+
+
+def test_sparsity_callback_makes_the_verdicts_at_train_begin(emulated_cusparselt_cuda_rules, timer, tmp_path):
+    """With the Trainer, the verdicts for the training shapes exist before step 1 runs
+    (bf16 autocast, as a GPU run would use), so no step ever pays for tuning."""
+    from datasets import Dataset
+    from transformers import Trainer, TrainerCallback
+
+    from hf_sparse import SparsityCallback
+    from tests.conftest import tiny_training_args
+
+    seen_at_first_step = []
+
+    class Probe(TrainerCallback):
+        def on_step_begin(self, args, state, control, **kwargs):
+            if state.global_step == 0:
+                seen_at_first_step.append(sorted(gemm_tuning._choices))
+
+    torch.manual_seed(0)
+    model = SparseLlamaForCausalLM(tiny_config(activation_2by4=True, activation_dense_warmup_steps=0, vocab_size=64))
+    ids = torch.randint(0, 64, (8, 16), generator=torch.Generator().manual_seed(1)).tolist()
+    data = Dataset.from_dict({"input_ids": ids, "labels": ids})
+    args = tiny_training_args(tmp_path, max_steps=1, per_device_train_batch_size=2, bf16=True)
+    Trainer(model=model, args=args, train_dataset=data, callbacks=[SparsityCallback(), Probe()]).train()
+    tokens = 2 * 16
+    expected = {f"{gemm_tuning.table_key('cpu')}/{s.key()}" for _, s in ffn_gemm_shapes(tokens, 32, 128, BF16)}
+    assert seen_at_first_step and set(seen_at_first_step[0]) == expected
+    assert any(c.m == tokens or c.k == tokens for c in emulated_cusparselt_cuda_rules.mm_calls)

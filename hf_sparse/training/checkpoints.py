@@ -154,6 +154,8 @@ def model_card(
             f"- backward: `{config.activation_backward}` (dense features {config.activation_dense_features}), "
             f"token permutation {'on' if config.permute_2by4 else 'off'}",
         ]
+        if config.activation_2by4_fp8:
+            lines.append("- FP8: forward and input-gradient 2:4 GEMMs in row-wise scaled FP8 e4m3 (sm90 GPUs)")
     else:
         lines.append("- no 2:4 activation sparsity")
     if config.weight_2by4:
