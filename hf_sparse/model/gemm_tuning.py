@@ -261,22 +261,43 @@ def _sparse_mm(packed: Tensor, b: Tensor, transpose_result: bool, alg_id: int) -
     return torch._cslt_sparse_mm(packed, b, transpose_result=transpose_result, alg_id=alg_id, out_dtype=out_dtype)
 
 
-def verify_alg_id(shape: GemmShape, device, alg_id: int, draws: int = VERIFY_DRAWS) -> tuple[bool, str]:
-    """Does ``alg_id`` compute ``shape`` right over ``draws`` random 2:4 operands? (host
-    sync; a private generator leaves the global RNG stream, MVUE's, untouched)."""
+def _verify(
+    shape: GemmShape, device, alg_ids: list[int], draws: int = VERIFY_DRAWS, deadline: float = math.inf
+) -> tuple[dict[int, str], dict[int, float]]:
+    """(failures: alg id -> why, worst relative error of each passing id) of ``alg_ids`` at
+    ``shape`` over ``draws`` random 2:4 operands, each draw's dense reference computed once
+    for all ids (host syncs; a private generator leaves the global RNG stream, MVUE's,
+    untouched). Ids not checked by ``deadline`` (perf_counter) fail as "budget spent"."""
     gen = torch.Generator(device=device)
     gen.manual_seed(1234)
-    worst = 0.0
-    try:
-        for _ in range(draws):
-            a, b = _random_operands(shape, device, gen)
-            ref = _dense_mm(a.float(), b.float(), shape.transpose_result)
-            out = _sparse_mm(torch._cslt_compress(a), b, shape.transpose_result, alg_id).float()
+    failed: dict[int, str] = {}
+    worst = dict.fromkeys(alg_ids, 0.0)
+    for _ in range(draws):
+        a, b = _random_operands(shape, device, gen)
+        ref = _dense_mm(a.float(), b.float(), shape.transpose_result)
+        packed = torch._cslt_compress(a)
+        for alg_id in alg_ids:
+            if alg_id in failed:
+                continue
+            if time.perf_counter() > deadline:
+                failed[alg_id] = "budget spent"
+                continue
+            try:
+                out = _sparse_mm(packed, b, shape.transpose_result, alg_id).float()
+            except RuntimeError as exc:  # an alg id out of range, an unsupported shape or arch
+                failed[alg_id] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}"
+                continue
             err = ((out - ref).norm() / ref.norm().clamp_min(1e-30)).item()
-            worst = max(worst, err if err == err else math.inf)
-    except RuntimeError as exc:  # an alg id out of range, an unsupported shape or arch
-        return False, f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}"
-    return worst <= VERIFY_RTOL, f"max relative error {worst:.3g}"
+            if not err <= VERIFY_RTOL:  # NaN fails too
+                failed[alg_id] = f"max relative error {err:.3g}"
+            worst[alg_id] = max(worst[alg_id], err)
+    return failed, {alg: err for alg, err in worst.items() if alg not in failed}
+
+
+def verify_alg_id(shape: GemmShape, device, alg_id: int, draws: int = VERIFY_DRAWS) -> tuple[bool, str]:
+    """Does ``alg_id`` compute ``shape`` right over ``draws`` random 2:4 operands? (ok, detail)"""
+    failed, worst = _verify(shape, device, [alg_id], draws)
+    return (False, failed[alg_id]) if alg_id in failed else (True, f"max relative error {worst[alg_id]:.3g}")
 
 
 def _candidates(forced_alg: int) -> list[int]:
@@ -307,19 +328,20 @@ def tune(shape: GemmShape, device, configured_alg: int = 0) -> GemmChoice:
         return GemmChoice(configured_alg, nan, nan, nan, f"{GEMMS_ENV}=sparse", forced=True)
     started = time.perf_counter()
     timer = _timer[0]
-    gen = torch.Generator(device=device)
-    gen.manual_seed(99)
-    a, b = _random_operands(shape, device, gen)
-    packed = torch._cslt_compress(a)
-    best_alg, best_s, tried, wrong = -1, math.inf, 0, []
     try:
-        for alg in _candidates(configured_alg):
+        candidates = _candidates(configured_alg)
+        failed, _worst = _verify(shape, device, candidates, deadline=started + _budget_left())
+        wrong = [alg for alg in candidates if alg in failed and failed[alg] != "budget spent"]
+        gen = torch.Generator(device=device)
+        gen.manual_seed(99)
+        a, b = _random_operands(shape, device, gen)
+        packed = torch._cslt_compress(a)
+        best_alg, best_s, tried = -1, math.inf, 0
+        for alg in candidates:
+            if alg in failed:
+                continue
             if time.perf_counter() - started > _budget_left():
                 break
-            ok, _detail = verify_alg_id(shape, device, alg)
-            if not ok:
-                wrong.append(alg)
-                continue
             tried += 1
             seconds = timer("sparse", alg, lambda alg=alg: _sparse_mm(packed, b, shape.transpose_result, alg))
             if seconds < best_s:
