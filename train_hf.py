@@ -19,7 +19,12 @@ from transformers import AutoModelForCausalLM, Trainer, default_data_collator, s
 import hf_sparse
 from hf_sparse.report import NotARunError, write_report
 from hf_sparse.training.callbacks import EvalPerplexityCallback, ModelCardCallback
-from hf_sparse.training.checkpoints import last_complete_checkpoint, write_model_card
+from hf_sparse.training.checkpoints import (
+    checkpoint_step,
+    is_complete_checkpoint,
+    last_complete_checkpoint,
+    write_model_card,
+)
 from hf_sparse.training.cli_help import format_help, wants_help
 from hf_sparse.training.data import build_datasets
 from hf_sparse.training.evaluation import build_compute_metrics, preprocess_logits_for_metrics
@@ -55,21 +60,47 @@ def save_final_model(trainer: Trainer, output_dir: str) -> None:
 
 
 def resolve_resume(args) -> str | None:
-    """`resume_from_checkpoint: true` means the last *finished* checkpoint of output_dir."""
+    """`resume_from_checkpoint: true` means the last *finished* checkpoint of output_dir; a
+    folder given by name must be a finished checkpoint too (checked before anything is built)."""
     resume = args.resume_from_checkpoint
     if resume in (True, "true", "True", "last"):
         resume = last_complete_checkpoint(args.output_dir)
         if resume is None:
             raise ConfigError(f"resume_from_checkpoint: no finished checkpoint in {args.output_dir!r}.")
         logger.info("resuming from %s", resume)
+    elif resume and not is_complete_checkpoint(resume):
+        what = "does not exist" if not os.path.exists(resume) else "is not a finished checkpoint (no trainer_state.json)"
+        latest = last_complete_checkpoint(args.output_dir)
+        hint = f"; the last finished one is {latest!r}" if latest else ""
+        raise ConfigError(f"resume_from_checkpoint: {resume!r} {what}{hint}; or use true for the last finished one.")
     return resume or None
+
+
+def already_finished(resume: str | None, args) -> bool:
+    """Resuming a checkpoint written at max_steps (or later) has nothing left to train: the
+    Trainer would run one more step and overwrite the final model."""
+    if resume is None or args.max_steps <= 0:
+        return False
+    step = checkpoint_step(resume)
+    if step < args.max_steps:
+        return False
+    if args.process_index == 0:
+        logger.warning(
+            "nothing to train: %s is at step %d of max_steps=%d, so this run already finished; its model and "
+            "trainer_state.json in %s are left as they are (raise max_steps to train further).",
+            resume, step, args.max_steps, os.path.abspath(args.output_dir),
+        )  # fmt: skip
+    return True
 
 
 def main(argv: list[str]) -> dict:
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
     run = parse_run_config(argv)
-    check_hub_access(run.data_args)  # before any tokenizer or dataset is fetched
     args, data_args = run.training_args, run.data_args
+    resume = resolve_resume(args)
+    if already_finished(resume, args):
+        return {}
+    check_hub_access(run.data_args)  # before any tokenizer or dataset is fetched
     transformers.utils.logging.set_verbosity_warning()
     set_seed(args.seed)
 
@@ -88,7 +119,10 @@ def main(argv: list[str]) -> dict:
 
     # Rank 0 tokenises and fills the datasets cache first; the other ranks then read it.
     with args.main_process_first(desc="tokenizing and packing"):
-        train_dataset, eval_dataset = build_datasets(data_args, tokenizer, seed=args.seed)
+        try:
+            train_dataset, eval_dataset = build_datasets(data_args, tokenizer, seed=args.seed)
+        except ValueError as err:  # what the data holds (a missing column, too little text): one line
+            raise ConfigError(str(err)) from None
     model = AutoModelForCausalLM.from_config(run.model_config)
     config = run.model_config
     weight_2by4 = (
@@ -135,7 +169,6 @@ def main(argv: list[str]) -> dict:
         ],
         optimizers=optimizers,
     )
-    resume = resolve_resume(args)
     if resume and trainer.is_world_process_zero():
         # The Trainer resumes silently with a new max_steps, schedule or batch size.
         warn_on_resume_changes(resume, args, run.script_args)
@@ -199,7 +232,8 @@ def cli() -> None:
     """`python train_hf.py CONFIG.json ...` and the `hf-sparse-train` console script."""
     argv = sys.argv[1:]
     if wants_help(argv):
-        print(format_help(), end="")  # the CLI's job: usage and every key, to stdout, exit 0
+        prog = os.path.basename(sys.argv[0]) or "train_hf.py"
+        print(format_help(prog=prog), end="")  # the CLI's job: usage and every key, to stdout, exit 0
         return
     try:
         main(argv)

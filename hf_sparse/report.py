@@ -168,7 +168,7 @@ def _plot_activation_sparsity(plt, run_dir: str, series: dict, summary: list, sw
     ax.set_xlabel("optimizer step")
     ax.set_ylabel("layer")
     ax.set_title("ReLU² activation sparsity (fraction of exact zeros)")
-    fig.colorbar(image, ax=ax)
+    fig.colorbar(image, ax=ax, label="fraction of exact zeros")
     heatmap = os.path.join(run_dir, HEATMAP_NAME)
     fig.savefig(heatmap, dpi=100)
     plt.close(fig)
@@ -184,6 +184,9 @@ def _plot_activation_sparsity(plt, run_dir: str, series: dict, summary: list, sw
         if switch <= steps[-1]:
             ax.axvline(switch, color="black", linestyle="--", linewidth=1, label=f"2:4 on (step {switch})")
     ax.set_xlabel("optimizer step")
+    ax.set_ylabel("fraction")
+    ax.set_title("ReLU² sparsity and 2:4 drop rate, mean over layers" if series["has_24"] else
+                 "ReLU² sparsity, mean over layers")  # fmt: skip
     ax.set_ylim(0, 1)
     ax.legend(fontsize="small")
     ax.grid(alpha=0.3)

@@ -60,6 +60,16 @@ def _all_run_keys():
     return keys + list(ALIASES) + list(TRAINER_HELP_KEYS)
 
 
+def test_help_names_the_program_it_was_invoked_as(monkeypatch, capsys):
+    import train_hf
+
+    monkeypatch.setattr(sys, "argv", ["/usr/local/bin/hf-sparse-train", "--help"])
+    train_hf.cli()
+    out = capsys.readouterr().out
+    assert out.startswith("usage: hf-sparse-train CONFIG.json [--key value ...]\n")
+    assert "       hf-sparse-train --help\n" in out
+
+
 @pytest.mark.parametrize("where", ["alone", "short", "after_config", "after_missing_config"])
 def test_help_lists_every_key_and_exits_0(tmp_path, monkeypatch, capsys, where):
     argv = {
@@ -359,3 +369,11 @@ def test_single_path_in_json_and_on_the_command_line(tmp_path):
     assert run.data_args.train_files == [str(train), str(valid)]
     with pytest.raises(ConfigError, match=r"train_files: expected list\[str\] \| None, got 3 \(int\)"):
         parse_run_config([_write_config(tmp_path, train_files=3)])
+
+
+def test_ddp_does_not_search_for_unused_parameters_unless_asked(tmp_path):
+    # No sparse_llama mode leaves a parameter unused; DDP's default search (and the paragraph
+    # it prints on every rank) is off unless the run JSON asks for it.
+    assert parse_run_config([_write_config(tmp_path)]).training_args.ddp_find_unused_parameters is False
+    asked = parse_run_config([_write_config(tmp_path, ddp_find_unused_parameters=True)])
+    assert asked.training_args.ddp_find_unused_parameters is True

@@ -2,6 +2,7 @@
 argument validation. CPU only, no network."""
 
 import dataclasses
+import gzip
 import json
 import os
 import random
@@ -488,6 +489,10 @@ def _bad_cases(tmp_path):
     (tmp_path / "lines.txt").write_text("a line\n")
     (tmp_path / "adir.jsonl").mkdir()
     (tmp_path / "empty.parquet").write_bytes(b"")
+    (tmp_path / "utf16.jsonl").write_text('{"text": "some text"}\n', encoding="utf-16")
+    (tmp_path / "binary.txt").write_bytes(b"text then \xff\xd8\xff\xe0 JFIF" * 10)
+    with gzip.open(tmp_path / "latin1.txt.gz", "wb") as handle:
+        handle.write("caf\xe9 au lait\n".encode("latin-1"))
     p = str(tmp_path)
     return {
         "missing": (dict(train_files=f"{p}/nope.jsonl"), "train_files", "does not exist"),
@@ -504,11 +509,15 @@ def _bad_cases(tmp_path):
         "max_eval": (dict(max_eval_samples=0), "max_eval_samples", "at least 1"),
         "vocab": (dict(tokenizer_vocab_size=100), "tokenizer_vocab_size", "258"),
         "mixed": (dict(train_files=[good, f"{p}/lines.txt"]), "train_files", "mixes file formats"),
+        "utf16": (dict(train_files=f"{p}/utf16.jsonl"), "train_files", "utf16.jsonl': it is UTF-16 text (byte-order mark)"),
+        "binary": (dict(train_files=f"{p}/binary.txt"), "train_files", "not UTF-8 text (byte 0xff at offset 10"),
+        "latin1_gz": (dict(train_files=f"{p}/latin1.txt.gz"), "train_files", "not UTF-8 text (byte 0xe9 at offset 3"),
     }
 
 
 CASES = ["missing", "missing_glob", "empty", "empty_parquet", "blank", "extension", "directory",
-         "both_sources", "validation_only", "max_length", "split_pct", "max_eval", "vocab", "mixed"]
+         "both_sources", "validation_only", "max_length", "split_pct", "max_eval", "vocab", "mixed",
+         "utf16", "binary", "latin1_gz"]
 
 
 @pytest.mark.parametrize("case", CASES)

@@ -29,6 +29,7 @@ def test_card_loads_back_with_model_index_hyperparameters_and_versions(tmp_path)
     assert all(r.dataset_name == "allenai/c4" and r.task_type == "text-generation" for r in data.eval_results)
     text = card.text
     assert "- learning_rate: 0.003" in text and "- max_steps: 10" in text
+    assert "num_train_epochs" not in text  # max_steps bounds this run: an epoch count would mislead
     assert "- total train batch size: 8 (1 process)" in text
     assert "## Framework versions" in text and "- transformers 5." in text and "- torch " in text
     assert "![ReLU² sparsity per layer](sparsity_relu_heatmap.png)" in text

@@ -37,6 +37,26 @@ def test_report_writes_both_pngs_and_a_summary(tmp_path):
     assert "L2=0.900" in result["summary"]
 
 
+def test_report_figures_are_labelled(tmp_path, monkeypatch):
+    from matplotlib.figure import Figure
+
+    saved = []
+    real_savefig = Figure.savefig
+
+    def keep(fig, *args, **kwargs):
+        saved.append(fig)
+        return real_savefig(fig, *args, **kwargs)
+
+    monkeypatch.setattr(Figure, "savefig", keep)
+    _fake_run(tmp_path)
+    write_report(str(tmp_path))
+    heatmap, curves = saved[:2]
+    colorbar = heatmap.axes[-1]  # the colorbar's own axes comes last
+    assert colorbar.get_ylabel() == "fraction of exact zeros"
+    axis = curves.axes[0]
+    assert axis.get_ylabel() == "fraction" and "ReLU² sparsity" in axis.get_title()
+
+
 def test_report_cli_on_a_finished_run(tmp_path):
     _fake_run(tmp_path, with_24=False)
     proc = subprocess.run([sys.executable, "-m", "hf_sparse.report", str(tmp_path)], capture_output=True, text=True)

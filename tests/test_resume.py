@@ -91,6 +91,29 @@ def test_sigkill_then_resume_continues_the_same_trajectory(tmp_path):
     after = [step for step in range(resumed_from + 1, MAX_STEPS + 1)]
     assert [got[s] for s in after] == pytest.approx([expected[s] for s in after], rel=1e-4)
 
+    # A finished run stays finished: resuming it with the same max_steps trains nothing and
+    # leaves every file as it was (it used to train step 25 and overwrite the final model).
+    full_dir = tmp_path / "full"
+    before = {name: (full_dir / name).read_bytes() for name in ("model.safetensors", "trainer_state.json")}
+    entries = sorted(os.listdir(full_dir))
+    again = subprocess.run([sys.executable, TRAIN, _config(tmp_path, "full", resume_from_checkpoint="last")],
+                           cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0, again.stderr[-3000:]
+    said = [line for line in again.stderr.splitlines() if "nothing to train" in line]
+    assert len(said) == 1 and f"at step {MAX_STEPS} of max_steps={MAX_STEPS}" in said[0], again.stderr[-2000:]
+    assert {name: (full_dir / name).read_bytes() for name in before} == before
+    assert sorted(os.listdir(full_dir)) == entries  # no checkpoint-25, nothing new
+
+
+def test_resuming_a_missing_checkpoint_is_one_line_and_writes_nothing(tmp_path):
+    import train_hf
+    from hf_sparse.training.run_args import ConfigError
+
+    missing = str(tmp_path / "run" / "checkpoint-999")
+    with pytest.raises(ConfigError, match=r"resume_from_checkpoint: '.*checkpoint-999' does not exist; or use true"):
+        train_hf.main([_config(tmp_path, "run", resume_from_checkpoint=missing)])
+    assert not (tmp_path / "run").exists()
+
 
 def test_checkpoint_is_hub_ready_and_generates_without_hf_sparse(tmp_path):
     run = subprocess.run([sys.executable, TRAIN, _config(tmp_path, "hub", max_steps=2)], cwd=REPO_ROOT,

@@ -1,6 +1,7 @@
 """`train_hf.py` end to end on CPU: embedded default, local files, checkpoints, bad input."""
 
 import json
+import logging
 import os
 import re
 import subprocess
@@ -164,6 +165,46 @@ def test_empty_data_file_fails_fast(tmp_path):
     with pytest.raises(ConfigError, match="train_files"):
         train_hf.main([_bad(tmp_path, train_files=[str(empty)])])
     assert not (tmp_path / "run").exists()
+
+
+def test_data_content_problems_are_one_line(tmp_path):
+    # Found while the data is built (the model is not yet): a missing text column, too little text.
+    no_column = tmp_path / "no_column.jsonl"
+    no_column.write_text('{"content": "some words here"}\n' * 50)
+    with pytest.raises(ConfigError, match=r"text_column: column 'text' not found; columns: \['content'\]"):
+        train_hf.main([_bad(tmp_path, train_files=[str(no_column)], validation_files=[str(no_column)])])
+    short = tmp_path / "short.jsonl"
+    short.write_text('{"text": "too short"}\n')
+    with pytest.raises(ConfigError, match=r"no full block of max_length=32 tokens"):
+        train_hf.main([_bad(tmp_path, train_files=[str(short)], validation_files=[str(short)])])
+    assert not (tmp_path / "run").exists()
+
+
+def test_zero_layers_and_a_directory_config_are_refused(tmp_path):
+    model = tmp_path / "zero_layers.json"
+    model.write_text(json.dumps(dict(json.loads(open(TINY_MODEL).read()), num_hidden_layers=0)))
+    with pytest.raises(ConfigError, match=r"num_hidden_layers: 0 in model_config .* use a positive integer"):
+        train_hf.main([_bad(tmp_path, model_config=str(model))])
+    with pytest.raises(ConfigError, match=r"config file '.*configs/?' is a directory; give a run JSON"):
+        train_hf.main([os.path.join(REPO_ROOT, "configs") + os.sep])
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_mostly_dense_schedule_warns_with_the_numbers(tmp_path, caplog):
+    from hf_sparse.training.run_config import parse_run_config
+
+    quick24 = os.path.join(REPO_ROOT, "configs", "quickstart_weight24.json")
+    with caplog.at_level(logging.WARNING, logger="hf_sparse"):
+        parse_run_config([quick24, "--max_steps", "60", "--output_dir", str(tmp_path / "w24")])
+    said = [r.getMessage() for r in caplog.records if "optimizer steps are sparse" in r.getMessage()]
+    assert said == [
+        "weight 2:4: only 10 of max_steps=60 optimizer steps are sparse (weight_2by4_start_step=0 dense first, "
+        "sparse_dense_finetune_steps=50 dense at the end); shorten those too, or this run is mostly dense."
+    ]
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="hf_sparse"):
+        parse_run_config([quick24, "--output_dir", str(tmp_path / "w24")])  # as shipped: 250 of 300 sparse
+    assert not [r for r in caplog.records if "optimizer steps are sparse" in r.getMessage()]
 
 
 def test_bad_input_from_the_command_line_is_one_line(tmp_path):

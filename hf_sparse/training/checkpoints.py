@@ -39,6 +39,12 @@ def last_complete_checkpoint(output_dir: str) -> str | None:
     return None
 
 
+def checkpoint_step(path: str) -> int:
+    """The optimizer step a finished checkpoint was written at (its trainer_state.json)."""
+    with open(os.path.join(path, COMPLETION_MARKER), encoding="utf-8") as handle:
+        return int(json.load(handle).get("global_step", 0))
+
+
 def _latest_eval(log_history: list[dict]) -> dict:
     rows = [row for row in log_history if "eval_loss" in row]
     return rows[-1] if rows else {}
@@ -179,6 +185,8 @@ def model_card(
             value = getattr(training_args, key, None)
             if value is None or (key in ("bf16", "fp16") and not value):
                 continue
+            if key == "num_train_epochs" and getattr(training_args, "max_steps", -1) > 0:
+                continue  # max_steps bounds the run; the epoch count the Trainer ignores would mislead
             lines.append(f"- {key}: {getattr(value, 'value', value)}")
         world = getattr(training_args, "world_size", 1) or 1
         total = training_args.per_device_train_batch_size * training_args.gradient_accumulation_steps * world

@@ -127,10 +127,13 @@ def _first_sentence(text: str) -> str:
     return head + "." if dot else text
 
 
-def format_help(width: int = 100) -> str:
+def format_help(width: int = 100, prog: str = "train_hf.py") -> str:
     """`train_hf.py --help`: usage, then every key of the run JSON by group, generated from
-    the argument dataclasses (types, defaults, help metadata)."""
-    out = [f"usage: {USAGE}", f"       accelerate launch {USAGE}", "       train_hf.py --help", ""]
+    the argument dataclasses (types, defaults, help metadata). ``prog``: the name the script
+    was invoked as (``hf-sparse-train`` for the console script)."""
+    usage = USAGE.replace("train_hf.py", prog, 1)
+    launch = f"accelerate launch {USAGE}"  # accelerate launches the script file, whatever the entry point
+    out = [f"usage: {usage}", f"       {launch}", f"       {prog} --help", ""]
     intro = (
         "Pretrains a sparse_llama model (Squared-ReLU FFN, optional 2:4 activation/weight sparsity, low-rank "
         "LORO mode) with the HuggingFace Trainer. CONFIG.json is one flat JSON object holding the keys below "

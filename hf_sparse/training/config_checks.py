@@ -3,6 +3,7 @@ only trip over mid-run (batch sizes, step counts, schedules, head counts, output
 """
 
 import dataclasses
+import logging
 import os
 
 import torch
@@ -11,6 +12,8 @@ from transformers import TrainingArguments
 from ..model.configuration_sparse_llama import SparseLlamaConfig
 from ..model.kernels import fp8_ineligibility_reason
 from .run_args import OPTIMIZER_CHOICES, SCHEDULER_CHOICES, ConfigError, ScriptArguments
+
+logger = logging.getLogger(__name__)
 
 
 def check_sparse_schedule(config: SparseLlamaConfig, max_steps: int) -> None:
@@ -34,6 +37,29 @@ def check_sparse_schedule(config: SparseLlamaConfig, max_steps: int) -> None:
             f"max_steps={max_steps} (dense before step {start} and from step {max_steps - tail} on); "
             "need weight_2by4_start_step + sparse_dense_finetune_steps < max_steps."
         )
+    _warn_short_sparse_phase(config, max_steps)
+
+
+def _warn_short_sparse_phase(config: SparseLlamaConfig, max_steps: int) -> None:
+    """A run legal but mostly dense (e.g. a shortened run that kept its warm-up or tail)."""
+    if max_steps <= 0:
+        return
+    tail = config.sparse_dense_finetune_steps
+    phases = []
+    if config.weight_2by4:
+        phases.append(("weight 2:4", config.weight_2by4_start_step, "weight_2by4_start_step", tail))
+    if config.activation_2by4:
+        act_tail = tail if config.activation_dense_finetune else 0
+        phases.append(("2:4 activations", config.activation_dense_warmup_steps, "activation_dense_warmup_steps", act_tail))
+    for what, start, start_key, end_tail in phases:
+        sparse = max(0, max_steps - min(start, max_steps) - end_tail)
+        if sparse < max(start, end_tail):
+            logger.warning(
+                "%s: only %d of max_steps=%d optimizer steps are sparse (%s=%d dense first%s); "
+                "shorten those too, or this run is mostly dense.",
+                what, sparse, max_steps, start_key, start,
+                f", sparse_dense_finetune_steps={end_tail} dense at the end" if end_tail else "",
+            )  # fmt: skip
 
 
 # TrainingArguments values that the Trainer accepts and only trips over once data and model
@@ -150,6 +176,12 @@ def check_attention_heads(raw: dict, path: str) -> None:
     """Head counts that do not divide: transformers checks hidden_size % num_attention_heads
     in a multi-line report; a num_attention_heads that num_key_value_heads does not divide
     passes every config check and crashes inside attention at the first step."""
+    layers = raw.get("num_hidden_layers", getattr(SparseLlamaConfig, "num_hidden_layers", None))
+    if not isinstance(layers, int) or isinstance(layers, bool) or layers < 1:
+        raise ConfigError(
+            f"num_hidden_layers: {layers!r} in model_config {path!r} is not valid; use a positive integer "
+            "(a model without decoder layers has nothing to train)."
+        )
     values = {}
     for key in ("hidden_size", "num_attention_heads", "num_key_value_heads"):
         value = raw.get(key, getattr(SparseLlamaConfig, key, None))

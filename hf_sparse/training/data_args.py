@@ -1,6 +1,7 @@
 """The data keys of `train_hf.py` (`DataArguments`) and their checks: paths, formats
 and values, all before anything is loaded."""
 
+import codecs
 import glob
 import gzip
 import os
@@ -118,6 +119,31 @@ def _only_whitespace(path: str, compressed: bool) -> bool:
     return True
 
 
+# Bytes of a text file decoded up front: enough to catch a file in the wrong encoding (which
+# `datasets` would otherwise report as a long chained traceback mid-load), cheap for a shard.
+_ENCODING_PROBE_BYTES = 1 << 20
+_BOMS = (
+    (codecs.BOM_UTF32_LE, "UTF-32"), (codecs.BOM_UTF32_BE, "UTF-32"),
+    (codecs.BOM_UTF16_LE, "UTF-16"), (codecs.BOM_UTF16_BE, "UTF-16"),
+)  # fmt: skip
+
+
+def _encoding_problem(path: str, compressed: bool) -> str | None:
+    """Why the start of a text file is not UTF-8 (None when it is)."""
+    opener = gzip.open if compressed else open
+    with opener(path, "rb") as handle:
+        head = handle.read(_ENCODING_PROBE_BYTES)
+    for bom, name in _BOMS:  # UTF-32 LE starts with the UTF-16 LE mark: longest first
+        if head.startswith(bom):
+            return f"it is {name} text (byte-order mark); convert it to UTF-8, e.g. iconv -f {name} -t UTF-8"
+    try:
+        codecs.getincrementaldecoder("utf-8")().decode(head, final=False)  # a character cut at the end is fine
+    except UnicodeDecodeError as err:
+        return (f"it is not UTF-8 text (byte 0x{head[err.start]:02x} at offset {err.start} does not decode; "
+                "binary data or another encoding); convert it to UTF-8")  # fmt: skip
+    return None
+
+
 def _resolve_files(key: str, paths: list[str]) -> list[str]:
     """Expanded, checked file list for `key`; raises a one-line ValueError naming `key`."""
     resolved = []
@@ -152,6 +178,10 @@ def _resolve_files(key: str, paths: list[str]) -> list[str]:
                 raise _data_error(key, f"{match!r} is empty (0 bytes)")
             if blank:
                 raise _data_error(key, f"{match!r} is empty (only whitespace)")
+            if SUPPORTED_EXTENSIONS[ext] in _TEXT_LIKE_BUILDERS:
+                problem = _encoding_problem(match, compressed=ext.endswith(".gz"))
+                if problem:
+                    raise _data_error(key, f"{match!r}: {problem}")
             resolved.append(match)
     builders = {SUPPORTED_EXTENSIONS[_extension(p)] for p in resolved}
     if len(builders) > 1:

@@ -50,6 +50,8 @@ def _parse_cli_value(text: str):
 
 
 def read_run_json(path: str) -> dict:
+    if os.path.isdir(path):
+        raise ConfigError(f"config file {path!r} is a directory; give a run JSON such as configs/quickstart.json.")
     if not os.path.isfile(path):
         raise ConfigError(f"config file {path!r} does not exist.")
     with open(path, encoding="utf-8") as handle:
@@ -237,6 +239,9 @@ def parse_run_config(argv: list[str]) -> RunConfig:
     # Before TrainingArguments: building them already sets up accelerate's distributed state.
     check_launch_environment(data)
 
+    # Every parameter of every sparse_llama mode takes part in each forward, so DDP need not
+    # search the graph for unused ones (its default does, and says so on every rank).
+    data.setdefault("ddp_find_unused_parameters", False)
     if "use_cpu" not in data and not torch.cuda.is_available():
         # Without this, each torchrun rank on a GPU-less machine would train alone.
         data["use_cpu"] = True
