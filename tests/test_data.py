@@ -505,7 +505,8 @@ def _bad_cases(tmp_path):
         "both_sources": (dict(train_files=good, dataset_name="allenai/c4"), "train_files", "dataset_name"),
         "validation_only": (dict(validation_files=good), "validation_files", "without train_files"),
         "max_length": (dict(max_length=1), "max_length", "at least 2"),
-        "split_pct": (dict(validation_split_percentage=0), "validation_split_percentage", "between 0 and 100"),
+        "split_pct": (dict(validation_split_percentage=-1), "validation_split_percentage", "at least 0"),
+        "split_pct_100": (dict(validation_split_percentage=100), "validation_split_percentage", "below 100"),
         "max_eval": (dict(max_eval_samples=0), "max_eval_samples", "at least 1"),
         "vocab": (dict(tokenizer_vocab_size=100), "tokenizer_vocab_size", "258"),
         "mixed": (dict(train_files=[good, f"{p}/lines.txt"]), "train_files", "mixes file formats"),
@@ -517,7 +518,7 @@ def _bad_cases(tmp_path):
 
 CASES = ["missing", "missing_glob", "empty", "empty_parquet", "blank", "extension", "directory",
          "both_sources", "validation_only", "max_length", "split_pct", "max_eval", "vocab", "mixed",
-         "utf16", "binary", "latin1_gz"]
+         "utf16", "binary", "latin1_gz", "split_pct_100"]
 
 
 @pytest.mark.parametrize("case", CASES)
@@ -580,3 +581,12 @@ def test_dataset_name_without_validation_split_is_hash_split(tok, tmp_path):
     assert 10 < len(val_docs) < 60
     assert _ids(val_ds) == _expected_blocks(tok, val_docs, 16)
     assert _ids(train_ds) == _expected_blocks(tok, [d for d in docs if d not in val_docs], 16)
+
+
+def test_validation_split_percentage_zero_means_no_validation_split(tok, tmp_path):
+    path = _write_jsonl(tmp_path / "docs.jsonl", [f"document number {i} " * 20 for i in range(40)])
+    whole, _ = D.build_datasets(data_args.DataArguments(train_files=path, max_length=16, validation_split_percentage=1), tok)
+    train, val = D.build_datasets(data_args.DataArguments(train_files=path, max_length=16, validation_split_percentage=0), tok)
+    assert val is None and len(train) >= len(whole)  # every document trains
+    _, embedded_val = D.build_datasets(data_args.DataArguments(max_length=64, validation_split_percentage=0), tok)
+    assert embedded_val is None

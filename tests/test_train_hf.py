@@ -207,6 +207,16 @@ def test_a_mostly_dense_schedule_warns_with_the_numbers(tmp_path, caplog):
     assert not [r for r in caplog.records if "optimizer steps are sparse" in r.getMessage()]
 
 
+def test_no_validation_split_needs_evaluation_off(tmp_path):
+    from hf_sparse.training.run_config import parse_run_config
+
+    with pytest.raises(ConfigError, match=r"eval_strategy='steps' needs validation data, but validation_split_percentage is 0"):
+        train_hf.main([_bad(tmp_path, validation_split_percentage=0)])
+    assert not (tmp_path / "run").exists()
+    run = parse_run_config([_bad(tmp_path, validation_split_percentage=0, eval_strategy="no")])
+    assert run.data_args.validation_split_percentage == 0
+
+
 def test_bad_input_from_the_command_line_is_one_line(tmp_path):
     config = _bad(tmp_path, squ_relu="gelu")
     proc = subprocess.run([sys.executable, os.path.join(REPO_ROOT, "train_hf.py"), config],

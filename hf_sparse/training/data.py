@@ -101,7 +101,8 @@ def _tokenize_and_pack(dataset, tokenizer, text_column: str, max_length: int):
 
 
 def build_datasets(args: DataArguments, tokenizer, *, seed: int = 42):
-    """(train_dataset, eval_dataset) of packed blocks `{"input_ids", "labels"}`.
+    """(train_dataset, eval_dataset) of packed blocks `{"input_ids", "labels"}`; eval_dataset
+    is None with validation_split_percentage 0 and no other validation data.
 
     `datasets.Dataset` objects, or `datasets.IterableDataset` ones with `args.streaming`
     (tokenized lazily; the training stream shuffled with `seed`).
@@ -116,8 +117,11 @@ def build_datasets(args: DataArguments, tokenizer, *, seed: int = 42):
     if not args.dataset_name and not args.train_files:
         logger.info("No dataset given: using the embedded default corpus (Python standard library sources)")
         train, val = _embedded_datasets(tokenizer, max_length)
+        if args.validation_split_percentage == 0:
+            val = None  # no validation split, as asked
         if args.streaming:
-            train, val = train.to_iterable_dataset(), val.to_iterable_dataset()
+            train = train.to_iterable_dataset()
+            val = val.to_iterable_dataset() if val is not None else None
     else:
         if args.train_files:
             docs_train, train_column = _load_files("train_files", args.train_files, args.streaming, args.text_column)
@@ -131,27 +135,28 @@ def build_datasets(args: DataArguments, tokenizer, *, seed: int = 42):
             val_column = args.text_column
         if args.validation_files:
             docs_val, val_column = _load_files("validation_files", args.validation_files, args.streaming, args.text_column)
-        elif docs_val is None:
+        elif docs_val is None and args.validation_split_percentage > 0:
             docs_train, docs_val = _split_by_hash(docs_train, train_column, args.validation_split_percentage)
             val_column = train_column
         train = _tokenize_and_pack(docs_train, tokenizer, train_column, max_length)
-        val = _tokenize_and_pack(docs_val, tokenizer, val_column, max_length)
+        val = _tokenize_and_pack(docs_val, tokenizer, val_column, max_length) if docs_val is not None else None
 
     if isinstance(train, datasets.IterableDataset):
         if args.shuffle_buffer_size > 0:
             # After packing: blocks (not documents) are shuffled, and shard order with them.
             train = train.shuffle(seed=seed, buffer_size=args.shuffle_buffer_size)
-        if args.max_eval_samples is not None:
+        if args.max_eval_samples is not None and val is not None:
             val = val.take(args.max_eval_samples)
         return train, val
 
-    if args.max_eval_samples is not None and len(val) > args.max_eval_samples:
+    if val is not None and args.max_eval_samples is not None and len(val) > args.max_eval_samples:
         val = val.select(range(args.max_eval_samples))
     if len(train) == 0:
         raise ValueError(f"training data yields no full block of max_length={max_length} tokens")
-    if len(val) == 0:
+    if val is not None and len(val) == 0:
         logger.warning("Validation data yields no full block of max_length=%d tokens: evaluation is empty", max_length)
     logger.info(
-        "Packed %d training and %d validation blocks of %d tokens", len(train), len(val), max_length
+        "Packed %d training and %s validation blocks of %d tokens", len(train), len(val) if val is not None else "no",
+        max_length,
     )
     return train, val

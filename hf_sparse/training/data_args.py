@@ -69,7 +69,8 @@ class DataArguments:
         default=1.0,
         metadata={"help": "Percent of training documents held out for validation when no validation "
                   "files or split exist. Chosen by a hash of each document's text: stable "
-                  "across runs and processes, streaming or not."},
+                  "across runs and processes, streaming or not. 0: no validation split (evaluation "
+                  "then needs validation_files, or eval_strategy 'no')."},
     )
     max_eval_samples: int | None = field(
         default=None, metadata={"help": "Keep at most this many validation blocks (the first ones)."}
@@ -205,9 +206,10 @@ def validate_data_args(args: DataArguments) -> None:
         )
     if args.dataset_config_name and not args.dataset_name:
         raise _data_error("dataset_config_name", "given without dataset_name")
-    if not 0 < args.validation_split_percentage < 100:
+    if not 0 <= args.validation_split_percentage < 100:
         raise _data_error(
-            "validation_split_percentage", f"{args.validation_split_percentage} must be between 0 and 100 (exclusive)"
+            "validation_split_percentage",
+            f"{args.validation_split_percentage} must be at least 0 (0: no validation split) and below 100",
         )
     if args.max_eval_samples is not None and args.max_eval_samples < 1:
         raise _data_error("max_eval_samples", f"{args.max_eval_samples} must be at least 1 (or None for all)")

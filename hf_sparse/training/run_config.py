@@ -269,6 +269,16 @@ def parse_run_config(argv: list[str]) -> RunConfig:
         validate_data_args(data_args)
     except ValueError as err:
         raise ConfigError(str(err)) from None
+    eval_strategy = getattr(training_args.eval_strategy, "value", training_args.eval_strategy)
+    no_validation = (
+        data_args.validation_split_percentage == 0 and not data_args.validation_files and not data_args.dataset_name
+    )
+    if no_validation and eval_strategy != "no":
+        raise ConfigError(
+            f"eval_strategy={eval_strategy!r} needs validation data, but validation_split_percentage is 0 (no "
+            "validation split) and no validation_files are given; set eval_strategy to 'no', give "
+            "validation_files, or a validation_split_percentage above 0."
+        )
     if data_args.max_length > model_config.max_position_embeddings:
         raise ConfigError(
             f"max_length={data_args.max_length} is larger than the model's max_position_embeddings="
