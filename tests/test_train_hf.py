@@ -217,6 +217,13 @@ def test_no_validation_split_needs_evaluation_off(tmp_path):
     assert run.data_args.validation_split_percentage == 0
 
 
+def test_output_dir_that_cannot_be_written_is_one_line(tmp_path):
+    # /proc refuses new folders even to root (a chmod would not stop root).
+    with pytest.raises(ConfigError, match=r"output_dir: '/proc/hf_sparse_run/out' cannot be written \(.* in '/proc'\)"):
+        train_hf.main([_bad(tmp_path, output_dir="/proc/hf_sparse_run/out")])
+    assert not any(name.startswith(".hf_sparse_write_probe_") for name in os.listdir(tmp_path))
+
+
 def test_bad_input_from_the_command_line_is_one_line(tmp_path):
     config = _bad(tmp_path, squ_relu="gelu")
     proc = subprocess.run([sys.executable, os.path.join(REPO_ROOT, "train_hf.py"), config],

@@ -5,6 +5,7 @@ only trip over mid-run (batch sizes, step counts, schedules, head counts, output
 import dataclasses
 import logging
 import os
+import tempfile
 
 import torch
 from transformers import TrainingArguments
@@ -166,6 +167,16 @@ def check_output_dir_path(output_dir: str | None) -> None:
     if not os.path.isdir(path):
         where = "is an existing file" if path == target else f"is below the file {path!r}"
         raise ConfigError(f"output_dir: {output_dir!r} {where}; output_dir must be a directory (existing or new).")
+    # Can the run write there? Probe with a scratch folder in the nearest existing one and
+    # remove it: nothing is left behind, and root's access() answers would be no answer.
+    try:
+        probe = tempfile.mkdtemp(prefix=".hf_sparse_write_probe_", dir=path)
+    except OSError as err:
+        raise ConfigError(
+            f"output_dir: {output_dir!r} cannot be written ({err.strerror or err} in {path!r}); choose a folder "
+            "you can write to."
+        ) from None
+    os.rmdir(probe)
 
 
 def _divisors(n: int) -> list[int]:
