@@ -22,6 +22,19 @@ if REPO_ROOT not in sys.path:
     sys.path.insert(0, REPO_ROOT)
 
 
+# First lines of a subprocess script that must run without hf_sparse: it is hidden even
+# where it is installed (pip install .), so the checkpoint's own files are all there is.
+WITHOUT_HF_SPARSE = (
+    "import sys\n"
+    "sys.modules['hf_sparse'] = None  # import hf_sparse now raises ImportError\n"
+    "try:\n"
+    "    import hf_sparse\n"
+    "    raise AssertionError('hf_sparse must not be importable here')\n"
+    "except ImportError:\n"
+    "    pass\n"
+)
+
+
 def tiny_config(**overrides):
     """A 2-layer, hidden-32 sparse_llama config (LlamaModelTester-sized)."""
     from hf_sparse import SparseLlamaConfig

@@ -12,6 +12,7 @@ import time
 import pytest
 
 from hf_sparse.training.checkpoints import is_complete_checkpoint, last_complete_checkpoint
+from tests.conftest import WITHOUT_HF_SPARSE  # noqa: E402
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TRAIN = os.path.join(REPO_ROOT, "train_hf.py")
@@ -131,8 +132,7 @@ def test_checkpoint_is_hub_ready_and_generates_without_hf_sparse(tmp_path):
 
     script = textwrap.dedent(
         f"""
-        import importlib.util, torch
-        assert importlib.util.find_spec("hf_sparse") is None
+        import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
         path = {str(checkpoint)!r}
         model = AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True).eval()
@@ -145,7 +145,7 @@ def test_checkpoint_is_hub_ready_and_generates_without_hf_sparse(tmp_path):
     )
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     env["HF_MODULES_CACHE"] = str(tmp_path / "modules")
-    result = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True,
+    result = subprocess.run([sys.executable, "-c", WITHOUT_HF_SPARSE + script], cwd=tmp_path, env=env, capture_output=True, text=True,
                             timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "GENERATED" in result.stdout

@@ -6,6 +6,7 @@ import glob
 import json
 import logging
 import os
+import shutil
 import re
 import sys
 import types
@@ -162,6 +163,40 @@ def test_changed_world_size_and_warmup_warn(base_run):
     expected = 0.003 * 0.5 * (1 + torch.cos(torch.tensor(torch.pi * 3 / 6)).item())
     for message in messages[:2]:
         assert f"to {expected:.3g} at step 6 (with the other schedule changes)" in message
+
+
+def test_batch_growth_skips_and_shrinkage_repeats(base_run):
+    checkpoint = str(base_run / "base" / "checkpoint-4")
+    old, step = resume_check.checkpoint_settings(checkpoint)
+    bigger = resume_check.resume_warnings(old, dataclasses.replace(old, per_device_train_batch_size=8), step, None)
+    smaller = resume_check.resume_warnings(old, dataclasses.replace(old, per_device_train_batch_size=2), step, None)
+    assert bigger[-1].endswith("so sequences are skipped") and smaller[-1].endswith("so sequences are repeated")
+
+
+def test_max_steps_at_the_checkpoint_step_leaves_nothing(base_run):
+    checkpoint = str(base_run / "base" / "checkpoint-4")
+    old, step = resume_check.checkpoint_settings(checkpoint)
+    old = dataclasses.replace(old, max_steps=2 * step)  # as if written at step 4 of an 8-step run
+    at = resume_check.resume_warnings(old, dataclasses.replace(old, max_steps=step), step, None)
+    after = resume_check.resume_warnings(old, dataclasses.replace(old, max_steps=step + 1), step, None)
+    assert "the checkpoint is already at step 4, nothing is left to train" in at[0]
+    assert "nothing is left to train" not in after[0]
+
+
+def test_world_size_of_a_two_rank_checkpoint(base_run, tmp_path):
+    # A checkpoint written by 2 ranks holds rng_state_0.pth and rng_state_1.pth (the test
+    # runs' checkpoints are all single-process): its world size is 2, so resuming on 2 says nothing.
+    two_rank = tmp_path / "checkpoint-4"
+    shutil.copytree(base_run / "base" / "checkpoint-4", two_rank)
+    os.remove(two_rank / "training_args.bin")  # the rng files are then the only witness
+    rng = two_rank / "rng_state.pth"
+    shutil.copy(rng, two_rank / "rng_state_0.pth")
+    shutil.copy(rng, two_rank / "rng_state_1.pth")
+    os.remove(rng)
+    old, step = resume_check.checkpoint_settings(str(two_rank))
+    assert old.world_size == 2
+    same = dataclasses.replace(old, world_size=2)
+    assert not [m for m in resume_check.resume_warnings(old, same, step, None) if "world_size" in m]
 
 
 def test_training_args_bin_is_read_without_running_it(base_run, tmp_path):

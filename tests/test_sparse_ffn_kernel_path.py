@@ -87,6 +87,30 @@ def test_kernel_branch_matches_reference_float64(emulated_cusparselt_wide, metho
         assert len(emu.mm_calls) == 4
 
 
+def test_model_width_not_a_multiple_of_16_takes_the_plain_path(emulated_cusparselt):
+    # F = 40 is 2:4-able (a multiple of 4) but not cuSPARSELt-aligned: the op must not hand
+    # it to the kernel (the emulator, like the library, refuses such operands).
+    x, w_up, w_down, dy = make_inputs(t=32, d=32, f=40, dtype=torch.bfloat16, seed=26)
+    got = run_op(x, w_up, w_down, dy)
+    assert emulated_cusparselt.mm_calls == [] and emulated_cusparselt.compressed == []
+    kernels.set_kernel_override(False)
+    for a, b in zip(got, run_op(x, w_up, w_down, dy)):
+        assert torch.equal(a, b)
+
+
+def test_nan_in_dy_reaches_every_weight_gradient_row():
+    """Token-wise 2:4 of dy1 ranks NaN highest: a NaN in one token's output gradient must
+    survive into dW_up (ranked lowest, it would be dropped from any group where two other
+    tokens are non-zero, and vanish silently). On the plain path dy1 = dy2 ⊙ g keeps
+    0·NaN = NaN, so token 5's whole dy1 row is NaN and so is every row of dW_up."""
+    x, w_up, w_down, dy = make_inputs(t=32, d=16, f=64, seed=33)
+    dy[5, 3] = float("nan")  # dy2 = dy·W_down is NaN across token 5's row
+    for backward in ("naive", "split_gemm"):
+        _, _, dw_up, dw_down = run_op(x, w_up, w_down, dy, backward=backward)
+        assert bool(dw_up.isnan().any(dim=1).all()), backward
+        assert bool(dw_down.isnan().any()), backward
+
+
 def test_dense_feature_count_is_aligned_on_the_kernel_path():
     # The ceil rule is the lower bound; the cuSPARSELt path rounds up to 8 (16 bytes of bf16).
     assert [kernels.aligned_dense_count(n, 64) for n in (0, 1, 4, 8, 9, 60, 64)] == [0, 8, 8, 8, 16, 64, 64]

@@ -15,6 +15,7 @@ REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO_ROOT)
 import train_hf  # noqa: E402
 from hf_sparse.training.run_args import ConfigError  # noqa: E402
+from tests.conftest import WITHOUT_HF_SPARSE  # noqa: E402
 
 TINY_MODEL = os.path.join(REPO_ROOT, "configs", "llama_tiny.json")
 
@@ -114,8 +115,7 @@ def test_cli_overrides_and_checkpoint_loads_without_hf_sparse(tmp_path):
     torch.save({"ids": ids, "logits": expected}, tmp_path / "expected.pt")
     script = textwrap.dedent(
         f"""
-        import importlib.util, torch
-        assert importlib.util.find_spec("hf_sparse") is None
+        import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
         model = AutoModelForCausalLM.from_pretrained({str(run_dir)!r}, trust_remote_code=True).eval()
         tok = AutoTokenizer.from_pretrained({str(run_dir)!r})
@@ -128,7 +128,7 @@ def test_cli_overrides_and_checkpoint_loads_without_hf_sparse(tmp_path):
     )
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     env["HF_MODULES_CACHE"] = str(tmp_path / "modules")
-    result = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    result = subprocess.run([sys.executable, "-c", WITHOUT_HF_SPARSE + script], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "REMOTE_OK" in result.stdout
 
@@ -222,6 +222,21 @@ def test_output_dir_that_cannot_be_written_is_one_line(tmp_path):
     with pytest.raises(ConfigError, match=r"output_dir: '/proc/hf_sparse_run/out' cannot be written \(.* in '/proc'\)"):
         train_hf.main([_bad(tmp_path, output_dir="/proc/hf_sparse_run/out")])
     assert not any(name.startswith(".hf_sparse_write_probe_") for name in os.listdir(tmp_path))
+
+
+def test_boundaries_that_are_valid(tmp_path):
+    from hf_sparse.training.config_checks import check_sparse_schedule
+    from hf_sparse.training.run_config import parse_run_config
+    from tests.conftest import tiny_config
+
+    # A block as long as the model's positions is fine (1024/1024 in the real recipes).
+    positions = json.loads(open(TINY_MODEL).read())["max_position_embeddings"]
+    assert parse_run_config([_bad(tmp_path, max_length=positions)]).data_args.max_length == positions
+    # A dense tail as long as the run is fine for 2:4 activations (weight 2:4 needs a sparse step).
+    check_sparse_schedule(tiny_config(activation_2by4=True, activation_dense_finetune=True,
+                                      sparse_dense_finetune_steps=4), 4)  # fmt: skip
+    with pytest.raises(ConfigError, match="sparse_dense_finetune_steps=5 is larger than max_steps=4"):
+        check_sparse_schedule(tiny_config(activation_2by4=True, sparse_dense_finetune_steps=5), 4)
 
 
 def test_bad_input_from_the_command_line_is_one_line(tmp_path):

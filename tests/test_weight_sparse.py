@@ -93,6 +93,35 @@ def test_master_gradient_is_straight_through_plus_masked_decay(decay):
     torch.testing.assert_close(x.grad, dy @ (s * scale), rtol=1e-12, atol=1e-12)
 
 
+@pytest.mark.parametrize("decay", [0.0, 0.3])
+def test_effective_weight_path_gives_the_same_master_gradient(decay):
+    # The 2:4 FFN op differentiates through effective_weight(), not through linear(x): the
+    # straight-through gradient and the masked decay (its sign included) must match there too.
+    torch.manual_seed(2)
+    linear = Sparse24Linear(32, 16, masked_decay=decay).double()
+    grad_effective = torch.randn(16, 32, dtype=F64)
+    linear.effective_weight().backward(grad_effective)
+    w = linear.weight.detach()
+    _, mask = reference_2to4(w, "s_ste")
+    expected = linear.weight_2by4_scale.to(F64) * grad_effective + decay * w * (~mask)
+    torch.testing.assert_close(linear.weight.grad, expected, rtol=1e-12, atol=1e-12)
+
+
+def test_mvue_weight_gradient_is_2to4_along_tokens():
+    # With x the identity, dW = g2ᵀ: the MVUE-sparsified output gradient itself. Its 2:4
+    # groups must run along tokens (4 consecutive tokens of one output feature), not features.
+    torch.manual_seed(5)
+    tokens = 16
+    w = torch.randn(8, tokens, dtype=F64, requires_grad=True)
+    dy = torch.randn(tokens, 8, dtype=F64)
+    sparse_linear(torch.eye(tokens, dtype=F64), w, torch.ones(()), "ste", grad_mvue=True).backward(dy)
+    g2 = w.grad.t()  # (tokens, out)
+    along_tokens = (g2.reshape(tokens // 4, 4, 8) != 0).sum(1)
+    along_features = (g2.reshape(tokens, 2, 4) != 0).sum(-1)
+    assert along_tokens.max() <= 2
+    assert along_features.max() > 2  # a dense random gradient is not 2:4 along features
+
+
 def test_mvue_weight_gradient_is_unbiased():
     torch.manual_seed(3)
     w = torch.randn(8, 16, dtype=F64, requires_grad=True)
