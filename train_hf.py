@@ -10,7 +10,9 @@ keys of this script (see README). This file is wiring only; the logic lives in h
 
 import logging
 import os
+import shlex
 import shutil
+import signal
 import sys
 
 import transformers
@@ -31,6 +33,7 @@ from hf_sparse.training.evaluation import build_compute_metrics, preprocess_logi
 from hf_sparse.training.launch_checks import check_hub_access
 from hf_sparse.training.loro import LoroCallback, build_loro_optimizer_and_scheduler
 from hf_sparse.training.numerics import NonFiniteError, NumericsGuardCallback
+from hf_sparse.training.preemption import PreemptionCallback
 from hf_sparse.training.resume_check import final_step_eval, warn_on_resume_changes
 from hf_sparse.training.run_args import ConfigError, LaunchError
 from hf_sparse.training.run_config import parse_run_config
@@ -143,7 +146,8 @@ def main(argv: list[str]) -> dict:
 
     optimizers = (None, None)
     guard = NumericsGuardCallback(run.script_args.nonfinite_policy)
-    extra_callbacks = [guard]
+    preemption = PreemptionCallback()
+    extra_callbacks = [guard, preemption]
     if run.script_args.optimizer == "loro_adamw":
         optimizers = build_loro_optimizer_and_scheduler(model, args, run.script_args)
         extra_callbacks.append(LoroCallback())
@@ -173,6 +177,10 @@ def main(argv: list[str]) -> dict:
         # The Trainer resumes silently with a new max_steps, schedule or batch size.
         warn_on_resume_changes(resume, args, run.script_args)
     train_result = trainer.train(resume_from_checkpoint=resume)
+    if preemption.exit_code is not None:
+        # A checkpoint of the last step is written; nothing else is, so the run does not
+        # look finished (no final model, no trainer_state.json in output_dir).
+        raise Preempted(preemption, args)
     if guard.failure:
         trainer.save_state()  # keep the log history for the post-mortem; no model is saved
         raise NonFiniteError(guard.failure)
@@ -206,6 +214,37 @@ def main(argv: list[str]) -> dict:
         except NotARunError as err:
             logger.info("no sparsity report: %s", err)
     return metrics
+
+
+class Preempted(Exception):
+    """SIGTERM or Ctrl-C stopped the run after a checkpoint; carries the exit code and the
+    one line that says how to resume."""
+
+    def __init__(self, preemption: PreemptionCallback, args):
+        checkpoint = os.path.join(args.output_dir, f"checkpoint-{preemption.stopped_at}")
+        argv = _without_resume_flag(sys.argv[1:]) + ["--resume_from_checkpoint", "true"]
+        command = " ".join(shlex.quote(a) for a in ["python", sys.argv[0], *argv])
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            command += " (with the same launcher: torchrun / accelerate launch ...)"
+        name = signal.Signals(preemption.signal_received).name
+        super().__init__(
+            f"stopped by {name} after step {preemption.stopped_at}; {checkpoint} is complete. Resume with: {command}"
+        )
+        self.exit_code = preemption.exit_code
+
+
+def _without_resume_flag(argv: list[str]) -> list[str]:
+    out, skip = [], False
+    for token in argv:
+        if skip:
+            skip = False
+            continue
+        if token == "--resume_from_checkpoint":
+            skip = True
+            continue
+        if not token.startswith("--resume_from_checkpoint="):
+            out.append(token)
+    return out
 
 
 def _wait_for_all_ranks() -> None:
@@ -242,6 +281,15 @@ def cli() -> None:
         if isinstance(err, LaunchError) and os.environ.get("RANK", "0") != "0":
             sys.exit(1)  # the same verdict in every rank: rank 0 says it once
         sys.exit(f"train_hf.py: error: {err}")
+    except Preempted as stop:
+        if os.environ.get("RANK", "0") == "0":
+            print(f"train_hf.py: {stop}", file=sys.stderr)
+        sys.exit(stop.exit_code)
+    except KeyboardInterrupt:
+        # A second Ctrl-C (or one before training started): stop now, without a traceback.
+        print("train_hf.py: interrupted (Ctrl-C); resume from the last finished checkpoint with "
+              "--resume_from_checkpoint true", file=sys.stderr)  # fmt: skip
+        sys.exit(130)
     finally:
         _close_process_group()
 

@@ -106,6 +106,62 @@ def test_sigkill_then_resume_continues_the_same_trajectory(tmp_path):
     assert sorted(os.listdir(full_dir)) == entries  # no checkpoint-25, nothing new
 
 
+def _stop_after_logged_steps(proc, steps: int, signals) -> None:
+    """Send ``signals`` (one after the other) once the run has printed ``steps`` log rows."""
+    seen = 0
+    for line in proc.stdout:
+        if "'loss'" in line:
+            seen += 1
+            if seen == steps:
+                for signum in signals:
+                    proc.send_signal(signum)
+                    time.sleep(0.05)
+                break
+    proc.stdout.read()  # drain, so the child never blocks on a full pipe
+
+
+def test_sigterm_stops_after_a_checkpoint_and_resume_continues_exactly(tmp_path):
+    """SIGTERM (preemption) finishes the step, writes a complete checkpoint, says how to
+    resume in one line and exits 143; the resumed run then reproduces the uninterrupted one
+    exactly. No periodic checkpoints here: the signal's is the only one. A Ctrl-C pressed
+    twice stops at once (130, one line, no traceback)."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    steps = 12
+    full = subprocess.run([sys.executable, TRAIN, _config(tmp_path, "full", max_steps=steps, save_strategy="no")],
+                          cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert full.returncode == 0, full.stderr[-3000:]
+    config = _config(tmp_path, "stopped", max_steps=steps, save_strategy="steps", save_steps=1000)
+    proc = subprocess.Popen([sys.executable, TRAIN, config], cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)  # fmt: skip
+    _stop_after_logged_steps(proc, 3, [signal.SIGTERM])
+    stderr = proc.stderr.read()
+    assert proc.wait(timeout=300) == 143, stderr[-3000:]
+    stopped_dir = tmp_path / "stopped"
+    checkpoint = last_complete_checkpoint(str(stopped_dir))
+    assert checkpoint is not None, stderr[-3000:]
+    stopped_at = int(checkpoint.rsplit("-", 1)[1])
+    assert 3 <= stopped_at < steps
+    last = stderr.strip().splitlines()[-1]
+    assert last.startswith(f"train_hf.py: stopped by SIGTERM after step {stopped_at}; "), last
+    assert f"{checkpoint} is complete. Resume with: python " in last and last.endswith("--resume_from_checkpoint true")
+    assert "Traceback" not in stderr
+    # Nothing looks finished: no final model, no trainer_state.json at the top.
+    assert not (stopped_dir / "model.safetensors").exists() and not (stopped_dir / "trainer_state.json").exists()
+
+    resumed = subprocess.run([sys.executable, TRAIN, config, "--resume_from_checkpoint", "true"],
+                             cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=600)  # fmt: skip
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    expected, got = _losses(tmp_path / "full"), _losses(stopped_dir)
+    assert [got[s] for s in range(stopped_at + 1, steps + 1)] == [expected[s] for s in range(stopped_at + 1, steps + 1)]
+
+    twice = subprocess.Popen([sys.executable, TRAIN, _config(tmp_path, "twice", max_steps=1000)], cwd=REPO_ROOT,
+                             env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
+    _stop_after_logged_steps(twice, 2, [signal.SIGINT, signal.SIGINT])
+    stderr = twice.stderr.read()
+    assert twice.wait(timeout=120) == 130, stderr[-3000:]
+    assert stderr.strip().splitlines()[-1].startswith("train_hf.py: interrupted (Ctrl-C)") and "Traceback" not in stderr
+
+
 def test_resuming_a_missing_checkpoint_is_one_line_and_writes_nothing(tmp_path):
     import train_hf
     from hf_sparse.training.run_args import ConfigError
