@@ -92,3 +92,57 @@ def test_fsdp_full_shard_telemetry_and_2to4_gradients(tmp_path, variant):
         expected = {k: v for k, v in expected.items() if k not in weight_keys}
     assert got == pytest.approx(expected, abs=1e-12)
     assert max(result["grad_errors"].values()) < 1e-5, result["grad_errors"]
+
+
+def _children(pid: int) -> list[int]:
+    with open(f"/proc/{pid}/task/{pid}/children") as handle:
+        return [int(p) for p in handle.read().split()]
+
+
+def _rank_of(pid: int) -> str | None:
+    with open(f"/proc/{pid}/environ", "rb") as handle:
+        env = dict(item.split(b"=", 1) for item in handle.read().split(b"\0") if b"=" in item)
+    return env.get(b"RANK", b"").decode() or None
+
+
+@pytest.mark.parametrize("target", ["one_rank", "launcher"])
+def test_two_processes_stop_together_on_sigterm(tmp_path, target):
+    """SIGTERM to one rank only, or to torchrun (which passes it on): both ranks stop after
+    the same step with one complete checkpoint, nobody hangs, rank 0 says how to resume."""
+    import signal
+
+    from hf_sparse.training.checkpoints import last_complete_checkpoint
+
+    config = {
+        "model_config": os.path.join(REPO_ROOT, "configs", "llama_tiny.json"), "squ_relu": "relu2",
+        "max_length": 32, "output_dir": str(tmp_path / "run"), "max_steps": 10000, "per_device_train_batch_size": 4,
+        "logging_steps": 1, "eval_strategy": "no", "save_strategy": "steps", "save_steps": 100000, "report_to": [],
+        "disable_tqdm": True,
+    }  # fmt: skip
+    path = tmp_path / "run.json"
+    path.write_text(json.dumps(config))
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+         os.path.join(REPO_ROOT, "train_hf.py"), str(path)],
+        cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )  # fmt: skip
+    output = []
+    for line in proc.stdout:
+        output.append(line)
+        if sum("'loss'" in seen for seen in output) == 2:
+            break
+    if target == "launcher":
+        proc.send_signal(signal.SIGTERM)
+    else:
+        workers = {_rank_of(pid): pid for pid in _children(proc.pid)}
+        os.kill(workers["1"], signal.SIGTERM)
+    output.append(proc.stdout.read())
+    proc.wait(timeout=120)  # no rank left waiting in a collective
+    text = "".join(output)
+    checkpoint = last_complete_checkpoint(str(tmp_path / "run"))
+    assert checkpoint is not None, text[-4000:]
+    step = int(checkpoint.rsplit("-", 1)[1])
+    assert f"train_hf.py: stopped by SIGTERM after step {step}; {checkpoint} is complete." in text, text[-4000:]
+    assert text.count("stopped by SIGTERM") == 1  # said once, by rank 0
+    assert not (tmp_path / "run" / "model.safetensors").exists()
