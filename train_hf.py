@@ -180,7 +180,7 @@ def main(argv: list[str]) -> dict:
     if preemption.exit_code is not None:
         # A checkpoint of the last step is written; nothing else is, so the run does not
         # look finished (no final model, no trainer_state.json in output_dir).
-        raise Preempted(preemption, args)
+        raise Preempted(preemption, args, argv)
     if guard.failure:
         trainer.save_state()  # keep the log history for the post-mortem; no model is saved
         raise NonFiniteError(guard.failure)
@@ -220,10 +220,15 @@ class Preempted(Exception):
     """SIGTERM or Ctrl-C stopped the run after a checkpoint; carries the exit code and the
     one line that says how to resume."""
 
-    def __init__(self, preemption: PreemptionCallback, args):
+    def __init__(self, preemption: PreemptionCallback, args, argv: list[str]):
         checkpoint = os.path.join(args.output_dir, f"checkpoint-{preemption.stopped_at}")
-        argv = _without_resume_flag(sys.argv[1:]) + ["--resume_from_checkpoint", "true"]
-        command = " ".join(shlex.quote(a) for a in ["python", sys.argv[0], *argv])
+        argv = _without_resume_flag(list(argv)) + ["--resume_from_checkpoint", "true"]
+        invoked = os.path.basename(sys.argv[0])
+        if invoked == "hf-sparse-train":
+            prog = [invoked]
+        else:  # the script as it was run, or train_hf.py when main() was called from Python
+            prog = ["python", sys.argv[0] if invoked == "train_hf.py" else "train_hf.py"]
+        command = " ".join(shlex.quote(a) for a in [*prog, *argv])
         if int(os.environ.get("WORLD_SIZE", "1")) > 1:
             command += " (with the same launcher: torchrun / accelerate launch ...)"
         name = signal.Signals(preemption.signal_received).name
