@@ -446,6 +446,7 @@ def install(monkeypatch, allow_wide_dtypes: bool = False, cuda_rules: bool = Fal
     # Nor may per-shape GEMM verdicts, the tuning budget or the user's verdict file.
     tuning = importlib.import_module("hf_sparse.model.gemm_tuning")
     monkeypatch.setattr(tuning, "_choices", {})
+    monkeypatch.setattr(tuning, "_table_keys", {})
     monkeypatch.setattr(tuning, "_table_loaded", [])
     monkeypatch.setattr(tuning, "_budget", {"spent": 0.0, "warned": False})
     monkeypatch.setenv(tuning.TABLE_PATH_ENV, os.path.join(tempfile.mkdtemp(prefix="gemm_table_"), "table.json"))

@@ -130,6 +130,7 @@ def _default_timer(kind: str, alg_id: Optional[int], run: Callable[[], object]) 
 
 
 _choices: dict[str, GemmChoice] = {}
+_table_keys: dict[torch.device, str] = {}
 _lock = threading.Lock()
 _table_loaded: list[str] = []  # the table key whose file was read
 _budget = {"spent": 0.0, "warned": False}
@@ -145,6 +146,7 @@ def set_gemm_timer(timer: Optional[Callable]) -> None:
 def reset_gemm_choices() -> None:
     """Forget every verdict of this process and the spent budget (the file stays)."""
     _choices.clear()
+    _table_keys.clear()
     _table_loaded.clear()
     _budget.update(spent=0.0, warned=False)
 
@@ -174,14 +176,18 @@ def table_path() -> str:
 
 
 def table_key(device) -> str:
-    """GPU name + torch + cuSPARSELt versions: a verdict holds only for all three."""
+    """GPU name + torch + cuSPARSELt versions: a verdict holds only for all three. Cached per
+    device: every 2:4 GEMM call looks its verdict up under this key."""
     dev = torch.device(device)
-    name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else dev.type
-    try:
-        cslt = str(torch.backends.cusparselt.version())
-    except (AttributeError, RuntimeError):
-        cslt = "none"
-    return f"{name} | torch {torch.__version__} | cuSPARSELt {cslt}"
+    key = _table_keys.get(dev)
+    if key is None:
+        name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else dev.type
+        try:
+            cslt = str(torch.backends.cusparselt.version())
+        except (AttributeError, RuntimeError):
+            cslt = "none"
+        key = _table_keys[dev] = f"{name} | torch {torch.__version__} | cuSPARSELt {cslt}"
+    return key
 
 
 def _read_table(path: str, warn: bool = True) -> dict:
