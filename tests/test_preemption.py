@@ -3,9 +3,9 @@ end-to-end runs, one and two processes, are in test_resume.py and test_distribut
 
 import signal
 
-import pytest
 from transformers import TrainerControl, TrainerState
 
+from hf_sparse.training import preemption
 from hf_sparse.training.preemption import PreemptionCallback
 
 
@@ -24,16 +24,28 @@ def test_a_signal_means_save_after_this_step_and_stop():
         assert (callback.stopped_at, callback.exit_code) == (4, 143)
     finally:
         callback.on_train_end(None, state, control)
-    assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL  # the previous handler is back
+        callback._restore()
+    assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL
 
 
-def test_ctrl_c_once_stops_gently_twice_at_once():
+def test_handlers_are_restored_after_a_run_that_was_not_signalled():
+    callback = PreemptionCallback()
+    callback.on_train_begin(None, TrainerState(), TrainerControl())
+    assert signal.getsignal(signal.SIGTERM) == callback._handle
+    callback.on_train_end(None, TrainerState(), TrainerControl())
+    assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL
+
+
+def test_ctrl_c_once_stops_gently_twice_at_once(monkeypatch):
+    exits = []
+    monkeypatch.setattr(preemption.os, "_exit", exits.append)  # the second Ctrl-C ends the process
     callback = PreemptionCallback()
     callback.on_train_begin(None, TrainerState(), TrainerControl())
     try:
         signal.raise_signal(signal.SIGINT)
-        assert callback.exit_code == 130
-        with pytest.raises(KeyboardInterrupt):
-            signal.raise_signal(signal.SIGINT)
+        assert callback.exit_code == 130 and exits == []
+        signal.raise_signal(signal.SIGINT)
+        assert exits == [130]
     finally:
         callback.on_train_end(None, TrainerState(), TrainerControl())
+        callback._restore()

@@ -1,6 +1,6 @@
 """Preemption-safe training: SIGTERM (what SLURM and Kubernetes send before they kill a job)
 and the first Ctrl-C finish the optimizer step under way, write a complete checkpoint and
-stop; a second Ctrl-C stops at once.
+stop; a second Ctrl-C stops the process at once (exit 130, one line, no checkpoint).
 
 Every rank must stop after the same step, or the checkpoint's collectives would hang: a
 signal reaches the ranks at different moments (or only one of them), so at each step end
@@ -11,6 +11,7 @@ keeps the GPU stream free of syncs. Single-process runs read the flag directly.
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import threading
 
@@ -20,6 +21,10 @@ from transformers import TrainerCallback
 logger = logging.getLogger(__name__)
 
 EXIT_CODES = {signal.SIGTERM: 143, signal.SIGINT: 130}  # 128 + the signal number, as shells report
+_SECOND_CTRL_C = (
+    b"second Ctrl-C: stopped at once, without a checkpoint of this step; resume from the last finished "
+    b"checkpoint with --resume_from_checkpoint true\n"
+)
 
 
 class PreemptionCallback(TrainerCallback):
@@ -34,13 +39,18 @@ class PreemptionCallback(TrainerCallback):
         self.stopped_at: int | None = None
         self._previous = {}
         self._group = None
+        self._train_ended = False
 
     # ----- signal handling (main thread only; elsewhere the run just cannot be preempted)
 
     def _handle(self, signum, _frame):
         if self.signal_received is not None and signum == signal.SIGINT:
-            # A second Ctrl-C: the user wants out now, checkpoint or not.
-            raise KeyboardInterrupt
+            # A second Ctrl-C: the user wants out now, checkpoint or not. Exit right here: a
+            # KeyboardInterrupt raised into whatever runs (a C++ backward, a library's own
+            # handler) can surface as stray tracebacks before it reaches the script.
+            if not self._train_ended:  # after it, the checkpoint is written and said: end quietly
+                os.write(2, _SECOND_CTRL_C)
+            os._exit(EXIT_CODES[signal.SIGINT])
         if self.signal_received is None:
             self.signal_received = signum
             logger.warning(
@@ -80,6 +90,7 @@ class PreemptionCallback(TrainerCallback):
     def on_train_begin(self, args, state, control, **kwargs):
         self.signal_received = None
         self.stopped_at = None
+        self._train_ended = False
         self._install()
 
     def on_step_end(self, args, state, control, **kwargs):
@@ -89,7 +100,13 @@ class PreemptionCallback(TrainerCallback):
             self.stopped_at = state.global_step
 
     def on_train_end(self, args, state, control, **kwargs):
-        self._restore()
+        self._train_ended = True
+        if self.signal_received is None:
+            self._restore()
+        # After a signal the handlers stay: the process is on its way out (train_hf.py exits
+        # 143/130), and a Ctrl-C pressed meanwhile must end it quietly, not as a
+        # KeyboardInterrupt raised into the interpreter's shutdown. This callback is for
+        # scripts; train_hf.py adds it, SparsityCallback does not.
 
     @property
     def exit_code(self) -> int | None:
