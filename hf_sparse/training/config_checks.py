@@ -90,8 +90,8 @@ def check_fp8_support(config: SparseLlamaConfig, use_cpu: bool) -> None:
     reason = fp8_ineligibility_reason(device)
     if reason is not None:
         raise ConfigError(
-            f"activation_2by4_fp8=True needs FP8 2:4 GEMMs (an sm90 GPU such as H100/H200, cuSPARSELt >= 0.6.2) "
-            f"and {reason}; set activation_2by4_fp8 to false (the bf16 2:4 recipe runs anywhere)."
+            f"activation_2by4_fp8=True needs FP8 2:4 GEMMs, which cannot run here ({reason}); set "
+            "activation_2by4_fp8 to false (the bf16 2:4 recipe runs anywhere)."
         )
 
 
