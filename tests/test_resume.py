@@ -158,7 +158,9 @@ def test_sigterm_stops_after_a_checkpoint_and_resume_continues_exactly(tmp_path)
                              env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
     _stop_after_logged_steps(twice, 2, [signal.SIGINT, signal.SIGINT])
     stderr = twice.stderr.read()
-    assert twice.wait(timeout=120) == 130, stderr[-3000:]
+    # 130, or killed by the SIGINT itself (-2, which a shell also reports as 130) when it
+    # arrives once the interpreter is finalizing and has put the default handler back.
+    assert twice.wait(timeout=120) in (130, -signal.SIGINT), stderr[-3000:]
     # The second Ctrl-C lands during the step (stop at once) or, if that step and its
     # checkpoint were quicker, while the process exits: either way one line, no traceback.
     last = stderr.strip().splitlines()[-1]

@@ -29,6 +29,8 @@ def iter_payloads(path):
             continue
         _crc, length, kind = CHUNK_HEADER.unpack_from(data, pos)
         pos += CHUNK_HEADER.size
+        if pos + length > len(data):
+            break  # a chunk the writer service has not finished writing yet
         chunk = data[pos : pos + length]
         pos += length
         if kind == FULL:
@@ -74,9 +76,11 @@ def wait_for_rows(run_dir, predicate, expected, timeout=60.0):
 
     deadline = time.monotonic() + timeout
     while True:
+        from google.protobuf.message import DecodeError
+
         try:
             rows = [row for row in history_rows(run_dir) if predicate(row)]
-        except (AssertionError, OSError):
+        except (AssertionError, OSError, DecodeError):  # not (completely) written yet
             rows = []
         if len(rows) >= expected or time.monotonic() > deadline:
             return rows
