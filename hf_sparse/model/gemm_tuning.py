@@ -42,6 +42,7 @@ from typing import Callable, Optional
 
 import torch
 from torch import Tensor
+from torch._subclasses.fake_tensor import FakeTensor
 
 logger = logging.getLogger(__name__)
 
@@ -417,6 +418,4 @@ def format_gemm_table(named_shapes: list[tuple[str, GemmShape]], device) -> str:
 
 
 def _is_fake(t: Tensor) -> bool:
-    from torch._subclasses.fake_tensor import FakeTensor
-
     return isinstance(t, FakeTensor) or t.device.type == "meta"
