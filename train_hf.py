@@ -96,8 +96,24 @@ def already_finished(resume: str | None, args) -> bool:
     return True
 
 
+def import_world_group_binders() -> None:
+    """Import, before the process group exists, the modules that bind `group.WORLD` as a
+    default argument at import time (deepspeed.comm's TorchBackend.barrier; torch.distributed.nn's
+    collectives). Imported after init_process_group (accelerate's unwrap_model imports DeepSpeed's
+    engine whenever DeepSpeed is installed) they hold the default group past
+    destroy_process_group: its gloo threads then ran into interpreter teardown, where a rank now
+    and then aborted after a successful run ("terminate called without an active exception").
+    Both are imported during a run anyway; this only moves them before the group is created."""
+    import torch.distributed.nn  # noqa: F401
+    from accelerate.utils import is_deepspeed_available
+
+    if is_deepspeed_available():
+        import deepspeed.comm  # noqa: F401
+
+
 def main(argv: list[str]) -> dict:
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
+    import_world_group_binders()  # before parse_run_config: TrainingArguments creates the process group
     run = parse_run_config(argv)
     args, data_args = run.training_args, run.data_args
     resume = resolve_resume(args)

@@ -39,13 +39,20 @@ def test_two_process_training(tmp_path, mode):
     path = tmp_path / "run.json"
     path.write_text(json.dumps(config))
     env = dict(os.environ, OMP_NUM_THREADS="1")
+    # train_hf.py's own command line, run by a probe that records what outlives it per rank.
     proc = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-         os.path.join(REPO_ROOT, "train_hf.py"), str(path)],
+         os.path.join(REPO_ROOT, "tests", "dist_exit_probe.py"), str(tmp_path), str(path)],
         cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=300,
     )
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert proc.stderr.count("world_size=2") == 2  # both ranks, one job
+    for rank in (0, 1):
+        # Clean exit: once train_hf closed its process group, nothing holds it and its gloo
+        # threads are gone before interpreter teardown (where they aborted ranks now and then).
+        left = json.loads((tmp_path / f"exit_rank{rank}.json").read_text())
+        assert left["group_defaults"] == [], left
+        assert not [name for name in left["threads"] if "gloo" in name], left
     state = json.loads((tmp_path / "run" / "trainer_state.json").read_text())
     rows = [r for r in state["log_history"] if "loss" in r]
     assert [r["step"] for r in rows] == [1, 2, 3]
