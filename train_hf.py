@@ -20,6 +20,7 @@ from transformers import AutoModelForCausalLM, Trainer, default_data_collator, s
 
 import hf_sparse
 from hf_sparse.report import NotARunError, write_report
+from hf_sparse.training.auto_switch import SWITCH_STEP_KEY, switch_step_reached
 from hf_sparse.training.callbacks import EvalPerplexityCallback, ModelCardCallback
 from hf_sparse.training.checkpoints import (
     checkpoint_step,
@@ -201,6 +202,9 @@ def main(argv: list[str]) -> dict:
         trainer.save_state()  # keep the log history for the post-mortem; no model is saved
         raise NonFiniteError(guard.failure)
     metrics = dict(train_result.metrics)
+    if model.config.activation_2by4:
+        # When 2:4 activations started (the fixed warm-up or the auto switch); None: never.
+        metrics[SWITCH_STEP_KEY] = switch_step_reached(model.config, trainer.state.global_step)
     if eval_dataset is not None:
         # Reuse the Trainer's own evaluation of the last step: a second one would log a
         # duplicate row (and a second TensorBoard events file).

@@ -109,7 +109,8 @@ def write_report(run_dir: str) -> dict:
 
 
 def _dense_to_sparse_step(run_dir: str):
-    """The 2:4 run's dense warm-up length from RUN_DIR/config.json, or None (no 2:4)."""
+    """The 2:4 run's dense warm-up length from RUN_DIR/config.json (the auto switch's step
+    when it switched), or None (no 2:4)."""
     try:
         with open(os.path.join(run_dir, "config.json"), encoding="utf-8") as handle:
             config = json.load(handle)
@@ -117,7 +118,10 @@ def _dense_to_sparse_step(run_dir: str):
         return None
     if not config.get("activation_2by4"):
         return None
-    return int(config.get("activation_dense_warmup_steps", 0))
+    warmup = int(config.get("activation_dense_warmup_steps", 0))
+    if config.get("activation_auto_switch") and config.get("activation_switch_step") is not None:
+        return min(warmup, int(config["activation_switch_step"]))  # where the auto switch ended it
+    return warmup
 
 
 def _binned(steps: list, per_layer: list, max_columns: int):

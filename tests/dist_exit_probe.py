@@ -5,7 +5,8 @@
 After train_hf has closed its process group no gloo thread (pt_gloo_runloop, gloo_tcp_loop)
 may still run: one that does belongs to a group something still holds, and lives on into
 interpreter teardown, where it aborted a rank now and then after a successful run
-("terminate called without an active exception"). Writes OUT_DIR/exit_rank<RANK>.json."""
+("terminate called without an active exception"). Also records the steps this rank's
+`activation_auto_switch` set. Writes OUT_DIR/exit_rank<RANK>.json."""
 
 import glob
 import json
@@ -50,10 +51,22 @@ if __name__ == "__main__":
     out_dir = sys.argv[1]
     sys.argv = [TRAIN_HF, *sys.argv[2:]]
     sys.path[0] = os.path.dirname(TRAIN_HF)  # as `python train_hf.py` would have it
+    # Also record what this rank's auto switch decided, to compare the ranks.
+    from hf_sparse.training import auto_switch
+
+    switch_steps = []
+    record_switch = auto_switch.set_switch_step
+
+    def set_switch_step(model, step):
+        switch_steps.append(step)
+        record_switch(model, step)
+
+    auto_switch.set_switch_step = set_switch_step
     try:
         runpy.run_path(TRAIN_HF, run_name="__main__")
     finally:
         # Threads first: the gc walk below must not change what teardown would have met.
-        record = {"threads": live_thread_names(), "group_defaults": functions_holding_a_group()}
+        record = {"threads": live_thread_names(), "group_defaults": functions_holding_a_group(),
+                  "switch_steps": switch_steps}
         with open(os.path.join(out_dir, f"exit_rank{os.environ.get('RANK', '0')}.json"), "w") as handle:
             json.dump(record, handle)

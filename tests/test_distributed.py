@@ -11,8 +11,11 @@ REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 MODES = {
     "relu2": {},
-    # 2:4 activations and 2:4 weights (S-STE on the MLP) together, with the flip rate.
-    "relu2_2by4": {"activation_2by4": True, "activation_dense_warmup_steps": 1, "weight_2by4": True, "flip_rate": True},
+    # 2:4 activations (auto switch after 2 rows below a threshold every row meets) and 2:4
+    # weights (S-STE on the MLP) together, with the flip rate.
+    "relu2_2by4": {"activation_2by4": True, "activation_dense_warmup_steps": 100, "activation_auto_switch": True,
+                   "activation_auto_switch_max_drop": 1.0, "activation_auto_switch_window": 2,
+                   "weight_2by4": True, "flip_rate": True},
     "low_rank": {"loro_scope": "all", "loro_attn_rank": 8, "loro_mlp_rank": 8, "optimizer": "loro_adamw",
                  "loro_freq": 2, "activation_2by4": True, "activation_dense_warmup_steps": 1},
 }
@@ -53,12 +56,19 @@ def test_two_process_training(tmp_path, mode):
         left = json.loads((tmp_path / f"exit_rank{rank}.json").read_text())
         assert left["group_defaults"] == [], left
         assert not [name for name in left["threads"] if "gloo" in name], left
+        if config.get("activation_auto_switch"):
+            # Decided from the pooled telemetry: the same step on every rank.
+            assert left["switch_steps"] == [2], left
     state = json.loads((tmp_path / "run" / "trainer_state.json").read_text())
     rows = [r for r in state["log_history"] if "loss" in r]
     assert [r["step"] for r in rows] == [1, 2, 3]
     assert all("sparsity_relu/layer_1" in r for r in rows)
     if config.get("activation_2by4"):
         assert "sparsity_24/layer_0" in rows[-1]
+    if config.get("activation_auto_switch"):
+        assert [r.get("activation_switch_step") for r in rows] == [None, 2, None]
+        results = json.loads((tmp_path / "run" / "all_results.json").read_text())
+        assert results["activation_switch_step"] == 2
     if config.get("weight_2by4"):
         # counted from both ranks' (identical) 2:4 weights: still the per-matrix fraction
         assert 0.49 < rows[-1]["weight_sparsity/layer_0/mlp_up_proj"] < 0.6

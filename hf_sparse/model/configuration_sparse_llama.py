@@ -49,7 +49,23 @@ class SparseLlamaConfig(LlamaConfig):
     activation_sparse_method (`str`, *optional*, defaults to `"naive"`):
         `"naive"` (keep the 2 largest of 4), `"mvue"` or `"soft_threshold"`.
     activation_dense_warmup_steps (`int`, *optional*, defaults to 1000):
-        Optimizer steps trained with the dense FFN before 2:4 sparsity switches on.
+        Optimizer steps trained with the dense FFN before 2:4 sparsity switches on (with
+        `activation_auto_switch`: the longest warm-up allowed).
+    activation_auto_switch (`bool`, *optional*, defaults to `False`):
+        End the dense warm-up when the telemetry says 2:4 would cost little: once the
+        fraction of non-zero activations the 2:4 rule would drop, pooled over layers and
+        ranks, stays below `activation_auto_switch_max_drop` for
+        `activation_auto_switch_window` consecutive training log rows (`SparsityCallback`).
+    activation_auto_switch_max_drop (`float`, *optional*, defaults to 0.1):
+        That threshold, a fraction in (0, 1].
+    activation_auto_switch_window (`int`, *optional*, defaults to 3):
+        How many consecutive training log rows must stay below it.
+    activation_switch_step (`int`, *optional*):
+        Set by the auto switch: the optimizer step at which 2:4 activations started.
+    activation_l1 (`float`, *optional*, defaults to 0.0):
+        λ of an L1 penalty on the FFN activations: in training the loss gains
+        λ·mean(act(up(x))) for every MLP (`relu`/`relu2`; the activations are non-negative,
+        so this is their mean absolute value), which pushes the activations sparser.
     permute_2by4 (`bool`, *optional*, defaults to `True`):
         Apply a fixed token permutation before the token-wise 2:4 of the backward pass.
     permute_2by4_seed (`int`, *optional*, defaults to 0):
@@ -94,6 +110,11 @@ class SparseLlamaConfig(LlamaConfig):
     activation_2by4: bool = False
     activation_sparse_method: str = "naive"
     activation_dense_warmup_steps: int = 1000
+    activation_auto_switch: bool = False
+    activation_auto_switch_max_drop: float | int = 0.1
+    activation_auto_switch_window: int = 3
+    activation_switch_step: int | None = None
+    activation_l1: float | int = 0.0
     permute_2by4: bool = True
     permute_2by4_seed: int = 0
     activation_backward: str = "split_gemm"
@@ -144,6 +165,25 @@ class SparseLlamaConfig(LlamaConfig):
         if self.activation_dense_warmup_steps < 0:
             raise ValueError(
                 f"activation_dense_warmup_steps={self.activation_dense_warmup_steps!r} must be >= 0."
+            )
+        if self.activation_l1 < 0:
+            raise ValueError(f"activation_l1={self.activation_l1!r} must be >= 0.")
+        if self.activation_l1 and self.squ_relu not in ("relu", "relu2"):
+            raise ValueError(f"activation_l1 needs squ_relu 'relu' or 'relu2' (got {self.squ_relu!r}).")
+        if self.activation_l1 and self.activation_2by4:
+            raise ValueError(
+                "activation_l1 does not combine with activation_2by4 yet: the 2:4 FFN op's backward does not carry "
+                "the penalty's gradient. Use activation_l1 with activation_2by4=false."
+            )
+        if self.activation_auto_switch and not self.activation_2by4:
+            raise ValueError("activation_auto_switch=True requires activation_2by4=True (it decides when 2:4 starts).")
+        if not 0.0 < self.activation_auto_switch_max_drop <= 1.0:
+            raise ValueError(
+                f"activation_auto_switch_max_drop={self.activation_auto_switch_max_drop!r} must be in (0, 1]."
+            )
+        if self.activation_auto_switch_window < 1:
+            raise ValueError(
+                f"activation_auto_switch_window={self.activation_auto_switch_window!r} must be >= 1."
             )
         if self.nongated_intermediate_size is not None:
             if self.nongated_intermediate_size <= 0 or self.nongated_intermediate_size % 4:
@@ -224,6 +264,14 @@ class SparseLlamaConfig(LlamaConfig):
         if step is None:
             return self.sparse_dense_finetune_steps == 0
         return step >= self.weight_2by4_start_step and not self.in_dense_tail(step, max_steps)
+
+    def activation_warmup_end(self) -> int:
+        """The optimizer step from which 2:4 activations run: the fixed warm-up, or the auto
+        switch's step once it has switched (the fixed warm-up stays its cap)."""
+        warmup = self.activation_dense_warmup_steps
+        if self.activation_auto_switch and self.activation_switch_step is not None:
+            return min(warmup, self.activation_switch_step)
+        return warmup
 
     def in_dense_tail(self, step: int | None, max_steps: int | None) -> bool:
         """Whether `step` falls in the last `sparse_dense_finetune_steps` of `max_steps`."""

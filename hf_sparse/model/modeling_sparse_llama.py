@@ -48,7 +48,11 @@ STAT_NONFINITE, STAT_FIRST_NONFINITE_STEP = 3, 4  # numerics guard: bad forwards
 # Mirror of `training_step` (None -> 0), written by its setter. The guard reads the step on
 # device so that a compiled forward does not bake the Python int into its graph.
 STAT_STEP = 5
-NUM_ACTIVATION_STATS = 6
+# `activation_l1`: the penalty this layer added to the loss, summed over the training
+# forwards of the telemetry window, and those forwards (reset at each log).
+STAT_L1, STAT_FORWARDS = 6, 7
+NUM_ACTIVATION_STATS = 8
+WINDOW_STATS = (STAT_ZEROS, STAT_TOTAL, STAT_DROPPED_24, STAT_L1, STAT_FORWARDS)
 
 
 ATTENTION_LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj")
@@ -154,6 +158,7 @@ class SparseLlamaMLP(nn.Module):
         self.down_proj = _make_linear(config, width, hidden, bias, "mlp")
 
         self.track_activation_stats = True
+        self.l1_penalty: torch.Tensor | None = None  # this forward's `activation_l1` term
         # Plain attribute, not a buffer: it must never reach a checkpoint, never be
         # broadcast by DDP. Created lazily on the input's device, or up front by
         # `ensure_activation_stats` (SparsityCallback does so before the first step, so a
@@ -181,7 +186,7 @@ class SparseLlamaMLP(nn.Module):
         config = self.config
         self._sparse_2by4_on = (
             bool(config.activation_2by4)
-            and (step is None or step >= config.activation_dense_warmup_steps)
+            and (step is None or step >= config.activation_warmup_end())
             and not (config.activation_dense_finetune and config.in_dense_tail(step, self.max_steps))
         )
         if self.activation_stats is not None:
@@ -265,6 +270,15 @@ class SparseLlamaMLP(nn.Module):
             )
 
         activation = self.act_fn(self.up_proj(x))
+        if self.config.activation_l1 and self.training and torch.is_grad_enabled():
+            # act >= 0 for relu/relu2, so its mean is its mean absolute value; fp32 accumulation.
+            # The CausalLM's loss_function adds it (and clears it) once per forward.
+            acc_dtype = torch.promote_types(activation.dtype, torch.float32)
+            self.l1_penalty = self.config.activation_l1 * activation.mean(dtype=acc_dtype)
+            if stats is not None:
+                with torch.no_grad():
+                    stats[STAT_L1] += self.l1_penalty.detach()
+                    stats[STAT_FORWARDS] += 1
         if stats is not None:
             with torch.no_grad():
                 if self.config.activation_2by4:
@@ -415,6 +429,28 @@ class SparseLlamaForCausalLM(SparseLlamaPreTrainedModel, LlamaForCausalLM, Gener
         self.vocab_size = config.vocab_size
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.post_init()
+
+    @property
+    def loss_function(self):
+        """Llama's loss; in training with `activation_l1` it gains the MLPs' L1 penalties.
+        (Overriding the loss rather than `forward` keeps Llama's forward signature.)"""
+        base = super().loss_function
+        if not (self.training and self.config.activation_l1):
+            return base
+
+        def loss_with_activation_l1(*args, **kwargs):
+            loss = base(*args, **kwargs)
+            for _, mlp in sparse_mlps(self):
+                if mlp.l1_penalty is not None:
+                    loss = loss + mlp.l1_penalty
+                    mlp.l1_penalty = None  # one forward's term, added once
+            return loss
+
+        return loss_with_activation_l1
+
+    @loss_function.setter
+    def loss_function(self, value):
+        self._loss_function = value
 
 
 def sparse_mlps(model: nn.Module):

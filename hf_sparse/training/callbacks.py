@@ -14,6 +14,7 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from ..model.modeling_sparse_llama import ensure_activation_stats, prepare_2to4_gemms, set_training_step
 from ..model.weight_sparse import next_weight_generation
+from .auto_switch import SWITCH_STEP_KEY, auto_switch_config, update_switch
 from .checkpoints import write_model_card
 from .telemetry import snapshot_weight_masks, sparsity_metrics
 
@@ -142,6 +143,11 @@ class SparsityCallback(_FirstCallback):
         # Stat tensors exist before the first (possibly compiled) forward, on the device the
         # inputs come on: creating them inside a compiled forward would cost a recompile.
         ensure_activation_stats(model, args.device)
+        auto = auto_switch_config(model)
+        if auto is not None:
+            # A fresh run starts undecided; a resumed one re-derives the switch from the
+            # restored log rows, as the uninterrupted run decided it.
+            update_switch(model, auto, state.log_history, state.global_step)
         set_training_step(model, state.global_step, state.max_steps)
         next_weight_generation(model)  # turns the per-step 2:4 weight cache on
         # The 2:4 GEMM verdicts (verified and timed per shape, with host syncs) are made
@@ -167,15 +173,24 @@ class SparsityCallback(_FirstCallback):
         # would see an empty activation window.
         if logs is None or model is None or "loss" not in logs:
             return
+        auto = auto_switch_config(model)
         metrics = sparsity_metrics(
             model,
             reset=True,
-            activations=self.activation_metrics,
+            activations=self.activation_metrics or auto is not None,
             weights=self.weight_metrics,
             flip_rate=self.flip_rate,
+            pooled_drop=auto is not None,
         )
+        if not self.activation_metrics:  # read for the auto switch only
+            metrics = {k: v for k, v in metrics.items() if not k.startswith(("sparsity_relu/", "sparsity_24/"))}
         # Plain floats: TensorBoard drops tensors and numpy scalars.
         merge_into_log_row(state, logs, {k: float(v) for k, v in metrics.items() if math.isfinite(v)})
+        if auto is not None and auto.activation_switch_step is None:
+            switched = update_switch(model, auto, state.log_history, state.global_step)
+            if switched is not None:
+                merge_into_log_row(state, logs, {SWITCH_STEP_KEY: switched})
+                set_training_step(model, state.global_step, state.max_steps)
 
 
 class ModelCardCallback(TrainerCallback):

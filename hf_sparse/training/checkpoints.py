@@ -156,7 +156,7 @@ def model_card(
     if config.activation_2by4:
         lines += [
             f"- 2:4 activation sparsity on the ReLU² output, selection `{config.activation_sparse_method}`",
-            f"- dense warm-up: {config.activation_dense_warmup_steps} optimizer steps",
+            "- dense warm-up: " + _warmup_line(config),
             f"- backward: `{config.activation_backward}` (dense features {config.activation_dense_features}), "
             f"token permutation {'on' if config.permute_2by4 else 'off'}",
         ]
@@ -198,6 +198,17 @@ def model_card(
     if figures:
         lines += ["", "## Sparsity report", ""] + [f"![{what}]({name})" for name, what in figures]
     return str(ModelCard(f"---\n{card_data.to_yaml()}\n---\n\n" + "\n".join(lines) + "\n"))
+
+
+def _warmup_line(config) -> str:
+    if not config.activation_auto_switch:
+        return f"{config.activation_dense_warmup_steps} optimizer steps"
+    rule = (f"automatic (2:4 once it would drop < {config.activation_auto_switch_max_drop} of the non-zero "
+            f"activations for {config.activation_auto_switch_window} log rows; at most "
+            f"{config.activation_dense_warmup_steps} steps)")  # fmt: skip
+    if config.activation_switch_step is None:
+        return rule + ", not switched yet"
+    return rule + f", switched at step {config.activation_warmup_end()}"
 
 
 def write_model_card(

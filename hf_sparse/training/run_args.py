@@ -52,7 +52,20 @@ class ActivationSparsityArguments:
         "naive (keep the 2 largest of each 4; the paper's) | mvue (unbiased stochastic) | soft_threshold (S-STE)."
     )
     activation_dense_warmup_steps: int | None = _model_key(
-        "Optimizer steps trained densely before the 2:4 activations switch on."
+        "Optimizer steps trained densely before the 2:4 activations switch on (with activation_auto_switch: "
+        "the most allowed)."
+    )
+    activation_auto_switch: bool | None = _model_key(
+        "Switch to 2:4 once the would-drop fraction (pooled over layers and ranks) stays below "
+        "activation_auto_switch_max_drop for activation_auto_switch_window training log rows."
+    )
+    activation_auto_switch_max_drop: float | None = _model_key(
+        "The auto switch's threshold: fraction of non-zero activations 2:4 would drop, in (0, 1]."
+    )
+    activation_auto_switch_window: int | None = _model_key("Consecutive training log rows below the threshold.")
+    activation_l1: float | None = _model_key(
+        "λ of an L1 penalty λ·mean(act) per MLP added to the training loss (relu/relu2; not yet with "
+        "activation_2by4); logged as activation_l1/loss."
     )
     permute_2by4: bool | None = _model_key("Fixed token permutation for the backward 2:4 (drawn from the seed).")
     activation_backward: str | None = _model_key(

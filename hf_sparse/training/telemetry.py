@@ -15,8 +15,11 @@ from torch import nn
 from ..model.modeling_sparse_llama import (
     NUM_ACTIVATION_STATS,
     STAT_DROPPED_24,
+    STAT_FORWARDS,
+    STAT_L1,
     STAT_TOTAL,
     STAT_ZEROS,
+    WINDOW_STATS,
     sparse_mlps,
 )
 from ..model.select_2to4 import count_nonzero
@@ -194,6 +197,7 @@ def sparsity_metrics(
     activations: bool = True,
     weights: bool = True,
     flip_rate: bool = False,
+    pooled_drop: bool = False,
 ) -> dict[str, float]:
     """Read the sparsity metrics of `model` (plain, DDP- or FSDP-wrapped).
 
@@ -216,6 +220,10 @@ def sparsity_metrics(
     this time (its current mask becomes the baseline) — `snapshot_weight_masks` sets one
     up front, which `SparsityCallback(flip_rate=True)` does at train begin, so after a
     resume the first value is measured against the restored weights' masks.
+
+    `pooled_drop=True` (with `activations`) adds `activation_auto_switch/drop`: the non-zero
+    activations the 2:4 rule dropped (or, during the dense warm-up, would drop) over all
+    2:4 layers and ranks, divided by all their non-zero activations — what the auto switch reads.
     """
     mlps = sparse_mlps(model)
     if not mlps:
@@ -260,13 +268,18 @@ def sparsity_metrics(
     if reset:
         for _, mlp in mlps:
             if mlp.activation_stats is not None:
-                mlp.activation_stats[:STAT_DROPPED_24 + 1].zero_()  # the guard owns the rest
+                mlp.activation_stats[list(WINDOW_STATS)] = 0  # the guard owns the rest
 
     metrics: dict[str, float] = {}
     relu_fracs, drop_fracs, offset = [], [], 0
+    all_dropped = all_nonzeros = 0.0
+    l1_terms = []
     for _, layer_idx, has_2by4 in layout:
         zeros, total, dropped = (values[offset + k] for k in (STAT_ZEROS, STAT_TOTAL, STAT_DROPPED_24))
+        l1_sum, forwards = values[offset + STAT_L1], values[offset + STAT_FORWARDS]
         offset += NUM_ACTIVATION_STATS
+        if forwards > 0:
+            l1_terms.append(l1_sum / forwards)  # this layer's mean term per training forward
         if total <= 0:  # no training forward in this window (e.g. an eval-only log row)
             continue
         relu_fracs.append(zeros / total)
@@ -275,6 +288,13 @@ def sparsity_metrics(
             nonzeros = total - zeros
             drop_fracs.append(dropped / nonzeros if nonzeros > 0 else 0.0)
             metrics[f"sparsity_24/layer_{layer_idx}"] = drop_fracs[-1]
+            all_dropped += dropped
+            all_nonzeros += nonzeros
+    if l1_terms:
+        # What activation_l1 added to the loss per forward (all layers), pooled over ranks.
+        metrics["activation_l1/loss"] = sum(l1_terms)
+    if pooled_drop and drop_fracs:
+        metrics["activation_auto_switch/drop"] = all_dropped / all_nonzeros if all_nonzeros > 0 else 0.0
     if relu_fracs:
         metrics["sparsity_relu/mean_across_layers"] = sum(relu_fracs) / len(relu_fracs)
     if drop_fracs:
