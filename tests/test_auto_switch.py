@@ -126,3 +126,36 @@ def test_report_marks_the_auto_switch_step(tmp_path):
     config["activation_auto_switch"] = False
     (tmp_path / "config.json").write_text(json.dumps(config))
     assert _dense_to_sparse_step(str(tmp_path)) == 100
+
+
+@pytest.mark.parametrize("overrides", [
+    dict(activation_2by4=True, activation_auto_switch=True, activation_dense_warmup_steps=100),
+    dict(activation_l1=0.1),
+], ids=["auto_switch", "activation_l1"])
+def test_no_host_sync_outside_logging_steps(tmp_path, monkeypatch, overrides):
+    from transformers import TrainerControl, TrainerState
+
+    from tests.conftest import host_sync_calls
+
+    model = SparseLlamaForCausalLM(tiny_config(**overrides)).train()
+    callback = SparsityCallback()
+    args, state, control = tiny_training_args(tmp_path), TrainerState(max_steps=4), TrainerControl()
+    ids = torch.randint(0, 128, (2, 16))
+
+    def step():
+        callback.on_step_begin(args, state, control, model=model)
+        model(ids, labels=ids).loss.backward()
+        callback.on_step_end(args, state, control, model=model)
+
+    assert host_sync_calls(monkeypatch, lambda: callback.on_train_begin(args, state, control, model=model)) == []
+    step()  # creates the stat tensors
+    # The would-drop counts and the L1 term stay on device on a non-logging step ...
+    assert host_sync_calls(monkeypatch, step) == []
+    # ... and a logging step reads them with the other metrics in one transfer.
+    state.log_history.append({"loss": 1.0, "step": 0})
+    logs = {"loss": 1.0}
+    assert host_sync_calls(monkeypatch, lambda: callback.on_log(args, state, control, logs=logs, model=model)) == [
+        "tolist"
+    ]
+    assert (DROP_KEY in logs) == ("activation_auto_switch" in overrides)
+    assert ("activation_l1/loss" in logs) == ("activation_l1" in overrides)
