@@ -7,6 +7,7 @@ eval loss, mean ReLU² sparsity and the last flip rate, like Table 1 of Haziza e
 
     python benchmarks/recipe_ablation.py [--max_steps 300] [--out outputs/ablation]
     python benchmarks/recipe_ablation.py --variants "dense relu2;weight 2:4 (MLP, S-STE)"
+    python benchmarks/recipe_ablation.py --long [--batch_size 8]   # issue 20's grid, 2 seeds
 """
 
 import argparse
@@ -37,6 +38,23 @@ VARIANTS = {
     },
     "weight + activation 2:4": {"activation_2by4": True, "weight_2by4": True, "flip_rate": True},
 }
+# --long: the ablation that is meant to separate the parts (issue 20): >= 1000 steps, 2 seeds
+# per row, the auto switch, soft-threshold, activation L1 and the masked-decay x tail grid.
+_WEIGHT = {"activation_2by4": False, "weight_2by4": True, "flip_rate": True}
+LONG_VARIANTS = {
+    "dense relu2": {"activation_2by4": False},
+    "2:4 recipe (fixed warm-up)": {"activation_2by4": True},
+    "2:4 recipe, auto switch": {"activation_2by4": True, "activation_auto_switch": True},
+    "2:4, naive backward": {"activation_2by4": True, "activation_backward": "naive"},
+    "2:4, no permutation": {"activation_2by4": True, "permute_2by4": False},
+    "2:4, soft-threshold": {"activation_2by4": True, "activation_sparse_method": "soft_threshold"},
+    "2:4 recipe + L1 1e-3": {"activation_2by4": True, "activation_l1": 1e-3},
+    "2:4 recipe + L1 1e-2": {"activation_2by4": True, "activation_l1": 1e-2},
+    **{f"weight 2:4, decay {decay}{', dense tail' if tail else ''}": {
+        **_WEIGHT, "weight_masked_decay": decay, "sparse_dense_finetune_steps": tail}
+       for decay in (0.0, 0.05, 0.2) for tail in (0, 100)},
+    "weight + activation 2:4": {"activation_2by4": True, "weight_2by4": True, "flip_rate": True},
+}
 # --emulated-cusparselt: the cuSPARSELt path on CPU (tests/cslt_emulator.py, bf16 autocast),
 # the bf16 2:4 recipe against its FP8 mode (activation_2by4_fp8, real float8_e4m3fn rounding).
 EMULATED_VARIANTS = {
@@ -65,8 +83,15 @@ def main() -> None:
         "--emulated-cusparselt", action="store_true",
         help="run the cuSPARSELt path on CPU through the test emulator (bf16): the FP8 rows",
     )  # fmt: skip
+    parser.add_argument("--long", action="store_true",
+                        help="the long grid (LONG_VARIANTS): default 1000 steps, seeds 42,43, mean and spread per row")
+    parser.add_argument("--seeds", default=None, help="comma-separated training seeds (default 42; 42,43 with --long)")
+    parser.add_argument("--batch_size", type=int, default=None, help="per_device_train_batch_size override")
     args = parser.parse_args()
-    variants = EMULATED_VARIANTS if args.emulated_cusparselt else VARIANTS
+    if args.long and args.max_steps == 300:
+        args.max_steps = 1000
+    seeds = [int(x) for x in (args.seeds or ("42,43" if args.long else "42")).split(",")]
+    variants = EMULATED_VARIANTS if args.emulated_cusparselt else LONG_VARIANTS if args.long else VARIANTS
     names = [n.strip() for n in (args.variants or ";".join(variants)).split(";") if n.strip()]
     unknown = [n for n in names if n not in variants]
     if unknown:
@@ -81,30 +106,57 @@ def main() -> None:
 
     results = []
     for name in names:
-        overrides = variants[name]
-        run_dir = os.path.join(args.out, "".join(c if c.isalnum() else "_" for c in name))
-        argv = [args.config, "--output_dir", run_dir, "--overwrite_output_dir", "true",
-                "--max_steps", str(args.max_steps), "--activation_dense_warmup_steps", str(args.warmup),
-                "--eval_strategy", "no", "--save_strategy", "no", "--report_to", "[]",
-                "--disable_tqdm", "true", "--max_eval_samples", "256"]
-        for key, value in overrides.items():
-            argv += [f"--{key}", json.dumps(value)]
-        start = time.perf_counter()
-        metrics = train_hf.main(argv)
-        sparsity = last_logged(run_dir, "sparsity_relu/mean_across_layers")
-        flips = last_logged(run_dir, "flip_rate/mean")
-        results.append((name, metrics["eval_loss"], sparsity, flips, time.perf_counter() - start))
+        runs = []
+        for seed in seeds:
+            suffix = f"_seed{seed}" if len(seeds) > 1 else ""
+            run_dir = os.path.join(args.out, "".join(c if c.isalnum() else "_" for c in name) + suffix)
+            argv = [args.config, "--output_dir", run_dir, "--overwrite_output_dir", "true",
+                    "--max_steps", str(args.max_steps), "--activation_dense_warmup_steps", str(args.warmup),
+                    "--eval_strategy", "no", "--save_strategy", "no", "--report_to", "[]",
+                    "--disable_tqdm", "true", "--max_eval_samples", "256", "--seed", str(seed)]
+            if args.batch_size:
+                argv += ["--per_device_train_batch_size", str(args.batch_size)]
+            for key, value in variants[name].items():
+                argv += [f"--{key}", json.dumps(value)]
+            start = time.perf_counter()
+            metrics = train_hf.main(argv)
+            runs.append({
+                "eval_loss": metrics["eval_loss"],
+                "sparsity": last_logged(run_dir, "sparsity_relu/mean_across_layers"),
+                "drop_24": last_logged(run_dir, "sparsity_24/mean_across_layers"),
+                "flips": last_logged(run_dir, "flip_rate/mean"),
+                "switch": metrics.get("activation_switch_step"),
+                "seconds": time.perf_counter() - start,
+            })
+        results.append((name, runs))
+        with open(os.path.join(args.out, "results.json"), "w") as handle:  # partial results survive a stop
+            json.dump({"max_steps": args.max_steps, "seeds": seeds, "rows": results}, handle, indent=1)
 
-    dense_loss = results[0][1]
-    print(f"\nmachine: {describe_machine()}, {args.max_steps} steps, "
-          f"warm-up {args.warmup}, config {os.path.relpath(args.config, REPO_ROOT)}")
-    print("| variant | eval loss | vs first row | mean ReLU² sparsity | last flip rate | wall s |")
-    print("| --- | --- | --- | --- | --- | --- |")
-    for name, loss, sparsity, flips, seconds in results:
-        flip_text = "–" if flips != flips else f"{flips:.2e}"
-        print(
-            f"| {name} | {loss:.4f} | {100 * (loss / dense_loss - 1):+.2f}% | {sparsity:.3f} | {flip_text} | {seconds:.0f} |"
-        )
+    print_table(results, args, seeds)
+
+
+def _mean(values):
+    values = [v for v in values if v == v]
+    return sum(values) / len(values) if values else float("nan")
+
+
+def print_table(results, args, seeds) -> None:
+    dense_loss = _mean([r["eval_loss"] for r in results[0][1]])
+    print(f"\nmachine: {describe_machine()}, {args.max_steps} steps, warm-up {args.warmup}, seeds {seeds}, "
+          f"config {os.path.relpath(args.config, REPO_ROOT)}")
+    print("| variant | eval loss (mean) | spread | vs first row | mean ReLU² sparsity | 2:4 drop | "
+          "2:4 from step | last flip rate | wall s |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+    for name, runs in results:
+        losses = [r["eval_loss"] for r in runs]
+        loss = _mean(losses)
+        spread = max(losses) - min(losses)
+        drop, flips = _mean([r["drop_24"] for r in runs]), _mean([r["flips"] for r in runs])
+        switches = sorted({r["switch"] for r in runs if r["switch"] is not None})
+        print(f"| {name} | {loss:.4f} | {spread:.4f} | {100 * (loss / dense_loss - 1):+.2f}% | "
+              f"{_mean([r['sparsity'] for r in runs]):.3f} | {'–' if drop != drop else f'{drop:.4f}'} | "
+              f"{', '.join(map(str, switches)) or '–'} | {'–' if flips != flips else f'{flips:.2e}'} | "
+              f"{_mean([r['seconds'] for r in runs]):.0f} |")
 
 
 if __name__ == "__main__":
