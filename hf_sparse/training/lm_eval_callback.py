@@ -25,6 +25,7 @@ from contextlib import contextmanager
 
 import numpy as np
 import torch
+
 from .callbacks import _FirstCallback, merge_into_log_row
 
 logger = logging.getLogger(__name__)
