@@ -105,7 +105,7 @@ class _DropBenign(logging.Filter):
 
 
 @contextmanager
-def _quiet_lm_eval():
+def quiet_lm_eval():
     benign = _DropBenign()
     loggers = [logging.getLogger(name) for name in ("lm_eval.models.huggingface", "lm_eval.api.task")]
     for each in loggers:
@@ -158,7 +158,7 @@ def evaluate_model(
     from lm_eval.models.huggingface import HFLM
 
     manager = task_manager or build_task_manager(tasks, include_path)
-    with _training_state_kept(model), _quiet_lm_eval(), torch.no_grad():
+    with _training_state_kept(model), quiet_lm_eval(), torch.no_grad():
         lm = HFLM(
             pretrained=model, tokenizer=tokenizer, backend="causal", batch_size=batch_size,
             max_length=max_length or model.config.max_position_embeddings,
