@@ -220,6 +220,9 @@ BAD_LM_EVAL = [
     (dict(lm_eval_steps=None), r"lm_eval_tasks runs at each evaluation unless lm_eval_steps is set, and eval_strategy is 'no'"),
     (dict(lm_eval_tasks=None), r"lm_eval_limit is set but lm_eval_tasks is not"),
     (dict(lm_eval_tasks=["hellaswagg"]), r"lm_eval_tasks: 'hellaswagg' is not an lm-eval task.*Did you mean 'hellaswag'"),
+    # A hub task whose dataset is not cached, in offline mode (the tests run offline).
+    (dict(lm_eval_tasks=["hellaswag"]), r"task 'hellaswag' reads the hub dataset 'Rowan/hellaswag', the hub is unreachable "
+     r"\(offline mode: HF_HUB_OFFLINE=1\)"),
 ]
 
 

@@ -263,7 +263,7 @@ def check_lm_eval_args(eval_args: DownstreamEvalArguments, training_args: Traini
     if path is not None and not os.path.isdir(path):
         what = "is not a directory" if os.path.exists(path) else "does not exist"
         raise ConfigError(f"lm_eval_include_path: {path!r} {what}; give a folder of lm-eval task YAMLs.")
-    from .lm_eval_callback import build_task_manager, require_lm_eval, sharded_training_reason
+    from .lm_eval_callback import build_task_manager, check_hub_datasets, require_lm_eval, sharded_training_reason
 
     try:
         require_lm_eval()
@@ -276,6 +276,6 @@ def check_lm_eval_args(eval_args: DownstreamEvalArguments, training_args: Traini
             "or DeepSpeed ZeRO-1/2, or evaluate the finished run with hf-sparse-eval."
         )
     try:
-        build_task_manager(tasks, path)
+        check_hub_datasets(build_task_manager(tasks, path), tasks)
     except ValueError as err:
         raise ConfigError(str(err)) from None

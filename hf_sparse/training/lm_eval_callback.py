@@ -16,6 +16,7 @@ wait in the broadcast of its scores; every rank then logs the same row. Sharded 
 """
 
 import difflib
+import functools
 import importlib
 import logging
 import math
@@ -58,18 +59,23 @@ def shipped_tasks_dir() -> str:
     return TASKS_DIR
 
 
+@functools.lru_cache(maxsize=4)
+def _task_manager(paths: tuple[str, ...], defaults: bool):
+    from lm_eval.tasks import TaskManager
+
+    return TaskManager(include_path=list(paths), include_defaults=defaults)
+
+
 def build_task_manager(tasks: list[str], include_path: str | None = None):
     """An lm-eval TaskManager that knows `tasks`: the shipped offline tasks and
     `include_path` first; lm-eval's own (hub) task index only when a name is not there
-    (indexing its ~15k task files takes seconds). Raises ValueError (one line) for a name
-    that no index has."""
-    from lm_eval.tasks import TaskManager
-
-    paths = [shipped_tasks_dir()] + ([include_path] if include_path else [])
-    manager = TaskManager(include_path=paths, include_defaults=False)
+    (indexing its ~15k task files takes seconds, so each index is built once per process).
+    Raises ValueError (one line) for a name that no index has."""
+    paths = (shipped_tasks_dir(),) + ((os.path.abspath(include_path),) if include_path else ())
+    manager = _task_manager(paths, False)
     if all(name in manager.all_tasks for name in tasks):
         return manager
-    manager = TaskManager(include_path=paths)
+    manager = _task_manager(paths, True)
     unknown = [name for name in tasks if name not in manager.all_tasks]
     if unknown:
         close = difflib.get_close_matches(unknown[0], manager.all_tasks, n=3)
@@ -79,6 +85,46 @@ def build_task_manager(tasks: list[str], include_path: str | None = None):
             f"in {shipped_tasks_dir()}{' or of lm_eval_include_path' if include_path else ''}).{hint}"
         )
     return manager
+
+
+def hub_datasets(manager, tasks: list[str]):
+    """(task, hub dataset, config name) for each named task (or task of a named tag) that
+    reads a hub dataset; groups are not expanded."""
+    from datasets.packaged_modules import _PACKAGED_DATASETS_MODULES
+    from lm_eval.tasks._yaml_loader import load_yaml
+
+    index = manager.task_index
+    names = set()
+    for name in tasks:
+        names |= {n for n, entry in index.items() if name in entry.tags} | ({name} if index[name].yaml_path else set())
+    for name in sorted(names):
+        path = index[name].yaml_path
+        config = load_yaml(path, resolve_func=False) if path is not None and str(path).endswith(".yaml") else {}
+        dataset = config.get("dataset_path")
+        if config.get("task") != name or config.get("custom_dataset") or not isinstance(dataset, str):
+            continue
+        if dataset in _PACKAGED_DATASETS_MODULES or os.path.exists(os.path.expanduser(dataset)):
+            continue
+        yield name, dataset, config.get("dataset_name")
+
+
+def check_hub_datasets(manager, tasks: list[str]) -> None:
+    """In offline mode, a task whose hub dataset is not cached would fail at the first
+    in-loop evaluation, after training has started: say so now (ValueError, one line)."""
+    import datasets.config
+
+    from .hub_access import _dataset_cache_dirs, _dataset_cached, _offline_reason
+
+    if not datasets.config.HF_HUB_OFFLINE:
+        return
+    for task, dataset, config_name in hub_datasets(manager, tasks):
+        if not _dataset_cached(dataset, config_name):
+            raise ValueError(
+                f"lm_eval_tasks: task {task!r} reads the hub dataset {dataset!r}, the hub is unreachable "
+                f"({_offline_reason(('HF_HUB_OFFLINE', 'HF_DATASETS_OFFLINE'))}), and the local cache "
+                f"({' or '.join(_dataset_cache_dirs(dataset))}) has no copy of it; run the task once where the hub is "
+                "reachable, or use the shipped offline tasks (hf_sparse_local)."
+            )
 
 
 def flatten_results(results: dict) -> dict[str, float]:
