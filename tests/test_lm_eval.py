@@ -282,6 +282,22 @@ def test_two_processes_evaluate_on_rank_0_without_hanging(tmp_path):
     assert all(EXPECTED_KEYS <= set(row) for row in rows)
 
 
+def test_a_coming_evaluation_gets_a_loss_row():
+    """Without lm_eval_steps the scores follow the Trainer's evaluations; at such a step the
+    callback (which runs before DefaultFlowCallback) asks for a log row with the loss."""
+    from transformers import TrainerControl, TrainerState, TrainingArguments
+
+    args = TrainingArguments(output_dir="unused", eval_strategy="steps", eval_steps=2, logging_steps=3, report_to=[])
+    callback = LmEvalCallback(TASKS)
+    wanted = {}
+    for step in (1, 2, 3, 4):
+        state = TrainerState(global_step=step, max_steps=5, eval_steps=2, logging_steps=3)
+        control = TrainerControl()
+        callback.on_step_end(args, state, control)
+        wanted[step] = control.should_log and not control.should_evaluate  # asks for a row, decides nothing else
+    assert wanted == {1: False, 2: True, 3: False, 4: True}
+
+
 def test_callback_refuses_sharded_training(monkeypatch):
     from hf_sparse.training.lm_eval_callback import sharded_training_reason
 

@@ -15,6 +15,7 @@ wait in the broadcast of its scores; every rank then logs the same row. Sharded 
 (FSDP, ZeRO-3) are refused up front. lm-eval is imported only here and only when used.
 """
 
+import copy
 import difflib
 import functools
 import importlib
@@ -26,6 +27,7 @@ from contextlib import contextmanager
 
 import numpy as np
 import torch
+from transformers.trainer_callback import DefaultFlowCallback
 
 from .callbacks import _FirstCallback, merge_into_log_row
 
@@ -284,11 +286,22 @@ class LmEvalCallback(_FirstCallback):
             raise RuntimeError(f"lm_eval_tasks: in-loop lm-eval needs the whole model on rank 0, which {reason} shards; "
                                "evaluate the finished run with hf-sparse-eval instead.")  # fmt: skip
 
+    def _evaluation_coming(self, event: str, args, state, control) -> bool:
+        """Will the Trainer evaluate after this step (or epoch)? This callback runs first
+        (see _FirstCallback), before DefaultFlowCallback has decided: ask it, on a copy."""
+        probe = copy.deepcopy(control)
+        getattr(DefaultFlowCallback(), event)(args, state, probe)
+        return probe.should_evaluate
+
     def on_step_end(self, args, state, control, **kwargs):
-        if self._due(state, control):
+        due = self._due(state, control) if self.steps else self._evaluation_coming("on_step_end", args, state, control)
+        if due:
             control.should_log = True  # a row with the loss to merge into
 
-    on_epoch_end = on_step_end
+    def on_epoch_end(self, args, state, control, **kwargs):
+        due = self._due(state, control) if self.steps else self._evaluation_coming("on_epoch_end", args, state, control)
+        if due:
+            control.should_log = True
 
     def on_log(self, args, state, control, logs=None, model=None, processing_class=None, **kwargs):
         self._check_order()
