@@ -282,6 +282,13 @@ def test_two_processes_evaluate_on_rank_0_without_hanging(tmp_path):
     assert all(EXPECTED_KEYS <= set(row) for row in rows)
 
 
+def test_tasks_from_the_command_line(tmp_path):
+    from hf_sparse.training.run_config import parse_run_config
+
+    run = parse_run_config([_run_json(tmp_path), "--lm_eval_tasks", "hf_sparse_nextline, hf_sparse_heldout"])
+    assert run.eval_args.lm_eval_tasks == ["hf_sparse_nextline", "hf_sparse_heldout"]
+
+
 def test_a_coming_evaluation_gets_a_loss_row():
     """Without lm_eval_steps the scores follow the Trainer's evaluations; at such a step the
     callback (which runs before DefaultFlowCallback) asks for a log row with the loss."""

@@ -135,8 +135,9 @@ class DownstreamEvalArguments:
     lm_eval_tasks: list[str] | None = field(
         default=None,
         metadata={"help": "lm-eval task names (or groups/tags) evaluated in the loop, e.g. [\"hf_sparse_local\"] "
-                  "(the shipped offline tasks) or hub tasks such as [\"hellaswag\", \"arc_easy\"]; scores are "
-                  "logged as lm_eval/<task>/<metric> in the row with the loss."},
+                  "(the shipped offline tasks) or hub tasks such as [\"hellaswag\", \"arc_easy\"] (a list, or one "
+                  "comma-separated string); scores are logged as lm_eval/<task>/<metric> in the row with the loss, "
+                  "<metric> without lm-eval's ',none' filter suffix (acc,none -> acc)."},
     )
     lm_eval_include_path: str | None = field(
         default=None, metadata={"help": "A folder of extra lm-eval task YAMLs (beside the shipped offline tasks)."}

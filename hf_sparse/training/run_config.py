@@ -240,6 +240,8 @@ def parse_run_config(argv: list[str]) -> RunConfig:
         data["resume_from_checkpoint"] = "last"
     elif data.get("resume_from_checkpoint") is False:
         data.pop("resume_from_checkpoint")
+    if isinstance(data.get("lm_eval_tasks"), str):  # --lm_eval_tasks hellaswag,arc_easy
+        data["lm_eval_tasks"] = [name.strip() for name in data["lm_eval_tasks"].split(",") if name.strip()]
     check_keys_and_types(data)
     check_trainer_values(data)
     # Before TrainingArguments: building them already sets up accelerate's distributed state.
