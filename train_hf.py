@@ -32,6 +32,7 @@ from hf_sparse.training.cli_help import format_help, wants_help
 from hf_sparse.training.data import build_datasets
 from hf_sparse.training.evaluation import build_compute_metrics, preprocess_logits_for_metrics
 from hf_sparse.training.launch_checks import check_hub_access
+from hf_sparse.training.lm_eval_callback import LmEvalCallback
 from hf_sparse.training.loro import LoroCallback, build_loro_optimizer_and_scheduler
 from hf_sparse.training.numerics import NonFiniteError, NumericsGuardCallback
 from hf_sparse.training.preemption import PreemptionCallback
@@ -143,6 +144,10 @@ def main(argv: list[str]) -> dict:
             train_dataset, eval_dataset = build_datasets(data_args, tokenizer, seed=args.seed)
         except ValueError as err:  # what the data holds (a missing column, too little text): one line
             raise ConfigError(str(err)) from None
+    # Saved with the model: tools that read the tokenizer (lm-eval, serving) see the
+    # trained block, not the "unlimited" sentinel. Set only now: packing tokenizes whole
+    # documents, which a limit would flag with a warning for each long one.
+    tokenizer.model_max_length = data_args.max_length
     model = AutoModelForCausalLM.from_config(run.model_config)
     config = run.model_config
     weight_2by4 = (
@@ -168,6 +173,14 @@ def main(argv: list[str]) -> dict:
     if run.script_args.optimizer == "loro_adamw":
         optimizers = build_loro_optimizer_and_scheduler(model, args, run.script_args)
         extra_callbacks.append(LoroCallback())
+    lm_eval = None
+    if run.eval_args.lm_eval_tasks:
+        lm_eval = LmEvalCallback(
+            run.eval_args.lm_eval_tasks, include_path=run.eval_args.lm_eval_include_path,
+            limit=run.eval_args.lm_eval_limit, steps=run.eval_args.lm_eval_steps,
+            max_length=data_args.max_length, tokenizer=tokenizer,
+        )  # fmt: skip
+        extra_callbacks.append(lm_eval)
 
     trainer = Trainer(
         model=model,
@@ -210,9 +223,14 @@ def main(argv: list[str]) -> dict:
         # duplicate row (and a second TensorBoard events file).
         final_eval = final_step_eval(trainer.state, args)
         metrics.update(final_eval if final_eval is not None else trainer.evaluate())
+    if lm_eval is not None:
+        metrics.update(lm_eval.evaluate_at_end(trainer))
     trainer.log_metrics("all", metrics)
     trainer.save_metrics("all", metrics)
 
+    # The Trainer turns the KV cache off for training; the saved model is for inference,
+    # and its generation_config already says use_cache=true.
+    trainer.model.config.use_cache = True
     save_final_model(trainer, args.output_dir)
     # trainer_state.json (full log_history) is written whatever save_strategy is.
     trainer.save_state()

@@ -21,12 +21,20 @@ i.e. exactly what loading RUN_DIR gives (for a mid-run ``checkpoint-N`` too):
 - everything else in the schedule (start step, warm-up) is history and has no effect.
 
 Architecture of OUT_DIR:
-- **stock transformers, no remote code** whenever the final forward is one of:
-    ``squ_relu="silu"``, full rank                      -> ``llama`` (``LlamaForCausalLM``)
-    ``squ_relu="relu"``/``"relu2"``, full rank, no
-    activation 2:4 in the final forward                 -> ``arcee`` (``ArceeForCausalLM``:
-                                                           the same Llama body with a non-gated
-                                                           ``down(act(up(x)))`` MLP)
+- **stock transformers, no remote code** whenever the final forward is one of (full rank,
+  no activation 2:4 in the final forward); ``llama`` is preferred wherever the weights
+  allow it, because vLLM runs ``LlamaForCausalLM`` natively and ``ArceeForCausalLM`` only
+  through its generic Transformers backend:
+    ``squ_relu="silu"``                                 -> ``llama`` (``LlamaForCausalLM``)
+    ``squ_relu="relu2"``                                -> ``llama`` with ``hidden_act="relu"``
+                                                           and ``gate_proj = up_proj``: relu(z)·z
+                                                           is relu(z)², exactly (one more FFN
+                                                           matrix than arcee); ``target="arcee"``
+                                                           for the compact non-gated form
+    ``squ_relu="relu"``                                 -> ``arcee`` (``ArceeForCausalLM``: the
+                                                           same Llama body with a non-gated
+                                                           ``down(act(up(x)))`` MLP; relu(z) has
+                                                           no gated form without a bias)
 - otherwise ``sparse_llama`` with its model code copied (load with
   ``trust_remote_code=True``; `hf_sparse` need not be installed): low-rank linears
   (``loro_scope``) and 2:4 activations have no stock equivalent. Its config has
@@ -51,6 +59,7 @@ from transformers.initialization import no_init_weights
 from transformers.utils import logging as transformers_logging
 
 from .training.checkpoints import architecture_lines, last_complete_checkpoint
+from .training.tokenizer import LOADER_ARGUMENTS
 from .model.configuration_sparse_llama import SparseLlamaConfig
 from .model.modeling_sparse_llama import SparseLlamaForCausalLM, set_training_step
 from .model.weight_sparse import is_weight_sparse
@@ -84,9 +93,21 @@ STOCK_ARCHITECTURES = {
     "arcee": (ArceeConfig, ArceeForCausalLM),
 }
 STOCK_RULE = (
-    "stock exports: squ_relu='silu' full-rank -> llama; squ_relu='relu'/'relu2' full-rank without "
-    "activation 2:4 -> arcee; low-rank (loro_scope) and activation_2by4 need the sparse_llama code"
+    "stock exports (full rank, no activation 2:4): squ_relu='silu' -> llama; 'relu2' -> llama (gate_proj = up_proj, "
+    "hidden_act relu: relu(z)*z = relu(z)^2) or, with --target arcee, arcee; 'relu' -> arcee; low-rank (loro_scope) "
+    "and activation_2by4 need the sparse_llama code"
 )
+# What each stock target can express, by squ_relu; the first one is the default.
+STOCK_TARGETS = {"silu": ("llama",), "relu2": ("llama", "arcee"), "relu": ("arcee",)}
+_WHY = {
+    ("silu", "llama"): "its SwiGLU FFN is Llama's MLP",
+    ("relu2", "llama"): "relu(z)·z = relu(z)², so its ReLU² FFN is Llama's gated MLP with hidden_act relu and "
+    "gate_proj = up_proj (exact; 1.5× the FFN weights of the arcee form), and vLLM runs LlamaForCausalLM natively",
+    ("relu2", "arcee"): "asked for (target arcee): the non-gated ReLU² FFN as it is; vLLM runs ArceeForCausalLM only "
+    "through its Transformers backend",
+    ("relu", "arcee"): "a non-gated relu FFN has no Llama form (relu(z) would need a gate of ones); "
+    "vLLM runs ArceeForCausalLM only through its Transformers backend",
+}
 
 
 class ExportError(ValueError):
@@ -103,9 +124,10 @@ def final_activation_2by4(config: SparseLlamaConfig) -> bool:
     )
 
 
-def stock_architecture(config: SparseLlamaConfig) -> tuple[str | None, str]:
+def stock_architecture(config: SparseLlamaConfig, target: str | None = None) -> tuple[str | None, str]:
     """(stock model_type, "") if the final forward of `config` is a stock transformers
-    architecture, else (None, the reason)."""
+    architecture (`target`, or the preferred one: llama wherever the weights allow it), else
+    (None, the reason)."""
     reasons = []
     if config.loro_scope is not None:
         reasons.append(f"low-rank linears (loro_scope={config.loro_scope!r})")
@@ -113,7 +135,35 @@ def stock_architecture(config: SparseLlamaConfig) -> tuple[str | None, str]:
         reasons.append("2:4 activations (activation_2by4=True)")
     if reasons:
         return None, " and ".join(reasons)
-    return ("llama" if config.squ_relu == "silu" else "arcee"), ""
+    targets = STOCK_TARGETS[config.squ_relu]
+    if target is not None and target not in targets:
+        return None, f"squ_relu={config.squ_relu!r}, which has no {target} form"
+    return (target or targets[0]), ""
+
+
+def architecture_reason(config: SparseLlamaConfig, architecture: str, why_not_stock: str = "") -> str:
+    """One sentence for the report and the card: why `architecture` was written."""
+    if architecture == "sparse_llama":
+        return f"{why_not_stock} have no stock transformers equivalent, so the sparse_llama code ships with it"
+    return _WHY[(config.squ_relu, architecture)]
+
+
+def _gate_from_up(state: dict, sparse_names: list[str]) -> None:
+    """Llama form of a ReLU² FFN: gate_proj is a copy of up_proj (a copy, not the same
+    tensor: save_pretrained would drop a shared one as tied)."""
+    for name in [k for k in state if k.endswith(".mlp.up_proj.weight")]:
+        gate = name.replace(".up_proj.", ".gate_proj.")
+        state[gate] = state[name].clone()
+        if name in sparse_names:
+            sparse_names.append(gate)
+
+
+def _is_2to4(name: str, tensor: torch.Tensor) -> bool:
+    """At most 2 non-zeros in every group of 4 along the input dim (dim 0 of a low-rank weight_in)."""
+    matrix = tensor.t() if name.endswith("weight_in") else tensor
+    if matrix.shape[-1] % 4:
+        return False
+    return bool(((matrix.reshape(matrix.shape[0], -1, 4) != 0).sum(-1) <= 2).all())
 
 
 def effective_state_dict(model: SparseLlamaForCausalLM) -> tuple[dict[str, torch.Tensor], list[str]]:
@@ -210,6 +260,8 @@ def _stock_config(config: SparseLlamaConfig, model_type: str):
     if model_type == "arcee":
         # sparse_llama's non-gated MLP uses ACT2FN[squ_relu] (hidden_act is the SwiGLU one).
         values["hidden_act"] = config.squ_relu
+    elif config.squ_relu == "relu2":
+        values["hidden_act"] = "relu"  # act(gate)·up with gate = up: relu(z)·z
     return config_class(**values)
 
 
@@ -289,6 +341,8 @@ def _model_card(source: SparseLlamaConfig, info: dict, run_dir: str, title: str)
             "Architecture `sparse_llama`: load with `AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True)`; "
             "the model code ships with the weights, `hf_sparse` need not be installed."
         )
+    lines += [f"Why this architecture: {info['why']}.", "", "Serving: no serving stack accelerates 2:4 weights today "
+              "(vLLM 0.33 removed its 2:4 path); the 2:4 zeros are stored dense and run as dense GEMMs."]
     lines += [
         "",
         "## Model",
@@ -323,17 +377,38 @@ def _model_card(source: SparseLlamaConfig, info: dict, run_dir: str, title: str)
     return "\n".join(lines) + "\n"
 
 
-def export_model(run_dir: str, out_dir: str, dense: bool = False) -> str:
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def _copy_tokenizer_file(source: str, target: str) -> None:
+    """Copy a tokenizer file; tokenizer_config.json without the loader arguments that
+    transformers 5.24 saves (a run saved offline would ask for local files only forever)."""
+    if os.path.basename(source) != "tokenizer_config.json":
+        shutil.copy2(source, target)
+        return
+    with open(source, encoding="utf-8") as handle:
+        config = json.load(handle)
+    for key in LOADER_ARGUMENTS:
+        config.pop(key, None)
+    with open(target, "w", encoding="utf-8") as handle:
+        handle.write(json.dumps(config, indent=2, sort_keys=True, ensure_ascii=False) + "\n")
+
+
+def export_model(run_dir: str, out_dir: str, dense: bool = False, target: str | None = None) -> str:
     """Write the inference export of the sparse_llama model in `run_dir` to `out_dir`;
     return `out_dir`.
 
     The exported weights are those of the model's final forward (2:4 with the scale folded
     in, or dense after a dense tail), so outputs equal the trained model's. The folder is a
-    stock `llama` (silu, full rank) or `arcee` (relu/relu2, full rank, no activation 2:4 in
-    the final forward) model whenever the model allows it, else a `sparse_llama` one with
-    its code (low-rank and activation 2:4 need it). `dense=True` requires a stock
+    stock model whenever the model allows it (full rank, no activation 2:4 in the final
+    forward): `llama` for silu and relu2, `arcee` for relu or when `target="arcee"`; else a
+    `sparse_llama` one with its code. `dense=True` (or a `target`) requires a stock
     architecture and raises `ExportError` otherwise. Tokenizer files are copied; `out_dir`
-    must be new or empty and appears only once complete.
+    must be new or empty, appears only once complete, and is readable like any folder
+    save_pretrained makes (the umask's permissions, not mkdtemp's private 0700).
     """
     raw = _check_run_dir(run_dir)
     _check_out_dir(out_dir, run_dir)
@@ -342,16 +417,26 @@ def export_model(run_dir: str, out_dir: str, dense: bool = False) -> str:
         config = SparseLlamaConfig.from_dict(raw)
     except (TypeError, ValueError) as err:
         raise ExportError(f"RUN_DIR {run_dir!r} has an invalid sparse_llama config.json: {err}") from None
-    stock, reason = stock_architecture(config)
-    if dense and stock is None:
-        raise ExportError(f"--dense: this model has no stock transformers architecture: it has {reason} ({STOCK_RULE}).")
+    if target is not None and target not in STOCK_ARCHITECTURES:
+        raise ExportError(f"--target {target!r} is not valid; choose one of {', '.join(map(repr, STOCK_ARCHITECTURES))}.")
+    stock, reason = stock_architecture(config, target)
+    if (dense or target) and stock is None:
+        flag = f"--target {target}" if target else "--dense"
+        raise ExportError(f"{flag}: this model has no such stock transformers architecture: it has {reason} ({STOCK_RULE}).")
 
     model = _load(run_dir)
     config = model.config
     state, sparse_names = effective_state_dict(model)
+    if stock == "llama" and config.squ_relu == "relu2":
+        _gate_from_up(state, sparse_names)
+    # Labelled 2:4 only when the stored tensors are (a dense tail's masters are not).
+    if not all(_is_2to4(name, state[name]) for name in sparse_names):
+        logger.warning("the weights the final forward uses are not all 2:4; the export is labelled dense.")
+        sparse_names = []
     dtype = model.dtype
     info = {
         "architecture": stock or "sparse_llama",
+        "why": architecture_reason(config, stock or "sparse_llama", reason),
         "weight_2by4": bool(sparse_names),  # stored weights are 2:4 (false after a dense tail)
         "weight_2by4_tensors": sparse_names,
         "activation_2by4": final_activation_2by4(config),
@@ -375,22 +460,26 @@ def export_model(run_dir: str, out_dir: str, dense: bool = False) -> str:
         "weight_2by4_groups": "input dim" if info["weight_2by4"] else None,
         "dense_tail": info["dense_tail"],
         "activation_2by4": info["activation_2by4"],
+        "architecture_reason": info["why"],
     }
-    target = _target_model(export_config, model_class, dtype)
-    target.generation_config = copy.deepcopy(model.generation_config)
-    _check_keys(state, target)
+    target_model = _target_model(export_config, model_class, dtype)
+    target_model.generation_config = copy.deepcopy(model.generation_config)
+    _check_keys(state, target_model)
 
     parent = os.path.dirname(os.path.abspath(out_dir))
     os.makedirs(parent, exist_ok=True)
     # Written beside OUT_DIR and renamed at the end: a failed export leaves no half folder.
     staging = tempfile.mkdtemp(prefix=f".{os.path.basename(os.path.abspath(out_dir))}.export-", dir=parent)
     try:
-        target.save_pretrained(staging, state_dict=state)
+        # mkdtemp makes the folder private (0700); the renamed export would stay unreadable
+        # to any other user, e.g. a serving container running as another uid.
+        os.chmod(staging, 0o777 & ~_umask())
+        target_model.save_pretrained(staging, state_dict=state)
         copied = []
         for name in TOKENIZER_FILES:
             path = os.path.join(run_dir, name)
             if os.path.isfile(path):
-                shutil.copy2(path, os.path.join(staging, name))
+                _copy_tokenizer_file(path, os.path.join(staging, name))
                 copied.append(name)
         if not copied:
             logger.warning("%s has no tokenizer files: the export holds the model only.", run_dir)
@@ -406,6 +495,7 @@ def export_model(run_dir: str, out_dir: str, dense: bool = False) -> str:
     if info["dense_tail"] and config.weight_2by4:
         what += " (the run ended in a dense tail: its final weights are dense)"
     logger.info("exported %s as %s with %s to %s", run_dir, info["architecture"], what, out_dir)
+    logger.info("architecture %s: %s", info["architecture"], info["why"])
     return out_dir
 
 
@@ -418,6 +508,12 @@ def main(argv=None) -> int:
     parser.add_argument("run_dir", help="saved model folder of a run (config.json + model.safetensors)")
     parser.add_argument("out_dir", help="new or empty folder to write")
     parser.add_argument(
+        "--target",
+        choices=sorted(STOCK_ARCHITECTURES),
+        help="the stock architecture to write (default: llama wherever the weights allow it, native in vLLM; "
+        "arcee for the compact non-gated form of a relu2 model)",
+    )
+    parser.add_argument(
         "--dense",
         action="store_true",
         help="require a stock transformers architecture (llama/arcee; fail if the model has none). "
@@ -428,7 +524,7 @@ def main(argv=None) -> int:
     # The load/save progress bars of a few tensors add nothing to the one-line summary.
     transformers_logging.disable_progress_bar()
     try:
-        path = export_model(args.run_dir, args.out_dir, dense=args.dense)
+        path = export_model(args.run_dir, args.out_dir, dense=args.dense, target=args.target)
     except ExportError as err:
         logger.error("error: %s", err)
         return 2

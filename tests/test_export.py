@@ -4,6 +4,7 @@ logits where hf_sparse is not installed, as stock llama/arcee where the model al
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -23,16 +24,18 @@ LOW_RANK = dict(loro_scope="all", loro_attn_rank=8, loro_mlp_rank=8)
 CASES = {
     "silu_llama": (dict(squ_relu="silu", weight_2by4=True, tie_word_embeddings=True), "llama", torch.float32),
     "relu2_arcee": (dict(weight_2by4=True, weight_2by4_scope="all", weight_sparse_method="ste"), "arcee", torch.float32),
+    # relu2 prefers llama: relu(gate)·up with gate = up (the 2:4 up_proj copied, 2:4 too).
+    "relu2_llama": (dict(weight_2by4=True), "llama", torch.float32),
     "relu_arcee_bf16": (dict(squ_relu="relu", weight_2by4=True), "arcee", torch.bfloat16),
     "lowrank_act24": (
         dict(weight_2by4=True, weight_2by4_scope="all", activation_2by4=True, activation_dense_warmup_steps=0, **LOW_RANK),
         "sparse_llama",
         torch.float32,
     ),
-    # Dense tail covering activations: the final forward is a dense non-gated relu2 -> arcee.
-    "tail_arcee": (
+    # Dense tail covering activations: the final forward is a dense non-gated relu2 -> llama.
+    "tail_llama": (
         dict(weight_2by4=True, activation_2by4=True, activation_dense_finetune=True, sparse_dense_finetune_steps=10),
-        "arcee",
+        "llama",
         torch.float32,
     ),
     # Dense tail for weights only: activations stay 2:4, so sparse_llama with dense weights.
@@ -42,6 +45,7 @@ CASES = {
         torch.float32,
     ),
 }
+TARGETS = {"relu2_arcee": "arcee"}  # asked for explicitly; every other case takes the default
 EXPECTED_CLASS = {"llama": "LlamaForCausalLM", "arcee": "ArceeForCausalLM", "sparse_llama": "SparseLlamaForCausalLM"}
 
 
@@ -87,7 +91,7 @@ def exports(tmp_path_factory):
         _trained_run(run_dir, overrides, dtype)
         if name == "relu2_arcee":
             _tiny_tokenizer(run_dir)
-        export_model(str(run_dir), str(out_dir))
+        export_model(str(run_dir), str(out_dir), target=TARGETS.get(name))
         torch.save({"ids": ids, "logits": _reference_logits(run_dir, ids)}, root / f"expected_{name}.pt")
         result[name] = dict(run=run_dir, out=out_dir, expected=root / f"expected_{name}.pt", architecture=architecture)
     return root, result
@@ -108,7 +112,7 @@ def _as_out_by_in(name, tensor):
     return tensor.t() if name.endswith("weight_in") else tensor
 
 
-@pytest.mark.parametrize("name", ["silu_llama", "relu2_arcee", "relu_arcee_bf16", "lowrank_act24"])
+@pytest.mark.parametrize("name", ["silu_llama", "relu2_arcee", "relu2_llama", "relu_arcee_bf16", "lowrank_act24"])
 def test_exported_weights_are_the_scaled_2to4_weights(exports, name):
     _, cases = exports
     case = cases[name]
@@ -121,6 +125,9 @@ def test_exported_weights_are_the_scaled_2to4_weights(exports, name):
     assert config["model_type"] == case["architecture"] and config["hf_sparse_export"]["weight_2by4"] is True
     for key, tensor in out_state.items():
         assert tensor.dtype == CASES[name][2]
+        if key not in run_state:  # the llama form of a relu2 FFN: gate_proj is a copy of up_proj
+            assert name == "relu2_llama" and key.endswith("gate_proj.weight") and config["hidden_act"] == "relu"
+            key = key.replace("gate_proj", "up_proj")
         if key not in targets:  # untouched: embeddings, norms, untargeted linears
             torch.testing.assert_close(tensor, run_state[key], rtol=0, atol=0)
             continue
@@ -137,14 +144,19 @@ def test_exported_weights_are_the_scaled_2to4_weights(exports, name):
 
 def test_dense_tail_exports_the_dense_masters(exports):
     _, cases = exports
-    for name in ("tail_arcee", "tail_act24"):
+    for name in ("tail_llama", "tail_act24"):
         case = cases[name]
         run_state = load_file(case["run"] / "model.safetensors")
         out_state = load_file(case["out"] / "model.safetensors")
         config = json.loads((case["out"] / "config.json").read_text())
-        assert set(out_state) == {k for k in run_state if not k.endswith("_2by4_scale")}
+        gates = {k for k in out_state if "gate_proj" in k}  # the llama form's copies of up_proj
+        assert bool(gates) == (name == "tail_llama")
+        assert set(out_state) - gates == {k for k in run_state if not k.endswith("_2by4_scale")}
         for key, tensor in out_state.items():
-            torch.testing.assert_close(tensor, run_state[key], rtol=0, atol=0)
+            torch.testing.assert_close(tensor, run_state[key.replace("gate_proj", "up_proj")], rtol=0, atol=0)
+        # Dense weights: labelled dense everywhere (config, card tags), not 2:4.
+        card = (case["out"] / "README.md").read_text()
+        assert "2:4-weight-sparsity" not in card and "architecture_reason" in config["hf_sparse_export"]
         assert config["hf_sparse_export"]["dense_tail"] is True and config["hf_sparse_export"]["weight_2by4"] is False
         assert "dense fine-tuning" in (case["out"] / "README.md").read_text()
     sparse_config = json.loads((cases["tail_act24"]["out"] / "config.json").read_text())
@@ -200,11 +212,14 @@ def test_exports_reproduce_logits_without_hf_sparse(exports):
 def test_stock_architecture_rule():
     assert stock_architecture(tiny_config(squ_relu="silu")) == ("llama", "")
     assert stock_architecture(tiny_config(squ_relu="relu")) == ("arcee", "")
+    assert stock_architecture(tiny_config(squ_relu="relu2")) == ("llama", "")  # preferred: native in vLLM
+    assert stock_architecture(tiny_config(squ_relu="relu2"), "arcee") == ("arcee", "")
+    assert stock_architecture(tiny_config(squ_relu="relu"), "llama")[0] is None
     assert stock_architecture(tiny_config(activation_2by4=True))[0] is None
     assert stock_architecture(tiny_config(squ_relu="silu", **LOW_RANK))[0] is None
     # A dense tail over activations makes the final forward a plain relu2 FFN.
     tail = tiny_config(activation_2by4=True, activation_dense_finetune=True, sparse_dense_finetune_steps=3)
-    assert stock_architecture(tail) == ("arcee", "")
+    assert stock_architecture(tail) == ("llama", "")
 
 
 def test_dense_flag(exports, tmp_path):
@@ -215,7 +230,7 @@ def test_dense_flag(exports, tmp_path):
     assert "\n" not in message and "loro_scope" in message and "activation_2by4" in message and "arcee" in message
     assert not (tmp_path / "x").exists()
     out = export_model(str(cases["relu2_arcee"]["run"]), str(tmp_path / "y"), dense=True)
-    assert json.loads((tmp_path / "y" / "config.json").read_text())["model_type"] == "arcee" and out == str(tmp_path / "y")
+    assert json.loads((tmp_path / "y" / "config.json").read_text())["model_type"] == "llama" and out == str(tmp_path / "y")
 
 
 def test_errors_are_one_clear_line(exports, tmp_path):
@@ -262,3 +277,38 @@ def test_checkpoint_hint_and_cli(exports, tmp_path, caplog):
     assert f"exported to {empty.resolve()}" in caplog.text
     assert {"config.json", "model.safetensors", "tokenizer.json", "README.md"} <= set(os.listdir(empty))
     assert not [p for p in os.listdir(tmp_path) if ".export-" in p]  # staging folder renamed away
+
+
+def test_export_is_readable_by_another_user_and_its_tokenizer_config_has_no_loader_arguments(exports, tmp_path):
+    """mkdtemp's private 0700 staging folder must not become the export's mode; a run saved
+    by transformers 5.24 offline carries local_files_only/is_local, which the export drops."""
+    import stat
+    import tempfile
+
+    _, cases = exports
+    run = tmp_path / "run"
+    shutil.copytree(cases["relu2_arcee"]["run"], run)
+    tokenizer_config = json.loads((run / "tokenizer_config.json").read_text())
+    (run / "tokenizer_config.json").write_text(json.dumps({**tokenizer_config, "local_files_only": True, "is_local": True}))
+    # A world-traversable parent (pytest's tmp_path is private), so another uid can reach it.
+    parent = tempfile.mkdtemp(prefix="hf_sparse_export_perm_")
+    try:
+        os.chmod(parent, 0o755)
+        out = os.path.join(parent, "export")
+        export_model(str(run), out)
+        assert stat.S_IMODE(os.stat(out).st_mode) & 0o055 == 0o055  # group/other may list and enter
+        saved = json.loads(open(os.path.join(out, "tokenizer_config.json")).read())
+        assert "local_files_only" not in saved and "is_local" not in saved and saved["unk_token"] == "[UNK]"
+        if os.geteuid() == 0:  # really read it as another user (nobody), in a forked child
+            pid = os.fork()
+            if pid == 0:  # the child only reads and exits: no Python-level cleanup
+                try:
+                    os.setgid(65534)
+                    os.setuid(65534)
+                    with open(os.path.join(out, "config.json"), "rb") as handle:
+                        ok = bool(handle.read()) and "model.safetensors" in os.listdir(out)
+                finally:
+                    os._exit(0 if locals().get("ok") else 1)
+            assert os.waitpid(pid, 0)[1] == 0, "the export is not readable by uid 65534"
+    finally:
+        shutil.rmtree(parent, ignore_errors=True)

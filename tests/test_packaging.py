@@ -27,7 +27,14 @@ def test_pip_install_gives_package_scripts_and_module_entry_points(tmp_path):
     installed = {p.name for p in target.iterdir()}
     assert {"hf_sparse", "train_hf.py", "bin"} <= installed
     assert (target / "hf_sparse" / "training" / "metrics" / "next_token_accuracy" / "next_token_accuracy.py").exists()
-    assert {"hf-sparse-train", "hf-sparse-report", "hf-sparse-export"} <= {p.name for p in (target / "bin").iterdir()}
+    assert {"hf-sparse-train", "hf-sparse-report", "hf-sparse-export", "hf-sparse-eval"} <= {
+        p.name for p in (target / "bin").iterdir()
+    }
+    # The offline lm-eval tasks travel with the package: YAMLs, data, and the loader they name.
+    tasks = target / "hf_sparse" / "eval_tasks"
+    assert {"hf_sparse_nextline.yaml", "hf_sparse_heldout.yaml", "nextline.jsonl", "heldout.jsonl", "local_data.py"} <= {
+        p.name for p in tasks.iterdir()
+    }
 
     # The console script calls train_hf.cli (whose error path tests/test_train_hf.py covers).
     assert "from train_hf import cli" in (target / "bin" / "hf-sparse-train").read_text()

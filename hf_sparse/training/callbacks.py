@@ -15,7 +15,7 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from ..model.modeling_sparse_llama import ensure_activation_stats, prepare_2to4_gemms, set_training_step
 from ..model.weight_sparse import next_weight_generation
 from .auto_switch import SWITCH_STEP_KEY, auto_switch_config, update_switch
-from .checkpoints import write_model_card
+from .checkpoints import enable_cache_in_saved_config, write_model_card
 from .telemetry import snapshot_weight_masks, sparsity_metrics
 
 logger = logging.getLogger(__name__)
@@ -205,6 +205,8 @@ class ModelCardCallback(TrainerCallback):
             return
         folder = os.path.join(args.output_dir, f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}")
         if os.path.isdir(folder):
+            if os.path.isfile(os.path.join(folder, "config.json")):
+                enable_cache_in_saved_config(folder)
             write_model_card(folder, model.config, state.log_history, args, self.card_dataset)
 
 

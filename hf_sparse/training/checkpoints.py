@@ -50,6 +50,33 @@ def _latest_eval(log_history: list[dict]) -> dict:
     return rows[-1] if rows else {}
 
 
+LM_EVAL_PREFIX = "lm_eval/"  # the in-loop lm-eval scores: lm_eval/<task>/<metric>
+
+
+def latest_lm_eval(log_history: list[dict]) -> tuple[int | None, dict]:
+    """(step, {"<task>/<metric>": value}) of the last row with lm-eval scores."""
+    for row in reversed(log_history):
+        scores = {k[len(LM_EVAL_PREFIX):]: v for k, v in row.items() if k.startswith(LM_EVAL_PREFIX)}
+        if scores:
+            return row.get("step"), scores
+    return None, {}
+
+
+def enable_cache_in_saved_config(folder: str) -> None:
+    """Set use_cache=true in a saved config.json (atomically): the Trainer turns the KV cache
+    off while training, and a checkpoint written then would say so to every tool that loads
+    it, against its own generation_config.json."""
+    path = os.path.join(folder, "config.json")
+    with open(path, encoding="utf-8") as handle:
+        config = json.load(handle)
+    if config.get("use_cache", True) is True:
+        return
+    config["use_cache"] = True
+    with open(path + ".tmp", "w", encoding="utf-8") as handle:
+        handle.write(json.dumps(config, indent=2, sort_keys=True) + "\n")  # as save_pretrained writes it
+    os.replace(path + ".tmp", path)
+
+
 # Hyperparameters the card lists, in this order, when the run's TrainingArguments are known.
 CARD_HYPERPARAMETERS = (
     "learning_rate", "per_device_train_batch_size", "gradient_accumulation_steps", "max_steps",
@@ -63,10 +90,19 @@ REPORT_FIGURES = (
 )
 
 
-def _eval_results(metrics: dict, dataset_name: str | None) -> list:
-    """model-index entries (what the hub renders as a results table) for the last evaluation."""
+def _eval_results(metrics: dict, dataset_name: str | None, lm_eval_scores: dict | None = None) -> list:
+    """model-index entries (what the hub renders as a results table) for the last evaluation
+    and the last lm-eval scores (one dataset per task)."""
     from huggingface_hub import EvalResult
 
+    downstream = [
+        EvalResult(
+            task_type="text-generation", task_name=f"lm-eval {key.split('/', 1)[0]}",
+            dataset_type=key.split("/", 1)[0], dataset_name=key.split("/", 1)[0],
+            metric_type=key.split("/", 1)[1], metric_name=key.split("/", 1)[1], metric_value=float(value),
+        )  # fmt: skip
+        for key, value in sorted((lm_eval_scores or {}).items())
+    ]
     dataset = dataset_name or "evaluation split of the training data"
     wanted = (("eval_loss", "loss", "Eval loss"), ("eval_perplexity", "perplexity", "Perplexity"),
               ("eval_accuracy", "accuracy", "Next-token accuracy"))  # fmt: skip
@@ -78,7 +114,7 @@ def _eval_results(metrics: dict, dataset_name: str | None) -> list:
         )  # fmt: skip
         for key, metric_type, metric_name in wanted
         if isinstance(metrics.get(key), (int, float))
-    ]
+    ] + downstream
 
 
 def _framework_versions() -> list[str]:
@@ -132,7 +168,8 @@ def model_card(
         tags.append("2:4-weight-sparsity")
     if config.loro_scope:
         tags.append("low-rank")
-    results = _eval_results(metrics, dataset_name)
+    lm_eval_step, lm_eval_scores = latest_lm_eval(log_history)
+    results = _eval_results(metrics, dataset_name, lm_eval_scores)
     card_data = ModelCardData(
         library_name="transformers",
         pipeline_tag="text-generation",
@@ -177,8 +214,12 @@ def model_card(
         lines += ["| metric | value |", "| --- | --- |"]
         lines += [f"| {k} | {v:.4f} |" if isinstance(v, float) else f"| {k} | {v} |" for k, v in sorted(metrics.items())]
         lines.append(f"\n(at optimizer step {eval_row.get('step')})")
-    else:
+    elif not lm_eval_scores:
         lines.append("No evaluation has run yet.")
+    if lm_eval_scores:
+        lines += ["", f"lm-evaluation-harness (in the training loop, at optimizer step {lm_eval_step}):", "",
+                  "| task | metric | value |", "| --- | --- | --- |"]  # fmt: skip
+        lines += [f"| {k.split('/', 1)[0]} | {k.split('/', 1)[1]} | {v:.4f} |" for k, v in sorted(lm_eval_scores.items())]
     if training_args is not None:
         lines += ["", "## Training hyperparameters", ""]
         for key in CARD_HYPERPARAMETERS:

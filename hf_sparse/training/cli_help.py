@@ -17,6 +17,7 @@ from .run_args import (
     ALIASES,
     MODEL_ARGUMENT_CLASSES,
     ActivationSparsityArguments,
+    DownstreamEvalArguments,
     LowRankArguments,
     ModelArguments,
     ScriptArguments,
@@ -39,6 +40,7 @@ HELP_SECTIONS = (
     ("data", DataArguments, "Training data and tokenizer. With neither dataset_name nor train_files: the embedded "
      "default corpus and a tokenizer trained on it locally (no network)."),
     ("script", ScriptArguments, None),
+    ("downstream evaluation (lm-eval)", DownstreamEvalArguments, None),
 )
 
 

@@ -12,7 +12,7 @@ from transformers import TrainingArguments
 
 from ..model.configuration_sparse_llama import SparseLlamaConfig
 from ..model.kernels import fp8_ineligibility_reason
-from .run_args import OPTIMIZER_CHOICES, SCHEDULER_CHOICES, ConfigError, ScriptArguments
+from .run_args import OPTIMIZER_CHOICES, SCHEDULER_CHOICES, ConfigError, DownstreamEvalArguments, ScriptArguments
 
 logger = logging.getLogger(__name__)
 
@@ -235,3 +235,47 @@ def check_output_dir(training_args: TrainingArguments, script_args: ScriptArgume
             f"output_dir {training_args.output_dir!r} already holds a run; set overwrite_output_dir=true, "
             "resume it with resume_from_checkpoint, or choose another output_dir."
         )
+
+
+def check_lm_eval_args(eval_args: DownstreamEvalArguments, training_args: TrainingArguments) -> None:
+    """The lm_eval_* keys, before anything is built: values, that lm-eval is installed (the
+    extra), that the run keeps the whole model on rank 0, and that every task is known."""
+    tasks = eval_args.lm_eval_tasks
+    if tasks is None:
+        extra = [k for k in ("lm_eval_include_path", "lm_eval_limit", "lm_eval_steps") if getattr(eval_args, k) is not None]
+        if extra:
+            raise ConfigError(f"{extra[0]} is set but lm_eval_tasks is not; name the tasks, e.g. [\"hf_sparse_local\"].")
+        return
+    if not tasks or not all(isinstance(t, str) and t.strip() for t in tasks):
+        raise ConfigError(f"lm_eval_tasks: {tasks!r} is not valid; give a list of task names, e.g. [\"hf_sparse_local\"].")
+    for key, meaning in (("lm_eval_limit", "examples per task, or null for all"),
+                         ("lm_eval_steps", "optimizer steps between evaluations, or null for each evaluation")):
+        value = getattr(eval_args, key)
+        if value is not None and value <= 0:
+            raise ConfigError(f"{key}: {value!r} is not valid; use a positive integer ({meaning}).")
+    eval_strategy = getattr(training_args.eval_strategy, "value", training_args.eval_strategy)
+    if eval_args.lm_eval_steps is None and eval_strategy == "no":
+        raise ConfigError(
+            "lm_eval_tasks runs at each evaluation unless lm_eval_steps is set, and eval_strategy is 'no'; set "
+            "lm_eval_steps (every N optimizer steps) or an eval_strategy."
+        )
+    path = eval_args.lm_eval_include_path
+    if path is not None and not os.path.isdir(path):
+        what = "is not a directory" if os.path.exists(path) else "does not exist"
+        raise ConfigError(f"lm_eval_include_path: {path!r} {what}; give a folder of lm-eval task YAMLs.")
+    from .lm_eval_callback import build_task_manager, check_hub_datasets, require_lm_eval, sharded_training_reason
+
+    try:
+        require_lm_eval()
+    except ImportError as err:
+        raise ConfigError(str(err)) from None
+    reason = sharded_training_reason(training_args)
+    if reason:
+        raise ConfigError(
+            f"lm_eval_tasks: in-loop lm-eval needs the whole model on rank 0, and {reason} shards it; train with DDP "
+            "or DeepSpeed ZeRO-1/2, or evaluate the finished run with hf-sparse-eval."
+        )
+    try:
+        check_hub_datasets(build_task_manager(tasks, path), tasks)
+    except ValueError as err:
+        raise ConfigError(str(err)) from None

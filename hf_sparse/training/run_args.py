@@ -141,6 +141,28 @@ class ScriptArguments:
     )
 
 
+@dataclass
+class DownstreamEvalArguments:
+    """Downstream evaluation in the training loop with lm-evaluation-harness (pip install hf_sparse[eval])."""
+
+    lm_eval_tasks: list[str] | None = field(
+        default=None,
+        metadata={"help": "lm-eval task names (or groups/tags) evaluated in the loop, e.g. [\"hf_sparse_local\"] "
+                  "(the shipped offline tasks) or hub tasks such as [\"hellaswag\", \"arc_easy\"] (a list, or one "
+                  "comma-separated string); scores are logged as lm_eval/<task>/<metric> in the row with the loss, "
+                  "<metric> without lm-eval's ',none' filter suffix (acc,none -> acc)."},
+    )
+    lm_eval_include_path: str | None = field(
+        default=None, metadata={"help": "A folder of extra lm-eval task YAMLs (beside the shipped offline tasks)."}
+    )
+    lm_eval_limit: int | None = field(
+        default=None, metadata={"help": "Examples per task (null: all); a few hundred keep an in-loop run short."}
+    )
+    lm_eval_steps: int | None = field(
+        default=None, metadata={"help": "Evaluate every N optimizer steps (null: at each evaluation, eval_strategy)."}
+    )
+
+
 OPTIMIZER_CHOICES = ("adamw", "loro_adamw")
 
 
@@ -157,9 +179,12 @@ class RunConfig:
     data_args: DataArguments
     script_args: ScriptArguments
     raw: dict
+    eval_args: DownstreamEvalArguments = field(default_factory=DownstreamEvalArguments)
 
 
-ARGUMENT_CLASSES = (*MODEL_ARGUMENT_CLASSES, DataArguments, ScriptArguments, TrainingArguments)
+ARGUMENT_CLASSES = (
+    *MODEL_ARGUMENT_CLASSES, DataArguments, ScriptArguments, DownstreamEvalArguments, TrainingArguments
+)
 
 
 # The original research script's weight-sparsity flags, accepted in the run JSON so its

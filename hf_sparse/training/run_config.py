@@ -21,6 +21,7 @@ from .cli_help import USAGE
 from .config_checks import (
     check_attention_heads,
     check_fp8_support,
+    check_lm_eval_args,
     check_output_dir,
     check_output_dir_path,
     check_script_values,
@@ -185,11 +186,14 @@ def check_keys_and_types(data: dict) -> None:
             )
 
 
-def load_model_config(path: str, overrides: dict) -> SparseLlamaConfig:
+def load_model_config(path: str, overrides: dict, block_size: int | None = None) -> SparseLlamaConfig:
     """Build a `SparseLlamaConfig` from a model JSON plus the run's model keys.
 
     Accepts this project's model JSONs and the original research code's LLaMA JSONs
-    unchanged (`model_type: llama`, `max_sequence_length`, `pad_token_id: -1`).
+    unchanged (`model_type: llama`, `max_sequence_length`, `pad_token_id: -1`). A model JSON
+    that does not set `max_position_embeddings` (nor `max_sequence_length`) gets the
+    trained `block_size`: the context the saved model declares is the one it learned, so
+    evaluation and serving tools do not silently use a longer one. An explicit value wins.
     """
     if not path:
         raise ConfigError("model_config is required: the path of a model JSON such as configs/llama_130m.json.")
@@ -211,6 +215,8 @@ def load_model_config(path: str, overrides: dict) -> SparseLlamaConfig:
         raw.pop("max_sequence_length", None)
     if raw.get("pad_token_id") == -1:
         raw["pad_token_id"] = None
+    if block_size is not None and "max_position_embeddings" not in raw:
+        raw["max_position_embeddings"] = block_size
     raw.update({k: v for k, v in overrides.items() if v is not None})
     check_attention_heads(raw, path)
     try:
@@ -234,6 +240,8 @@ def parse_run_config(argv: list[str]) -> RunConfig:
         data["resume_from_checkpoint"] = "last"
     elif data.get("resume_from_checkpoint") is False:
         data.pop("resume_from_checkpoint")
+    if isinstance(data.get("lm_eval_tasks"), str):  # --lm_eval_tasks hellaswag,arc_easy
+        data["lm_eval_tasks"] = [name.strip() for name in data["lm_eval_tasks"].split(",") if name.strip()]
     check_keys_and_types(data)
     check_trainer_values(data)
     # Before TrainingArguments: building them already sets up accelerate's distributed state.
@@ -246,7 +254,7 @@ def parse_run_config(argv: list[str]) -> RunConfig:
         # Without this, each torchrun rank on a GPU-less machine would train alone.
         data["use_cpu"] = True
     try:
-        *model_parts, data_args, script_args, training_args = HfArgumentParser(ARGUMENT_CLASSES).parse_dict(
+        *model_parts, data_args, script_args, eval_args, training_args = HfArgumentParser(ARGUMENT_CLASSES).parse_dict(
             data, allow_extra_keys=False
         )
     except ValueError as err:
@@ -255,8 +263,9 @@ def parse_run_config(argv: list[str]) -> RunConfig:
     model_keys = {k: v for part in model_parts for k, v in dataclasses.asdict(part).items()}
 
     check_script_values(script_args, training_args, model_keys["loro_scope"])
+    check_lm_eval_args(eval_args, training_args)
     model_config_path = model_keys.pop("model_config")
-    model_config = load_model_config(model_config_path, model_keys)
+    model_config = load_model_config(model_config_path, model_keys, block_size=data_args.max_length)
     if no_weight_targets and model_config.weight_2by4:
         raise ConfigError(_NO_WEIGHT_TARGETS)
     check_sparse_schedule(model_config, training_args.max_steps)
@@ -292,4 +301,4 @@ def parse_run_config(argv: list[str]) -> RunConfig:
     check_reporting_integrations(training_args.report_to)
     check_output_dir_path(training_args.output_dir)
     check_output_dir(training_args, script_args)
-    return RunConfig(training_args, model_config, data_args, script_args, data)
+    return RunConfig(training_args, model_config, data_args, script_args, data, eval_args)

@@ -112,6 +112,22 @@ def _remove_dir_atomically(path: str) -> None:
     shutil.rmtree(trash, ignore_errors=True)
 
 
+# How transformers 5.24 loaded a tokenizer, which it keeps among the init arguments that
+# save_pretrained writes to tokenizer_config.json: a tokenizer saved from an offline run
+# would ask for local files only wherever it is loaded next (the hub included).
+LOADER_ARGUMENTS = (
+    "local_files_only", "is_local", "cache_dir", "force_download", "proxies", "token", "revision", "subfolder",
+    "trust_remote_code", "_commit_hash",
+)  # fmt: skip
+
+
+def drop_loader_arguments(tokenizer):
+    """Forget how `tokenizer` was loaded, so its saved config carries none of it."""
+    for key in LOADER_ARGUMENTS:
+        tokenizer.init_kwargs.pop(key, None)
+    return tokenizer
+
+
 def load_tokenizer(tokenizer_name: str | None, vocab_size: int) -> PreTrainedTokenizerFast:
     """A tokenizer with eos and pad tokens set.
 
@@ -120,8 +136,8 @@ def load_tokenizer(tokenizer_name: str | None, vocab_size: int) -> PreTrainedTok
     and cached under `cache_root()`.
     """
     if tokenizer_name is None:
-        return _embedded_tokenizer(vocab_size)
-    tokenizer = AutoTokenizer.from_pretrained(tokenizer_name)
+        return drop_loader_arguments(_embedded_tokenizer(vocab_size))
+    tokenizer = drop_loader_arguments(AutoTokenizer.from_pretrained(tokenizer_name))
     if tokenizer.pad_token is None:
         if tokenizer.eos_token is None:
             logger.warning("Tokenizer %s has neither pad nor eos token", tokenizer_name)

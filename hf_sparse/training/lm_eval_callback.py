@@ -1,0 +1,352 @@
+"""Downstream evaluation in the training loop with lm-evaluation-harness (`pip install
+hf_sparse[eval]`).
+
+`LmEvalCallback` evaluates the in-memory model (`lm_eval.models.huggingface.HFLM` around
+it, the Trainer's tokenizer, the trained block size as `max_length`) on lm-eval tasks and
+merges the scores into the log row of that step, the row that carries `loss`:
+`lm_eval/<task>/<metric>`, where `<metric>` is lm-eval's name without its `,none` filter
+suffix (`acc,none` -> `acc`; another filter stays as a sub-key, `exact_match,strict-match`
+-> `exact_match/strict-match`). Standard errors are not computed in the loop (lm-eval's
+bootstrap starts a process pool, which has no place inside a training process).
+
+Distributed (DDP, DeepSpeed ZeRO-1/2: every rank holds the whole model): rank 0 evaluates
+its own replica, unwrapped, so no collective runs inside the forwards, while the other ranks
+wait in the broadcast of its scores; every rank then logs the same row. Sharded models
+(FSDP, ZeRO-3) are refused up front. lm-eval is imported only here and only when used.
+"""
+
+import copy
+import difflib
+import functools
+import importlib
+import logging
+import math
+import os
+import random
+from contextlib import contextmanager
+
+import numpy as np
+import torch
+from transformers.trainer_callback import DefaultFlowCallback
+
+from .callbacks import _FirstCallback, merge_into_log_row
+
+logger = logging.getLogger(__name__)
+
+METRIC_PREFIX = "lm_eval/"
+EXTRA_NAME = "hf_sparse[eval]"
+MISSING_LM_EVAL = (
+    "{key} needs lm-evaluation-harness, which is not installed; install the extra: "
+    f"pip install '{EXTRA_NAME}' (or pip install lm-eval==0.4.13)."
+)
+# Messages lm-eval logs on every call with an in-memory model; nothing for the user to act on.
+_BENIGN_LM_EVAL_MESSAGES = (
+    "`pretrained` model kwarg is not of type `str`",
+    "Passed an already-initialized model through `pretrained`",
+    "Custom kwargs can be passed to `--metadata`",
+)
+
+
+def require_lm_eval(key: str = "lm_eval_tasks") -> None:
+    """Raise ImportError with one line naming the extra when lm-eval is missing."""
+    try:
+        importlib.import_module("lm_eval")
+    except ImportError:
+        raise ImportError(MISSING_LM_EVAL.format(key=key)) from None
+
+
+def shipped_tasks_dir() -> str:
+    from ..eval_tasks import TASKS_DIR
+
+    return TASKS_DIR
+
+
+@functools.lru_cache(maxsize=4)
+def _task_manager(paths: tuple[str, ...], defaults: bool):
+    from lm_eval.tasks import TaskManager
+
+    return TaskManager(include_path=list(paths), include_defaults=defaults)
+
+
+def build_task_manager(tasks: list[str], include_path: str | None = None):
+    """An lm-eval TaskManager that knows `tasks`: the shipped offline tasks and
+    `include_path` first; lm-eval's own (hub) task index only when a name is not there
+    (indexing its ~15k task files takes seconds, so each index is built once per process).
+    Raises ValueError (one line) for a name that no index has."""
+    paths = (shipped_tasks_dir(),) + ((os.path.abspath(include_path),) if include_path else ())
+    manager = _task_manager(paths, False)
+    if all(name in manager.all_tasks for name in tasks):
+        return manager
+    manager = _task_manager(paths, True)
+    unknown = [name for name in tasks if name not in manager.all_tasks]
+    if unknown:
+        close = difflib.get_close_matches(unknown[0], manager.all_tasks, n=3)
+        hint = f" Did you mean {', '.join(map(repr, close))}?" if close else ""
+        raise ValueError(
+            f"lm_eval_tasks: {unknown[0]!r} is not an lm-eval task, group or tag (nor one of the shipped offline tasks "
+            f"in {shipped_tasks_dir()}{' or of lm_eval_include_path' if include_path else ''}).{hint}"
+        )
+    return manager
+
+
+def hub_datasets(manager, tasks: list[str]):
+    """(task, hub dataset, config name) for each named task (or task of a named tag) that
+    reads a hub dataset; groups are not expanded."""
+    from datasets.packaged_modules import _PACKAGED_DATASETS_MODULES
+    from lm_eval.tasks._yaml_loader import load_yaml
+
+    index = manager.task_index
+    names = set()
+    for name in tasks:
+        names |= {n for n, entry in index.items() if name in entry.tags} | ({name} if index[name].yaml_path else set())
+    for name in sorted(names):
+        path = index[name].yaml_path
+        config = load_yaml(path, resolve_func=False) if path is not None and str(path).endswith(".yaml") else {}
+        dataset = config.get("dataset_path")
+        if config.get("task") != name or config.get("custom_dataset") or not isinstance(dataset, str):
+            continue
+        if dataset in _PACKAGED_DATASETS_MODULES or os.path.exists(os.path.expanduser(dataset)):
+            continue
+        yield name, dataset, config.get("dataset_name")
+
+
+def check_hub_datasets(manager, tasks: list[str]) -> None:
+    """In offline mode, a task whose hub dataset is not cached would fail at the first
+    in-loop evaluation, after training has started: say so now (ValueError, one line)."""
+    import datasets.config
+
+    from .hub_access import _dataset_cache_dirs, _dataset_cached, _offline_reason
+
+    if not datasets.config.HF_HUB_OFFLINE:
+        return
+    for task, dataset, config_name in hub_datasets(manager, tasks):
+        if not _dataset_cached(dataset, config_name):
+            raise ValueError(
+                f"lm_eval_tasks: task {task!r} reads the hub dataset {dataset!r}, the hub is unreachable "
+                f"({_offline_reason(('HF_HUB_OFFLINE', 'HF_DATASETS_OFFLINE'))}), and the local cache "
+                f"({' or '.join(_dataset_cache_dirs(dataset))}) has no copy of it; run the task once where the hub is "
+                "reachable, or use the shipped offline tasks (hf_sparse_local)."
+            )
+
+
+def flatten_results(results: dict) -> dict[str, float]:
+    """lm-eval's `results` section -> {"lm_eval/<task>/<metric>": float}; non-numeric
+    entries (aliases, "N/A" standard errors) and sample counts are dropped."""
+    flat = {}
+    for task, metrics in results.items():
+        for name, value in metrics.items():
+            if "," not in name or isinstance(value, bool) or not isinstance(value, (int, float)):
+                continue
+            metric, _, filter_name = name.partition(",")
+            key = metric if filter_name == "none" else f"{metric}/{filter_name}"
+            flat[f"{METRIC_PREFIX}{task}/{key}"] = float(value)
+    return flat
+
+
+def lm_eval_metrics(row: dict) -> dict[str, float]:
+    return {k: v for k, v in row.items() if k.startswith(METRIC_PREFIX)}
+
+
+class _DropBenign(logging.Filter):
+    def filter(self, record):
+        return not str(record.msg).startswith(_BENIGN_LM_EVAL_MESSAGES)
+
+
+@contextmanager
+def quiet_lm_eval():
+    benign = _DropBenign()
+    loggers = [logging.getLogger(name) for name in ("lm_eval.models.huggingface", "lm_eval.api.task")]
+    for each in loggers:
+        each.addFilter(benign)
+    try:
+        yield
+    finally:
+        for each in loggers:
+            each.removeFilter(benign)
+
+
+@contextmanager
+def _training_state_kept(model):
+    """Evaluation must not change the training run: lm-eval switches the model to eval
+    mode and its task setup draws from the global generators, which also feed data order,
+    MVUE draws and dropout. Restore both afterwards."""
+    was_training = model.training
+    states = (random.getstate(), np.random.get_state(), torch.random.get_rng_state())
+    cuda_states = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
+    try:
+        yield
+    finally:
+        model.train(was_training)
+        random.setstate(states[0])
+        np.random.set_state(states[1])
+        torch.random.set_rng_state(states[2])
+        if cuda_states is not None:
+            torch.cuda.set_rng_state_all(cuda_states)
+
+
+def evaluate_model(
+    model,
+    tokenizer,
+    tasks: list[str],
+    *,
+    include_path: str | None = None,
+    limit: int | None = None,
+    max_length: int | None = None,
+    batch_size: int = 8,
+    mixed_precision_dtype: torch.dtype | None = None,
+    task_manager=None,
+) -> dict[str, float]:
+    """Run lm-eval on an in-memory causal LM in this process; the flattened metrics.
+
+    Uses `lm_eval.evaluator.evaluate` rather than `simple_evaluate`: the latter also
+    reseeds the global generators and collects an environment report (subprocesses such
+    as `pip list`) on every call, which a training loop neither wants nor needs.
+    """
+    from lm_eval.evaluator import evaluate
+    from lm_eval.models.huggingface import HFLM
+
+    manager = task_manager or build_task_manager(tasks, include_path)
+    with _training_state_kept(model), quiet_lm_eval(), torch.no_grad():
+        lm = HFLM(
+            pretrained=model, tokenizer=tokenizer, backend="causal", batch_size=batch_size,
+            max_length=max_length or model.config.max_position_embeddings,
+            mixed_precision_dtype=mixed_precision_dtype,
+        )  # fmt: skip
+        loaded = manager.load(list(tasks))
+        for task in loaded["tasks"].values():
+            # What simple_evaluate does per task: zero-shot unless the task says otherwise.
+            if task.get_config("num_fewshot") is None:
+                task.set_config(key="num_fewshot", value=0)
+            task.set_fewshot_seed(seed=1234)
+        output = evaluate(lm=lm, task_dict=loaded, limit=limit, bootstrap_iters=0, log_samples=False)
+    return flatten_results(output["results"])
+
+
+def _distributed():
+    import torch.distributed as dist
+
+    return dist if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1 else None
+
+
+def on_rank0_then_share(fn):
+    """`fn()` on rank 0 alone while the other ranks wait in the broadcast of its result (or
+    of its error, so that no rank is left waiting); every rank returns the same value."""
+    dist = _distributed()
+    if dist is None:
+        return fn()
+    payload = [None]
+    if dist.get_rank() == 0:
+        try:
+            payload = [("ok", fn())]
+        except Exception as err:  # every rank must learn of it, or they would wait forever
+            payload = [("error", f"{type(err).__name__}: {err}")]
+    dist.broadcast_object_list(payload, src=0)
+    status, value = payload[0]
+    if status == "error":
+        raise RuntimeError(f"lm-eval failed on rank 0: {value}")
+    return value
+
+
+def sharded_training_reason(args) -> str | None:
+    """Why rank 0 does not hold the whole model in this run (FSDP, DeepSpeed ZeRO-3), or None."""
+    from transformers.integrations import is_deepspeed_zero3_enabled
+
+    if getattr(args, "fsdp", None) or os.environ.get("ACCELERATE_USE_FSDP", "").lower() in ("1", "true"):
+        return "FSDP"
+    if is_deepspeed_zero3_enabled() or os.environ.get("ACCELERATE_DEEPSPEED_ZERO_STAGE") == "3":
+        return "DeepSpeed ZeRO-3"
+    return None
+
+
+class LmEvalCallback(_FirstCallback):
+    """Evaluates the model with lm-eval every `steps` optimizer steps (None: whenever the
+    Trainer evaluates) and merges `lm_eval/<task>/<metric>` into the log row of that step.
+
+    At a due step it asks the Trainer for a training log row (`control.should_log`), so the
+    scores land in the row with `loss` even when `logging_steps` does not divide the step;
+    an evaluation outside training (`trainer.evaluate()`) gets them in its eval row. Needs
+    the tokenizer (given here or the Trainer's `processing_class`)."""
+
+    def __init__(self, tasks, include_path=None, limit=None, steps=None, max_length=None, tokenizer=None):
+        require_lm_eval()
+        self.tasks, self.include_path, self.limit, self.steps = list(tasks), include_path, limit, steps
+        self.max_length, self.tokenizer = max_length, tokenizer
+        self.last_step, self.metrics = None, {}
+        self._manager = None
+
+    def _due(self, state, control) -> bool:
+        if self.steps:
+            return state.global_step > 0 and state.global_step % self.steps == 0
+        return bool(control.should_evaluate)
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        super().on_train_begin(args, state, control, **kwargs)
+        reason = sharded_training_reason(args)
+        if reason:
+            raise RuntimeError(f"lm_eval_tasks: in-loop lm-eval needs the whole model on rank 0, which {reason} shards; "
+                               "evaluate the finished run with hf-sparse-eval instead.")  # fmt: skip
+
+    def _evaluation_coming(self, event: str, args, state, control) -> bool:
+        """Will the Trainer evaluate after this step (or epoch)? This callback runs first
+        (see _FirstCallback), before DefaultFlowCallback has decided: ask it, on a copy."""
+        probe = copy.deepcopy(control)
+        getattr(DefaultFlowCallback(), event)(args, state, probe)
+        return probe.should_evaluate
+
+    def on_step_end(self, args, state, control, **kwargs):
+        due = self._due(state, control) if self.steps else self._evaluation_coming("on_step_end", args, state, control)
+        if due:
+            control.should_log = True  # a row with the loss to merge into
+
+    def on_epoch_end(self, args, state, control, **kwargs):
+        due = self._due(state, control) if self.steps else self._evaluation_coming("on_epoch_end", args, state, control)
+        if due:
+            control.should_log = True
+
+    def on_log(self, args, state, control, logs=None, model=None, processing_class=None, **kwargs):
+        self._check_order()
+        if logs is None or model is None or self.last_step == state.global_step or lm_eval_metrics(logs):
+            return
+        training_row = "loss" in logs
+        # An eval row outside training (trainer.evaluate()) always; in training only when
+        # no training row was logged at this step.
+        if not (training_row and self._due(state, control)) and "eval_loss" not in logs:
+            return
+        if "eval_loss" in logs and self.steps and state.global_step % self.steps:
+            return
+        metrics = self.evaluate(model, args, processing_class)
+        self.last_step = state.global_step
+        merge_into_log_row(state, logs, metrics)
+
+    def evaluate(self, model, args, processing_class=None) -> dict[str, float]:
+        """Evaluate now (rank 0; the other ranks wait) and remember the scores."""
+        tokenizer = self.tokenizer or processing_class
+        if tokenizer is None:
+            raise RuntimeError("LmEvalCallback needs a tokenizer: pass tokenizer=... or the Trainer's processing_class.")
+        dtype = torch.bfloat16 if args.bf16 else torch.float16 if args.fp16 else None
+
+        def run():
+            if self._manager is None:
+                self._manager = build_task_manager(self.tasks, self.include_path)
+            return evaluate_model(
+                model, tokenizer, self.tasks, limit=self.limit, max_length=self.max_length,
+                batch_size=args.per_device_eval_batch_size, mixed_precision_dtype=dtype, task_manager=self._manager,
+            )  # fmt: skip
+
+        metrics = {k: v for k, v in on_rank0_then_share(run).items() if math.isfinite(v)}
+        self.metrics = metrics
+        return metrics
+
+    def evaluate_at_end(self, trainer) -> dict[str, float]:
+        """Scores of the final model: the last in-loop ones when they were taken at the
+        final step, else a new evaluation logged as a row of its own (on every rank)."""
+        state = trainer.state
+        best_is_not_last = trainer.args.load_best_model_at_end and state.best_global_step not in (None, state.global_step)
+        if self.last_step != state.global_step or best_is_not_last:
+            metrics = self.evaluate(trainer.model, trainer.args, trainer.processing_class)
+            self.last_step = state.global_step
+            trainer.log(dict(metrics))
+        return dict(self.metrics)
+
+
+__all__ = ["LmEvalCallback", "build_task_manager", "evaluate_model", "flatten_results", "require_lm_eval"]
