@@ -215,9 +215,9 @@ def main(argv: list[str]) -> dict:
         trainer.save_state()  # keep the log history for the post-mortem; no model is saved
         raise NonFiniteError(guard.failure)
     metrics = dict(train_result.metrics)
-    if model.config.activation_2by4:
-        # When 2:4 activations started (the fixed warm-up or the auto switch); None: never.
-        metrics[SWITCH_STEP_KEY] = switch_step_reached(model.config, trainer.state.global_step)
+    switch_step = switch_step_reached(model.config, trainer.state.global_step)
+    if switch_step is not None:  # when 2:4 activations started: the fixed warm-up or the auto switch
+        metrics[SWITCH_STEP_KEY] = switch_step
     if eval_dataset is not None:
         # Reuse the Trainer's own evaluation of the last step: a second one would log a
         # duplicate row (and a second TensorBoard events file).

@@ -75,7 +75,7 @@ def last_logged(run_dir: str, key: str) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", default=os.path.join(REPO_ROOT, "configs", "quickstart.json"))
-    parser.add_argument("--max_steps", type=int, default=300)
+    parser.add_argument("--max_steps", type=int, default=None, help="default 300; 1000 with --long")
     parser.add_argument("--warmup", type=int, default=100, help="activation_dense_warmup_steps")
     parser.add_argument("--out", default=os.path.join(REPO_ROOT, "outputs", "ablation"))
     parser.add_argument("--variants", default=None, help="names separated by ';'; the first is the baseline")
@@ -88,8 +88,8 @@ def main() -> None:
     parser.add_argument("--seeds", default=None, help="comma-separated training seeds (default 42; 42,43 with --long)")
     parser.add_argument("--batch_size", type=int, default=None, help="per_device_train_batch_size override")
     args = parser.parse_args()
-    if args.long and args.max_steps == 300:
-        args.max_steps = 1000
+    if args.max_steps is None:
+        args.max_steps = 1000 if args.long else 300
     seeds = [int(x) for x in (args.seeds or ("42,43" if args.long else "42")).split(",")]
     variants = EMULATED_VARIANTS if args.emulated_cusparselt else LONG_VARIANTS if args.long else VARIANTS
     names = [n.strip() for n in (args.variants or ";".join(variants)).split(";") if n.strip()]

@@ -159,3 +159,25 @@ def test_no_host_sync_outside_logging_steps(tmp_path, monkeypatch, overrides):
     ]
     assert (DROP_KEY in logs) == ("activation_auto_switch" in overrides)
     assert ("activation_l1/loss" in logs) == ("activation_l1" in overrides)
+
+
+def test_train_hf_writes_the_switch_step_only_once_2to4_started(tmp_path):
+    """all_results.json gets `activation_switch_step` when 2:4 started; a run that ended
+    dense has none (and the console summary, which formats every value, still prints)."""
+    import json
+    import os
+
+    import train_hf
+
+    base = [os.path.join(os.path.dirname(__file__), "..", "configs", "quickstart.json"),
+            "--model_config", os.path.join(os.path.dirname(__file__), "..", "configs", "llama_tiny.json"),
+            "--max_length", "32", "--max_steps", "4", "--per_device_train_batch_size", "4", "--logging_steps", "1",
+            "--eval_strategy", "no", "--save_strategy", "no", "--report_to", "[]", "--disable_tqdm", "true",
+            "--activation_auto_switch", "true", "--activation_auto_switch_max_drop", "1.0"]
+    for name, window, expected in (("switched", 2, 2), ("dense", 9, None)):
+        out = tmp_path / name
+        train_hf.main(base + ["--output_dir", str(out), "--activation_auto_switch_window", str(window)])
+        results = json.loads((out / "all_results.json").read_text())
+        assert results.get(SWITCH_STEP_KEY) == expected
+        card = (out / "README.md").read_text()
+        assert ("switched at step 2" in card) == (expected == 2) and "automatic" in card
