@@ -15,6 +15,15 @@ _MASK31 = (1 << 31) - 1
 _HASH_MULTIPLIERS = (0x2C1B3C6D, 0x297A2D39, 0x3B4F9E25)
 
 
+def hash31(h: Tensor) -> Tensor:
+    """A 31-bit integer mix of ``h`` (int64, values in [0, 2**31)): xorshift-multiply rounds
+    whose products stay below 2**61, so every device and compiler computes the same bits.
+    Shared by the token permutation and the MVUE draws (``select_2to4.keyed_uniforms``)."""
+    for mult in _HASH_MULTIPLIERS:
+        h = ((h ^ (h >> 15)) * mult) & _MASK31
+    return h ^ (h >> 13)
+
+
 def make_token_permutation(num_tokens: int, seed: int, device=None) -> Tensor:
     """Deterministic pseudo-random permutation of ``num_tokens`` from ``seed``.
 
@@ -24,9 +33,7 @@ def make_token_permutation(num_tokens: int, seed: int, device=None) -> Tensor:
     """
     seed_key = (int(seed) * 0x9E3779B1 + 0x7F4A7C15) & _MASK31  # spread small seeds apart
     h = (torch.arange(int(num_tokens), dtype=torch.int64, device=device) ^ seed_key) & _MASK31
-    for mult in _HASH_MULTIPLIERS:
-        h = ((h ^ (h >> 15)) * mult) & _MASK31
-    return torch.argsort(h ^ (h >> 13), stable=True)
+    return torch.argsort(hash31(h), stable=True)
 
 
 class TokenPermutation:
