@@ -231,6 +231,10 @@ def test_mvue_uniforms_are_keyed_by_global_index():
     assert torch.equal(keyed_uniforms(key, 40, 16, group_offset=24), whole[:, 24:40])
     assert torch.equal(keyed_uniforms(key, 7, 64), whole[:7])
     assert (keyed_uniforms(torch.tensor(12346), 40, 64) != whole).float().mean() > 0.99
+    # Traced (one functional expression) = eager (in place, in cache-sized row chunks).
+    torch._dynamo.reset()
+    traced = torch.compile(keyed_uniforms, backend="aot_eager", fullgraph=True)
+    assert torch.equal(traced(key, 3000, 40, 8), keyed_uniforms(key, 3000, 40, 8))
     # The key is the only draw from the global RNG: reproducible from the seed.
     torch.manual_seed(9)
     k1 = mvue_key("cpu")
