@@ -19,7 +19,8 @@ Backward (D = ∂y2s/∂y2 with mask and scale held constant)::
 where ``'`` is the identity for ``backward="exact"`` and a token-wise 2:4 sparsification
 (groups of 4 consecutive rows, keep the 2 largest magnitudes) for ``"naive"``; for
 ``"split_gemm"`` the densest ``ceil(dense_features·F)`` features stay dense: they are
-gathered into a small dense GEMM and the sparse GEMMs run over the other features only.
+gathered into a small dense GEMM and the sparse GEMMs run over the other features only
+(under tensor parallelism F and the ranking are the whole width's: see ``_dense_split``).
 
 Stages (the op's whole non-GEMM traffic; see benchmarks/ffn_traffic.py):
   forward   y1 -> relu -> top-2 of each feature group (NaN ranks highest) -> y2s (to the
