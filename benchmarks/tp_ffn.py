@@ -96,8 +96,9 @@ def _run(args) -> None:
     if rank == 0:
         print(f"machine: {describe_machine()}; 2 processes (gloo), 1 torch thread each; torch {torch.__version__}")
         print(f"shape d={d}, F={f} (F/2={f // 2} per rank), float32, method={args.method}, split_gemm, permuted")
+        mvue_columns = " mvue draws ms | draws / op |" if args.method == "mvue" else ""
         print("| tokens | op fwd+bwd ms | ranking ms | all-reduces ms | gather alone ms | net ms | "
-              "ranking / op | gather / op | net / op |" + (" mvue draws ms | draws / op |" if args.method == "mvue" else ""))
+              "ranking / op | gather / op | net / op |" + mvue_columns)
     for tokens in args.tokens:
         g = torch.Generator().manual_seed(0)
         x = torch.randn(tokens, d, generator=g)

@@ -318,7 +318,8 @@ def _ffn_backward_impl(
             dw_up = torch.mm(dy1.t(), x)
         elif use_kernel:
             dense = torch.mm(up_dense.t(), x) if up_dense is not None else None
-            dw_up = _assemble(sparse24_mm(up, x)[:n_sparse] if n_sparse else x.new_empty(0, x.shape[1]), dense, idx, 0)
+            part = sparse24_mm(up, x)[:n_sparse] if n_sparse else x.new_empty(0, x.shape[1])
+            dw_up = _assemble(part, dense, idx, 0)
         else:
             up_out = _scratch("up", (t, f), dy1)
             members = _members(up_out, "tokens") if t % 4 == 0 else None
@@ -330,7 +331,9 @@ def _ffn_backward_impl(
     if need_down:
         if use_kernel and token_sparse:
             dense = torch.mm(dy3.t(), down_dense) if down_dense is not None else None
-            part = sparse24_mm(down, dy3, transpose_result=True)[:, :n_sparse] if n_sparse else dy3.new_empty(dy3.shape[1], 0)
+            part = dy3.new_empty(dy3.shape[1], 0)  # TP: every feature of the slice a dense candidate
+            if n_sparse:
+                part = sparse24_mm(down, dy3, transpose_result=True)[:, :n_sparse]
             dw_down = _assemble(part, dense, idx, 1)
         else:
             dw_down = torch.mm(dy3.t(), down)
