@@ -4,8 +4,8 @@ Three rules (``SPARSE_METHODS``): ``naive`` keeps the 2 largest (the paper's cho
 ``mvue`` draws an unbiased minimum-variance pair (Chmiel et al.), ``soft_threshold``
 keeps the 2 largest shrunk by the third (S-STE). MVUE's uniforms are a hash of (key, row,
 group index) (``keyed_uniforms``), one key per call from the global RNG, so a slice of the
-groups (a tensor-parallel rank's) draws exactly what the whole would. NaN ranks highest everywhere, so no
-group ever keeps more than 2 values. The FFN op's stages (``ffn_stages.py``) and the
+groups (a tensor-parallel rank's) draws exactly what the whole would. NaN ranks highest
+everywhere, so no group ever keeps more than 2 values. The FFN op's stages (``ffn_stages.py``) and the
 2:4 weights (``weight_sparse.py``) are built from these pieces; ``sparsify_2to4`` and
 ``count_2to4_stats`` are the public forms.
 
