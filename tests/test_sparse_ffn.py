@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from hf_sparse.model import kernels
-from tests.conftest import host_sync_calls
+from hf_sparse.model.select_2to4 import keyed_uniforms, mvue_key
 from hf_sparse.model.sparse_ffn import (
     BACKWARD_MODES,
     SPARSE_METHODS,
@@ -21,6 +21,7 @@ from hf_sparse.model.sparse_ffn import (
     relu2_ffn_reference,
     sparsify_2to4,
 )
+from tests.conftest import host_sync_calls
 
 F64 = torch.float64
 
@@ -217,6 +218,60 @@ def test_mvue_unbiased_and_keeps_min2_nnz():
     dk = d.reshape(n, 16, 32)[0]
     kept0 = dk != 0
     assert_close(dk[kept0], 1 / p[kept0])
+
+
+def test_mvue_uniforms_are_keyed_by_global_index():
+    """MVUE's uniforms are a function of (key, row, global group index): a slice of the groups
+    (a tensor-parallel rank's) draws exactly what the whole width draws there, the same key
+    draws the same table, and the table looks uniform and uncorrelated."""
+    key = torch.tensor(12345)
+    whole = keyed_uniforms(key, 40, 64)
+    assert whole.dtype == torch.float32 and whole.shape == (40, 64)
+    assert torch.equal(keyed_uniforms(key, 40, 64), whole)
+    assert torch.equal(keyed_uniforms(key, 40, 16, group_offset=24), whole[:, 24:40])
+    assert torch.equal(keyed_uniforms(key, 7, 64), whole[:7])
+    assert (keyed_uniforms(torch.tensor(12346), 40, 64) != whole).float().mean() > 0.99
+    # Traced (one functional expression) = eager (in place, in cache-sized row chunks).
+    torch._dynamo.reset()
+    traced = torch.compile(keyed_uniforms, backend="aot_eager", fullgraph=True)
+    assert torch.equal(traced(key, 3000, 40, 8), keyed_uniforms(key, 3000, 40, 8))
+    # The key is the only draw from the global RNG: reproducible from the seed.
+    torch.manual_seed(9)
+    k1 = mvue_key("cpu")
+    torch.manual_seed(9)
+    assert torch.equal(mvue_key("cpu"), k1) and k1.dtype == torch.int64 and k1.dim() == 0
+    u = keyed_uniforms(k1, 512, 512).double()
+    n = u.numel()
+    assert 0 <= u.min() and u.max() < 1
+    assert abs(u.mean() - 0.5) < 5 * math.sqrt(1 / 12 / n)
+    counts = torch.histc(u, bins=16, min=0, max=1)
+    chi2 = ((counts - n / 16) ** 2 / (n / 16)).sum()
+    assert chi2 < 50  # 15 degrees of freedom: p ~ 1e-5
+    c = u - 0.5
+    for a, b in ((c[1:], c[:-1]), (c[:, 1:], c[:, :-1])):  # neighbouring rows, neighbouring groups
+        assert abs((a * b).mean() / (1 / 12)) < 5 / math.sqrt(a.numel())
+
+
+def test_mvue_op_on_feature_slices_draws_what_the_whole_width_draws():
+    """The forward op on two slices of the width, told where each starts (as tensor-parallel
+    ranks are), sums to the whole op's output: the same members kept with the same 1/p."""
+    x, w_up, w_down, _ = make_inputs(t=32, d=16, f=64, seed=17)
+    fwd = torch.ops.hf_sparse.relu2_2to4_ffn_fwd
+    torch.manual_seed(3)
+    whole = fwd(x, w_up, w_down, "mvue", "exact", 0, False, False, False)[0]  # the schema before TP args
+    parts, unkeyed = 0, 0
+    for lo, hi in ((0, 24), (24, 64)):
+        up, down = w_up[lo:hi].contiguous(), w_down[:, lo:hi].contiguous()
+        torch.manual_seed(3)
+        parts = parts + fwd(x, up, down, "mvue", "exact", 0, False, False, False, 64, lo, "")[0]
+        torch.manual_seed(3)
+        unkeyed = unkeyed + fwd(x, up, down, "mvue", "exact", 0, False, False, False)[0]
+    assert_close(parts, whole, rtol=1e-12, atol=1e-12)
+    assert not torch.allclose(unkeyed, whole)  # the offset matters
+    # A call written before the tensor-parallel arguments existed still differentiates.
+    leaves = [t.clone().requires_grad_() for t in (x, w_up, w_down)]
+    fwd(*leaves, "naive", "split_gemm", 4, False, True, False)[0].sum().backward()
+    assert all(t.grad is not None for t in leaves)
 
 
 @pytest.mark.parametrize("method", SPARSE_METHODS)

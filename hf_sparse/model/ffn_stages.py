@@ -34,6 +34,7 @@ from .select_2to4 import (
     _u8,
     _win_counts,
     count_nonzero,
+    keyed_uniforms,
 )
 
 logger = logging.getLogger(__name__)
@@ -116,7 +117,7 @@ def _feature_groups(r: Tensor, planar: bool) -> tuple[Tensor, int]:
 
 def _forward_stage(
     y1: Tensor,
-    u: Optional[Tensor],
+    mvue_key: Optional[Tensor],
     method: str,
     count: bool,
     want_feature_counts: bool,
@@ -126,6 +127,7 @@ def _forward_stage(
     y2s_members: Optional[tuple[Tensor, ...]] = None,
     g_members: Optional[tuple[Tensor, ...]] = None,
     fp8: bool = False,
+    group_offset: int = 0,
 ):
     """y1 (T×F) -> y2s, g = D ⊙ 2·relu(y1), [relu non-zeros, kept non-zeros], per-feature non-zeros
     [, y2s as row-wise FP8 and its row scales when ``fp8`` (cuSPARSELt path only)].
@@ -137,7 +139,9 @@ def _forward_stage(
     returned fresh (MVUE, or when not given); ``*_members`` are those buffers' member views
     (:func:`_members`), which the compiled planar stage writes. Eager: in place on y1 (the op's own
     intermediate) and on the outputs; compiled: functional, one fused loop ending in the
-    output buffers (mutating y1 would cost a copy back).
+    output buffers (mutating y1 would cost a copy back). MVUE's uniforms are hashed here from
+    ``mvue_key`` and the global index of each group (``group_offset``: this slice's first),
+    integer ops only, so compiled and eager stages draw the same bits.
     """
     t, f = y1.shape
     compiling = torch.compiler.is_compiling()
@@ -151,7 +155,7 @@ def _forward_stage(
     relu_nnz = kept_nnz = feature_counts = None
     if method == "mvue":
         y2 = r * r
-        u = u.view((t, 1, f // 4) if planar else (t, f // 4, 1))
+        u = keyed_uniforms(mvue_key, t, f // 4, group_offset).view((t, 1, f // 4) if planar else (t, f // 4, 1))
         inv_p = _mvue_select(y2.view(groups.shape), u, dim).view(t, f)
         kept = inv_p != 0
         y2s = torch.where(kept, (y2.to(inv_p.dtype) * inv_p).to(y1.dtype), 0.0)
@@ -262,6 +266,12 @@ def _token_sparse_operand(
     by_magnitude = not nonneg  # y2s holds no NaN (see _forward_stage); dy1 ranks NaN highest
     if idx.gathered:
         dense = z.index_select(1, idx.dense) if idx.dense is not None else None
+        if dense is not None and idx.dense_keep is not None:
+            # Candidates that are not dense (tensor parallel, see sparse_ffn._dense_split):
+            # token-wise 2:4 inside the dense GEMM's operand (T is a multiple of 16 here).
+            c = dense.shape[1]
+            sparse = _keep_top2_(z.index_select(1, idx.dense).view(-1, 4, c), 1, by_magnitude).view(-1, c)
+            dense = torch.where(idx.dense_keep, dense, sparse)
         return _gathered_token_operand(z, idx, by_magnitude), dense
     t, fs = z.shape
     tail = -t % 4
@@ -287,6 +297,8 @@ def _token_sparse_operand(
         zs = F.pad(zs, (0, 0, 0, tail))
     zs = _keep_top2_(zs.view(-1, 4, fs), 1, by_magnitude).view(-1, fs)[:t]
     if dense is not None:
+        if idx.dense_keep is not None:  # candidates that are not dense keep their 2:4 values
+            dense = torch.where(idx.dense_keep, dense, zs.index_select(1, idx.dense))
         zs.index_copy_(1, idx.dense, dense)
     return zs, None
 
@@ -298,6 +310,8 @@ def _gathered_token_operand(z: Tensor, idx: "_FeatureSplit", by_magnitude: bool)
     zt = z.t()  # F × T view
     t = zt.shape[1]
     n_sparse = zt.shape[0] if idx.sparse is None else idx.sparse.shape[0]
+    if n_sparse == 0:
+        return None  # tensor parallel: every feature of this slice is a dense candidate
     if torch.compiler.is_compiling():
         zs = zt if idx.sparse is None else zt.index_select(0, idx.sparse)
         if idx.pad_rows:
@@ -316,6 +330,8 @@ class _FeatureSplit:
 
     ``dense_mask`` (bool, F): the dense features as a mask, for compiled plain-GEMM stages
     (a broadcast select fuses into the selection loop; an index_copy would not).
+    ``dense_keep`` (bool, one per index of ``dense``, or None when all are dense): which
+    candidates are really dense (tensor parallel; see sparse_ffn._dense_split).
     """
 
     def __init__(
@@ -325,9 +341,10 @@ class _FeatureSplit:
         pad_rows: int,
         gathered: bool,
         dense_mask: Optional[Tensor] = None,
+        dense_keep: Optional[Tensor] = None,
     ):
         self.dense, self.sparse, self.pad_rows, self.gathered = dense, sparse, pad_rows, gathered
-        self.dense_mask = dense_mask
+        self.dense_mask, self.dense_keep = dense_mask, dense_keep
 
 
 def _backward_stage(
@@ -346,6 +363,7 @@ def _backward_stage(
     down_out: Optional[Tensor] = None,
     down_members: Optional[tuple[Tensor, ...]] = None,
     fp8: bool = False,
+    dense_keep: Optional[Tensor] = None,
 ):
     """One pass over dy2 and g (and y2s): dy1 for dx, and both weight-gradient operands
     [, dy1 as row-wise FP8 and its row scales when ``fp8``, for the FP8 dx GEMM].
@@ -369,7 +387,7 @@ def _backward_stage(
         dy1 = dy2.mul_(g)
         if gathered:
             _keep_nonzero_(dy1, g)
-    idx = _FeatureSplit(dense_idx, sparse_idx, pad_rows, gathered, dense_mask)
+    idx = _FeatureSplit(dense_idx, sparse_idx, pad_rows, gathered, dense_mask, dense_keep)
     up = up_dense = down = down_dense = None
     if need_up and token_sparse and gathered:
         # (Plain GEMMs: dy1's operand is made after dx, see _up_operand_stage.)
@@ -397,10 +415,10 @@ def _backward_stage(
     return dy1, up, up_dense, down, down_dense
 
 
-def _up_operand_stage(dy1, dense_idx, dense_mask=None, out=None, out_members=None) -> Tensor:
+def _up_operand_stage(dy1, dense_idx, dense_mask=None, out=None, out_members=None, dense_keep=None) -> Tensor:
     """Plain-GEMM path: dy1's token-wise 2:4 operand, made once dx is done (eager: in
     place on dy1; compiled: into ``out`` through ``out_members``)."""
-    idx = _FeatureSplit(dense_idx, None, 0, False, dense_mask)
+    idx = _FeatureSplit(dense_idx, None, 0, False, dense_mask, dense_keep)
     return _token_sparse_operand(dy1, False, True, idx, out, out_members)[0]
 
 

@@ -1,5 +1,6 @@
 """Tensor parallelism for the 2:4 FFN and the low-rank linears: weights that arrive as
-DTensors (``tp_plan="auto"``) and Megatron's two conjugate collectives.
+DTensors (``tp_plan="auto"``), Megatron's two conjugate collectives, and the one gather
+that keeps the split backward's choice of dense features the same at every TP degree.
 
 Shipped as HF remote code: imports only torch.
 """
@@ -61,8 +62,9 @@ def _is_dtensor(t: Tensor) -> bool:
 
 
 def _tensor_parallel_slices(w_up: Tensor, w_down: Tensor):
-    """(local w_up, local w_down, process group) of a column-parallel `w_up` (Shard(0)) and a
-    row-parallel `w_down` (Shard(1)) on one 1-D mesh: this rank's F-slice of the FFN."""
+    """(local w_up, local w_down, process group, first feature) of a column-parallel `w_up`
+    (Shard(0)) and a row-parallel `w_down` (Shard(1)) on one 1-D mesh: this rank's F-slice
+    of the FFN and where it starts in the whole width."""
     if not (_is_dtensor(w_up) and _is_dtensor(w_down)):
         raise ValueError(
             "tensor parallel 2:4 FFN: w_up and w_down must both be DTensors (column-parallel up, row-parallel "
@@ -88,4 +90,39 @@ def _tensor_parallel_slices(w_up: Tensor, w_down: Tensor):
             f"group straddles two ranks; width {f} over {n} ranks gives {math.ceil(f / n)}. Use a width that is "
             f"a multiple of {4 * n}."
         )
-    return w_up.to_local(), w_down.to_local(), mesh.get_group()
+    # This rank's slice starts at feature rank·ceil(F/n) (torch.chunk's split).
+    return w_up.to_local(), w_down.to_local(), mesh.get_group(), mesh.get_local_rank() * math.ceil(f / n)
+
+
+def _group_of(name: str):
+    return torch.distributed.distributed_c10d._resolve_process_group(name)
+
+
+def tp_group_size(name: str) -> int:
+    """Ranks in the process group called ``name`` (``ProcessGroup.group_name``)."""
+    return _group_of(name).size()
+
+
+def global_dense_mask(counts: Tensor, n_dense: int, global_features: int, offset: int, group_name: str) -> Tensor:
+    """Which of this rank's features are among the ``n_dense`` densest of all
+    ``global_features``, ranked exactly as one process ranks them: most non-zeros first,
+    ties to the lower global feature index.
+
+    ``counts``: this rank's per-feature non-zero counts (int64, feature order), its features
+    being ``offset .. offset + len(counts) - 1`` of the whole width. One all-gather of
+    ceil(F/N) counts per rank, on device (no host sync); each rank then ranks the full
+    vector itself, so every rank derives the same global choice. Returns a bool mask
+    shaped like ``counts``.
+    """
+    group = _group_of(group_name)
+    chunk = math.ceil(global_features / group.size())
+    f = counts.shape[0]
+    # Slices are torch.chunk's: ceil(F/N) each, the last ones shorter or empty. Padding with
+    # -1 ranks below every real count, and it sits past index F, so it is never chosen.
+    mine = counts if f == chunk else torch.cat((counts, counts.new_full((chunk - f,), -1)))
+    everyone = counts.new_empty(chunk * group.size())
+    torch.distributed.all_gather_into_tensor(everyone, mine.contiguous(), group=group)
+    # Rank-major concatenation of the slices = the global feature order.
+    order = torch.sort(everyone, descending=True, stable=True).indices[:n_dense]
+    dense = torch.zeros(everyone.shape[0], dtype=torch.bool, device=counts.device).index_fill_(0, order, True)
+    return dense[offset : offset + f]

@@ -2,21 +2,24 @@
 
 Three rules (``SPARSE_METHODS``): ``naive`` keeps the 2 largest (the paper's choice),
 ``mvue`` draws an unbiased minimum-variance pair (Chmiel et al.), ``soft_threshold``
-keeps the 2 largest shrunk by the third (S-STE). NaN ranks highest everywhere, so no
-group ever keeps more than 2 values. The FFN op's stages (``ffn_stages.py``) and the
+keeps the 2 largest shrunk by the third (S-STE). MVUE's uniforms are a hash of (key, row,
+group index) (``keyed_uniforms``), one key per call from the global RNG, so a slice of the
+groups (a tensor-parallel rank's) draws exactly what the whole would. NaN ranks highest
+everywhere, so no group ever keeps more than 2 values. The FFN op's stages (``ffn_stages.py``) and the
 2:4 weights (``weight_sparse.py``) are built from these pieces; ``sparsify_2to4`` and
 ``count_2to4_stats`` are the public forms.
 
-Shipped as HF remote code: imports only torch.
+Shipped as HF remote code: imports only torch and same-folder modules.
 """
 
 from __future__ import annotations
 
 import math
-from typing import Optional
 
 import torch
 from torch import Tensor
+
+from .token_permutation import _MASK31, hash31
 
 SPARSE_METHODS = ("naive", "mvue", "soft_threshold")
 
@@ -152,7 +155,52 @@ def _group_keep(groups: Tensor, dim: int) -> Tensor:
     return torch.stack(_top2_of_4(*keys), dim)
 
 
-def _mvue_select(mag: Tensor, u: Optional[Tensor] = None, dim: int = -1) -> Tensor:
+# ----- MVUE's random numbers -----
+# Counter-based: u[r, j] is a hash of (key, row r, global group index j), not a position in
+# a generator's stream, so the numbers a group gets do not depend on how many groups a call
+# covers or where its slice starts (tensor parallel), nor on the device or compiler (integer
+# ops only). The key is the only thing drawn from the global RNG: one number per call.
+_ROW_SALT, _GROUP_SALT = 0x5BD1E995 & _MASK31, 0x68E31DA4
+_CHUNK_ELEMENTS = 1 << 16  # int64 chunk + scratch: 1 MiB, about one core's L2
+
+
+def mvue_key(device) -> Tensor:
+    """A fresh 31-bit key for :func:`keyed_uniforms`, drawn from the global RNG on ``device``
+    (a 0-d int64 tensor: no host sync, and ``torch.manual_seed`` reproduces it)."""
+    return torch.randint(0, _MASK31 + 1, (), dtype=torch.int64, device=device)
+
+
+def keyed_uniforms(key: Tensor, rows: int, groups: int, group_offset: int = 0) -> Tensor:
+    """float32 uniforms in [0, 1) of shape (rows, groups) for groups ``group_offset ..
+    group_offset + groups - 1``: a pure function of (key, row, global group index).
+
+    Rows and groups are hashed separately (two short vectors) and the full table is one
+    more hash of their XOR: ~17 integer ops per element. Compiled, they fuse into one loop;
+    eager on CPU the table is made in cache-sized row chunks, in place (whole-table passes
+    were ~8x slower than ``torch.rand``; chunked, about as fast). The top 24 bits make the
+    float, as float32 ``torch.rand`` has.
+    """
+    device = key.device
+    row = torch.arange(rows, dtype=torch.int64, device=device)
+    group = torch.arange(group_offset, group_offset + groups, dtype=torch.int64, device=device)
+    h_row = hash31((row * 0x2545F491 + (key ^ _ROW_SALT)) & _MASK31).unsqueeze(1)
+    h_group = hash31((group * 0x9E3779B1 + _GROUP_SALT) & _MASK31).unsqueeze(0)
+    unit = 1.0 / (1 << 24)
+    if torch.compiler.is_compiling() or device.type != "cpu" or rows * groups == 0:
+        return (hash31(h_row ^ h_group) >> 7).to(torch.float32) * unit
+    out = torch.empty(rows, groups, dtype=torch.float32, device=device)
+    step = max(1, _CHUNK_ELEMENTS // groups)
+    h = torch.empty(min(step, rows), groups, dtype=torch.int64, device=device)
+    scratch = torch.empty_like(h)
+    for start in range(0, rows, step):
+        n = min(step, rows - start)
+        chunk = torch.bitwise_xor(h_row[start : start + n], h_group, out=h[:n])
+        hash31(chunk, scratch[:n]).bitwise_right_shift_(7)
+        torch.mul(chunk, unit, out=out[start : start + n])
+    return out
+
+
+def _mvue_select(mag: Tensor, u: Tensor, dim: int = -1) -> Tensor:
     """Unbiased minimum-variance 2:4 draw (Chmiel et al.) on a magnitude view whose ``dim``
     (size 4) holds the groups.
 
@@ -165,9 +213,8 @@ def _mvue_select(mag: Tensor, u: Optional[Tensor] = None, dim: int = -1) -> Tens
     valid probabilities: it keeps its top-2 (NaN highest) with D = 1, so the NaN/Inf
     flows on to the output instead of spreading over the whole group.
 
-    ``u`` (float32, shaped like ``mag`` with size 1 at ``dim``) is drawn here from the global RNG
-    when not given; the FFN op draws it eagerly and passes it in, so a compiled stage
-    selects exactly what the eager one does.
+    ``u`` (float32, shaped like ``mag`` with size 1 at ``dim``): one uniform per group, from
+    :func:`keyed_uniforms` (the FFN op's stage and :func:`sparsify_2to4` both use it).
 
     Returns D = 1/p on kept members, 0 elsewhere, shaped like ``mag``, in float32
     (float64 for float64 input).
@@ -189,11 +236,6 @@ def _mvue_select(mag: Tensor, u: Optional[Tensor] = None, dim: int = -1) -> Tens
     p = (n / denom).clamp(max=1.0)  # the capped max comes out > 1 and is clamped to 1
     # The clamp keeps rounding from pushing the total past 2 (a third point).
     c = p.cumsum(dim).clamp(max=2.0)
-    if u is None:
-        # Always drawn in float32 so a given seed selects the same members in every dtype.
-        u_shape = list(m.shape)
-        u_shape[dim] = 1
-        u = torch.rand(u_shape, dtype=torch.float32, device=m.device)
     hits = (c - u.to(cdtype)).ceil()  # ceil(c_0 - u) = 0 for the implicit c_0 = 0
     first, step = hits.narrow(dim, 0, 1), hits.narrow(dim, 1, 3) - hits.narrow(dim, 0, 3)
     keep = torch.cat((first, step), dim).clamp(max=1.0)
@@ -210,7 +252,10 @@ def _select_generic(v: Tensor, method: str) -> tuple[Tensor, Tensor]:
     """(sparse values, D) for a (R, G, 4) view of any sign (public, not the FFN hot path)."""
     mag = v.abs()
     if method == "mvue":
-        inv_p = _mvue_select(mag)
+        # Keyed like the FFN op's draws (rows × groups), so one seed selects the same
+        # members here as in the op, in every dtype.
+        u = keyed_uniforms(mvue_key(v.device), v.shape[0], v.shape[1]).unsqueeze(-1)
+        inv_p = _mvue_select(mag, u)
         # Values from float32/64 (v/p is bounded by the group sum; 1/p alone may not be).
         vals = torch.where(inv_p != 0, v.to(inv_p.dtype) * inv_p, 0.0).to(v.dtype)
         return vals, _inv_p_to(inv_p, v.dtype)

@@ -19,7 +19,8 @@ Backward (D = ∂y2s/∂y2 with mask and scale held constant)::
 where ``'`` is the identity for ``backward="exact"`` and a token-wise 2:4 sparsification
 (groups of 4 consecutive rows, keep the 2 largest magnitudes) for ``"naive"``; for
 ``"split_gemm"`` the densest ``ceil(dense_features·F)`` features stay dense: they are
-gathered into a small dense GEMM and the sparse GEMMs run over the other features only.
+gathered into a small dense GEMM and the sparse GEMMs run over the other features only
+(under tensor parallelism F and the ranking are the whole width's: see ``_dense_split``).
 
 Stages (the op's whole non-GEMM traffic; see benchmarks/ffn_traffic.py):
   forward   y1 -> relu -> top-2 of each feature group (NaN ranks highest) -> y2s (to the
@@ -71,10 +72,18 @@ from .ffn_stages import (
     _up_operand_stage,
     stage_compilation_enabled,
 )
-from .ffn_tensor_parallel import _is_dtensor, _tensor_parallel_slices, tp_sum_backward, tp_sum_forward
+from .ffn_tensor_parallel import (
+    _is_dtensor,
+    _tensor_parallel_slices,
+    global_dense_mask,
+    tp_group_size,
+    tp_sum_backward,
+    tp_sum_forward,
+)
 from .fp8 import quantize_rows
 from .gemm_tuning import GemmShape
 from .kernels import (
+    ALIGN,
     aligned_dense_count,
     fp8_ineligibility_reason,
     sparse24_mm,
@@ -82,7 +91,7 @@ from .kernels import (
     sparse24_padded_rows,
     use_2to4_kernel,
 )
-from .select_2to4 import SPARSE_METHODS, _check_stats, count_2to4_stats, count_nonzero, sparsify_2to4
+from .select_2to4 import SPARSE_METHODS, _check_stats, count_2to4_stats, count_nonzero, mvue_key, sparsify_2to4
 from .token_permutation import TokenPermutation, make_token_permutation
 
 BACKWARD_MODES = ("split_gemm", "naive", "exact")
@@ -138,7 +147,10 @@ def _check_forward_path(g: Tensor, use_kernel: bool) -> None:
         )
 
 
-def _ffn_forward_impl(x, w_up, w_down, method, backward, n_dense, count, want_feature_counts, fp8):
+def _ffn_forward_impl(
+    x, w_up, w_down, method, backward, n_dense, count, want_feature_counts, fp8, global_features=0, feature_offset=0,
+    tp_group="",
+):  # fmt: skip
     t, f = x.shape[0], w_up.shape[0]
     use_kernel = use_2to4_kernel(x, w_up, w_down)
     fp8 = fp8 and use_kernel  # FP8 is a cuSPARSELt-path mode (an unaligned T runs plain, in bf16)
@@ -149,8 +161,10 @@ def _ffn_forward_impl(x, w_up, w_down, method, backward, n_dense, count, want_fe
     planar = not use_kernel
     w_up_op, w_down_op = _op_weights(w_up, w_down, planar)
     y1 = torch.mm(x, w_up_op.t(), out=_scratch("y1", (t, f), x))
-    # MVUE's uniforms are drawn here, eagerly, so compiled and eager stages keep the same members.
-    u = torch.rand((t, f // 4), dtype=torch.float32, device=x.device) if method == "mvue" else None
+    # MVUE: one key per call from the global RNG (eagerly, outside any compiled stage); the
+    # stage hashes it with each group's global index, so a TP rank draws what one process
+    # draws for the same groups.
+    key = mvue_key(x.device) if method == "mvue" else None
     # naive keeps only g: y2s is recomputed from it in backward (bitwise equal), so the op
     # saves ONE T×F activation where the dense autograd FFN saves two, and y2s (read by
     # the down GEMM only) can live in a scratch buffer.
@@ -163,9 +177,10 @@ def _ffn_forward_impl(x, w_up, w_down, method, backward, n_dense, count, want_fe
         g_out = x.new_empty(t, f)
         members = (_members(y2s_out, "planar"), _members(g_out, "planar"))
     y2s, g, relu_nnz, kept_nnz, feature_counts, *y2s_fp8 = _run_stage(
-        _forward_stage, y1, u, method, count, want_feature_counts, planar, y2s_out, g_out, *members, fp8
-    )
-    del y1, u
+        _forward_stage, y1, key, method, count, want_feature_counts, planar, y2s_out, g_out, *members, fp8,
+        feature_offset // 4,
+    )  # fmt: skip
+    del y1
     _record_forward_path(g, use_kernel)
     if fp8:
         # y2s (rows scaled by the stage) against W_down quantized per output channel.
@@ -186,7 +201,10 @@ def _ffn_forward_impl(x, w_up, w_down, method, backward, n_dense, count, want_fe
     return y3, g, y2s_saved, feature_counts, stat_delta
 
 
-def _ffn_forward_fake(x, w_up, w_down, method, backward, n_dense, count, want_feature_counts, fp8):
+def _ffn_forward_fake(
+    x, w_up, w_down, method, backward, n_dense, count, want_feature_counts, fp8, global_features=0, feature_offset=0,
+    tp_group="",
+):  # fmt: skip
     t, f = x.shape[0], w_up.shape[0]
     return (
         x.new_empty(t, w_down.shape[0]),
@@ -195,6 +213,26 @@ def _ffn_forward_fake(x, w_up, w_down, method, backward, n_dense, count, want_fe
         x.new_empty(f if want_feature_counts else 0, dtype=torch.int64),
         x.new_empty(3, dtype=torch.int64),
     )
+
+
+def _dense_split(counts: Tensor, n_dense: int, global_features: int, feature_offset: int, tp_group: str):
+    """(feature order, dense mask or None) for the split backward: it keeps the features at
+    the head of the order dense.
+
+    The densest features (most non-zeros in y2s) go to the dense GEMM: that is where
+    token-wise 2:4 would drop the most. Ties go to the lower feature index (ranked in
+    feature order whatever the layout, so both GEMM paths pick the same features). Under
+    tensor parallelism the ranking is the global one (one all-gather of the counts), so a
+    rank keeps dense exactly the features one process would keep in its slice. How many
+    that is varies from call to call, but shapes must not depend on data (no host sync):
+    the caller takes a fixed number of candidates from the head of the order (this rank's
+    dense features first) and the mask says which of them are really dense; the others
+    are token-sparsified like every other feature.
+    """
+    if not tp_group:
+        return torch.sort(counts, descending=True, stable=True).indices, None
+    dense = global_dense_mask(counts, n_dense, global_features, feature_offset, tp_group)
+    return torch.argsort(~dense, stable=True), dense
 
 
 def _assemble(sparse_part: Tensor, dense_part: Optional[Tensor], idx: _FeatureSplit, dim: int) -> Tensor:
@@ -210,35 +248,47 @@ def _assemble(sparse_part: Tensor, dense_part: Optional[Tensor], idx: _FeatureSp
 
 def _ffn_backward_impl(
     dy3, x, w_up, w_down, g, y2s, feature_counts, method, backward, n_dense, need_x, need_up, need_down, use_kernel,
-    fp8,
+    fp8, global_features=0, feature_offset=0, tp_group="",
 ):  # fmt: skip
     # use_kernel: the forward's decision (see _setup_context), never re-read here: it also
     # fixes the layout of g, y2s and the counts (planar on the plain-GEMM path).
     t, f = g.shape
     _check_forward_path(g, use_kernel)
     planar = not use_kernel
-    if use_kernel:
-        n_dense = aligned_dense_count(n_dense, f)  # gathered T×n_dense rows 16-byte aligned
+    # Tensor parallel: this rank holds features feature_offset.. of global_features, and
+    # n_dense counts dense features over the whole width (see _dense_split).
+    width = global_features or f
+    if use_kernel and (not tp_group or global_features % (tp_group_size(tp_group) * ALIGN) == 0):
+        # Gathered T×n_dense rows 16-byte aligned. Under TP only where every rank's slice
+        # is aligned, so all ranks take this path and agree on the global count.
+        n_dense = aligned_dense_count(n_dense, width)
     w_up_op, w_down_op = _op_weights(w_up, w_down, planar)
     dy3 = dy3.contiguous()
     # Token-wise 2:4 only shapes the weight-gradient operands (dx is exact in every mode),
     # and the forward counts features only when a weight needs a gradient: with frozen
     # weights there is nothing to rank and nothing to sparsify.
-    token_sparse = backward != "exact" and n_dense < f and (need_up or need_down)
-    dense_idx = sparse_idx = dense_mask = None
+    token_sparse = backward != "exact" and n_dense < width and (need_up or need_down)
+    dense_idx = sparse_idx = dense_mask = dense_keep = None
+    n_candidates = 0
     if token_sparse and n_dense > 0:
-        # The densest features (most non-zeros in y2s) go to the dense GEMM: that is where
-        # token-wise 2:4 would drop the most. Ties go to the lower feature index (ranked
-        # in feature order whatever the layout, so both paths pick the same features).
         counts = _unplanar_rows(feature_counts.view(f, 1)).view(f) if planar else feature_counts
-        order = torch.sort(counts, descending=True, stable=True).indices
-        dense_idx = order[:n_dense]
+        order, dense_keep = _dense_split(counts, n_dense, global_features, feature_offset, tp_group)
+        n_candidates = min(n_dense, f)
+        if use_kernel and dense_keep is not None:
+            n_candidates = aligned_dense_count(n_candidates, f)
+        dense_idx = order[:n_candidates]
+        if dense_keep is not None:
+            dense_keep = dense_keep[dense_idx]
         if planar:
             dense_idx = (dense_idx % 4) * (f // 4) + dense_idx // 4  # feature 4j+k -> k·F/4 + j
-            dense_mask = torch.zeros(f, dtype=torch.bool, device=g.device).index_fill_(0, dense_idx, True)
+            dense_mask = torch.zeros(f, dtype=torch.bool, device=g.device)
+            if dense_keep is None:
+                dense_mask.index_fill_(0, dense_idx, True)
+            else:
+                dense_mask.index_copy_(0, dense_idx, dense_keep)
         elif use_kernel:
-            sparse_idx = order[n_dense:].sort().values  # ascending: contiguous reads in the gather
-    n_sparse = f - n_dense if token_sparse else f
+            sparse_idx = order[n_candidates:].sort().values  # ascending: contiguous reads in the gather
+    n_sparse = f - n_candidates if token_sparse else f
     pad_rows = sparse24_padded_rows(n_sparse) - n_sparse if (token_sparse and use_kernel) else 0
     # Outputs not asked for are distinct empty tensors (custom-op outputs may not alias).
     dx, dw_up, dw_down = x.new_empty(0), x.new_empty(0), x.new_empty(0)
@@ -252,7 +302,7 @@ def _ffn_backward_impl(
     dy1, up, up_dense, down, down_dense, *dy1_fp8 = _run_stage(
         _backward_stage,
         dy2, g, y2s if method != "naive" else None, need_up, need_down, token_sparse,
-        dense_idx, sparse_idx, pad_rows, use_kernel, dense_mask, *scratch, fp8,
+        dense_idx, sparse_idx, pad_rows, use_kernel, dense_mask, *scratch, fp8, dense_keep,
     )  # fmt: skip
     del dy2
     idx = _FeatureSplit(dense_idx, sparse_idx, pad_rows, use_kernel)
@@ -268,11 +318,12 @@ def _ffn_backward_impl(
             dw_up = torch.mm(dy1.t(), x)
         elif use_kernel:
             dense = torch.mm(up_dense.t(), x) if up_dense is not None else None
-            dw_up = _assemble(sparse24_mm(up, x)[:n_sparse], dense, idx, 0)
+            part = sparse24_mm(up, x)[:n_sparse] if n_sparse else x.new_empty(0, x.shape[1])
+            dw_up = _assemble(part, dense, idx, 0)
         else:
             up_out = _scratch("up", (t, f), dy1)
             members = _members(up_out, "tokens") if t % 4 == 0 else None
-            operand = _run_stage(_up_operand_stage, dy1, dense_idx, dense_mask, up_out, members)
+            operand = _run_stage(_up_operand_stage, dy1, dense_idx, dense_mask, up_out, members, dense_keep)
             dw_up = torch.mm(operand.t(), x)
         if planar:
             dw_up = _unplanar_rows(dw_up)
@@ -280,7 +331,9 @@ def _ffn_backward_impl(
     if need_down:
         if use_kernel and token_sparse:
             dense = torch.mm(dy3.t(), down_dense) if down_dense is not None else None
-            part = sparse24_mm(down, dy3, transpose_result=True)[:, :n_sparse]
+            part = dy3.new_empty(dy3.shape[1], 0)  # TP: every feature of the slice a dense candidate
+            if n_sparse:
+                part = sparse24_mm(down, dy3, transpose_result=True)[:, :n_sparse]
             dw_down = _assemble(part, dense, idx, 1)
         else:
             dw_down = torch.mm(dy3.t(), down)
@@ -291,7 +344,7 @@ def _ffn_backward_impl(
 
 def _ffn_backward_fake(
     dy3, x, w_up, w_down, g, y2s, feature_counts, method, backward, n_dense, need_x, need_up, need_down, use_kernel,
-    fp8,
+    fp8, global_features=0, feature_offset=0, tp_group="",
 ):  # fmt: skip
     return (
         torch.empty_like(x) if need_x else x.new_empty(0),
@@ -301,13 +354,14 @@ def _ffn_backward_fake(
 
 
 def _setup_context(ctx, inputs, output):
-    x, w_up, w_down, method, backward, n_dense, _count, _want, fp8 = inputs
+    x, w_up, w_down, method, backward, n_dense, _count, _want, fp8, *tp = inputs
     _y3, g, y2s, feature_counts, stat_delta = output
     ctx.save_for_backward(x, w_up, w_down, g, y2s, feature_counts)
     ctx.mark_non_differentiable(g, y2s, feature_counts, stat_delta)
     # Those outputs never get gradients: no T×F zero tensors for them in backward.
     ctx.set_materialize_grads(False)
     ctx.method, ctx.backward_mode, ctx.n_dense, ctx.fp8 = method, backward, n_dense, fp8
+    ctx.tp = tuple(tp)  # (global_features, feature_offset, tp_group); absent from older callers
     # The forward just decided this from the same tensors and switches (run right after
     # it, or at trace time under torch.compile): the backward must follow it even if a
     # switch (HF_SPARSE_DISABLE_2TO4_KERNEL, set_kernel_override) changes in between,
@@ -318,11 +372,11 @@ def _setup_context(ctx, inputs, output):
 def _ffn_backward(ctx, dy3, *_unused_grads):
     x, w_up, w_down, g, y2s, feature_counts = ctx.saved_tensors
     need_x, need_up, need_down = ctx.needs_input_grad[:3]
-    grads = [None] * 9
+    grads = [None] * (9 + len(ctx.tp))
     if dy3 is not None and (need_x or need_up or need_down):
         dx, dw_up, dw_down = torch.ops.hf_sparse.relu2_2to4_ffn_bwd(
             dy3, x, w_up, w_down, g, y2s, feature_counts,
-            ctx.method, ctx.backward_mode, ctx.n_dense, need_x, need_up, need_down, ctx.use_kernel, ctx.fp8,
+            ctx.method, ctx.backward_mode, ctx.n_dense, need_x, need_up, need_down, ctx.use_kernel, ctx.fp8, *ctx.tp,
         )  # fmt: skip
         grads[:3] = (dx if need_x else None, dw_up if need_up else None, dw_down if need_down else None)
     return tuple(grads)
@@ -333,16 +387,19 @@ def _register_ops() -> None:
     # same process; the first registration wins (the code is the same).
     if hasattr(torch.ops.hf_sparse, "relu2_2to4_ffn_fwd"):
         return
+    # The tensor-parallel arguments come last with defaults: calls written before they
+    # existed (older remote code, saved graphs) mean "one process".
+    tp_args = "int global_features=0, int feature_offset=0, str tp_group=''"
     fwd_schema = (
         "(Tensor x, Tensor w_up, Tensor w_down, str method, str backward, int n_dense, bool count, "
-        "bool want_feature_counts, bool fp8) -> (Tensor, Tensor, Tensor, Tensor, Tensor)"
+        f"bool want_feature_counts, bool fp8, {tp_args}) -> (Tensor, Tensor, Tensor, Tensor, Tensor)"
     )
     fwd = torch.library.custom_op("hf_sparse::relu2_2to4_ffn_fwd", _ffn_forward_impl, mutates_args=(), schema=fwd_schema)
     fwd.register_fake(_ffn_forward_fake)
     bwd_schema = (
         "(Tensor dy3, Tensor x, Tensor w_up, Tensor w_down, Tensor g, Tensor y2s, Tensor feature_counts, "
         "str method, str backward, int n_dense, bool need_x, bool need_up, bool need_down, bool use_kernel, "
-        "bool fp8) -> (Tensor, Tensor, Tensor)"
+        f"bool fp8, {tp_args}) -> (Tensor, Tensor, Tensor)"
     )
     bwd = torch.library.custom_op("hf_sparse::relu2_2to4_ffn_bwd", _ffn_backward_impl, mutates_args=(), schema=bwd_schema)
     bwd.register_fake(_ffn_backward_fake)
@@ -418,10 +475,11 @@ def relu2_2to4_ffn(
     row-parallel one (Shard(1)), as ``tp_plan="auto"`` leaves them, and ``x`` replicated,
     each rank runs the op on its F-slice and the partial outputs are summed across ranks,
     as for the dense MLP; ``x``'s gradient is summed in backward, the weights' gradients
-    are their local shards. The result equals the single-process op wherever the recipe
-    is split-invariant: the forward (2:4 groups lie along F and stay on one rank) and the
-    ``exact`` and ``naive`` backwards; ``split_gemm`` picks its dense features per rank,
-    ``mvue`` draws per rank. ``stats`` then counts this rank's features only.
+    are their local shards. The result equals the single-process op for every method and
+    backward: 2:4 groups lie along F and stay on one rank; ``split_gemm`` ranks the
+    features of all ranks (one all-gather of F/N counts per call) and keeps
+    ``ceil(dense_features · F)`` of the whole width dense, however they fall on the ranks;
+    ``mvue`` hashes each group's global index. ``stats`` then counts this rank's features only.
     """
     if method not in SPARSE_METHODS:
         raise ValueError(f"method must be one of {SPARSE_METHODS}, got {method!r}")
@@ -433,9 +491,10 @@ def relu2_2to4_ffn(
         or not 0.0 <= dense_features <= 1.0
     ):
         raise ValueError(f"dense_features must be a float in [0.0, 1.0], got {dense_features!r}")
-    tp_group = None
+    tp_group, global_features, feature_offset = None, 0, 0
     if _is_dtensor(w_up) or _is_dtensor(w_down):
-        w_up, w_down, tp_group = _tensor_parallel_slices(w_up, w_down)
+        global_features = w_up.shape[0]
+        w_up, w_down, tp_group, feature_offset = _tensor_parallel_slices(w_up, w_down)
         # Replicated x meets this rank's F-slice only: its gradient is summed across ranks.
         x = tp_sum_backward(x, tp_group)
     if w_up.dim() != 2 or w_down.dim() != 2:
@@ -471,16 +530,18 @@ def relu2_2to4_ffn(
         inverse = torch.empty_like(permutation).index_copy_(0, permutation, positions)
         x2 = _GatherRows.apply(x2, permutation, inverse)
 
-    n_dense = dense_feature_count(f, dense_features, backward)
+    # The dense-feature count is over the whole width, also under tensor parallelism.
+    width = global_features or f
+    n_dense = dense_feature_count(width, dense_features, backward)
     weights_need_grad = torch.is_grad_enabled() and (w_up.requires_grad or w_down.requires_grad)
     # Per-feature counts only feed the dense-feature ranking of a split backward.
-    want_feature_counts = weights_need_grad and 0 < n_dense < f
+    want_feature_counts = weights_need_grad and 0 < n_dense < width
     # Inputs are already in the autocast dtype; autocast must not recast inside the op.
     ctx = torch.autocast(x2.device.type, enabled=False) if cast is not None else contextlib.nullcontext()
     with ctx:
         y, _g, _y2s, _counts, stat_delta = torch.ops.hf_sparse.relu2_2to4_ffn_fwd(
             x2, w_up.contiguous(), w_down.contiguous(), method, backward, n_dense, stats is not None, want_feature_counts,
-            fp8,
+            fp8, global_features, feature_offset, "" if tp_group is None else tp_group.group_name,
         )  # fmt: skip
     if stats is not None:
         with torch.no_grad():

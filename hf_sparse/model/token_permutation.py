@@ -6,6 +6,8 @@ Shipped as HF remote code: imports only torch.
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 from torch import Tensor
 
@@ -13,6 +15,23 @@ _MASK31 = (1 << 31) - 1
 # Odd multipliers below 2**30: a 31-bit value times one stays below 2**61 (no int64
 # overflow on any device or compiler).
 _HASH_MULTIPLIERS = (0x2C1B3C6D, 0x297A2D39, 0x3B4F9E25)
+
+
+def hash31(h: Tensor, scratch: Optional[Tensor] = None) -> Tensor:
+    """A 31-bit integer mix of ``h`` (int64, values in [0, 2**31)): xorshift-multiply rounds
+    whose products stay below 2**61, so every device and compiler computes the same bits.
+    Shared by the token permutation and the MVUE draws (``select_2to4.keyed_uniforms``).
+
+    With ``scratch`` (int64, shaped like ``h``) the same rounds run in place on ``h``: eager
+    code hashing a large table chunk by chunk keeps both in cache (memory-bound otherwise).
+    """
+    if scratch is None:
+        for mult in _HASH_MULTIPLIERS:
+            h = ((h ^ (h >> 15)) * mult) & _MASK31
+        return h ^ (h >> 13)
+    for mult in _HASH_MULTIPLIERS:
+        h.bitwise_xor_(torch.bitwise_right_shift(h, 15, out=scratch)).mul_(mult).bitwise_and_(_MASK31)
+    return h.bitwise_xor_(torch.bitwise_right_shift(h, 13, out=scratch))
 
 
 def make_token_permutation(num_tokens: int, seed: int, device=None) -> Tensor:
@@ -24,9 +43,7 @@ def make_token_permutation(num_tokens: int, seed: int, device=None) -> Tensor:
     """
     seed_key = (int(seed) * 0x9E3779B1 + 0x7F4A7C15) & _MASK31  # spread small seeds apart
     h = (torch.arange(int(num_tokens), dtype=torch.int64, device=device) ^ seed_key) & _MASK31
-    for mult in _HASH_MULTIPLIERS:
-        h = ((h ^ (h >> 15)) * mult) & _MASK31
-    return torch.argsort(h ^ (h >> 13), stable=True)
+    return torch.argsort(hash31(h), stable=True)
 
 
 class TokenPermutation:
