@@ -79,9 +79,58 @@ def test_logged_and_raises_sparsity(tmp_path):
     assert penalised["sparsity_relu/mean_across_layers"] > plain["sparsity_relu/mean_across_layers"] + 0.02
 
 
-def test_refused_with_2to4_and_silu():
-    with pytest.raises(ValueError, match="activation_l1 does not combine with activation_2by4"):
-        tiny_config(activation_l1=0.1, activation_2by4=True)
+def test_with_2to4_exact_backward_matches_autograd_of_the_penalised_masked_ffn():
+    """With 2:4 on, the penalty is on the 2:4 activation that reaches down_proj; the `exact`
+    backward is the gradient of the masked forward, so autograd of a dense masked reference
+    (mask fixed from the forward) must give the same loss and every gradient."""
+    from tests.test_sparse_ffn import top2_mask_reference
+
+    torch.manual_seed(0)
+    keys = dict(activation_2by4=True, activation_backward="exact", permute_2by4=False, activation_dense_warmup_steps=0)
+    model = SparseLlamaForCausalLM(tiny_config(activation_l1=LAMBDA, **keys)).double().train()
+    reference = SparseLlamaForCausalLM(tiny_config(**keys)).double().train()
+    reference.load_state_dict(model.state_dict())
+    for m in (model, reference):
+        for layer in m.model.layers:
+            layer.mlp.training_step = 5
+    ids = torch.randint(0, 128, (2, 16))
+
+    # The reference MLP: relu(up(x))² masked to its top 2 of each 4 features, then down.
+    penalties = []
+
+    def masked_ffn(mlp):
+        def forward(x):
+            y1 = mlp.up_proj(x)
+            a = torch.relu(y1) ** 2
+            sparse = a * top2_mask_reference(a.detach())
+            penalties.append(sparse.mean())
+            return mlp.down_proj(sparse)
+        return forward
+
+    for layer in reference.model.layers:
+        layer.mlp.forward = masked_ffn(layer.mlp)
+    out = reference(input_ids=ids, labels=ids)
+    expected = out.loss + LAMBDA * sum(penalties)
+    expected.backward()
+    loss = model(input_ids=ids, labels=ids).loss
+    loss.backward()
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-12)
+    for (name, p), (_, q) in zip(model.named_parameters(), reference.named_parameters()):
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-9, atol=1e-12, msg=name)
+
+
+def test_with_2to4_in_a_trainer_run(tmp_path):
+    torch.manual_seed(0)
+    model = SparseLlamaForCausalLM(tiny_config(activation_l1=0.1, activation_2by4=True, activation_dense_warmup_steps=2))
+    args = tiny_training_args(tmp_path / "run", max_steps=4, logging_steps=2)
+    trainer = Trainer(model=model, args=args, train_dataset=RandomTokens(64), callbacks=[SparsityCallback()])
+    trainer.train()
+    rows = [r for r in trainer.state.log_history if "loss" in r]
+    assert all(0.0 < r["activation_l1/loss"] < 1.0 for r in rows) and len(rows) == 2
+    assert all(layer.mlp.sparse_2by4_active for layer in model.model.layers)
+
+
+def test_refused_with_silu_and_negative():
     with pytest.raises(ValueError, match="activation_l1 needs squ_relu"):
         tiny_config(activation_l1=0.1, squ_relu="silu")
     with pytest.raises(ValueError, match="activation_l1=-1"):

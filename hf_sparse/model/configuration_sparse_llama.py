@@ -64,9 +64,10 @@ class SparseLlamaConfig(LlamaConfig):
     activation_switch_step (`int`, *optional*):
         Set by the auto switch: the optimizer step at which 2:4 activations started.
     activation_l1 (`float`, *optional*, defaults to 0.0):
-        λ of an L1 penalty on the FFN activations: in training the loss gains
-        λ·mean(act(up(x))) for every MLP (`relu`/`relu2`; the activations are non-negative,
-        so this is their mean absolute value), which pushes the activations sparser.
+        λ of an L1 penalty on the FFN activations: in training the loss gains λ·mean(a) for
+        every MLP, a = the activation that reaches down_proj (`relu`/`relu2`, 2:4-sparsified
+        once 2:4 is on; non-negative, so this is its mean absolute value): it pushes the
+        activations sparser.
     permute_2by4 (`bool`, *optional*, defaults to `True`):
         Apply a fixed token permutation before the token-wise 2:4 of the backward pass.
     permute_2by4_seed (`int`, *optional*, defaults to 0):
@@ -171,11 +172,6 @@ class SparseLlamaConfig(LlamaConfig):
             raise ValueError(f"activation_l1={self.activation_l1!r} must be >= 0.")
         if self.activation_l1 and self.squ_relu not in ("relu", "relu2"):
             raise ValueError(f"activation_l1 needs squ_relu 'relu' or 'relu2' (got {self.squ_relu!r}).")
-        if self.activation_l1 and self.activation_2by4:
-            raise ValueError(
-                "activation_l1 does not combine with activation_2by4 yet: the 2:4 FFN op's backward does not carry "
-                "the penalty's gradient. Use activation_l1 with activation_2by4=false."
-            )
         if self.activation_auto_switch and not self.activation_2by4:
             raise ValueError("activation_auto_switch=True requires activation_2by4=True (it decides when 2:4 starts).")
         if not 0.0 < self.activation_auto_switch_max_drop <= 1.0:

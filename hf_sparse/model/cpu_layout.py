@@ -87,7 +87,9 @@ def _op_weights(w_up: Tensor, w_down: Tensor, planar: bool) -> tuple[Tensor, Ten
     f, d = w_up.shape
     up = _planar_rows(w_up, _scratch("w_up", (f, d), w_up))
     # Columns permuted within each row of w_down (reads and writes stay row by row); the
-    # GEMMs then see w_down in its stock (d, F) row-major layout, as the dense FFN does.
-    down = _scratch("w_down", (d, f), w_down)
-    down.view(d, 4, f // 4).copy_(w_down.view(d, f // 4, 4).transpose(1, 2))
+    # GEMMs then see w_down in its stock (out, F) row-major layout, as the dense FFN does.
+    # (out is d, or more with activation_l1's row-sum rows.)
+    out = w_down.shape[0]
+    down = _scratch("w_down", (out, f), w_down)
+    down.view(out, 4, f // 4).copy_(w_down.view(out, f // 4, 4).transpose(1, 2))
     return up, down

@@ -85,6 +85,16 @@ def _make_linear(config: SparseLlamaConfig, in_features: int, out_features: int,
     return nn.Linear(in_features, out_features, bias=bias)
 
 
+def _with_row_sum_rows(w_down: torch.Tensor) -> torch.Tensor:
+    """W_down (d×F) with rows appended: the first all ones (its output is each token's sum
+    of the activations), the rest zero so that d stays 16-aligned for cuSPARSELt (CPU: one)."""
+    if _is_dtensor(w_down):
+        raise ValueError("activation_l1 with activation_2by4 is not supported under tensor parallelism yet.")
+    extra = w_down.new_zeros(1 if w_down.device.type == "cpu" else 16, w_down.shape[1])
+    extra[0] = 1
+    return torch.cat([w_down, extra])
+
+
 def _weight(linear: nn.Module) -> torch.Tensor:
     # The weight the forward uses: 2:4 weights as scale·S(W), low-rank factors as their
     # product (materialised out x in for the 2:4 FFN op only); autograd carries the
@@ -243,6 +253,12 @@ class SparseLlamaMLP(nn.Module):
                 stats[STAT_FIRST_NONFINITE_STEP] = torch.where((first < 0) & (bad > 0), step, first)
         return output
 
+    def _count_l1(self, stats) -> None:
+        if stats is not None:
+            with torch.no_grad():
+                stats[STAT_L1] += self.l1_penalty.detach()
+                stats[STAT_FORWARDS] += 1
+
     def _ffn(self, x, stats):
         if self.squ_relu == "silu":
             return self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))
@@ -257,10 +273,14 @@ class SparseLlamaMLP(nn.Module):
             permutation = None
             if self.token_permutation is not None and torch.is_grad_enabled():
                 permutation = self._permutation(x.numel() // x.shape[-1], x.device)
-            return relu2_2to4_ffn(
+            w_down, hidden = _weight(self.down_proj), x.shape[-1]
+            l1 = self.config.activation_l1 if (self.training and torch.is_grad_enabled()) else 0.0
+            if l1:
+                w_down = _with_row_sum_rows(w_down)
+            y = relu2_2to4_ffn(
                 x,
                 _weight(self.up_proj),
-                _weight(self.down_proj),
+                w_down,
                 method=self.config.activation_sparse_method,
                 backward=self.config.activation_backward,
                 dense_features=self.config.activation_dense_features,
@@ -268,6 +288,16 @@ class SparseLlamaMLP(nn.Module):
                 stats=stats,
                 fp8=self.config.activation_2by4_fp8,
             )
+            if not l1:
+                return y
+            # The extra output column is each token's sum of the 2:4 activation that reached
+            # down_proj; its gradient (whatever scales the loss) adds λ/(T·F) to dy2 inside
+            # the op's backward, exactly as the penalty λ·mean(y2s) would.
+            row_sums = y[..., hidden]
+            acc_dtype = torch.promote_types(y.dtype, torch.float32)
+            self.l1_penalty = l1 * row_sums.sum(dtype=acc_dtype) / (row_sums.numel() * w_down.shape[1])
+            self._count_l1(stats)
+            return y[..., :hidden]
 
         activation = self.act_fn(self.up_proj(x))
         if self.config.activation_l1 and self.training and torch.is_grad_enabled():
@@ -275,10 +305,7 @@ class SparseLlamaMLP(nn.Module):
             # The CausalLM's loss_function adds it (and clears it) once per forward.
             acc_dtype = torch.promote_types(activation.dtype, torch.float32)
             self.l1_penalty = self.config.activation_l1 * activation.mean(dtype=acc_dtype)
-            if stats is not None:
-                with torch.no_grad():
-                    stats[STAT_L1] += self.l1_penalty.detach()
-                    stats[STAT_FORWARDS] += 1
+            self._count_l1(stats)
         if stats is not None:
             with torch.no_grad():
                 if self.config.activation_2by4:

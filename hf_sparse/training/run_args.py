@@ -64,8 +64,8 @@ class ActivationSparsityArguments:
     )
     activation_auto_switch_window: int | None = _model_key("Consecutive training log rows below the threshold.")
     activation_l1: float | None = _model_key(
-        "λ of an L1 penalty λ·mean(act) per MLP added to the training loss (relu/relu2; not yet with "
-        "activation_2by4); logged as activation_l1/loss."
+        "λ of an L1 penalty λ·mean(act) per MLP added to the training loss (relu/relu2; with 2:4 on, on the "
+        "2:4 activation); logged as activation_l1/loss."
     )
     permute_2by4: bool | None = _model_key("Fixed token permutation for the backward 2:4 (drawn from the seed).")
     activation_backward: str | None = _model_key(
