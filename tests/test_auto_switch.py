@@ -131,7 +131,8 @@ def test_report_marks_the_auto_switch_step(tmp_path):
 @pytest.mark.parametrize("overrides", [
     dict(activation_2by4=True, activation_auto_switch=True, activation_dense_warmup_steps=100),
     dict(activation_l1=0.1),
-], ids=["auto_switch", "activation_l1"])
+    dict(activation_l1=0.1, activation_2by4=True, activation_dense_warmup_steps=0),
+], ids=["auto_switch", "activation_l1", "activation_l1_2by4"])
 def test_no_host_sync_outside_logging_steps(tmp_path, monkeypatch, overrides):
     from transformers import TrainerControl, TrainerState
 
