@@ -135,3 +135,21 @@ def test_refused_with_silu_and_negative():
         tiny_config(activation_l1=0.1, squ_relu="silu")
     with pytest.raises(ValueError, match="activation_l1=-1"):
         tiny_config(activation_l1=-1)
+
+
+@pytest.mark.parametrize("two_to_four", [False, True])
+def test_traces_as_one_graph_and_follows_a_deepcopy(two_to_four):
+    import copy
+
+    import torch._dynamo
+
+    keys = dict(activation_2by4=True, activation_dense_warmup_steps=0) if two_to_four else {}
+    model = SparseLlamaForCausalLM(tiny_config(activation_l1=LAMBDA, **keys)).train()
+    for layer in model.model.layers:
+        layer.mlp.training_step = 3
+    ids = torch.randint(0, 128, (2, 16))
+    explained = torch._dynamo.explain(model)(input_ids=ids, labels=ids)
+    assert explained.graph_break_count == 0, [b.reason for b in explained.break_reasons]
+    twin = copy.deepcopy(model)
+    assert twin.loss_function.__self__ is twin  # the copy adds its own MLPs' terms
+    assert torch.equal(twin(input_ids=ids, labels=ids).loss, model(input_ids=ids, labels=ids).loss)

@@ -456,28 +456,22 @@ class SparseLlamaForCausalLM(SparseLlamaPreTrainedModel, LlamaForCausalLM, Gener
         self.vocab_size = config.vocab_size
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.post_init()
+        if config.activation_l1:
+            # The loss gains the MLPs' L1 terms. Set as a bound method, not by overriding the
+            # loss_function property: dynamo cannot trace `super().loss_function` (a graph
+            # break per forward), and a bound method follows the model through deepcopy.
+            self._base_loss_function = self.loss_function
+            self.loss_function = self._loss_with_activation_l1
 
-    @property
-    def loss_function(self):
-        """Llama's loss; in training with `activation_l1` it gains the MLPs' L1 penalties.
-        (Overriding the loss rather than `forward` keeps Llama's forward signature.)"""
-        base = super().loss_function
-        if not (self.training and self.config.activation_l1):
-            return base
-
-        def loss_with_activation_l1(*args, **kwargs):
-            loss = base(*args, **kwargs)
+    def _loss_with_activation_l1(self, *args, **kwargs):
+        """Llama's loss plus, in training, every MLP's `activation_l1` term of this forward."""
+        loss = self._base_loss_function(*args, **kwargs)
+        if self.training:
             for _, mlp in sparse_mlps(self):
                 if mlp.l1_penalty is not None:
                     loss = loss + mlp.l1_penalty
                     mlp.l1_penalty = None  # one forward's term, added once
-            return loss
-
-        return loss_with_activation_l1
-
-    @loss_function.setter
-    def loss_function(self, value):
-        self._loss_function = value
+        return loss
 
 
 def sparse_mlps(model: nn.Module):
