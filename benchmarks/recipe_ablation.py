@@ -48,8 +48,8 @@ LONG_VARIANTS = {
     "2:4, naive backward": {"activation_2by4": True, "activation_backward": "naive"},
     "2:4, no permutation": {"activation_2by4": True, "permute_2by4": False},
     "2:4, soft-threshold": {"activation_2by4": True, "activation_sparse_method": "soft_threshold"},
-    "2:4 recipe + L1 1e-3": {"activation_2by4": True, "activation_l1": 1e-3},
-    "2:4 recipe + L1 1e-2": {"activation_2by4": True, "activation_l1": 1e-2},
+    "2:4 recipe + L1 0.01": {"activation_2by4": True, "activation_l1": 0.01},
+    "2:4 recipe + L1 0.1": {"activation_2by4": True, "activation_l1": 0.1},
     **{f"weight 2:4, decay {decay}{', dense tail' if tail else ''}": {
         **_WEIGHT, "weight_masked_decay": decay, "sparse_dense_finetune_steps": tail}
        for decay in (0.0, 0.05, 0.2) for tail in (0, 100)},
