@@ -62,6 +62,9 @@ def sparsity_series(history: list[dict]) -> dict:
         "mean": [row.get("sparsity_relu/mean_across_layers", float("nan")) for row in rows],
         "drop_24": [row.get("sparsity_24/mean_across_layers", float("nan")) for row in rows],
         "has_24": any("sparsity_24/mean_across_layers" in row for row in rows),
+        # What activation_auto_switch reads (pooled over layers and ranks), where logged.
+        "pooled_drop": [row.get("activation_auto_switch/drop", float("nan")) for row in rows],
+        "has_pooled": any("activation_auto_switch/drop" in row for row in rows),
     }
 
 
@@ -106,6 +109,16 @@ def write_report(run_dir: str) -> dict:
     if flips["steps"]:
         flip_png = _plot_flip_rate(plt, run_dir, flips, summary)
     return {"heatmap": heatmap, "curves": curves, "flip_rate": flip_png, "summary": "\n".join(summary)}
+
+
+def _auto_switch_threshold(run_dir: str):
+    """activation_auto_switch_max_drop from RUN_DIR/config.json, or None."""
+    try:
+        with open(os.path.join(run_dir, "config.json"), encoding="utf-8") as handle:
+            config = json.load(handle)
+    except (OSError, json.JSONDecodeError):
+        return None
+    return config.get("activation_auto_switch_max_drop") if config.get("activation_auto_switch") else None
 
 
 def _dense_to_sparse_step(run_dir: str):
@@ -182,6 +195,11 @@ def _plot_activation_sparsity(plt, run_dir: str, series: dict, summary: list, sw
     ax.plot(steps, series["mean"], marker=marker, label="mean ReLU² sparsity")
     if series["has_24"]:
         ax.plot(steps, series["drop_24"], marker=marker, label="2:4 drop rate (of non-zeros)")
+    if series["has_pooled"]:
+        ax.plot(steps, series["pooled_drop"], marker=marker, label="2:4 drop rate, pooled (auto switch)")
+        threshold = _auto_switch_threshold(run_dir)
+        if threshold is not None:
+            ax.axhline(threshold, color="red", linestyle=":", linewidth=1, label=f"auto-switch threshold {threshold:g}")
     if switch is not None and steps[0] < switch:
         # During the warm-up the 2:4 rate is what the mask *would* drop: nothing is dropped yet.
         ax.axvspan(steps[0], min(switch, steps[-1]), color="grey", alpha=0.15, label="dense warm-up (would drop)")

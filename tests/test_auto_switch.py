@@ -182,3 +182,24 @@ def test_train_hf_writes_the_switch_step_only_once_2to4_started(tmp_path):
         assert results.get(SWITCH_STEP_KEY) == expected
         card = (out / "README.md").read_text()
         assert ("switched at step 2" in card) == (expected == 2) and "automatic" in card
+
+
+def test_report_plots_the_pooled_curve_and_the_threshold(tmp_path, monkeypatch):
+    import json
+
+    from hf_sparse import report
+
+    history = [{"step": s, "loss": 5.0, "sparsity_relu/layer_0": 0.5, "sparsity_relu/mean_across_layers": 0.5,
+                "sparsity_24/layer_0": d, "sparsity_24/mean_across_layers": d, DROP_KEY: d}
+               for s, d in ((10, 0.2), (20, 0.1), (30, 0.09))]
+    (tmp_path / "trainer_state.json").write_text(json.dumps({"log_history": history}))
+    (tmp_path / "config.json").write_text(json.dumps({
+        "activation_2by4": True, "activation_dense_warmup_steps": 100, "activation_auto_switch": True,
+        "activation_auto_switch_max_drop": 0.12, "activation_switch_step": 30}))
+    lines = []
+    import matplotlib.axes
+
+    monkeypatch.setattr(matplotlib.axes.Axes, "axhline", lambda self, y, **kw: lines.append((y, kw.get("label"))))
+    assert report.sparsity_series(history)["pooled_drop"] == [0.2, 0.1, 0.09]
+    report.write_report(str(tmp_path))
+    assert lines == [(0.12, "auto-switch threshold 0.12")]
