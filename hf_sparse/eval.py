@@ -131,7 +131,7 @@ def main(argv=None) -> int:
         return 2
     from lm_eval.utils import make_table
 
-    print(make_table(output))  # the command's result, on stdout
+    logger.info("%s", make_table(output))  # the command's result (as hf_sparse.report's summary)
     if args.output:
         with open(args.output, "w", encoding="utf-8") as handle:
             json.dump({"results": output["results"], "metrics": flatten_results(output["results"])}, handle,

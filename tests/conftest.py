@@ -78,6 +78,13 @@ def tiny_training_args(output_dir, **overrides):
 SYNC_METHODS = ("item", "tolist", "cpu", "numpy", "nonzero", "__bool__", "__int__", "__float__", "__index__")
 
 
+def callback_training_step(callback, args, state, control, model, ids) -> None:
+    """One training step as the Trainer drives a callback around it (no optimizer step)."""
+    callback.on_step_begin(args, state, control, model=model)
+    model(ids, labels=ids).loss.backward()
+    callback.on_step_end(args, state, control, model=model)
+
+
 def host_sync_calls(monkeypatch, fn) -> list:
     """Names of the syncing Tensor methods that ``fn()`` calls, in order."""
     calls = []

@@ -136,7 +136,7 @@ def test_report_marks_the_auto_switch_step(tmp_path):
 def test_no_host_sync_outside_logging_steps(tmp_path, monkeypatch, overrides):
     from transformers import TrainerControl, TrainerState
 
-    from tests.conftest import host_sync_calls
+    from tests.conftest import callback_training_step, host_sync_calls
 
     model = SparseLlamaForCausalLM(tiny_config(**overrides)).train()
     callback = SparsityCallback()
@@ -144,9 +144,7 @@ def test_no_host_sync_outside_logging_steps(tmp_path, monkeypatch, overrides):
     ids = torch.randint(0, 128, (2, 16))
 
     def step():
-        callback.on_step_begin(args, state, control, model=model)
-        model(ids, labels=ids).loss.backward()
-        callback.on_step_end(args, state, control, model=model)
+        callback_training_step(callback, args, state, control, model, ids)
 
     assert host_sync_calls(monkeypatch, lambda: callback.on_train_begin(args, state, control, model=model)) == []
     step()  # creates the stat tensors

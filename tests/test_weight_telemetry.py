@@ -16,7 +16,7 @@ from transformers import Trainer, TrainerCallback, TrainerControl, TrainerState
 from hf_sparse import SparseLlamaForCausalLM, SparsityCallback, set_training_step, sparsity_metrics
 from hf_sparse.report import FLIP_RATE_NAME, write_report
 from hf_sparse.training.telemetry import PREVIOUS_MASKS_ATTR, snapshot_weight_masks
-from tests.conftest import host_sync_calls, tiny_config, tiny_training_args
+from tests.conftest import callback_training_step, host_sync_calls, tiny_config, tiny_training_args
 from tests.test_telemetry import RandomTokens
 
 LOW_RANK_MLP = dict(loro_scope="mlp", loro_mlp_rank=8)
@@ -230,9 +230,7 @@ def test_flip_rate_adds_no_host_sync_outside_logging_steps(tmp_path, monkeypatch
     ids = torch.randint(0, 128, (2, 16))
 
     def step():
-        callback.on_step_begin(args, state, control, model=model)
-        model(ids, labels=ids).loss.backward()
-        callback.on_step_end(args, state, control, model=model)
+        callback_training_step(callback, args, state, control, model, ids)
 
     # The train-begin snapshot and a step wait for the device nowhere ...
     assert host_sync_calls(monkeypatch, lambda: callback.on_train_begin(args, state, control, model=model)) == []

@@ -11,6 +11,7 @@ it. Deterministic: the same corpus gives byte-identical files.
 """
 
 import json
+import logging
 import os
 import random
 import sys
@@ -113,4 +114,5 @@ def main(out_dir: str = TASKS_DIR) -> dict:
 
 
 if __name__ == "__main__":
-    print(json.dumps(main(), indent=2))  # the command's output: what was written
+    logging.basicConfig(format="%(message)s", level=logging.INFO)
+    logging.getLogger(__name__).info("%s", json.dumps(main(), indent=2))  # what was written
