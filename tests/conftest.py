@@ -106,6 +106,38 @@ def host_sync_calls(monkeypatch, fn) -> list:
     return step_calls
 
 
+def run_train_hf_script(monkeypatch, *argv):
+    """train_hf.py's `__main__` with `argv`, in this process (no interpreter start per run);
+    returns the SystemExit code (None: it returned). The stop-signal handlers train_hf
+    installs for its process are put back afterwards."""
+    import runpy
+    import signal
+
+    train_hf_path = os.path.join(REPO_ROOT, "train_hf.py")
+    monkeypatch.setattr(sys, "argv", [train_hf_path, *map(str, argv)])
+    handlers = {signum: signal.getsignal(signum) for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)}
+    try:
+        runpy.run_path(train_hf_path, run_name="__main__")
+    except SystemExit as exit_info:
+        return exit_info.code
+    finally:
+        for signum, handler in handlers.items():
+            signal.signal(signum, handler)
+    return None
+
+
+def assert_one_line_error(code, capsys, pattern):
+    """Exit code 1 and, as the last line on stderr, one `train_hf.py: error: ...` line."""
+    import re
+
+    assert code == 1, code
+    err = capsys.readouterr().err
+    text = err.strip().splitlines()[-1] if err.strip() else ""
+    assert text.startswith("train_hf.py: error: "), err[-3000:]
+    assert re.search(pattern, text), text
+    assert "Traceback" not in err
+
+
 @pytest.fixture
 def make_tiny_config():
     return tiny_config

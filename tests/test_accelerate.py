@@ -12,10 +12,10 @@ import json
 import logging
 import os
 import random
-import subprocess
 import sys
 
 import pytest
+from tests import processes  # noqa: E402
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ACCELERATE_CONFIGS = os.path.join(REPO_ROOT, "configs", "accelerate")
@@ -60,7 +60,7 @@ def _launch(accelerate_args, train_args, timeout=300):
     env = dict(os.environ, OMP_NUM_THREADS="1")
     cmd = [sys.executable, "-m", "accelerate.commands.launch", *accelerate_args, "--main_process_port", "0",
            os.path.join(REPO_ROOT, "train_hf.py"), QUICKSTART, *train_args]
-    proc = subprocess.run(cmd, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+    proc = processes.run(cmd, cwd=REPO_ROOT, env=env, timeout=timeout)
     assert proc.returncode == 0, proc.stderr[-4000:]
     return proc
 
@@ -129,10 +129,10 @@ def test_fsdp2_fully_shard_telemetry_and_gradients(tmp_path):
     sparsity per original matrix from the DTensor shards, pooled activation/2:4 counts and
     every gradient equal the unwrapped model's, dense and low-rank."""
     out = tmp_path / "result.json"
-    proc = subprocess.run(
+    proc = processes.run(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
          os.path.join(REPO_ROOT, "tests", "fsdp2_worker.py"), str(out)],
-        cwd=REPO_ROOT, env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True, text=True, timeout=300,
+        cwd=REPO_ROOT, env=dict(os.environ, OMP_NUM_THREADS="1"), timeout=300,
     )
     assert proc.returncode == 0, proc.stderr[-4000:]
     results = json.loads(out.read_text())

@@ -11,8 +11,6 @@ import dataclasses
 import json
 import os
 import re
-import runpy
-import subprocess
 import sys
 import time
 
@@ -27,29 +25,12 @@ from hf_sparse.training.tokenizer import load_tokenizer
 from hf_sparse.training.run_args import ALIASES, MODEL_ARGUMENT_CLASSES, ConfigError, ScriptArguments
 from hf_sparse.training.cli_help import HELP_SECTIONS, TRAINER_HELP_KEYS
 from hf_sparse.training.run_config import parse_run_config
-from tests.conftest import REPO_ROOT
+from tests.conftest import REPO_ROOT, assert_one_line_error, run_train_hf_script
 from tests.test_train_hf import _write_config
+from tests import processes  # noqa: E402
 
 TRAIN_HF = os.path.join(REPO_ROOT, "train_hf.py")
 TINY_MODEL = os.path.join(REPO_ROOT, "configs", "llama_tiny.json")
-
-
-def _run_script(monkeypatch, *argv):
-    """train_hf.py's `__main__` with `argv`; returns the SystemExit code (None: it returned)."""
-    monkeypatch.setattr(sys, "argv", [TRAIN_HF, *map(str, argv)])
-    try:
-        runpy.run_path(TRAIN_HF, run_name="__main__")
-    except SystemExit as exit_info:
-        return exit_info.code
-    return None
-
-
-def _assert_one_line_error(code, capsys, pattern):
-    text = str(code)
-    assert "\n" not in text, text
-    assert text.startswith("train_hf.py: error: "), text
-    assert re.search(pattern, text), text
-    assert "Traceback" not in capsys.readouterr().err
 
 
 # --- --help -------------------------------------------------------------------------------------
@@ -78,7 +59,7 @@ def test_help_lists_every_key_and_exits_0(tmp_path, monkeypatch, capsys, where):
         "after_config": [_write_config(tmp_path), "--max_steps", "3", "--help"],
         "after_missing_config": [tmp_path / "missing.json", "-h"],
     }[where]
-    assert _run_script(monkeypatch, *argv) in (None, 0)
+    assert run_train_hf_script(monkeypatch, *argv) in (None, 0)
     out = capsys.readouterr().out
     assert out.startswith("usage: train_hf.py CONFIG.json [--key value ...]")
     for title in ("model:", "2:4 activations:", "weight 2:4:", "low rank:", "data:", "script:", "trainer:"):
@@ -97,7 +78,7 @@ def test_help_lists_every_key_and_exits_0(tmp_path, monkeypatch, capsys, where):
 
 
 def test_help_from_a_shell_exits_0():
-    proc = subprocess.run([sys.executable, TRAIN_HF, "--help"], cwd=REPO_ROOT, capture_output=True, text=True,
+    proc = processes.run([sys.executable, TRAIN_HF, "--help"], cwd=REPO_ROOT,
                           timeout=120)
     assert proc.returncode == 0, proc.stderr[-2000:]
     # (transformers itself prints a line to stdout on import under WANDB_MODE=offline.)
@@ -144,8 +125,8 @@ def test_bad_value_is_one_line_naming_the_key(tmp_path, monkeypatch, capsys, ove
         overrides = dict(model_config=_model_file(tmp_path, num_key_value_heads=3))
     elif overrides == "heads":
         overrides = dict(model_config=_model_file(tmp_path, num_attention_heads=6))
-    code = _run_script(monkeypatch, _write_config(tmp_path, **overrides))
-    _assert_one_line_error(code, capsys, message)
+    code = run_train_hf_script(monkeypatch, _write_config(tmp_path, **overrides))
+    assert_one_line_error(code, capsys, message)
     assert not (tmp_path / "run").exists()
 
 
@@ -160,9 +141,9 @@ def test_output_dir_that_is_a_file(tmp_path, monkeypatch, capsys, below):
     existing = tmp_path / "run"
     existing.write_text("not a directory")
     output_dir = existing / "sub" if below else existing
-    code = _run_script(monkeypatch, _write_config(tmp_path, output_dir=str(output_dir)))
+    code = run_train_hf_script(monkeypatch, _write_config(tmp_path, output_dir=str(output_dir)))
     where = r"is below the file .*" if below else r"is an existing file"
-    _assert_one_line_error(code, capsys, rf"output_dir: .* {where}; output_dir must be a directory")
+    assert_one_line_error(code, capsys, rf"output_dir: .* {where}; output_dir must be a directory")
     assert existing.read_text() == "not a directory"  # untouched
 
 
@@ -185,8 +166,8 @@ def wandb_without_credentials(tmp_path, monkeypatch):
 
 def test_wandb_without_api_key_is_one_line(wandb_without_credentials, monkeypatch, capsys):
     tmp_path = wandb_without_credentials
-    code = _run_script(monkeypatch, _write_config(tmp_path, report_to=["wandb"]))
-    _assert_one_line_error(code, capsys, r"report_to: 'wandb' needs a W&B API key .*wandb login.*WANDB_MODE=offline")
+    code = run_train_hf_script(monkeypatch, _write_config(tmp_path, report_to=["wandb"]))
+    assert_one_line_error(code, capsys, r"report_to: 'wandb' needs a W&B API key .*wandb login.*WANDB_MODE=offline")
     assert not (tmp_path / "run").exists()
 
 
@@ -247,8 +228,8 @@ def test_hub_resource_offline_and_not_cached(empty_caches, monkeypatch, capsys, 
     tmp_path = empty_caches
     monkeypatch.setattr(hub_access, "hub_reachable", lambda *a, **k: pytest.fail("offline: no probe"))
     start = time.perf_counter()
-    code = _run_script(monkeypatch, _write_config(tmp_path, **overrides))
-    _assert_one_line_error(
+    code = run_train_hf_script(monkeypatch, _write_config(tmp_path, **overrides))
+    assert_one_line_error(
         code, capsys,
         re.escape(named) + r" is a Hugging Face Hub repo, the hub is unreachable \(offline mode: HF_HUB_OFFLINE=1\), "
         r"and the local cache .* has no copy of it; download it once .*HF_HUB_OFFLINE=1.*, or " + alternative,
@@ -269,8 +250,8 @@ def test_hub_resource_unreachable_hub_probed_once(empty_caches, monkeypatch, cap
     monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", False)
     probes = []
     monkeypatch.setattr(hub_access, "hub_reachable", lambda *a, **k: probes.append(1) or False)
-    code = _run_script(monkeypatch, _write_config(tmp_path, **overrides))
-    _assert_one_line_error(
+    code = run_train_hf_script(monkeypatch, _write_config(tmp_path, **overrides))
+    assert_one_line_error(
         code, capsys,
         re.escape(named) + r" is a Hugging Face Hub repo, the hub \(https://.*\) is unreachable "
         r"\(no answer within 3 s\), "
@@ -288,8 +269,8 @@ def test_hub_resource_unreachable_hub_probed_once(empty_caches, monkeypatch, cap
 
 
 def test_neither_path_nor_repo_id(empty_caches, monkeypatch, capsys):
-    code = _run_script(monkeypatch, _write_config(empty_caches, tokenizer_name="./no/such/tokenizer"))
-    _assert_one_line_error(code, capsys, r"tokenizer_name: './no/such/tokenizer' is neither an existing local path nor")
+    code = run_train_hf_script(monkeypatch, _write_config(empty_caches, tokenizer_name="./no/such/tokenizer"))
+    assert_one_line_error(code, capsys, r"tokenizer_name: './no/such/tokenizer' is neither an existing local path nor")
 
 
 def _cache_tiny_tokenizer(hub_cache, repo_id):

@@ -7,7 +7,6 @@ import json
 import os
 import random
 import shutil
-import subprocess
 import sys
 import time
 
@@ -17,6 +16,7 @@ from hf_sparse.training import data as D
 from hf_sparse.training import data_args, packing
 from hf_sparse.training import embedded_corpus as corpus
 from hf_sparse.training import tokenizer as tokenizer_module
+from tests import processes  # noqa: E402
 
 
 VOCAB = 1024
@@ -446,9 +446,9 @@ def test_determinism_across_processes(tok, shared_cache):
     )
     env = dict(os.environ, HF_SPARSE_CACHE=shared_cache, PYTHONHASHSEED="12345")
     repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    out = subprocess.run(
-        [sys.executable, "-c", code], env=env, cwd=repo, capture_output=True, text=True, timeout=120, check=True
-    ).stdout
+    proc = processes.run([sys.executable, "-c", code], env=env, cwd=repo, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = proc.stdout
     *_, imported, result = out.strip().splitlines()
     assert json.loads(imported) == []
     fingerprint, first, last, n_val = json.loads(result)

@@ -1,16 +1,90 @@
-"""train_hf.py as two processes (torchrun, CPU/gloo) for every mode of the model."""
+"""train_hf.py as two processes (torchrun / accelerate launch, CPU/gloo): every mode of the
+model, and every way a run ends (success, preemption, errors, a killed rank), each through
+tests/dist_exit_probe.py, which records per rank how it exited and what outlived train_hf:
+nothing holding a process group may reach interpreter teardown (a DDP Reducer freed there
+deadlocked ranks at exit; a surviving gloo thread aborted them)."""
 
 import json
 import os
-import subprocess
+import signal
 import sys
+import time
 
 import pytest
 
+from hf_sparse.training.checkpoints import is_complete_checkpoint, last_complete_checkpoint
+from hf_sparse.training.preemption import read_preemption_marker
+from tests import processes
+
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PROBE = os.path.join(REPO_ROOT, "tests", "dist_exit_probe.py")
+TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+ACCELERATE = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+              os.path.join(REPO_ROOT, "configs", "accelerate", "ddp.yaml"), "--num_processes", "2",
+              "--main_process_port", "0"]  # fmt: skip
+ENV = dict(os.environ, OMP_NUM_THREADS="1")
+# From a stop signal to every rank gone: within torch elastic's 30 s SIGKILL, with a margin.
+EXIT_BUDGET_S = 25
+STEPS = 30
+
+
+def _run_json(folder, **overrides) -> str:
+    """The tiny model on the embedded corpus, 30 steps, a checkpoint every 4, and
+    resume_from_checkpoint "auto": the same command starts, resumes or says it is done."""
+    config = {
+        "model_config": os.path.join(REPO_ROOT, "configs", "llama_tiny.json"), "squ_relu": "relu2",
+        "wandb_sparsityrelu": True, "max_length": 32, "output_dir": str(folder / "run"), "max_steps": STEPS,
+        "per_device_train_batch_size": 4, "logging_steps": 1, "eval_strategy": "no", "save_strategy": "steps",
+        "save_steps": 4, "report_to": [], "disable_tqdm": True, "seed": 3, "resume_from_checkpoint": "auto",
+        **overrides,
+    }  # fmt: skip
+    path = folder / "run.json"
+    path.write_text(json.dumps(config))
+    return str(path)
+
+
+def _probe_command(folder, config, launcher=TORCHRUN, extra=()) -> list:
+    return [*launcher, *extra, PROBE, str(folder), config]
+
+
+def _records(folder) -> dict:
+    return {rank: json.loads((folder / f"exit_rank{rank}.json").read_text()) for rank in ("0", "1")}
+
+
+def _assert_nothing_holds_a_group(records) -> None:
+    for rank, record in records.items():
+        assert record["holders"] == {"function_defaults": [], "attributes": [], "run_objects": [], "registry": []}, (
+            rank, record)  # fmt: skip
+        assert not [name for name in record["threads"] if "gloo" in name], (rank, record)
+
+
+def _losses(run_dir) -> dict:
+    state = json.loads((run_dir / "trainer_state.json").read_text())
+    return {row["step"]: row["loss"] for row in state["log_history"] if "loss" in row}
+
+
+@pytest.fixture(scope="module")
+def reference_run(tmp_path_factory):
+    """The uninterrupted two-process run the interrupted ones must reproduce."""
+    folder = tmp_path_factory.mktemp("reference")
+    proc = processes.run(_probe_command(folder, _run_json(folder)), env=ENV, timeout=240)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return folder
+
+
+def test_uninterrupted_run_ends_cleanly(reference_run):
+    records = _records(reference_run)
+    assert [records[r]["exit_code"] for r in ("0", "1")] == [0, 0]
+    _assert_nothing_holds_a_group(records)
+    rows = json.loads((reference_run / "run" / "trainer_state.json").read_text())["log_history"]
+    rows = [r for r in rows if "loss" in r]
+    assert [r["step"] for r in rows] == list(range(1, STEPS + 1))
+    assert all("sparsity_relu/layer_1" in r for r in rows)
+    assert (reference_run / "run" / "model.safetensors").exists()
+    assert read_preemption_marker(str(reference_run / "run")) is None
+
 
 MODES = {
-    "relu2": {},
     # 2:4 activations (auto switch after 2 rows below a threshold every row meets) and 2:4
     # weights (S-STE on the MLP) together, with the flip rate.
     "relu2_2by4": {"activation_2by4": True, "activation_dense_warmup_steps": 100, "activation_auto_switch": True,
@@ -41,21 +115,14 @@ def test_two_process_training(tmp_path, mode):
     }
     path = tmp_path / "run.json"
     path.write_text(json.dumps(config))
-    env = dict(os.environ, OMP_NUM_THREADS="1")
     # train_hf.py's own command line, run by a probe that records what outlives it per rank.
-    proc = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-         os.path.join(REPO_ROOT, "tests", "dist_exit_probe.py"), str(tmp_path), str(path)],
-        cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=300,
-    )
+    proc = processes.run(_probe_command(tmp_path, str(path)), env=ENV, timeout=240)
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert proc.stderr.count("world_size=2") == 2  # both ranks, one job
+    _assert_nothing_holds_a_group(_records(tmp_path))
     for rank in (0, 1):
-        # Clean exit: once train_hf closed its process group, nothing holds it and its gloo
-        # threads are gone before interpreter teardown (where they aborted ranks now and then).
         left = json.loads((tmp_path / f"exit_rank{rank}.json").read_text())
-        assert left["group_defaults"] == [], left
-        assert not [name for name in left["threads"] if "gloo" in name], left
+        assert left["exit_code"] == 0, left
         if config.get("activation_auto_switch"):
             # Decided from the pooled telemetry: the same step on every rank.
             assert left["switch_steps"] == [2], left
@@ -87,10 +154,10 @@ def test_fsdp_full_shard_telemetry_and_2to4_gradients(tmp_path, variant):
     pooled, and the 2:4 op's (and the 2:4 weights') gradients equal the unwrapped model's."""
     out = tmp_path / "result.json"
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    proc = subprocess.run(
+    proc = processes.run(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
          os.path.join(REPO_ROOT, "tests", "fsdp_worker.py"), str(out), variant],
-        cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=150,
+        cwd=REPO_ROOT, env=env, timeout=150,
     )
     assert proc.returncode == 0, proc.stderr[-4000:]
     result = json.loads(out.read_text())
@@ -111,55 +178,132 @@ def test_fsdp_full_shard_telemetry_and_2to4_gradients(tmp_path, variant):
     assert max(result["grad_errors"].values()) < 1e-5, result["grad_errors"]
 
 
-def _children(pid: int) -> list[int]:
-    with open(f"/proc/{pid}/task/{pid}/children") as handle:
-        return [int(p) for p in handle.read().split()]
+# ----- every other way out: errors after the process group exists, preemption, a killed rank
+
+EXIT_PATHS = {
+    # Found while the data is packed, after TrainingArguments created the group.
+    "config_error": ({"train_files": ["TINY"], "validation_split_percentage": 0}, {},
+                     "train_hf.py: error: training data yields no full block"),
+    "nonfinite": ({"learning_rate": 1e30, "save_strategy": "no"}, {}, "train_hf.py: error: "),
+    "callback_error": ({"save_steps": 2}, {"EXIT_PROBE_RAISE_IN": "hf_sparse.training.callbacks:ModelCardCallback.on_save"},
+                       "RuntimeError: injected by the exit probe into ModelCardCallback.on_save"),
+    "lm_eval_error": ({"lm_eval_tasks": ["hf_sparse_heldout"], "lm_eval_limit": 2, "lm_eval_steps": 2},
+                      {"EXIT_PROBE_RAISE_IN": "hf_sparse.training.lm_eval_callback:evaluate_model"},
+                      "RuntimeError: lm-eval failed on rank 0: RuntimeError: injected by the exit probe"),
+}  # fmt: skip
 
 
-def _rank_of(pid: int) -> str | None:
-    with open(f"/proc/{pid}/environ", "rb") as handle:
-        env = dict(item.split(b"=", 1) for item in handle.read().split(b"\0") if b"=" in item)
-    return env.get(b"RANK", b"").decode() or None
+@pytest.mark.parametrize("path", sorted(EXIT_PATHS))
+def test_every_failure_frees_the_run_before_the_group(tmp_path, path):
+    """A bad input found after the group exists, the non-finite guard, a callback that raises,
+    a failing lm-eval: every rank exits 1 on its own, promptly, and nothing holds a group."""
+    overrides, env, expected = EXIT_PATHS[path]
+    if overrides.get("train_files") == ["TINY"]:
+        (tmp_path / "tiny.txt").write_text("too short\n")
+        overrides = dict(overrides, train_files=[str(tmp_path / "tiny.txt")])
+    config = _run_json(tmp_path, **overrides)
+    proc = processes.run(_probe_command(tmp_path, config), env=dict(ENV, **env), timeout=180)
+    assert proc.returncode == 1, proc.stderr[-4000:]
+    assert expected in proc.stderr, proc.stderr[-4000:]
+    records = _records(tmp_path)
+    assert [records[r]["exit_code"] for r in ("0", "1")] == [1, 1], records
+    _assert_nothing_holds_a_group(records)
+    assert not (tmp_path / "run" / "model.safetensors").exists()
 
 
-@pytest.mark.parametrize("target", ["one_rank", "launcher"])
-def test_two_processes_stop_together_on_sigterm(tmp_path, target):
-    """SIGTERM to one rank only, or to torchrun (which passes it on): both ranks stop after
-    the same step with one complete checkpoint, nobody hangs, rank 0 says how to resume."""
-    import signal
+def _sigterm(launched, target: str) -> float:
+    launched.wait_for(lambda text: text.count("'loss'") >= 2, 180, "2 log rows")
+    ranks = launched.ranks()
+    os.kill(launched.pid if target == "launcher" else ranks[target[-1]], signal.SIGTERM)
+    return time.monotonic()
 
-    from hf_sparse.training.checkpoints import last_complete_checkpoint
 
-    config = {
-        "model_config": os.path.join(REPO_ROOT, "configs", "llama_tiny.json"), "squ_relu": "relu2",
-        "max_length": 32, "output_dir": str(tmp_path / "run"), "max_steps": 10000, "per_device_train_batch_size": 4,
-        "logging_steps": 1, "eval_strategy": "no", "save_strategy": "steps", "save_steps": 100000, "report_to": [],
-        "disable_tqdm": True,
-    }  # fmt: skip
-    path = tmp_path / "run.json"
-    path.write_text(json.dumps(config))
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-         os.path.join(REPO_ROOT, "train_hf.py"), str(path)],
-        cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-    )  # fmt: skip
-    output = []
-    for line in proc.stdout:
-        output.append(line)
-        if sum("'loss'" in seen for seen in output) == 2:
-            break
-    if target == "launcher":
-        proc.send_signal(signal.SIGTERM)
-    else:
-        workers = {_rank_of(pid): pid for pid in _children(proc.pid)}
-        os.kill(workers["1"], signal.SIGTERM)
-    output.append(proc.stdout.read())
-    proc.wait(timeout=120)  # no rank left waiting in a collective
-    text = "".join(output)
-    checkpoint = last_complete_checkpoint(str(tmp_path / "run"))
-    assert checkpoint is not None, text[-4000:]
+@pytest.mark.parametrize("launcher, target", [("torchrun", "launcher"), ("torchrun", "rank1"),
+                                              ("accelerate", "launcher")])  # fmt: skip
+def test_sigterm_stops_every_rank_after_the_same_step(tmp_path, reference_run, launcher, target):
+    """SIGTERM to the launcher (which passes it on) or to one rank only: every rank stops
+    after the same step, exits 143 on its own well within torch elastic's 30 s, one complete
+    checkpoint, the marker, one resume line; the launcher exits 1 (what torchrun and
+    accelerate launch return when a worker exits non-zero or they are signalled). Re-running
+    the same command (resume_from_checkpoint "auto", as a requeued job does) continues it and
+    reproduces the uninterrupted run exactly."""
+    config = _run_json(tmp_path)
+    command = _probe_command(tmp_path, config, TORCHRUN if launcher == "torchrun" else ACCELERATE)
+    with processes.Launched(command, env=ENV) as launched:
+        signalled = _sigterm(launched, target)
+        # Every rank gone in time; a stop flag that does not reach every rank fails here (the
+        # run would finish and exit 0, or hang), not in an outer timeout.
+        launched.wait_tree(EXIT_BUDGET_S + 30, "ranks after SIGTERM")
+        took = time.monotonic() - signalled
+        code = launched.wait(30)
+    text = launched.output
+    assert code == 1, text[-4000:]
+    assert took < EXIT_BUDGET_S, f"{took:.1f} s from SIGTERM to every rank gone"
+    records = _records(tmp_path)
+    assert [records[r]["exit_code"] for r in ("0", "1")] == [143, 143], records
+    assert "forcefully exiting" not in text  # nobody needed the launcher's SIGKILL
+    _assert_nothing_holds_a_group(records)
+    run_dir = tmp_path / "run"
+    checkpoint = last_complete_checkpoint(str(run_dir))
+    assert checkpoint is not None and [p.name for p in run_dir.glob("checkpoint-*")] == [os.path.basename(checkpoint)]
     step = int(checkpoint.rsplit("-", 1)[1])
     assert f"train_hf.py: stopped by SIGTERM after step {step}; {checkpoint} is complete." in text, text[-4000:]
     assert text.count("stopped by SIGTERM") == 1  # said once, by rank 0
-    assert not (tmp_path / "run" / "model.safetensors").exists()
+    assert not (run_dir / "model.safetensors").exists()
+    marker = read_preemption_marker(str(run_dir))
+    assert (marker["signal"], marker["exit_code"], marker["step"], marker["checkpoint"]) == ("SIGTERM", 143, step, checkpoint)
+    assert marker["resume_command"].endswith("--resume_from_checkpoint true (with the same launcher: torchrun / "
+                                             "accelerate launch ...)")  # fmt: skip
+    if (launcher, target) != ("torchrun", "launcher"):
+        return
+    # The requeue: the same command again.
+    again = processes.run(command, env=ENV, timeout=240)
+    assert again.returncode == 0, again.stderr[-4000:]
+    assert f"resume_from_checkpoint=auto: resuming from {checkpoint}" in again.stderr
+    expected, got = _losses(reference_run / "run"), _losses(run_dir)
+    assert [got[s] for s in range(step + 1, STEPS + 1)] == [expected[s] for s in range(step + 1, STEPS + 1)]
+    assert read_preemption_marker(str(run_dir)) is None  # it finished: nothing to resume
+    _assert_nothing_holds_a_group(_records(tmp_path))
+
+
+def test_a_killed_rank_ends_the_group_fast_and_restarts_resume(tmp_path, reference_run):
+    """kill -9 one rank mid-run under `torchrun --max-restarts 2`: the other rank is gone
+    within seconds (torch elastic stops the group; a rank waiting on a dead peer must not
+    hang), the restarted ranks resume from the last complete checkpoint ("auto") and the
+    run ends as the uninterrupted one did, loss for loss."""
+    run_dir = tmp_path / "run"
+    command = _probe_command(tmp_path, _run_json(tmp_path), TORCHRUN, extra=("--max-restarts", "2"))
+    # Each attempt its own rendezvous store (train_hf refuses restarts without it: see
+    # test_restarts_need_a_store_per_attempt).
+    env = dict(ENV, TORCH_DISABLE_SHARE_RDZV_TCP_STORE="1")
+    with processes.Launched(command, env=env) as launched:
+        launched.wait_for(lambda _: is_complete_checkpoint(str(run_dir / "checkpoint-4")), 180, "checkpoint-4")
+        ranks = launched.ranks()
+        os.kill(ranks["1"], signal.SIGKILL)
+        killed = time.monotonic()
+        while processes.is_running(ranks["0"]):
+            assert time.monotonic() - killed < 10, "the surviving rank outlived its dead peer by 10 s"
+            time.sleep(0.05)
+        code = launched.wait(240)
+    assert code == 0, launched.output[-4000:]
+    resumed = [line for line in launched.output.splitlines() if "resume_from_checkpoint=auto: resuming from" in line]
+    assert resumed, launched.output[-4000:]
+    step = int(resumed[-1].rsplit("-", 1)[1])
+    assert 4 <= step < STEPS
+    expected, got = _losses(reference_run / "run"), _losses(run_dir)
+    assert [got[s] for s in range(step + 1, STEPS + 1)] == [expected[s] for s in range(step + 1, STEPS + 1)]
+    _assert_nothing_holds_a_group(_records(tmp_path))
+
+
+def test_restarts_need_a_store_per_attempt():
+    """torch elastic's shared rendezvous store breaks restarted groups (pytorch#135712): a
+    restart that can happen is refused up front unless each attempt gets its own store."""
+    from hf_sparse.training.launch_checks import check_launch_environment
+    from hf_sparse.training.run_args import LaunchError
+
+    worker = {"RANK": "0", "WORLD_SIZE": "2", "TORCHELASTIC_MAX_RESTARTS": "2", "TORCHELASTIC_USE_AGENT_STORE": "True"}
+    with pytest.raises(LaunchError, match=r"max restarts 2.*TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1"):
+        check_launch_environment({}, env=worker)
+    # What the workers see with TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1, and without restarts:
+    check_launch_environment({}, env=dict(worker, TORCHELASTIC_USE_AGENT_STORE="False"))
+    check_launch_environment({}, env=dict(worker, TORCHELASTIC_MAX_RESTARTS="0"))

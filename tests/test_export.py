@@ -5,7 +5,6 @@ logits where hf_sparse is not installed, as stock llama/arcee where the model al
 import json
 import os
 import shutil
-import subprocess
 import sys
 import textwrap
 
@@ -18,6 +17,7 @@ from hf_sparse.export import ExportError, export_model, main, stock_architecture
 from hf_sparse.model.weight_sparse import sparse_weight_2to4
 from tests.conftest import tiny_config
 from tests.conftest import WITHOUT_HF_SPARSE  # noqa: E402
+from tests import processes  # noqa: E402
 
 LOW_RANK = dict(loro_scope="all", loro_attn_rank=8, loro_mlp_rank=8)
 # name -> (config overrides, expected architecture of the export, dtype)
@@ -201,9 +201,9 @@ def test_exports_reproduce_logits_without_hf_sparse(exports):
     )
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     env["HF_MODULES_CACHE"] = str(root / "modules")
-    result = subprocess.run(
+    result = processes.run(
         [sys.executable, "-c", WITHOUT_HF_SPARSE + script, json.dumps(plan)],
-        cwd=root, env=env, capture_output=True, text=True, timeout=300,
+        cwd=root, env=env, timeout=300,
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
     assert "EXPORT_OK" in result.stdout

@@ -6,7 +6,6 @@ import glob
 import json
 import math
 import os
-import subprocess
 import sys
 
 import pytest
@@ -16,6 +15,7 @@ import train_hf
 from hf_sparse.training.lm_eval_callback import LmEvalCallback, evaluate_model, flatten_results
 from hf_sparse.training.run_args import ConfigError
 from tests.conftest import REPO_ROOT, tiny_config
+from tests import processes  # noqa: E402
 
 TASKS = ["hf_sparse_local"]  # the tag of both shipped tasks
 EXPECTED_KEYS = {
@@ -253,9 +253,9 @@ def test_without_the_extra_one_line_and_the_quickstart_does_not_need_it(tmp_path
         "assert main(['configs', '--tasks', 'hf_sparse_local']) == 2\n"
     )
     env = dict(os.environ, PYTHONPATH=REPO_ROOT)
-    proc = subprocess.run(
+    proc = processes.run(
         [sys.executable, "-c", script, _run_json(tmp_path), str(tmp_path / "quick")],
-        cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=300,
+        cwd=REPO_ROOT, env=env, timeout=300,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
     expected = (
@@ -269,10 +269,10 @@ def test_without_the_extra_one_line_and_the_quickstart_does_not_need_it(tmp_path
 def test_two_processes_evaluate_on_rank_0_without_hanging(tmp_path):
     config = _run_json(tmp_path, lm_eval_steps=1, max_steps=2, logging_steps=1, save_strategy="no",
                        model_config=os.path.join(REPO_ROOT, "configs", "llama_tiny.json"))  # fmt: skip
-    proc = subprocess.run(
+    proc = processes.run(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
          os.path.join(REPO_ROOT, "train_hf.py"), config],
-        cwd=REPO_ROOT, env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True, text=True, timeout=300,
+        cwd=REPO_ROOT, env=dict(os.environ, OMP_NUM_THREADS="1"), timeout=300,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert proc.stderr.count("world_size=2") == 2

@@ -1,7 +1,6 @@
 """The sparse_llama model family as a delta on Llama: equivalence, widths, Auto* round trips."""
 
 import os
-import subprocess
 import sys
 import textwrap
 
@@ -13,6 +12,7 @@ import hf_sparse
 from hf_sparse import SparseLlamaConfig, SparseLlamaForCausalLM
 from tests.conftest import tiny_config
 from tests.conftest import WITHOUT_HF_SPARSE  # noqa: E402
+from tests import processes  # noqa: E402
 
 
 def _llama_twin(config: SparseLlamaConfig) -> LlamaForCausalLM:
@@ -139,9 +139,8 @@ def test_loads_in_a_process_without_hf_sparse(tmp_path, low_rank):
     )
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     env["HF_MODULES_CACHE"] = str(tmp_path / "modules")
-    result = subprocess.run(
-        [sys.executable, "-c", WITHOUT_HF_SPARSE + script], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300,
-        stdin=subprocess.DEVNULL,
+    result = processes.run(
+        [sys.executable, "-c", WITHOUT_HF_SPARSE + script], cwd=tmp_path, env=env, timeout=300,
     )
     assert result.returncode == 0, result.stderr[-3000:]
     assert "REMOTE_OK" in result.stdout

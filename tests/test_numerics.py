@@ -94,7 +94,7 @@ def test_train_hf_stops_with_a_clear_message_and_no_final_model(tmp_path, monkey
         layer.register_forward_hook(hook)
         return model
 
-    monkeypatch.setattr(train_hf.AutoModelForCausalLM, "from_config", poisoned)
+    monkeypatch.setattr(AutoModelForCausalLM, "from_config", poisoned)
     config = {"model_config": os.path.join(REPO_ROOT, "configs", "llama_tiny.json"), "max_length": 32,
               "output_dir": str(tmp_path / "run"), "max_steps": 6, "per_device_train_batch_size": 4,
               "logging_steps": 2, "save_steps": 2, "eval_strategy": "no", "report_to": [], "disable_tqdm": True}

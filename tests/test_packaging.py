@@ -3,10 +3,10 @@ hf_sparse.report` from any folder (built offline, against the installed setuptoo
 
 import os
 import shutil
-import subprocess
 import sys
 
 from tests.conftest import REPO_ROOT
+from tests import processes  # noqa: E402
 
 
 def test_pip_install_gives_package_scripts_and_module_entry_points(tmp_path):
@@ -18,10 +18,9 @@ def test_pip_install_gives_package_scripts_and_module_entry_points(tmp_path):
     shutil.copytree(os.path.join(REPO_ROOT, "hf_sparse"), source / "hf_sparse",
                     ignore=shutil.ignore_patterns("__pycache__"))
     target = tmp_path / "site"
-    build = subprocess.run(
+    build = processes.run(
         [sys.executable, "-m", "pip", "install", "--no-deps", "--no-build-isolation", "--no-index",
-         "--disable-pip-version-check", "--quiet", "--target", str(target), str(source)],
-        capture_output=True, text=True, timeout=300,
+         "--disable-pip-version-check", "--quiet", "--target", str(target), str(source)], timeout=300,
     )  # fmt: skip
     assert build.returncode == 0, build.stderr[-3000:]
     installed = {p.name for p in target.iterdir()}
@@ -49,9 +48,9 @@ def test_pip_install_gives_package_scripts_and_module_entry_points(tmp_path):
         "sys.argv = ['report', 'no_run']\n"
         "runpy.run_module('hf_sparse.report', run_name='__main__')\n"
     )
-    run = subprocess.run(
+    run = processes.run(
         [sys.executable, "-c", probe],
-        cwd=elsewhere, env=dict(os.environ, PYTHONPATH=str(target)), capture_output=True, text=True, timeout=120,
+        cwd=elsewhere, env=dict(os.environ, PYTHONPATH=str(target)), timeout=120,
     )
     assert run.returncode == 2 and "is not a directory" in run.stderr, run.stderr[-2000:]
     assert all(line.startswith(str(target)) for line in run.stdout.splitlines()[-2:]), run.stdout

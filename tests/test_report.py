@@ -1,12 +1,12 @@
 """`python -m hf_sparse.report RUN_DIR`: plots from trainer_state.json alone."""
 
 import json
-import subprocess
 import sys
 
 import pytest
 
 from hf_sparse.report import CURVES_NAME, HEATMAP_NAME, NotARunError, write_report
+from tests import processes  # noqa: E402
 
 
 def _fake_run(run_dir, with_24=True):
@@ -59,7 +59,7 @@ def test_report_figures_are_labelled(tmp_path, monkeypatch):
 
 def test_report_cli_on_a_finished_run(tmp_path):
     _fake_run(tmp_path, with_24=False)
-    proc = subprocess.run([sys.executable, "-m", "hf_sparse.report", str(tmp_path)], capture_output=True, text=True)
+    proc = processes.run([sys.executable, "-m", "hf_sparse.report", str(tmp_path)], timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert HEATMAP_NAME in proc.stderr + proc.stdout
     assert (tmp_path / CURVES_NAME).exists()
@@ -68,7 +68,7 @@ def test_report_cli_on_a_finished_run(tmp_path):
 def test_report_refuses_a_directory_that_is_not_a_run(tmp_path):
     with pytest.raises(NotARunError, match="trainer_state.json"):
         write_report(str(tmp_path))
-    proc = subprocess.run([sys.executable, "-m", "hf_sparse.report", str(tmp_path)], capture_output=True, text=True)
+    proc = processes.run([sys.executable, "-m", "hf_sparse.report", str(tmp_path)], timeout=120)
     assert proc.returncode == 2
     assert "is not a training run" in proc.stderr
     assert not (tmp_path / HEATMAP_NAME).exists()

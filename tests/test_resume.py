@@ -4,7 +4,6 @@ trajectory; half-written checkpoints are never picked; checkpoints are hub-ready
 import json
 import os
 import signal
-import subprocess
 import sys
 import textwrap
 import time
@@ -13,6 +12,7 @@ import pytest
 
 from hf_sparse.training.checkpoints import is_complete_checkpoint, last_complete_checkpoint
 from tests.conftest import WITHOUT_HF_SPARSE  # noqa: E402
+from tests import processes  # noqa: E402
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TRAIN = os.path.join(REPO_ROOT, "train_hf.py")
@@ -64,27 +64,21 @@ def test_half_written_checkpoints_are_never_last(tmp_path):
 
 def test_sigkill_then_resume_continues_the_same_trajectory(tmp_path):
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    full = subprocess.run([sys.executable, TRAIN, _config(tmp_path, "full")], cwd=REPO_ROOT, env=env,
-                          capture_output=True, text=True, timeout=600)
+    full = processes.run([sys.executable, TRAIN, _config(tmp_path, "full")], cwd=REPO_ROOT, env=env, timeout=600)
     assert full.returncode == 0, full.stderr[-3000:]
 
-    victim = subprocess.Popen([sys.executable, TRAIN, _config(tmp_path, "killed")], cwd=REPO_ROOT, env=env,
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     killed_dir = tmp_path / "killed"
-    deadline = time.monotonic() + 300
-    while not is_complete_checkpoint(str(killed_dir / "checkpoint-4")):
-        assert victim.poll() is None, "the run ended before it could be interrupted"
-        assert time.monotonic() < deadline
-        time.sleep(0.01)
-    victim.send_signal(signal.SIGKILL)
-    victim.wait()
+    with processes.Launched([sys.executable, TRAIN, _config(tmp_path, "killed")], env=env) as victim:
+        victim.wait_for(lambda _: is_complete_checkpoint(str(killed_dir / "checkpoint-4")), 300, "checkpoint-4")
+        victim.proc.send_signal(signal.SIGKILL)
+        victim.wait(60)
     assert not (killed_dir / "trainer_state.json").exists()  # it really died mid-run
     last = last_complete_checkpoint(str(killed_dir))
     resumed_from = int(last.rsplit("-", 1)[1])
     assert 4 <= resumed_from < MAX_STEPS
 
-    resumed = subprocess.run([sys.executable, TRAIN, _config(tmp_path, "killed", resume_from_checkpoint=True)],
-                             cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=600)
+    resumed = processes.run([sys.executable, TRAIN, _config(tmp_path, "killed", resume_from_checkpoint=True)],
+                             cwd=REPO_ROOT, env=env, timeout=600)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert f"resuming from {last}" in resumed.stderr
 
@@ -97,8 +91,8 @@ def test_sigkill_then_resume_continues_the_same_trajectory(tmp_path):
     full_dir = tmp_path / "full"
     before = {name: (full_dir / name).read_bytes() for name in ("model.safetensors", "trainer_state.json")}
     entries = sorted(os.listdir(full_dir))
-    again = subprocess.run([sys.executable, TRAIN, _config(tmp_path, "full", resume_from_checkpoint="last")],
-                           cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=600)
+    again = processes.run([sys.executable, TRAIN, _config(tmp_path, "full", resume_from_checkpoint="last")],
+                           cwd=REPO_ROOT, env=env, timeout=600)
     assert again.returncode == 0, again.stderr[-3000:]
     said = [line for line in again.stderr.splitlines() if "nothing to train" in line]
     assert len(said) == 1 and f"at step {MAX_STEPS} of max_steps={MAX_STEPS}" in said[0], again.stderr[-2000:]
@@ -106,18 +100,12 @@ def test_sigkill_then_resume_continues_the_same_trajectory(tmp_path):
     assert sorted(os.listdir(full_dir)) == entries  # no checkpoint-25, nothing new
 
 
-def _stop_after_logged_steps(proc, steps: int, signals) -> None:
+def _stop_after_logged_steps(launched, steps: int, signals) -> None:
     """Send ``signals`` (one after the other) once the run has printed ``steps`` log rows."""
-    seen = 0
-    for line in proc.stdout:
-        if "'loss'" in line:
-            seen += 1
-            if seen == steps:
-                for signum in signals:
-                    proc.send_signal(signum)
-                    time.sleep(0.05)
-                break
-    proc.stdout.read()  # drain, so the child never blocks on a full pipe
+    launched.wait_for(lambda text: text.count("'loss'") >= steps, 300, f"{steps} log rows")
+    for signum in signals:
+        launched.proc.send_signal(signum)
+        time.sleep(0.05)
 
 
 def test_sigterm_stops_after_a_checkpoint_and_resume_continues_exactly(tmp_path):
@@ -127,15 +115,15 @@ def test_sigterm_stops_after_a_checkpoint_and_resume_continues_exactly(tmp_path)
     twice stops at once (130, one line, no traceback)."""
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
     steps = 12
-    full = subprocess.run([sys.executable, TRAIN, _config(tmp_path, "full", max_steps=steps, save_strategy="no")],
-                          cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=600)
+    full = processes.run([sys.executable, TRAIN, _config(tmp_path, "full", max_steps=steps, save_strategy="no")],
+                          cwd=REPO_ROOT, env=env, timeout=600)
     assert full.returncode == 0, full.stderr[-3000:]
     config = _config(tmp_path, "stopped", max_steps=steps, save_strategy="steps", save_steps=1000)
-    proc = subprocess.Popen([sys.executable, TRAIN, config], cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)  # fmt: skip
-    _stop_after_logged_steps(proc, 3, [signal.SIGTERM])
-    stderr = proc.stderr.read()
-    assert proc.wait(timeout=300) == 143, stderr[-3000:]
+    with processes.Launched([sys.executable, TRAIN, config], env=env, merge_output=False) as proc:
+        _stop_after_logged_steps(proc, 3, [signal.SIGTERM])
+        code = proc.wait(120)
+    stderr = proc.stderr
+    assert code == 143, stderr[-3000:]
     stopped_dir = tmp_path / "stopped"
     checkpoint = last_complete_checkpoint(str(stopped_dir))
     assert checkpoint is not None, stderr[-3000:]
@@ -148,19 +136,20 @@ def test_sigterm_stops_after_a_checkpoint_and_resume_continues_exactly(tmp_path)
     # Nothing looks finished: no final model, no trainer_state.json at the top.
     assert not (stopped_dir / "model.safetensors").exists() and not (stopped_dir / "trainer_state.json").exists()
 
-    resumed = subprocess.run([sys.executable, TRAIN, config, "--resume_from_checkpoint", "true"],
-                             cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=600)  # fmt: skip
+    resumed = processes.run([sys.executable, TRAIN, config, "--resume_from_checkpoint", "true"],
+                             cwd=REPO_ROOT, env=env, timeout=600)  # fmt: skip
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     expected, got = _losses(tmp_path / "full"), _losses(stopped_dir)
     assert [got[s] for s in range(stopped_at + 1, steps + 1)] == [expected[s] for s in range(stopped_at + 1, steps + 1)]
 
-    twice = subprocess.Popen([sys.executable, TRAIN, _config(tmp_path, "twice", max_steps=1000)], cwd=REPO_ROOT,
-                             env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
-    _stop_after_logged_steps(twice, 2, [signal.SIGINT, signal.SIGINT])
-    stderr = twice.stderr.read()
+    with processes.Launched([sys.executable, TRAIN, _config(tmp_path, "twice", max_steps=1000)], env=env,
+                            merge_output=False) as twice:  # fmt: skip
+        _stop_after_logged_steps(twice, 2, [signal.SIGINT, signal.SIGINT])
+        code = twice.wait(120)
+    stderr = twice.stderr
     # 130, or killed by the SIGINT itself (-2, which a shell also reports as 130) when it
     # arrives once the interpreter is finalizing and has put the default handler back.
-    assert twice.wait(timeout=120) in (130, -signal.SIGINT), stderr[-3000:]
+    assert code in (130, -signal.SIGINT), stderr[-3000:]
     # The second Ctrl-C lands during the step (stop at once) or, if that step and its
     # checkpoint were quicker, while the process exits: either way one line, no traceback.
     last = stderr.strip().splitlines()[-1]
@@ -179,8 +168,7 @@ def test_resuming_a_missing_checkpoint_is_one_line_and_writes_nothing(tmp_path):
 
 
 def test_checkpoint_is_hub_ready_and_generates_without_hf_sparse(tmp_path):
-    run = subprocess.run([sys.executable, TRAIN, _config(tmp_path, "hub", max_steps=2)], cwd=REPO_ROOT,
-                         capture_output=True, text=True, timeout=600)
+    run = processes.run([sys.executable, TRAIN, _config(tmp_path, "hub", max_steps=2)], cwd=REPO_ROOT, timeout=600)
     assert run.returncode == 0, run.stderr[-3000:]
     checkpoint = tmp_path / "hub" / "checkpoint-2"
     names = set(os.listdir(checkpoint))
@@ -207,7 +195,7 @@ def test_checkpoint_is_hub_ready_and_generates_without_hf_sparse(tmp_path):
     )
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     env["HF_MODULES_CACHE"] = str(tmp_path / "modules")
-    result = subprocess.run([sys.executable, "-c", WITHOUT_HF_SPARSE + script], cwd=tmp_path, env=env, capture_output=True, text=True,
+    result = processes.run([sys.executable, "-c", WITHOUT_HF_SPARSE + script], cwd=tmp_path, env=env,
                             timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "GENERATED" in result.stdout
@@ -218,13 +206,13 @@ def test_streaming_resume_skips_what_was_consumed(tmp_path):
     # trained on (not start the stream again), so its losses match the uninterrupted run.
     env = dict(os.environ, OMP_NUM_THREADS="1")
     stream = dict(streaming=True, shuffle_buffer_size=64, activation_dense_warmup_steps=3, max_steps=6, save_steps=3)
-    full = subprocess.run([sys.executable, TRAIN, _config(tmp_path, "stream_full", **stream)], cwd=REPO_ROOT,
-                          env=env, capture_output=True, text=True, timeout=600)
+    full = processes.run([sys.executable, TRAIN, _config(tmp_path, "stream_full", **stream)], cwd=REPO_ROOT,
+                          env=env, timeout=600)
     assert full.returncode == 0, full.stderr[-3000:]
     checkpoint = tmp_path / "stream_full" / "checkpoint-3"
-    resumed = subprocess.run(
+    resumed = processes.run(
         [sys.executable, TRAIN, _config(tmp_path, "stream_resumed", resume_from_checkpoint=str(checkpoint), **stream)],
-        cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=600,
+        cwd=REPO_ROOT, env=env, timeout=600,
     )
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     expected, got = _losses(tmp_path / "stream_full"), _losses(tmp_path / "stream_resumed")

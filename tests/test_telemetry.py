@@ -11,6 +11,7 @@ import hf_sparse
 from hf_sparse import SparseLlamaForCausalLM, SparsityCallback, sparsity_metrics
 from hf_sparse.model.modeling_sparse_llama import set_training_step
 from tests.conftest import tiny_config
+from tests import processes  # noqa: E402
 
 
 class RandomTokens(torch.utils.data.Dataset):
@@ -355,18 +356,15 @@ def test_activation_metrics_switch(tmp_path):
 
 def test_two_processes_log_the_pooled_fraction(tmp_path):
     import json
-    import subprocess
     import sys
 
     out = tmp_path / "result.json"
     worker = os.path.join(os.path.dirname(__file__), "dist_telemetry_worker.py")
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    result = subprocess.run(
+    result = processes.run(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", worker, str(out)],
         cwd=os.path.dirname(os.path.dirname(worker)),
         env=env,
-        capture_output=True,
-        text=True,
         timeout=150,
     )
     assert result.returncode == 0, result.stderr[-4000:]

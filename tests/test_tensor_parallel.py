@@ -4,7 +4,6 @@ real on two CPU processes (torchrun, gloo) against the single-process model."""
 
 import json
 import os
-import subprocess
 import sys
 
 import pytest
@@ -16,6 +15,7 @@ from hf_sparse import SparseLlamaForCausalLM
 from hf_sparse.model.configuration_sparse_llama import LOWRANK_COLWISE, LOWRANK_ROWWISE
 from hf_sparse.model.modeling_sparse_llama import SparseLlamaPreTrainedModel
 from tests.conftest import tiny_config
+from tests import processes  # noqa: E402
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -95,10 +95,10 @@ def two_process_result(tmp_path_factory):
     work = tmp_path_factory.mktemp("tp")
     out = work / "result.json"
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    proc = subprocess.run(
+    proc = processes.run(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
          os.path.join(REPO_ROOT, "tests", "tp_worker.py"), str(out), str(work)],
-        cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=240,
+        cwd=REPO_ROOT, env=env, timeout=240,
     )
     assert proc.returncode == 0, proc.stderr[-4000:]
     return json.loads(out.read_text())

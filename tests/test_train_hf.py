@@ -4,7 +4,6 @@ import json
 import logging
 import os
 import re
-import subprocess
 import sys
 import textwrap
 
@@ -16,6 +15,7 @@ sys.path.insert(0, REPO_ROOT)
 import train_hf  # noqa: E402
 from hf_sparse.training.run_args import ConfigError  # noqa: E402
 from tests.conftest import WITHOUT_HF_SPARSE  # noqa: E402
+from tests import processes  # noqa: E402
 
 TINY_MODEL = os.path.join(REPO_ROOT, "configs", "llama_tiny.json")
 
@@ -92,10 +92,10 @@ def test_local_json_files_end_to_end(tmp_path):
 def test_cli_overrides_and_checkpoint_loads_without_hf_sparse(tmp_path):
     """A train_hf.py checkpoint loads with the Auto classes where hf_sparse is not importable."""
     config = _write_config(tmp_path, max_steps=2, eval_strategy="no", save_steps=2)
-    proc = subprocess.run(
+    proc = processes.run(
         [sys.executable, os.path.join(REPO_ROOT, "train_hf.py"), config, "--activation_2by4", "true",
          "--activation_dense_warmup_steps", "1", "--logging_steps", "1"],
-        cwd=REPO_ROOT, capture_output=True, text=True, timeout=600,
+        cwd=REPO_ROOT, timeout=600,
     )
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert "model, tokenizer and config saved to" in proc.stderr
@@ -128,7 +128,7 @@ def test_cli_overrides_and_checkpoint_loads_without_hf_sparse(tmp_path):
     )
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     env["HF_MODULES_CACHE"] = str(tmp_path / "modules")
-    result = subprocess.run([sys.executable, "-c", WITHOUT_HF_SPARSE + script], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    result = processes.run([sys.executable, "-c", WITHOUT_HF_SPARSE + script], cwd=tmp_path, env=env, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "REMOTE_OK" in result.stdout
 
@@ -242,8 +242,8 @@ def test_boundaries_that_are_valid(tmp_path):
 
 def test_bad_input_from_the_command_line_is_one_line(tmp_path):
     config = _bad(tmp_path, squ_relu="gelu")
-    proc = subprocess.run([sys.executable, os.path.join(REPO_ROOT, "train_hf.py"), config],
-                          cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
+    proc = processes.run([sys.executable, os.path.join(REPO_ROOT, "train_hf.py"), config],
+                          cwd=REPO_ROOT, timeout=300)
     assert proc.returncode != 0
     last = proc.stderr.strip().splitlines()[-1]
     assert re.match(r"train_hf\.py: error: squ_relu='gelu' is not valid", last), proc.stderr[-2000:]

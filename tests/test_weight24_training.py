@@ -4,9 +4,6 @@ the original research flags as run-JSON aliases, and the bad-input rows of the R
 
 import json
 import os
-import re
-import runpy
-import sys
 
 import pytest
 import torch
@@ -17,12 +14,11 @@ import hf_sparse.training.callbacks
 from hf_sparse import SparseLlamaForCausalLM, SparsityCallback, set_training_step
 from hf_sparse.training.run_config import parse_run_config
 from hf_sparse.model.weight_sparse import is_weight_sparse, sparse_weight_2to4, weight_2to4_scale
-from tests.conftest import REPO_ROOT, tiny_config, tiny_training_args
+from tests.conftest import REPO_ROOT, assert_one_line_error, run_train_hf_script, tiny_config, tiny_training_args
 from tests.test_telemetry import RandomTokens
 from tests.test_train_hf import _write_config
 
 TINY_MODEL = os.path.join(REPO_ROOT, "configs", "llama_tiny.json")
-TRAIN_HF = os.path.join(REPO_ROOT, "train_hf.py")
 
 # 8 optimizer steps, 2:4 from step 2, the last 2 dense: steps 0-1 dense, 2-5 sparse, 6-7 dense
 # (step = optimizer steps completed when the forward runs, as Trainer.state.global_step).
@@ -341,12 +337,6 @@ def test_bad_weight_2by4_input_is_one_line(tmp_path, monkeypatch, capsys, overri
     """Through the script's own `__main__` (in process: no interpreter start per row)."""
     if overrides.get("model_config") in MODEL_FILES:
         overrides = dict(overrides, model_config=_model_file(tmp_path, overrides["model_config"]))
-    monkeypatch.setattr(sys, "argv", [TRAIN_HF, _write_run(tmp_path, **overrides)])
-    with pytest.raises(SystemExit) as exit_info:
-        runpy.run_path(TRAIN_HF, run_name="__main__")
-    text = str(exit_info.value.code)
-    assert "\n" not in text
-    assert text.startswith("train_hf.py: error: "), text
-    assert re.search(message, text), text
-    assert "Traceback" not in capsys.readouterr().err
+    code = run_train_hf_script(monkeypatch, _write_run(tmp_path, **overrides))
+    assert_one_line_error(code, capsys, message)
     assert not (tmp_path / "run").exists()

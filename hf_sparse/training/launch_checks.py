@@ -46,6 +46,23 @@ _TWO_PROCESSES_ON_CPU = (
 )
 
 
+def check_elastic_restarts(env) -> None:
+    """`torchrun --max-restarts N` (or `accelerate launch --max_restarts N`) with the
+    rendezvous store shared with the training group (torch elastic's default): the restarted
+    ranks read the previous attempt's addresses from that store, and the new gloo/NCCL group
+    then hangs or fails to connect (pytorch/pytorch#135712; here: a restart that hung in
+    init_process_group). Refused up front, naming the one setting that fixes it."""
+    restarts = env.get("TORCHELASTIC_MAX_RESTARTS", "0")
+    if restarts.isdigit() and int(restarts) > 0 and env.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
+        raise LaunchError(
+            f"the launcher restarts failed ranks (max restarts {restarts}) and shares its rendezvous store with the "
+            "training process group, so a restarted group reads the previous attempt's addresses and hangs or fails "
+            "to connect (pytorch/pytorch#135712); launch with TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 in the "
+            "environment (each attempt then gets a store of its own), e.g. TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 "
+            "torchrun --max-restarts 2 ..."
+        )
+
+
 def check_launch_environment(data: dict, env=None) -> None:
     """Refuse (one line, before any data or model is built) what accelerate would only fail
     on later in every rank, and warn when `accelerate launch` silently runs one process.
@@ -61,6 +78,7 @@ def check_launch_environment(data: dict, env=None) -> None:
       MASTER_ADDR for N > 1, which is how we know more were asked for.
     """
     env = os.environ if env is None else env
+    check_elastic_restarts(env)
     if _env_true(env, "ACCELERATE_USE_FSDP") and not accelerator_available():
         version = env.get("FSDP_VERSION", "1")
         raise LaunchError(
