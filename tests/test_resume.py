@@ -98,6 +98,16 @@ def test_sigkill_then_resume_continues_the_same_trajectory(tmp_path):
     assert len(said) == 1 and f"at step {MAX_STEPS} of max_steps={MAX_STEPS}" in said[0], again.stderr[-2000:]
     assert {name: (full_dir / name).read_bytes() for name in before} == before
     assert sorted(os.listdir(full_dir)) == entries  # no checkpoint-25, nothing new
+    # A lowered max_steps (the last checkpoint is past it), and "auto" on the finished run
+    # (a requeued job that already finished): nothing to train either, nothing touched.
+    import train_hf
+
+    config = _config(tmp_path, "full")
+    assert train_hf.main([config, "--max_steps", "20", "--resume_from_checkpoint", "last"]) == {}
+    assert train_hf.main([config, "--resume_from_checkpoint", "auto"]) == {}
+    assert train_hf.main([config, "--resume_from_checkpoint", "auto", "--max_steps", "20"]) == {}
+    assert {name: (full_dir / name).read_bytes() for name in before} == before
+    assert sorted(os.listdir(full_dir)) == entries
 
 
 def _stop_after_logged_steps(launched, steps: int, signals) -> None:
@@ -220,3 +230,40 @@ def test_streaming_resume_skips_what_was_consumed(tmp_path):
     assert [got[s] for s in (4, 5, 6)] == pytest.approx([expected[s] for s in (4, 5, 6)], rel=1e-4)
     # Restarting the stream instead would train steps 4-6 on the blocks of steps 1-3.
     assert got[4] != pytest.approx(expected[1], rel=1e-3)
+
+
+def test_auto_resume_picks_the_last_checkpoint_or_starts_or_stops(tmp_path):
+    """resume_from_checkpoint "auto", decided before anything is built: the last complete
+    checkpoint; none -> a new run; a finished run -> nothing to train, or one line when a
+    larger max_steps has no checkpoint to continue from."""
+    from transformers import TrainingArguments
+
+    from hf_sparse.training.run import already_finished, resolve_resume
+    from hf_sparse.training.run_args import ConfigError
+
+    out = tmp_path / "run"
+
+    def args(max_steps):
+        return TrainingArguments(output_dir=str(out), max_steps=max_steps, resume_from_checkpoint="auto",
+                                 use_cpu=True, report_to=[])  # fmt: skip
+
+    assert resolve_resume(args(10)) is None and not already_finished(None, args(10))  # nothing there: a new run
+    for step in (4, 8):
+        folder = out / f"checkpoint-{step}"
+        folder.mkdir(parents=True)
+        (folder / "config.json").write_text("{}")
+        (folder / "trainer_state.json").write_text(json.dumps({"global_step": step}))
+    (out / "checkpoint-12").mkdir()  # half-written: never picked
+    assert resolve_resume(args(10)) == str(out / "checkpoint-8") and not already_finished(str(out / "checkpoint-8"), args(10))
+    assert already_finished(resolve_resume(args(6)), args(6))  # past a lowered max_steps
+    # The run finished at step 10 (final config.json and trainer_state.json in output_dir).
+    (out / "trainer_state.json").write_text(json.dumps({"global_step": 10}))
+    (out / "config.json").write_text("{}")
+    assert resolve_resume(args(10)) is None and already_finished(None, args(10))
+    assert resolve_resume(args(20)) == str(out / "checkpoint-8")  # a larger max_steps continues it
+    for name in ("checkpoint-4", "checkpoint-8"):
+        for file in (out / name).iterdir():
+            file.unlink()
+        (out / name).rmdir()
+    with pytest.raises(ConfigError, match=r"finished at step 10 and no checkpoint to continue it to max_steps=20"):
+        already_finished(resolve_resume(args(20)), args(20))

@@ -184,6 +184,24 @@ def _training_state_kept(model):
             torch.cuda.set_rng_state_all(cuda_states)
 
 
+class EvaluationStopped(Exception):
+    """A stop signal arrived while lm-eval was running: its scores are dropped."""
+
+
+def _stop_between_batches(lm, should_stop) -> None:
+    """Make every model call of `lm` check `should_stop()` first: a preempted run cannot wait
+    for a whole task set (torch elastic kills a rank 30 s after SIGTERM)."""
+    for name in ("_model_call", "_model_generate"):
+        call = getattr(lm, name)
+
+        def checked(*args, _call=call, **kwargs):
+            if should_stop():
+                raise EvaluationStopped()
+            return _call(*args, **kwargs)
+
+        setattr(lm, name, checked)
+
+
 def evaluate_model(
     model,
     tokenizer,
@@ -195,12 +213,14 @@ def evaluate_model(
     batch_size: int = 8,
     mixed_precision_dtype: torch.dtype | None = None,
     task_manager=None,
+    should_stop=None,
 ) -> dict[str, float]:
     """Run lm-eval on an in-memory causal LM in this process; the flattened metrics.
 
     Uses `lm_eval.evaluator.evaluate` rather than `simple_evaluate`: the latter also
     reseeds the global generators and collects an environment report (subprocesses such
     as `pip list`) on every call, which a training loop neither wants nor needs.
+    `should_stop`: checked before every batch; when it says yes, EvaluationStopped is raised.
     """
     from lm_eval.evaluator import evaluate
     from lm_eval.models.huggingface import HFLM
@@ -212,6 +232,8 @@ def evaluate_model(
             max_length=max_length or model.config.max_position_embeddings,
             mixed_precision_dtype=mixed_precision_dtype,
         )  # fmt: skip
+        if should_stop is not None:
+            _stop_between_batches(lm, should_stop)
         loaded = manager.load(list(tasks))
         for task in loaded["tasks"].values():
             # What simple_evaluate does per task: zero-shot unless the task says otherwise.
@@ -267,10 +289,13 @@ class LmEvalCallback(_FirstCallback):
     an evaluation outside training (`trainer.evaluate()`) gets them in its eval row. Needs
     the tokenizer (given here or the Trainer's `processing_class`)."""
 
-    def __init__(self, tasks, include_path=None, limit=None, steps=None, max_length=None, tokenizer=None):
+    def __init__(self, tasks, include_path=None, limit=None, steps=None, max_length=None, tokenizer=None,
+                 should_stop=None):  # fmt: skip
         require_lm_eval()
         self.tasks, self.include_path, self.limit, self.steps = list(tasks), include_path, limit, steps
         self.max_length, self.tokenizer = max_length, tokenizer
+        # A stop signal (train_hf.py's StopSignals) ends an evaluation between batches.
+        self.should_stop = should_stop
         self.last_step, self.metrics = None, {}
         self._manager = None
 
@@ -315,11 +340,14 @@ class LmEvalCallback(_FirstCallback):
         if "eval_loss" in logs and self.steps and state.global_step % self.steps:
             return
         metrics = self.evaluate(model, args, processing_class)
+        if metrics is None:  # stopped by a signal: no scores at this step
+            return
         self.last_step = state.global_step
         merge_into_log_row(state, logs, metrics)
 
-    def evaluate(self, model, args, processing_class=None) -> dict[str, float]:
-        """Evaluate now (rank 0; the other ranks wait) and remember the scores."""
+    def evaluate(self, model, args, processing_class=None) -> dict[str, float] | None:
+        """Evaluate now (rank 0; the other ranks wait) and remember the scores; None when a
+        stop signal cut the evaluation short (on every rank: rank 0 shares that too)."""
         tokenizer = self.tokenizer or processing_class
         if tokenizer is None:
             raise RuntimeError("LmEvalCallback needs a tokenizer: pass tokenizer=... or the Trainer's processing_class.")
@@ -328,12 +356,20 @@ class LmEvalCallback(_FirstCallback):
         def run():
             if self._manager is None:
                 self._manager = build_task_manager(self.tasks, self.include_path)
-            return evaluate_model(
-                model, tokenizer, self.tasks, limit=self.limit, max_length=self.max_length,
-                batch_size=args.per_device_eval_batch_size, mixed_precision_dtype=dtype, task_manager=self._manager,
-            )  # fmt: skip
+            try:
+                return evaluate_model(
+                    model, tokenizer, self.tasks, limit=self.limit, max_length=self.max_length,
+                    batch_size=args.per_device_eval_batch_size, mixed_precision_dtype=dtype,
+                    task_manager=self._manager, should_stop=self.should_stop,
+                )  # fmt: skip
+            except EvaluationStopped:
+                return None
 
-        metrics = {k: v for k, v in on_rank0_then_share(run).items() if math.isfinite(v)}
+        scores = on_rank0_then_share(run)
+        if scores is None:
+            logger.warning("lm-eval stopped: a stop signal arrived; no lm_eval/* scores at this step.")
+            return None
+        metrics = {k: v for k, v in scores.items() if math.isfinite(v)}
         self.metrics = metrics
         return metrics
 
@@ -344,9 +380,11 @@ class LmEvalCallback(_FirstCallback):
         best_is_not_last = trainer.args.load_best_model_at_end and state.best_global_step not in (None, state.global_step)
         if self.last_step != state.global_step or best_is_not_last:
             metrics = self.evaluate(trainer.model, trainer.args, trainer.processing_class)
+            if metrics is None:  # a stop signal during the final save: the run ends without them
+                return {}
             self.last_step = state.global_step
             trainer.log(dict(metrics))
         return dict(self.metrics)
 
 
-__all__ = ["LmEvalCallback", "build_task_manager", "evaluate_model", "flatten_results", "require_lm_eval"]
+__all__ = ["EvaluationStopped", "LmEvalCallback", "build_task_manager", "evaluate_model", "flatten_results", "require_lm_eval"]

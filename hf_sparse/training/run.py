@@ -77,8 +77,11 @@ def resolve_resume(args) -> str | None:
     a folder: it must be a finished checkpoint."""
     resume = args.resume_from_checkpoint
     if resume == AUTO_RESUME:
+        finished = finished_run_step(args.output_dir)
+        if finished is not None and (args.max_steps <= 0 or finished >= args.max_steps):
+            return None  # a finished run: already_finished() says so
         resume = last_complete_checkpoint(args.output_dir)
-        if args.process_index == 0:
+        if args.process_index == 0 and finished is None:  # (a finished run without checkpoint: an error follows)
             if resume is None:
                 logger.info("resume_from_checkpoint=auto: no finished checkpoint in %s; starting a new run", args.output_dir)
             else:
@@ -97,9 +100,38 @@ def resolve_resume(args) -> str | None:
     return resume or None
 
 
+def finished_run_step(output_dir: str) -> int | None:
+    """The step of the finished run in output_dir (its final config.json, written last, and
+    trainer_state.json), or None. A run the non-finite guard stopped has no final model."""
+    try:
+        if not os.path.isfile(os.path.join(output_dir, "config.json")):
+            return None
+        return checkpoint_step(output_dir)
+    except (OSError, ValueError):
+        return None
+
+
 def already_finished(resume: str | None, args) -> bool:
     """Resuming a checkpoint written at max_steps (or later: max_steps was lowered) has
-    nothing left to train: the Trainer would run one more step and overwrite the final model."""
+    nothing left to train: the Trainer would run one more step and overwrite the final model.
+    With resume_from_checkpoint "auto" a finished run in output_dir counts too: a requeued
+    job that already finished must not train again."""
+    if args.resume_from_checkpoint == AUTO_RESUME and resume is None:
+        step = finished_run_step(args.output_dir)
+        if step is not None and args.max_steps > 0 and step < args.max_steps:
+            # (with a checkpoint, resolve_resume picked it: resume would not be None)
+            raise ConfigError(
+                f"resume_from_checkpoint=auto: {args.output_dir!r} holds a run that finished at step {step} and no "
+                f"checkpoint to continue it to max_steps={args.max_steps}; train a new run (another output_dir, or "
+                f"overwrite_output_dir=true), or keep max_steps={step}."
+            )
+        if step is not None:
+            if args.process_index == 0:
+                logger.warning(
+                    "nothing to train: %s holds a run that finished at step %d (max_steps=%d); it is left as it is.",
+                    os.path.abspath(args.output_dir), step, args.max_steps,
+                )  # fmt: skip
+            return True
     if resume is None or args.max_steps <= 0:
         return False
     step = checkpoint_step(resume)
@@ -232,6 +264,7 @@ def build_trainer(run, signals: StopSignals | None) -> tuple[Trainer, Parts]:
             run.eval_args.lm_eval_tasks, include_path=run.eval_args.lm_eval_include_path,
             limit=run.eval_args.lm_eval_limit, steps=run.eval_args.lm_eval_steps,
             max_length=data_args.max_length, tokenizer=tokenizer,
+            should_stop=(lambda: signals.received is not None) if signals is not None else None,
         )  # fmt: skip
         extra_callbacks.append(parts.lm_eval)
     sparsity = SparsityCallback(
