@@ -8,8 +8,10 @@ text) on 2 CPU processes, waits for 2 logged steps, sends SIGTERM to the launche
 (`torchrun` / `accelerate launch --config_file configs/accelerate/ddp.yaml`, which pass it
 on to the ranks) or to one rank, then watches both ranks: how long after the signal each
 one exited, whether the launcher had to SIGKILL it (torch elastic does that 30 s after it
-forwards a signal, or after another rank failed), the exit code the launcher reports for it,
-and whether exactly one complete checkpoint and the preemption marker were written.
+forwards a signal, or after another rank failed), each rank's own exit code and whether
+anything still held a process group at its exit (both recorded in the rank by
+tests/dist_exit_probe.py, which runs train_hf.py's command line), and whether exactly one
+complete checkpoint and the preemption marker were written.
 A run whose ranks are still alive `--hang_after` seconds after the signal is a hang: its
 native stacks are dumped with py-spy (when installed) and the whole tree is killed.
 Prints one row per run and a summary; `--json` writes the rows.
@@ -21,7 +23,6 @@ import argparse
 import json
 import os
 import random
-import re
 import shutil
 import signal
 import subprocess
@@ -34,6 +35,9 @@ REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO_ROOT)
 
 from benchmarks.machine import describe_machine  # noqa: E402
+from tests.processes import descendants, environment_of, is_running  # noqa: E402
+
+PROBE = os.path.join(REPO_ROOT, "tests", "dist_exit_probe.py")
 
 
 def _data_file(folder: str) -> str:
@@ -59,47 +63,12 @@ def _run_json(folder: str) -> str:
     return path
 
 
-def _children(pid: int) -> list[int]:
-    try:
-        with open(f"/proc/{pid}/task/{pid}/children") as handle:
-            return [int(p) for p in handle.read().split()]
-    except OSError:
-        return []
-
-
-def _descendants(pid: int) -> list[int]:
-    out, todo = [], [pid]
-    while todo:
-        for child in _children(todo.pop()):
-            out.append(child)
-            todo.append(child)
-    return out
-
-
-def _rank_of(pid: int) -> str | None:
-    try:
-        with open(f"/proc/{pid}/environ", "rb") as handle:
-            env = dict(item.split(b"=", 1) for item in handle.read().split(b"\0") if b"=" in item)
-    except OSError:
-        return None
-    return env.get(b"RANK", b"").decode() or None
-
-
-def _alive(pid: int) -> bool:
-    """Running (a zombie has exited: only its parent has not reaped it yet)."""
-    try:
-        with open(f"/proc/{pid}/stat") as handle:
-            return handle.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return False
-
-
 def _ranks(launcher_pid: int, timeout: float = 60) -> dict[str, int]:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         ranks = {}
-        for pid in _descendants(launcher_pid):
-            rank = _rank_of(pid)
+        for pid in descendants(launcher_pid):
+            rank = environment_of(pid).get("RANK")
             # the rank's python, not a helper process it started (those inherit RANK too)
             if rank is not None and rank not in ranks:
                 ranks[rank] = pid
@@ -110,7 +79,7 @@ def _ranks(launcher_pid: int, timeout: float = 60) -> dict[str, int]:
 
 
 def _kill_tree(pid: int) -> None:
-    for each in [pid, *_descendants(pid)]:
+    for each in [pid, *descendants(pid)]:
         try:
             os.kill(each, signal.SIGKILL)
         except OSError:
@@ -120,13 +89,15 @@ def _kill_tree(pid: int) -> None:
 def one_run(launcher: str, target: str, hang_after: float, keep: str | None = None) -> dict:
     folder = tempfile.mkdtemp(prefix="preempt_")
     config = _run_json(folder)
-    train = os.path.join(REPO_ROOT, "train_hf.py")
+    # train_hf.py's own command line, run by the exit probe, which records each rank's exit
+    # code and what outlived train_hf in it (see tests/dist_exit_probe.py).
+    script = [PROBE, folder, config]
     if launcher == "torchrun":
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", train, config]
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", *script]
     else:
         cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
                os.path.join(REPO_ROOT, "configs", "accelerate", "ddp.yaml"), "--num_processes", "2",
-               "--main_process_port", "0", train, config]  # fmt: skip
+               "--main_process_port", "0", *script]  # fmt: skip
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
     proc = subprocess.Popen(cmd, cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True, start_new_session=True)  # fmt: skip
@@ -147,7 +118,7 @@ def one_run(launcher: str, target: str, hang_after: float, keep: str | None = No
         exited: dict[str, float] = {}
         while len(exited) < 2 and time.monotonic() - signalled < hang_after:
             for rank, pid in ranks.items():
-                if rank not in exited and not _alive(pid):
+                if rank not in exited and not is_running(pid):
                     exited[rank] = round(time.monotonic() - signalled, 2)
             time.sleep(0.01)
         row["rank_exit_s"] = {rank: exited.get(rank) for rank in sorted(ranks)}
@@ -159,8 +130,14 @@ def one_run(launcher: str, target: str, hang_after: float, keep: str | None = No
         reader.join(timeout=10)
         text = "".join(lines)
         row["launcher_rc"] = proc.returncode
-        row["rank_rc"] = _reported_exit_codes(text)
-        row["sigkilled_by_launcher"] = "forcefully exiting via Signals.SIGKILL" in text
+        records = _probe_records(folder)
+        # No record: the rank did not get to the end of train_hf (killed by a signal).
+        row["rank_rc"] = {rank: record["exit_code"] if record else "killed" for rank, record in records.items()}
+        row["left_holding_a_group"] = {
+            rank: bool(record and (any(record["holders"].values()) or any("gloo" in t for t in record["threads"])))
+            for rank, record in records.items()
+        }  # fmt: skip
+        row["sigkilled_by_launcher"] = "forcefully exiting" in text
         row.update(_outputs(os.path.join(folder, "run"), text))
         row["traceback_lines"] = sum(1 for line in text.splitlines() if line.startswith("Traceback"))
     except Exception as err:  # a run that did not get to the signal: record it, clean up
@@ -173,13 +150,15 @@ def one_run(launcher: str, target: str, hang_after: float, keep: str | None = No
     return row
 
 
-def _reported_exit_codes(text: str) -> dict[str, int]:
-    """Per rank, the exit code torch elastic's failure report gives (ranks that exited 0
-    are not listed: absent = 0 when the launcher itself exited 0)."""
-    codes = {}
-    for rank, code in re.findall(r"rank\s*:\s*(\d+)\s*\(local_rank.*?\n.*?exitcode\s*:\s*(-?\d+)", text, re.S):
-        codes.setdefault(rank, int(code))
-    return codes
+def _probe_records(folder: str) -> dict:
+    records = {}
+    for rank in ("0", "1"):
+        try:
+            with open(os.path.join(folder, f"exit_rank{rank}.json")) as handle:
+                records[rank] = json.load(handle)
+        except (OSError, json.JSONDecodeError):
+            records[rank] = None
+    return records
 
 
 def _outputs(run_dir: str, text: str) -> dict:
@@ -235,7 +214,8 @@ def main(argv=None) -> None:
         f"launcher, slowest rank exit {slowest} s after the signal, "
         f"{sum(len(r['complete_checkpoints']) == 1 and len(r['checkpoints']) == 1 for r in done)} with exactly one "
         f"complete checkpoint, launcher exit codes {sorted({r['launcher_rc'] for r in done})}, "
-        f"rank exit codes {sorted({c for r in done for c in r['rank_rc'].values()})}",
+        f"rank exit codes {sorted({str(c) for r in done for c in r['rank_rc'].values()})}, "
+        f"{sum(any(r['left_holding_a_group'].values()) for r in done)} with a group held at exit",
         flush=True,
     )
     if args.json:
