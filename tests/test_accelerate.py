@@ -12,6 +12,7 @@ import json
 import logging
 import os
 import random
+import signal
 import sys
 
 import pytest
@@ -80,29 +81,52 @@ def _assert_telemetry(rows):
         assert "weight_sparsity/layer_0/mlp_up_proj" in row
 
 
-def test_accelerate_ddp_yaml_two_cpu_processes_and_resume(tmp_path):
+def test_accelerate_ddp_yaml_two_cpu_processes_preempted_and_resumed(tmp_path):
     """ddp.yaml with --num_processes 2 on CPU: world size 2 (gloo), telemetry in every
-    log_history row, a checkpoint written by both ranks that a second launch resumes."""
+    log_history row. SIGTERM to `accelerate launch` (which passes it on): both ranks stop
+    after the same step and exit 143 on their own, nothing holding the process group at
+    exit (tests/dist_exit_probe.py runs train_hf's command line and records that), one
+    complete checkpoint written by both ranks, the marker; accelerate launch itself exits 1.
+    The same command again (resume_from_checkpoint "auto") resumes it to the end."""
+    from hf_sparse.training.checkpoints import last_complete_checkpoint
+    from hf_sparse.training.preemption import read_preemption_marker
+    from tests.test_distributed import PROBE, _assert_nothing_holds_a_group, _records
+
     ddp = ["--config_file", _accelerate_yaml("ddp.yaml"), "--num_processes", "2"]
-    first = _launch(ddp, _quickstart_overrides(tmp_path, max_steps=2))
-    assert first.stderr.count("world_size=2") == 2  # both ranks, one job
-    assert "ONE process" not in first.stderr
+    command = [sys.executable, "-m", "accelerate.commands.launch", *ddp, "--main_process_port", "0", PROBE,
+               str(tmp_path), QUICKSTART, *_quickstart_overrides(tmp_path, max_steps=40),
+               "--resume_from_checkpoint", "auto"]  # fmt: skip
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    with processes.Launched(command, env=env) as first:
+        first.wait_for(lambda text: text.count("'loss'") >= 3, 180, "3 log rows")
+        os.kill(first.pid, signal.SIGTERM)
+        first.wait_tree(60, "ranks after SIGTERM")
+        assert first.wait(30) == 1, first.output[-4000:]
+    assert first.output.count("world_size=2") == 2  # both ranks, one job
+    assert "ONE process" not in first.output
+    records = _records(tmp_path)
+    assert [records[r]["exit_code"] for r in ("0", "1")] == [143, 143], records
+    _assert_nothing_holds_a_group(records)
     run = tmp_path / "run"
-    _, rows = _train_rows(run)
-    assert [row["step"] for row in rows] == [1, 2]
-    _assert_telemetry(rows)
-    checkpoint = run / "checkpoint-2"
+    checkpoint = last_complete_checkpoint(str(run))
+    assert read_preemption_marker(str(run))["checkpoint"] == checkpoint
+    step = int(checkpoint.rsplit("-", 1)[1])
     # One RNG state per rank: the checkpoint really comes from a two-process run.
     assert {"rng_state_0.pth", "rng_state_1.pth", "trainer_state.json"} <= set(os.listdir(checkpoint))
-    assert (run / "model.safetensors").exists()
+    rows = [row for row in json.loads(open(os.path.join(checkpoint, "trainer_state.json")).read())["log_history"]
+            if "loss" in row]  # fmt: skip
+    assert [row["step"] for row in rows] == list(range(1, step + 1))
+    _assert_telemetry(rows)
 
-    second = _launch(ddp, [*_quickstart_overrides(tmp_path, max_steps=3), "--resume_from_checkpoint", "last"])
-    assert "resuming from" in second.stderr and "checkpoint-2" in second.stderr
+    second = processes.run(command, env=env, timeout=300)
+    assert second.returncode == 0, second.stderr[-4000:]
+    assert f"resume_from_checkpoint=auto: resuming from {checkpoint}" in second.stderr
     state, resumed = _train_rows(run)
-    assert state["global_step"] == 3
-    assert [row["step"] for row in resumed] == [1, 2, 3]
-    assert resumed[:2] == rows  # the history before the checkpoint is carried over unchanged
-    _assert_telemetry(resumed[2:])
+    assert state["global_step"] == 40
+    assert [row["step"] for row in resumed] == list(range(1, 41))
+    assert resumed[:step] == rows  # the history before the checkpoint is carried over unchanged
+    _assert_telemetry(resumed[step:])
+    assert (run / "model.safetensors").exists() and read_preemption_marker(str(run)) is None
 
 
 @pytest.mark.skipif(not HAS_DEEPSPEED, reason="deepspeed is not installed (pip install deepspeed)")

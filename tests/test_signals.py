@@ -6,6 +6,7 @@ checkpoint was written; never a half-written folder that looks complete, and the
 command then goes on from what is there (resume_from_checkpoint "auto")."""
 
 import json
+import logging
 import os
 import random
 import signal
@@ -103,6 +104,7 @@ def test_during_training_a_complete_checkpoint_and_the_resume_line(tmp_path, mon
     """During an evaluation (SIGUSR1 here, as SLURM's --signal sends it), in-loop lm-eval
     (cut short between batches: no scores at that step) or a periodic checkpoint save: the
     step under way ends, then one more checkpoint and the resume line."""
+    caplog.set_level(logging.INFO, logger="train_hf")
     overrides, signum = {}, signal.SIGTERM
     if moment == "evaluation":
         overrides, signum = {"eval_strategy": "steps", "eval_steps": 2}, signal.SIGUSR1
@@ -114,7 +116,8 @@ def test_during_training_a_complete_checkpoint_and_the_resume_line(tmp_path, mon
         sent = _signal_when_called(monkeypatch, lm_eval_callback, "evaluate_model")
     else:
         sent = _signal_when_called(monkeypatch, Trainer, "_save_checkpoint")
-    code = run_train_hf_script(monkeypatch, _run_json(tmp_path, **overrides))
+    config = _run_json(tmp_path, **overrides)
+    code = run_train_hf_script(monkeypatch, config)
     assert sent and code == 128 + signum
     run_dir = tmp_path / "run"
     stop_step = {"evaluation": 3, "lm_eval": 3, "checkpoint_save": 5}[moment]
@@ -134,6 +137,12 @@ def test_during_training_a_complete_checkpoint_and_the_resume_line(tmp_path, mon
         assert not [row for row in rows if any(key.startswith("lm_eval/") for key in row)]
     if moment == "evaluation":
         assert [row["step"] for row in rows if "eval_loss" in row] == [2]  # the evaluation it interrupted finished
+    # The same command goes on from there and finishes; the marker goes with the stop.
+    monkeypatch.undo()
+    assert run_train_hf_script(monkeypatch, config) == 0
+    assert f"resume_from_checkpoint=auto: resuming from {checkpoint}" in caplog.text
+    assert json.loads((run_dir / "trainer_state.json").read_text())["global_step"] == STEPS
+    assert read_preemption_marker(str(run_dir)) is None
 
 
 def test_during_the_final_save_the_run_finishes(tmp_path, monkeypatch, capsys, caplog):
