@@ -52,8 +52,9 @@ def _holds_group(value, group_type) -> bool:
 
 def group_holders() -> dict[str, list[str]]:
     """What still references a process group, or would: function defaults bound at import
-    time, instance attributes (directly or in a list/dict), DDP Reducers, and the objects
-    of a run (Trainer, DDP module, Accelerator) that should have been collected."""
+    time, module globals and instance attributes (directly or in a list/dict), DDP Reducers,
+    and the objects of a run (Trainer, DDP module, Accelerator) that should have been
+    collected."""
     import gc
     import warnings
 
@@ -64,6 +65,8 @@ def group_holders() -> dict[str, list[str]]:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # isinstance() on deprecated module proxies warns
         objects = gc.get_objects()
+        tracked = {id(obj) for obj in objects}
+        objects += [m for m in list(sys.modules.values()) if m is not None and id(m) not in tracked]
         for obj in objects:
             if isinstance(obj, types.FunctionType):
                 defaults = list(obj.__defaults__ or ()) + list((obj.__kwdefaults__ or {}).values())
@@ -77,12 +80,13 @@ def group_holders() -> dict[str, list[str]]:
                 found["run_objects"].append(type(obj).__name__)
             try:  # some classes refuse attribute access on themselves (pydantic's BaseModel)
                 attributes = getattr(obj, "__dict__", None)
-                if type(attributes) is not dict or isinstance(obj, types.ModuleType):
+                if type(attributes) is not dict:
                     continue
                 held = [name for name, value in attributes.items() if _holds_group(value, ProcessGroup)]
             except Exception:
                 continue
-            found["attributes"] += [f"{type(obj).__module__}.{type(obj).__qualname__}.{name}" for name in held]
+            owner = obj.__name__ if isinstance(obj, types.ModuleType) else f"{type(obj).__module__}.{type(obj).__qualname__}"
+            found["attributes"] += [f"{owner}.{name}" for name in held]
     import torch.distributed.distributed_c10d as c10d
 
     found["registry"] = [str(pg) for pg in c10d._world.pg_map]

@@ -54,13 +54,17 @@ def _quickstart_overrides(tmp_path, max_steps):
     ]
 
 
-def _launch(accelerate_args, train_args, timeout=300):
+def _launch(accelerate_args, train_args, timeout=300, probe_dir=None):
     """`accelerate launch ... train_hf.py configs/quickstart.json ...`, through this interpreter
     (`python -m accelerate.commands.launch` is the `accelerate launch` CLI), so that a
-    virtual environment's packages (deepspeed) are the ones launched."""
+    virtual environment's packages (deepspeed) are the ones launched. With `probe_dir`,
+    train_hf's command line runs under tests/dist_exit_probe.py, which records there how
+    each rank ended."""
     env = dict(os.environ, OMP_NUM_THREADS="1")
+    script = [os.path.join(REPO_ROOT, "tests", "dist_exit_probe.py"), str(probe_dir)] if probe_dir else [
+        os.path.join(REPO_ROOT, "train_hf.py")]  # fmt: skip
     cmd = [sys.executable, "-m", "accelerate.commands.launch", *accelerate_args, "--main_process_port", "0",
-           os.path.join(REPO_ROOT, "train_hf.py"), QUICKSTART, *train_args]
+           *script, QUICKSTART, *train_args]
     proc = processes.run(cmd, cwd=REPO_ROOT, env=env, timeout=timeout)
     assert proc.returncode == 0, proc.stderr[-4000:]
     return proc
@@ -139,8 +143,22 @@ def test_accelerate_deepspeed_two_cpu_processes(tmp_path, zero_stage):
     deepspeed = ["--config_file", _accelerate_yaml("deepspeed_zero2.yaml"), "--num_processes", "2"]
     if zero_stage == 3:
         deepspeed += ["--zero_stage", "3"]
-    proc = _launch(deepspeed, _quickstart_overrides(tmp_path, max_steps=2), timeout=600)
+    proc = _launch(deepspeed, _quickstart_overrides(tmp_path, max_steps=2), timeout=600, probe_dir=tmp_path)
     assert proc.stderr.count("world_size=2") == 2
+    # DeepSpeed's engine (kept alive by its gradient hooks) and its own group references are
+    # released too: nothing holds a process group into interpreter teardown. Not under
+    # ZeRO-3: deepspeed 0.19.8 leaves its partitioning state on the model after the engine's
+    # destroy() (zero.Init closures on every parameter, hook classes on every module, the top
+    # module on a module-level stack), and with it the engine and these groups (README).
+    from tests.test_distributed import _assert_nothing_holds_a_group, _records
+
+    records = _records(tmp_path)
+    assert [records[r]["exit_code"] for r in ("0", "1")] == [0, 0]
+    if zero_stage == 2:
+        _assert_nothing_holds_a_group(records)
+    for record in records.values():  # what train_hf itself controls, under every stage
+        assert record["holders"]["registry"] == [] and record["holders"]["function_defaults"] == []
+        assert "Trainer" not in record["holders"]["run_objects"]
     _, rows = _train_rows(tmp_path / "run")
     assert [row["step"] for row in rows] == [1, 2]
     _assert_telemetry(rows)

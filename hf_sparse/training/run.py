@@ -179,6 +179,7 @@ class RunStatus:
     argv: list
     output_dir: str | None = None
     rank0: bool = dataclasses.field(default_factory=lambda: os.environ.get("RANK", "0") == "0")
+    trainer: Trainer | None = None  # for free_run(), whichever way main() ends
 
 
 def import_world_group_binders() -> None:
@@ -345,6 +346,7 @@ def main(argv: list[str], signals: StopSignals | None = None, status: RunStatus 
     transformers.utils.logging.set_verbosity_warning()
     set_seed(args.seed)
     trainer, parts = build_trainer(run, signals)
+    status.trainer = trainer
     if resume and trainer.is_world_process_zero():
         # The Trainer resumes silently with a new max_steps, schedule or batch size.
         warn_on_resume_changes(resume, args, run.script_args)
@@ -426,10 +428,32 @@ def _barrier() -> None:
         dist.barrier()
 
 
+def free_run(status: RunStatus) -> None:
+    """Release the engine the Trainer's accelerator prepared. DeepSpeed's engine is kept
+    alive by the gradient hooks it registers on the parameters (a cycle through autograd's
+    C++ nodes, which no garbage collection sees), and with it its process groups: the
+    engine's destroy(), which accelerate's free_memory() calls, removes them (ZeRO-1/2;
+    ZeRO-3's partitioning state outlives it, see README "Distributed engines")."""
+    trainer, status.trainer = status.trainer, None
+    if trainer is None:
+        return
+    try:
+        trainer.accelerator.free_memory()
+    except Exception as err:  # the exit path must go on: say it, keep the exit code
+        logger.warning("could not release the trained engine before exit: %s", err)
+
+
 def run_to_outcome(argv: list[str], signals: StopSignals) -> Outcome:
     """main() and its exceptions as an Outcome. The exception objects (and with them the
-    frames that hold the run) are gone when this returns."""
+    frames that hold the run) are gone when this returns, and the run's engine released."""
     status = RunStatus(list(argv))
+    try:
+        return _outcome_of_main(argv, signals, status)
+    finally:
+        free_run(status)
+
+
+def _outcome_of_main(argv: list[str], signals: StopSignals, status: RunStatus) -> Outcome:
     try:
         try:
             main(argv, signals, status)
@@ -473,7 +497,14 @@ def release_process_groups() -> None:
     gc.collect()  # the Trainer and its callbacks form reference cycles; they hold the DDP Reducer
     import torch.distributed as dist
 
-    if dist.is_available() and dist.is_initialized():
+    if not (dist.is_available() and dist.is_initialized()):
+        return
+    deepspeed_comm = sys.modules.get("deepspeed.comm")
+    if deepspeed_comm is not None and deepspeed_comm.is_initialized():
+        # DeepSpeed keeps references of its own to the groups it made (deepspeed.utils.groups);
+        # its destroy_process_group destroys them all through torch and drops those too.
+        deepspeed_comm.destroy_process_group()
+    else:
         dist.destroy_process_group()
 
 
