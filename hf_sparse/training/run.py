@@ -464,9 +464,8 @@ def _outcome_of_main(argv: list[str], signals: StopSignals, status: RunStatus) -
             logger.warning("%s arrived during the final save; the run finished it first.", signal.Signals(signals.received).name)
         return Outcome(0)
     except Preempted as stop:
-        if status.rank0:  # a second Ctrl-C from here on ends the process with this line
-            signals.farewell = f"{PROG}: {stop}\n".encode()
         if status.rank0:
+            signals.farewell = f"{PROG}: {stop}\n".encode()  # what a second Ctrl-C from here on prints
             write_preemption_marker(status.output_dir, stop.signum, stop.step, stop.checkpoint, stop.command)
         _barrier()
         return Outcome(stop.exit_code, f"{PROG}: {stop}")
