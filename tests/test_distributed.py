@@ -295,7 +295,10 @@ def test_a_killed_rank_ends_the_group_fast_and_restarts_resume(tmp_path, referen
             assert time.monotonic() - killed < 10, "the surviving rank outlived its dead peer by 10 s"
             time.sleep(0.05)
         code = launched.wait(240)
-    assert code == 0, launched.output[-4000:]
+    if code != 0:  # every attempt's story: the launcher's lines and each rank's first error
+        story = [line for line in launched.output.splitlines()
+                 if any(k in line for k in ("auto:", "Sending process", "failed (exitcode", "Error", "world_size="))]
+        pytest.fail("\n".join(story)[-8000:] + "\n--- last output:\n" + launched.output[-4000:])
     resumed = [line for line in launched.output.splitlines() if "resume_from_checkpoint=auto: resuming from" in line]
     assert resumed, launched.output[-4000:]
     step = int(resumed[-1].rsplit("-", 1)[1])
