@@ -190,6 +190,65 @@ def test_zero_layers_and_a_directory_config_are_refused(tmp_path):
     assert not (tmp_path / "run").exists()
 
 
+def _tiny_model_json(tmp_path, **changes):
+    model = {**json.loads(open(TINY_MODEL).read()), **changes}
+    path = tmp_path / "model.json"
+    path.write_text(json.dumps(model))
+    return str(path)
+
+
+def test_a_typo_in_the_model_json_is_refused_with_the_closest_key(tmp_path):
+    # PretrainedConfig keeps unknown keys as attributes: this built a model with the default
+    # hidden_size (4096), silently.
+    model = _tiny_model_json(tmp_path, hiden_size=32)
+    with pytest.raises(ConfigError, match=r"^unknown key 'hiden_size' in model_config '.*model\.json'\. Did you mean "
+                                          r"'hidden_size'\?$"):
+        train_hf.main([_bad(tmp_path, model_config=model)])
+    with pytest.raises(ConfigError, match=r"'max_steps' in model_config '.*model\.json' is a key of the run JSON, not "
+                                          r"of the model JSON; move it to the run JSON"):
+        train_hf.main([_bad(tmp_path, model_config=_tiny_model_json(tmp_path, max_steps=10))])
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize(
+    "name", sorted(n for n in os.listdir(os.path.join(REPO_ROOT, "configs")) if n.startswith("llama_")) + ["original"]
+)
+def test_every_shipped_model_json_and_the_original_research_one_load(name):
+    from hf_sparse.training.run_config import load_model_config
+
+    path = (os.path.join(REPO_ROOT, "tests", "fixtures", "original_llama_60m.json") if name == "original"
+            else os.path.join(REPO_ROOT, "configs", name))  # fmt: skip
+    config = load_model_config(path, {}, block_size=64)
+    assert config.hidden_size == json.loads(open(path).read())["hidden_size"]
+
+
+def test_saved_config_files_load_as_model_json(tmp_path):
+    """A config.json that save_pretrained wrote (this transformers, or transformers 4 with its
+    inert legacy keys and generation settings) is a valid model JSON."""
+    from hf_sparse import SparseLlamaConfig
+    from hf_sparse.training.run_config import load_model_config
+
+    SparseLlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                      vocab_size=512, squ_relu="relu2").save_pretrained(tmp_path / "saved")  # fmt: skip
+    assert load_model_config(str(tmp_path / "saved" / "config.json"), {}).hidden_size == 32
+    legacy = {**json.loads(open(TINY_MODEL).read()), "model_type": "llama", "torch_dtype": "float32",
+              "rope_theta": 10000.0, "rope_scaling": None, "is_decoder": False, "tokenizer_class": None,
+              "pruned_heads": {}, "num_beams": 1, "max_length": 20, "architectures": ["LlamaForCausalLM"]}  # fmt: skip
+    path = tmp_path / "legacy.json"
+    path.write_text(json.dumps(legacy))
+    assert load_model_config(str(path), {}).num_hidden_layers == 2
+
+
+def test_a_model_json_given_as_the_run_json_says_where_it_goes(tmp_path):
+    with pytest.raises(ConfigError) as err:
+        train_hf.main([TINY_MODEL, "--output_dir", str(tmp_path / "run")])
+    message = str(err.value)
+    assert message.startswith(f"{TINY_MODEL!r} is a model JSON (it has model_type, hidden_size"), message
+    assert "not a run JSON; name it as model_config in a run JSON (e.g. \"model_config\": " in message
+    assert message.endswith(f"--model_config: train_hf.py configs/quickstart.json --model_config {TINY_MODEL}")
+    assert "loro_type" not in message and not (tmp_path / "run").exists()
+
+
 def test_a_mostly_dense_schedule_warns_with_the_numbers(tmp_path, caplog):
     from hf_sparse.training.run_config import parse_run_config
 
