@@ -56,6 +56,7 @@ from .preemption import (
     write_preemption_marker,
 )
 from .resume_check import final_step_eval, warn_on_resume_changes
+from .resume_target import check_resume_target, nothing_to_train_message
 from .run_args import ConfigError, LaunchError
 from .run_config import parse_run_config
 from .tokenizer import load_tokenizer
@@ -106,11 +107,7 @@ def already_finished(resume: str | None, args) -> bool:
     if step < args.max_steps:
         return False
     if args.process_index == 0:
-        logger.warning(
-            "nothing to train: %s is at step %d of max_steps=%d, so this run already finished; its model and "
-            "trainer_state.json in %s are left as they are (raise max_steps to train further).",
-            resume, step, args.max_steps, os.path.abspath(args.output_dir),
-        )  # fmt: skip
+        logger.warning("%s", nothing_to_train_message(resume, step, args.max_steps, args.output_dir))
     return True
 
 
@@ -306,6 +303,8 @@ def main(argv: list[str], signals: StopSignals | None = None, status: RunStatus 
         # The marker describes the last attempt: this one starts now.
         clear_preemption_marker(args.output_dir)
     resume = resolve_resume(args)
+    # Before "nothing to train": a checkpoint that cannot be resumed is an error either way.
+    check_resume_target(resume, run.model_config)
     if already_finished(resume, args):
         return {}
     check_hub_access(run.data_args)  # before any tokenizer or dataset is fetched
