@@ -59,7 +59,7 @@ from transformers.initialization import no_init_weights
 from transformers.utils import logging as transformers_logging
 
 from .training.checkpoints import architecture_lines, last_complete_checkpoint
-from .training.tokenizer import LOADER_ARGUMENTS
+from .training.tokenizer import LOADER_ARGUMENTS, TOKENIZER_FILES
 from .model.configuration_sparse_llama import SparseLlamaConfig
 from .model.modeling_sparse_llama import SparseLlamaForCausalLM, set_training_step
 from .model.weight_sparse import is_weight_sparse
@@ -68,20 +68,6 @@ logger = logging.getLogger(__name__)
 
 __all__ = ["ExportError", "export_model", "stock_architecture", "effective_state_dict", "main"]
 
-# Files a tokenizer (slow or fast, any family) may consist of; copied when present.
-TOKENIZER_FILES = (
-    "tokenizer.json",
-    "tokenizer_config.json",
-    "special_tokens_map.json",
-    "added_tokens.json",
-    "vocab.json",
-    "vocab.txt",
-    "merges.txt",
-    "tokenizer.model",
-    "spiece.model",
-    "chat_template.jinja",
-    "chat_template.json",
-)
 WEIGHT_FILES = (
     "model.safetensors",
     "model.safetensors.index.json",

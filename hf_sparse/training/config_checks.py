@@ -95,6 +95,9 @@ def check_fp8_support(config: SparseLlamaConfig, use_cpu: bool) -> None:
         )
 
 
+_MAX_SEED = 2**32 - 1
+
+
 def check_trainer_values(data: dict) -> None:
     """Refuse TrainingArguments values that would fail (or silently do nothing) mid-run."""
     for key, (strategy_key, meaning) in _POSITIVE_TRAINER_KEYS.items():
@@ -118,6 +121,11 @@ def check_trainer_values(data: dict) -> None:
             f"max_steps: {max_steps!r} is not valid; use a positive number of optimizer steps, or -1 (the default) "
             "to train for num_train_epochs."
         )
+    for key in ("seed", "data_seed"):
+        # numpy's seed range: set_seed (and the data shuffle) fail on anything outside it.
+        seed = data.get(key)
+        if seed is not None and not 0 <= seed <= _MAX_SEED:
+            raise ConfigError(f"{key}: {seed!r} is not valid; use an integer from 0 to {_MAX_SEED} (numpy's seed range).")
 
 
 def check_script_values(script_args: ScriptArguments, training_args: TrainingArguments, loro_scope: str | None) -> None:
@@ -139,6 +147,11 @@ def check_script_values(script_args: ScriptArguments, training_args: TrainingArg
         raise ConfigError(
             "optimizer='loro_adamw' needs low-rank linears: set loro_scope to 'all', 'attn' or 'mlp'."
         )
+    if script_args.optimizer == "loro_adamw" and training_args.weight_decay < 0:
+        raise ConfigError(
+            f"weight_decay: {training_args.weight_decay!r} is negative, which optimizer='loro_adamw' refuses; use 0 "
+            "(off) or a positive value such as 0.1."
+        )
     if script_args.nonfinite_policy not in ("stop", "skip"):
         raise ConfigError(
             f"nonfinite_policy={script_args.nonfinite_policy!r} is not valid; choose one of 'stop', 'skip'."
@@ -156,6 +169,9 @@ def check_script_values(script_args: ScriptArguments, training_args: TrainingArg
 
 def check_output_dir_path(output_dir: str | None) -> None:
     """output_dir, or a folder above it, being a file would fail the first save (FileExistsError)."""
+    if output_dir is not None and not output_dir.strip():
+        # The Trainer would save into "" (os.makedirs("") fails) once data and model are built.
+        raise ConfigError(f"output_dir: {output_dir!r} is empty; give the folder the run writes to, e.g. \"outputs/my_run\".")
     if not output_dir:
         return
     target = path = os.path.abspath(os.path.expanduser(output_dir))
@@ -279,3 +295,4 @@ def check_lm_eval_args(eval_args: DownstreamEvalArguments, training_args: Traini
         check_hub_datasets(build_task_manager(tasks, path), tasks)
     except ValueError as err:
         raise ConfigError(str(err)) from None
+

@@ -170,9 +170,18 @@ def resolve_aliases(data: dict) -> tuple[dict, bool]:
     return data, no_targets
 
 
+# TrainingArguments keys that transformers 5 removed, which run JSONs of the 4.x era still hold.
+REMOVED_TRAINER_KEYS = {
+    "warmup_ratio": "transformers 5 removed this key; give the ratio as warmup_steps below 1 (warmup_steps: 0.05 "
+    "warms up over the first 5% of the steps).",
+}
+
+
 def check_keys_and_types(data: dict) -> None:
     known = _known_keys()
     for key, value in data.items():
+        if key in REMOVED_TRAINER_KEYS:
+            raise ConfigError(f"{key}: {REMOVED_TRAINER_KEYS[key]}")
         if key not in known:
             close = difflib.get_close_matches(key, [*known, *ALIAS_KEYS], n=1)
             hint = f" Did you mean {close[0]!r}?" if close else ""
