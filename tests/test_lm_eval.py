@@ -313,3 +313,18 @@ def test_callback_refuses_sharded_training(monkeypatch):
     callback = LmEvalCallback(TASKS)
     with pytest.raises(RuntimeError, match="FSDP shards"):
         callback.on_train_begin(type("Args", (), {"fsdp": ""})(), None, None)
+
+
+def test_fp16_on_cpu_evaluates_like_it_trains(monkeypatch):
+    """accelerate ignores fp16 on CPU (the run trains in float32): lm-eval must not autocast
+    to float16 there either; bf16 autocasts in both."""
+    import hf_sparse.training.lm_eval_callback as callback_module
+    from tests.conftest import tiny_training_args
+
+    seen = []
+    monkeypatch.setattr(callback_module, "evaluate_model",
+                        lambda *a, mixed_precision_dtype=None, **k: seen.append(mixed_precision_dtype) or {})  # fmt: skip
+    for flag in ("fp16", "bf16"):
+        args = tiny_training_args("unused", **{flag: True})
+        LmEvalCallback(["hf_sparse_nextline"], tokenizer=object()).evaluate(None, args)
+    assert seen == [None, torch.bfloat16]

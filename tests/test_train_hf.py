@@ -249,6 +249,58 @@ def test_a_model_json_given_as_the_run_json_says_where_it_goes(tmp_path):
     assert "loro_type" not in message and not (tmp_path / "run").exists()
 
 
+def test_settings_that_do_not_do_what_they_seem_warn_once_before_training(tmp_path, caplog):
+    from hf_sparse.training.run_config import parse_run_config
+
+    def warnings_for(**overrides):
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="hf_sparse"):
+            parse_run_config([_bad(tmp_path, **overrides)])
+        return [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+
+    assert warnings_for() == []  # the test config itself: nothing to say
+    (said,) = warnings_for(warmup_steps=500, max_steps=3)
+    assert said == (
+        "warmup_steps=500 is not below max_steps=3: the learning rate rises through the whole run and never leaves "
+        "the warm-up (the last step trains at 2/500 of learning_rate=0.003); use a warmup_steps well below max_steps, "
+        "or a ratio below 1 such as 0.05."
+    )
+    (said,) = warnings_for(warmup_steps=0.9, max_steps=3)  # a ratio: ceil(0.9 * 3) = 3 steps
+    assert said.startswith("warmup_steps=0.9 (3 steps) is not below max_steps=3")
+    assert warnings_for(warmup_steps=500, max_steps=3, lr_scheduler_type="constant") == []  # no warm-up there
+    assert warnings_for(warmup_steps=2, max_steps=3) == []
+    (said,) = warnings_for(weight_decay=-0.1)
+    assert said.startswith("weight_decay=-0.1 is negative: the decay then pushes the weights away from zero")
+    if not torch.cuda.is_available():
+        (said,) = warnings_for(fp16=True)
+        assert said.startswith("fp16=True has no effect on CPU: accelerate autocasts to float16 only on GPUs, so this "
+                               "run trains in float32")
+        assert warnings_for(bf16=True) == []  # bfloat16 autocast does run on CPU
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="what fp16 does on a CPU-only machine")
+def test_fp16_on_cpu_really_trains_in_float32(tmp_path):
+    """What the fp16 warning says, measured: under the Trainer with fp16=True on CPU every
+    MLP output is float32 and no loss scaler exists (bf16 does autocast there)."""
+    from transformers import Trainer
+
+    from hf_sparse import SparseLlamaForCausalLM
+    from tests.conftest import tiny_config, tiny_training_args
+
+    dtypes = {}
+    for flag in ("fp16", "bf16"):
+        model = SparseLlamaForCausalLM(tiny_config())
+        seen = dtypes.setdefault(flag, set())
+        model.model.layers[0].mlp.down_proj.register_forward_hook(lambda m, i, out, seen=seen: seen.add(out.dtype))
+        data = [{"input_ids": torch.randint(0, 128, (16,)), "labels": torch.randint(0, 128, (16,))} for _ in range(4)]
+        trainer = Trainer(model=model, args=tiny_training_args(tmp_path / flag, max_steps=1, **{flag: True}),
+                          train_dataset=data)  # fmt: skip
+        trainer.train()
+        if flag == "fp16":
+            assert trainer.accelerator.scaler is None
+    assert dtypes == {"fp16": {torch.float32}, "bf16": {torch.bfloat16}}
+
+
 def test_a_mostly_dense_schedule_warns_with_the_numbers(tmp_path, caplog):
     from hf_sparse.training.run_config import parse_run_config
 

@@ -296,3 +296,47 @@ def check_lm_eval_args(eval_args: DownstreamEvalArguments, training_args: Traini
     except ValueError as err:
         raise ConfigError(str(err)) from None
 
+
+# Schedulers that ignore warmup_steps (the others all warm up linearly from 0).
+_NO_WARMUP_SCHEDULERS = ("constant", "reduce_lr_on_plateau")
+
+
+def warn_on_training_settings(training_args: TrainingArguments, script_args: ScriptArguments) -> None:
+    """Settings the Trainer accepts that do something else than they seem to: said once, on
+    rank 0, before anything is built."""
+    if training_args.process_index != 0:
+        return
+    for message in training_setting_warnings(training_args, script_args):
+        logger.warning("%s", message)
+
+
+def training_setting_warnings(training_args: TrainingArguments, script_args: ScriptArguments) -> list[str]:
+    messages = []
+    max_steps = training_args.max_steps
+    scheduler = getattr(training_args.lr_scheduler_type, "value", training_args.lr_scheduler_type)
+    warms_up = script_args.scheduler == "cosine_restart" or scheduler not in _NO_WARMUP_SCHEDULERS
+    if max_steps > 0 and warms_up and training_args.get_warmup_steps(max_steps) >= max_steps:
+        warmup = training_args.get_warmup_steps(max_steps)
+        given = training_args.warmup_steps
+        steps = f"warmup_steps={given!r}" + (f" ({warmup} steps)" if given < 1 else "")
+        messages.append(
+            f"{steps} is not below max_steps={max_steps}: the learning rate rises through the whole run and never "
+            f"leaves the warm-up (the last step trains at {max_steps - 1}/{warmup} of learning_rate="
+            f"{training_args.learning_rate!r}); use a warmup_steps well below max_steps, or a ratio below 1 such as 0.05."
+        )
+    on_cpu = training_args.use_cpu or not torch.cuda.is_available()
+    deepspeed = training_args.deepspeed or os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() in ("1", "true")
+    if training_args.fp16 and on_cpu and not deepspeed:
+        # accelerate 1.15 enables fp16 autocast and loss scaling only off the CPU: measured,
+        # every activation of such a run is float32 (bf16 does autocast on CPU).
+        messages.append(
+            "fp16=True has no effect on CPU: accelerate autocasts to float16 only on GPUs, so this run trains in "
+            "float32, without autocast or loss scaling (its config.json says float32); use bf16=true for bfloat16 "
+            "autocast on CPU, or drop fp16."
+        )
+    if training_args.weight_decay < 0:
+        messages.append(
+            f"weight_decay={training_args.weight_decay!r} is negative: the decay then pushes the weights away from "
+            "zero every step (it grows them) instead of shrinking them; use 0 (off) or a positive value such as 0.1."
+        )
+    return messages

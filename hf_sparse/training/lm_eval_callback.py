@@ -323,7 +323,9 @@ class LmEvalCallback(_FirstCallback):
         tokenizer = self.tokenizer or processing_class
         if tokenizer is None:
             raise RuntimeError("LmEvalCallback needs a tokenizer: pass tokenizer=... or the Trainer's processing_class.")
-        dtype = torch.bfloat16 if args.bf16 else torch.float16 if args.fp16 else None
+        # As the Trainer's autocast: accelerate ignores fp16 on CPU (float32 training there).
+        fp16 = args.fp16 and args.device.type != "cpu"
+        dtype = torch.bfloat16 if args.bf16 else torch.float16 if fp16 else None
 
         def run():
             if self._manager is None:

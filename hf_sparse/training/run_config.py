@@ -28,6 +28,7 @@ from .config_checks import (
     check_script_values,
     check_sparse_schedule,
     check_trainer_values,
+    warn_on_training_settings,
 )
 from .data_args import PATH_LIST_FIELDS, validate_data_args
 from .launch_checks import check_launch_environment, check_reporting_integrations
@@ -380,4 +381,5 @@ def parse_run_config(argv: list[str]) -> RunConfig:
     check_reporting_integrations(training_args.report_to)
     check_output_dir_path(training_args.output_dir)
     check_output_dir(training_args, script_args)
+    warn_on_training_settings(training_args, script_args)
     return RunConfig(training_args, model_config, data_args, script_args, data, eval_args)
