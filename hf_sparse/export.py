@@ -59,6 +59,7 @@ from transformers.initialization import no_init_weights
 from transformers.utils import logging as transformers_logging
 
 from .training.checkpoints import architecture_lines, last_complete_checkpoint
+from .training.cli_help import tool_prog
 from .training.tokenizer import LOADER_ARGUMENTS, TOKENIZER_FILES
 from .model.configuration_sparse_llama import SparseLlamaConfig
 from .model.modeling_sparse_llama import SparseLlamaForCausalLM, set_training_step
@@ -480,14 +481,14 @@ def export_model(run_dir: str, out_dir: str, dense: bool = False, target: str | 
     what = f"{len(sparse_names)} 2:4 weight tensors" if sparse_names else "dense weights"
     if info["dense_tail"] and config.weight_2by4:
         what += " (the run ended in a dense tail: its final weights are dense)"
-    logger.info("exported %s as %s with %s to %s", run_dir, info["architecture"], what, out_dir)
+    logger.info("exported %s as %s with %s to %s", run_dir, info["architecture"], what, os.path.abspath(out_dir))
     logger.info("architecture %s: %s", info["architecture"], info["why"])
     return out_dir
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m hf_sparse.export",
+        prog=tool_prog("hf-sparse-export", "hf_sparse.export"),
         description="Write a finished sparse_llama run's model with the weights its forward uses "
         "(2:4 weights stored as such, scale folded in). " + STOCK_RULE[0].upper() + STOCK_RULE[1:] + ".",
     )
@@ -510,11 +511,10 @@ def main(argv=None) -> int:
     # The load/save progress bars of a few tensors add nothing to the one-line summary.
     transformers_logging.disable_progress_bar()
     try:
-        path = export_model(args.run_dir, args.out_dir, dense=args.dense, target=args.target)
+        export_model(args.run_dir, args.out_dir, dense=args.dense, target=args.target)
     except ExportError as err:
         logger.error("error: %s", err)
         return 2
-    logger.info("exported to %s", os.path.abspath(path))
     return 0
 
 

@@ -4,6 +4,7 @@ logits where hf_sparse is not installed, as stock llama/arcee where the model al
 
 import json
 import os
+import re
 import shutil
 import sys
 import textwrap
@@ -274,9 +275,23 @@ def test_checkpoint_hint_and_cli(exports, tmp_path, caplog):
     caplog.clear()
     with caplog.at_level("INFO", logger="hf_sparse.export"):
         assert main([str(cases["relu2_arcee"]["run"]), str(empty)]) == 0
-    assert f"exported to {empty.resolve()}" in caplog.text
+    # One line says where the export went (it used to be said twice, the second time bare).
+    said = [r.getMessage() for r in caplog.records if str(empty.resolve()) in r.getMessage()]
+    assert len(said) == 1 and re.match(rf"exported .*run_relu2_arcee as llama with .* to {re.escape(str(empty.resolve()))}$",
+                                       said[0]), said  # fmt: skip
     assert {"config.json", "model.safetensors", "tokenizer.json", "README.md"} <= set(os.listdir(empty))
     assert not [p for p in os.listdir(tmp_path) if ".export-" in p]  # staging folder renamed away
+
+
+def test_help_names_the_program_it_was_invoked_as(monkeypatch, capsys):
+    for argv0, prog in (("/usr/local/bin/hf-sparse-export", "hf-sparse-export"),
+                        ("/site/hf_sparse/export.py", "python -m hf_sparse.export")):  # fmt: skip
+        monkeypatch.setattr(sys, "argv", [argv0, "--help"])
+        with pytest.raises(SystemExit) as exit_info:
+            main(["--help"])
+        assert exit_info.value.code == 0
+        out = capsys.readouterr().out
+        assert out.startswith(f"usage: {prog} ") and "run_dir" in out and "--dense" in out, out
 
 
 def test_export_is_readable_by_another_user_and_its_tokenizer_config_has_no_loader_arguments(exports, tmp_path):
