@@ -58,7 +58,7 @@ from transformers import ArceeConfig, ArceeForCausalLM, LlamaConfig, LlamaForCau
 from transformers.initialization import no_init_weights
 from transformers.utils import logging as transformers_logging
 
-from .training.checkpoints import architecture_lines, last_complete_checkpoint
+from .training.checkpoints import apply_umask_permissions, architecture_lines, current_umask, last_complete_checkpoint
 from .training.cli_help import tool_prog
 from .training.tokenizer import LOADER_ARGUMENTS, TOKENIZER_FILES
 from .model.configuration_sparse_llama import SparseLlamaConfig
@@ -364,12 +364,6 @@ def _model_card(source: SparseLlamaConfig, info: dict, run_dir: str, title: str)
     return "\n".join(lines) + "\n"
 
 
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
 def _copy_tokenizer_file(source: str, target: str) -> None:
     """Copy a tokenizer file; tokenizer_config.json without the loader arguments that
     transformers 5.24 saves (a run saved offline would ask for local files only forever)."""
@@ -460,8 +454,9 @@ def export_model(run_dir: str, out_dir: str, dense: bool = False, target: str | 
     try:
         # mkdtemp makes the folder private (0700); the renamed export would stay unreadable
         # to any other user, e.g. a serving container running as another uid.
-        os.chmod(staging, 0o777 & ~_umask())
+        os.chmod(staging, 0o777 & ~current_umask())
         target_model.save_pretrained(staging, state_dict=state)
+        apply_umask_permissions(staging)  # safetensors writes model.safetensors 0600
         copied = []
         for name in TOKENIZER_FILES:
             path = os.path.join(run_dir, name)

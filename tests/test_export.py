@@ -16,7 +16,7 @@ from safetensors.torch import load_file
 from hf_sparse import SparseLlamaForCausalLM, set_training_step
 from hf_sparse.export import ExportError, export_model, main, stock_architecture
 from hf_sparse.model.weight_sparse import sparse_weight_2to4
-from tests.conftest import tiny_config
+from tests.conftest import assert_readable_by_another_user, tiny_config
 from tests.conftest import WITHOUT_HF_SPARSE  # noqa: E402
 from tests import processes  # noqa: E402
 
@@ -295,35 +295,19 @@ def test_help_names_the_program_it_was_invoked_as(monkeypatch, capsys):
 
 
 def test_export_is_readable_by_another_user_and_its_tokenizer_config_has_no_loader_arguments(exports, tmp_path):
-    """mkdtemp's private 0700 staging folder must not become the export's mode; a run saved
-    by transformers 5.24 offline carries local_files_only/is_local, which the export drops."""
+    """mkdtemp's private 0700 staging folder must not become the export's mode, nor
+    safetensors' 0600 the weights' (the other files get the umask's 0644); a run saved by
+    transformers 5.24 offline carries local_files_only/is_local, which the export drops."""
     import stat
-    import tempfile
 
     _, cases = exports
     run = tmp_path / "run"
     shutil.copytree(cases["relu2_arcee"]["run"], run)
     tokenizer_config = json.loads((run / "tokenizer_config.json").read_text())
     (run / "tokenizer_config.json").write_text(json.dumps({**tokenizer_config, "local_files_only": True, "is_local": True}))
-    # A world-traversable parent (pytest's tmp_path is private), so another uid can reach it.
-    parent = tempfile.mkdtemp(prefix="hf_sparse_export_perm_")
-    try:
-        os.chmod(parent, 0o755)
-        out = os.path.join(parent, "export")
-        export_model(str(run), out)
-        assert stat.S_IMODE(os.stat(out).st_mode) & 0o055 == 0o055  # group/other may list and enter
-        saved = json.loads(open(os.path.join(out, "tokenizer_config.json")).read())
-        assert "local_files_only" not in saved and "is_local" not in saved and saved["unk_token"] == "[UNK]"
-        if os.geteuid() == 0:  # really read it as another user (nobody), in a forked child
-            pid = os.fork()
-            if pid == 0:  # the child only reads and exits: no Python-level cleanup
-                try:
-                    os.setgid(65534)
-                    os.setuid(65534)
-                    with open(os.path.join(out, "config.json"), "rb") as handle:
-                        ok = bool(handle.read()) and "model.safetensors" in os.listdir(out)
-                finally:
-                    os._exit(0 if locals().get("ok") else 1)
-            assert os.waitpid(pid, 0)[1] == 0, "the export is not readable by uid 65534"
-    finally:
-        shutil.rmtree(parent, ignore_errors=True)
+    out = tmp_path / "export"
+    export_model(str(run), str(out))
+    assert stat.S_IMODE(os.stat(out).st_mode) & 0o055 == 0o055  # group/other may list and enter
+    saved = json.loads((out / "tokenizer_config.json").read_text())
+    assert "local_files_only" not in saved and "is_local" not in saved and saved["unk_token"] == "[UNK]"
+    assert_readable_by_another_user(*(out / name for name in ("model.safetensors", "config.json", "tokenizer.json")))

@@ -14,7 +14,7 @@ REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO_ROOT)
 import train_hf  # noqa: E402
 from hf_sparse.training.run_args import ConfigError  # noqa: E402
-from tests.conftest import WITHOUT_HF_SPARSE  # noqa: E402
+from tests.conftest import WITHOUT_HF_SPARSE, assert_readable_by_another_user  # noqa: E402
 from tests import processes  # noqa: E402
 
 TINY_MODEL = os.path.join(REPO_ROOT, "configs", "llama_tiny.json")
@@ -71,6 +71,11 @@ def _assert_finished_run(run_dir):
 def test_embedded_default_end_to_end(tmp_path):
     results = train_hf.main([_write_config(tmp_path)])
     _assert_finished_run(tmp_path / "run")
+    # safetensors writes model.safetensors 0600: the final model and every checkpoint must
+    # be readable by another uid (a serving container) like the files beside them.
+    run = tmp_path / "run"
+    assert_readable_by_another_user(run / "model.safetensors", run / "config.json",
+                                    run / "checkpoint-4" / "model.safetensors", run / "checkpoint-4" / "optimizer.pt")
     assert results["eval_loss"] < 7.0  # well below ln(512) = 6.24 + noise would be suspicious above
     assert (tmp_path / "run" / "sparsity_relu_heatmap.png").exists()
 

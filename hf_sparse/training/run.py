@@ -39,7 +39,13 @@ from transformers import AutoModelForCausalLM, Trainer, default_data_collator, s
 from ..report import NotARunError, write_report
 from .auto_switch import SWITCH_STEP_KEY, switch_step_reached
 from .callbacks import EvalPerplexityCallback, ModelCardCallback, SparsityCallback
-from .checkpoints import checkpoint_step, is_complete_checkpoint, last_complete_checkpoint, write_model_card
+from .checkpoints import (
+    apply_umask_permissions,
+    checkpoint_step,
+    is_complete_checkpoint,
+    last_complete_checkpoint,
+    write_model_card,
+)
 from .cli_help import format_help, wants_help
 from .data import build_datasets
 from .evaluation import build_compute_metrics, preprocess_logits_for_metrics
@@ -125,6 +131,7 @@ def save_final_model(trainer: Trainer, output_dir: str) -> None:
     trainer.save_model(staging, _internal_call=True)
     if not trainer.is_world_process_zero():
         return
+    apply_umask_permissions(staging)  # safetensors writes model.safetensors 0600
     names = sorted(os.listdir(staging), key=lambda name: name == "config.json")
     for name in names:
         target = os.path.join(output_dir, name)
