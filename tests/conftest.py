@@ -169,6 +169,20 @@ def assert_readable_by_another_user(*paths):
         assert os.waitpid(pid, 0)[1] == 0, f"{path} is not readable by uid 65534"
 
 
+def help_as_invoked(monkeypatch, capture, main, console_script: str, module: str) -> dict:
+    """A tool's --help invoked as its console script and as `python -m module`: {the name
+    the usage line should show: what it printed}, each after checking it exited 0."""
+    printed = {}
+    for argv0, prog in ((f"/usr/local/bin/{console_script}", console_script),
+                        (f"/site/{module.replace('.', '/')}.py", f"python -m {module}")):  # fmt: skip
+        monkeypatch.setattr(sys, "argv", [argv0, "--help"])
+        with pytest.raises(SystemExit) as exit_info:
+            main(["--help"])
+        assert exit_info.value.code == 0
+        printed[prog] = capture.readouterr().out
+    return printed
+
+
 @pytest.fixture
 def make_tiny_config():
     return tiny_config

@@ -16,7 +16,7 @@ from safetensors.torch import load_file
 from hf_sparse import SparseLlamaForCausalLM, set_training_step
 from hf_sparse.export import ExportError, export_model, main, stock_architecture
 from hf_sparse.model.weight_sparse import sparse_weight_2to4
-from tests.conftest import assert_readable_by_another_user, tiny_config
+from tests.conftest import assert_readable_by_another_user, help_as_invoked, tiny_config
 from tests.conftest import WITHOUT_HF_SPARSE  # noqa: E402
 from tests import processes  # noqa: E402
 
@@ -284,13 +284,7 @@ def test_checkpoint_hint_and_cli(exports, tmp_path, caplog):
 
 
 def test_help_names_the_program_it_was_invoked_as(monkeypatch, capsys):
-    for argv0, prog in (("/usr/local/bin/hf-sparse-export", "hf-sparse-export"),
-                        ("/site/hf_sparse/export.py", "python -m hf_sparse.export")):  # fmt: skip
-        monkeypatch.setattr(sys, "argv", [argv0, "--help"])
-        with pytest.raises(SystemExit) as exit_info:
-            main(["--help"])
-        assert exit_info.value.code == 0
-        out = capsys.readouterr().out
+    for prog, out in help_as_invoked(monkeypatch, capsys, main, "hf-sparse-export", "hf_sparse.export").items():
         assert out.startswith(f"usage: {prog} ") and "run_dir" in out and "--dense" in out, out
 
 

@@ -16,7 +16,7 @@ import torch
 import train_hf
 from hf_sparse.training.lm_eval_callback import LmEvalCallback, evaluate_model, flatten_results
 from hf_sparse.training.run_args import ConfigError
-from tests.conftest import REPO_ROOT, tiny_config
+from tests.conftest import REPO_ROOT, help_as_invoked, tiny_config
 from tests import processes  # noqa: E402
 
 TASKS = ["hf_sparse_local"]  # the tag of both shipped tasks
@@ -369,12 +369,8 @@ def test_hf_sparse_eval_names_itself_and_git_stays_quiet(tmp_path, monkeypatch, 
     elsewhere.mkdir()
     monkeypatch.chdir(elsewhere)
     capfd.readouterr()  # what saving the model printed
-    for argv0, prog in (("/usr/local/bin/hf-sparse-eval", "hf-sparse-eval"),
-                        ("/site/hf_sparse/eval.py", "python -m hf_sparse.eval")):  # fmt: skip
-        monkeypatch.setattr(sys, "argv", [argv0, "--help"])
-        with pytest.raises(SystemExit):
-            main(["--help"])
-        assert capfd.readouterr().out.startswith(f"usage: {prog} [-h] --tasks TASKS")
+    for prog, out in help_as_invoked(monkeypatch, capfd, main, "hf-sparse-eval", "hf_sparse.eval").items():
+        assert out.startswith(f"usage: {prog} [-h] --tasks TASKS"), out
     with caplog.at_level(logging.INFO):
         assert main([folder, "--tasks", "hf_sparse_nextline", "--limit", "2", "--device", "cpu"]) == 0
     captured = capfd.readouterr()

@@ -160,12 +160,7 @@ def test_no_logging_step_reached_gives_that_reason(tmp_path):
 
 def test_help_names_the_program_it_was_invoked_as(monkeypatch, capsys):
     from hf_sparse.report import main
+    from tests.conftest import help_as_invoked
 
-    for argv0, prog in (("/usr/local/bin/hf-sparse-report", "hf-sparse-report"),
-                        ("/site/hf_sparse/report.py", "python -m hf_sparse.report")):  # fmt: skip
-        monkeypatch.setattr(sys, "argv", [argv0, "--help"])
-        with pytest.raises(SystemExit) as exit_info:
-            main(["--help"])
-        assert exit_info.value.code == 0
-        out = capsys.readouterr().out
+    for prog, out in help_as_invoked(monkeypatch, capsys, main, "hf-sparse-report", "hf_sparse.report").items():
         assert out.startswith(f"usage: {prog} [-h] run_dir\n") and "trainer_state.json" in out, out
