@@ -134,7 +134,9 @@ TOKENIZER_FILES = (
     "vocab.txt", "merges.txt", "tokenizer.model", "spiece.model", "chat_template.jinja", "chat_template.json",
 )  # fmt: skip
 # Those a tokenizer can load from (the others only add to one).
-_LOADABLE_TOKENIZER_FILES = TOKENIZER_FILES[:2] + TOKENIZER_FILES[4:9]
+_LOADABLE_TOKENIZER_FILES = (
+    "tokenizer.json", "tokenizer_config.json", "vocab.json", "vocab.txt", "merges.txt", "tokenizer.model", "spiece.model",
+)  # fmt: skip
 
 
 def check_tokenizer_folder(tokenizer_name: str | None) -> None:
