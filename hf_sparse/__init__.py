@@ -1,6 +1,32 @@
 """hf_sparse: Squared-ReLU LLaMA pretraining with 2:4 activation sparsity, sparsity
 telemetry and a low-rank (LORO) mode, on the stock HuggingFace Trainer."""
 
+import contextlib
+import io
+import os
+import sys
+
+_WANDB_OFFLINE_BANNER = "[INFO] Running in WANDB offline mode\n"
+
+
+def _import_integrations_without_wandb_banner() -> None:
+    """transformers 5.24 prints "[INFO] Running in WANDB offline mode" to stdout when its
+    integrations module is imported under WANDB_MODE=offline, before any output of every
+    tool (--help included). Import that module first, here, with exactly that line taken
+    out of what it prints; anything else still reaches stdout."""
+    module = "transformers.integrations.integration_utils"
+    if os.environ.get("WANDB_MODE") != "offline" or module in sys.modules:
+        return
+    printed = io.StringIO()
+    try:
+        with contextlib.redirect_stdout(printed):
+            import transformers.integrations.integration_utils  # noqa: F401
+    finally:
+        sys.stdout.write(printed.getvalue().replace(_WANDB_OFFLINE_BANNER, "", 1))
+
+
+_import_integrations_without_wandb_banner()
+
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 

@@ -99,10 +99,11 @@ def evaluate_folder(
 
 
 def main(argv=None) -> int:
+    from .training.cli_help import tool_prog
     from .training.lm_eval_callback import flatten_results, require_lm_eval, shipped_tasks_dir
 
     parser = argparse.ArgumentParser(
-        prog="hf-sparse-eval",
+        prog=tool_prog("hf-sparse-eval", "hf_sparse.eval"),
         description="Evaluate a run folder, checkpoint or export with lm-evaluation-harness (trained block size, "
         "stored dtype, trust_remote_code for sparse_llama, the shipped offline tasks).",
     )

@@ -58,8 +58,9 @@ from transformers import ArceeConfig, ArceeForCausalLM, LlamaConfig, LlamaForCau
 from transformers.initialization import no_init_weights
 from transformers.utils import logging as transformers_logging
 
-from .training.checkpoints import architecture_lines, last_complete_checkpoint
-from .training.tokenizer import LOADER_ARGUMENTS
+from .training.checkpoints import apply_umask_permissions, architecture_lines, current_umask, last_complete_checkpoint
+from .training.cli_help import tool_prog
+from .training.tokenizer import LOADER_ARGUMENTS, TOKENIZER_FILES
 from .model.configuration_sparse_llama import SparseLlamaConfig
 from .model.modeling_sparse_llama import SparseLlamaForCausalLM, set_training_step
 from .model.weight_sparse import is_weight_sparse
@@ -68,20 +69,6 @@ logger = logging.getLogger(__name__)
 
 __all__ = ["ExportError", "export_model", "stock_architecture", "effective_state_dict", "main"]
 
-# Files a tokenizer (slow or fast, any family) may consist of; copied when present.
-TOKENIZER_FILES = (
-    "tokenizer.json",
-    "tokenizer_config.json",
-    "special_tokens_map.json",
-    "added_tokens.json",
-    "vocab.json",
-    "vocab.txt",
-    "merges.txt",
-    "tokenizer.model",
-    "spiece.model",
-    "chat_template.jinja",
-    "chat_template.json",
-)
 WEIGHT_FILES = (
     "model.safetensors",
     "model.safetensors.index.json",
@@ -377,12 +364,6 @@ def _model_card(source: SparseLlamaConfig, info: dict, run_dir: str, title: str)
     return "\n".join(lines) + "\n"
 
 
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
 def _copy_tokenizer_file(source: str, target: str) -> None:
     """Copy a tokenizer file; tokenizer_config.json without the loader arguments that
     transformers 5.24 saves (a run saved offline would ask for local files only forever)."""
@@ -473,8 +454,9 @@ def export_model(run_dir: str, out_dir: str, dense: bool = False, target: str | 
     try:
         # mkdtemp makes the folder private (0700); the renamed export would stay unreadable
         # to any other user, e.g. a serving container running as another uid.
-        os.chmod(staging, 0o777 & ~_umask())
+        os.chmod(staging, 0o777 & ~current_umask())
         target_model.save_pretrained(staging, state_dict=state)
+        apply_umask_permissions(staging)  # safetensors writes model.safetensors 0600
         copied = []
         for name in TOKENIZER_FILES:
             path = os.path.join(run_dir, name)
@@ -494,14 +476,14 @@ def export_model(run_dir: str, out_dir: str, dense: bool = False, target: str | 
     what = f"{len(sparse_names)} 2:4 weight tensors" if sparse_names else "dense weights"
     if info["dense_tail"] and config.weight_2by4:
         what += " (the run ended in a dense tail: its final weights are dense)"
-    logger.info("exported %s as %s with %s to %s", run_dir, info["architecture"], what, out_dir)
+    logger.info("exported %s as %s with %s to %s", run_dir, info["architecture"], what, os.path.abspath(out_dir))
     logger.info("architecture %s: %s", info["architecture"], info["why"])
     return out_dir
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m hf_sparse.export",
+        prog=tool_prog("hf-sparse-export", "hf_sparse.export"),
         description="Write a finished sparse_llama run's model with the weights its forward uses "
         "(2:4 weights stored as such, scale folded in). " + STOCK_RULE[0].upper() + STOCK_RULE[1:] + ".",
     )
@@ -524,11 +506,10 @@ def main(argv=None) -> int:
     # The load/save progress bars of a few tensors add nothing to the one-line summary.
     transformers_logging.disable_progress_bar()
     try:
-        path = export_model(args.run_dir, args.out_dir, dense=args.dense, target=args.target)
+        export_model(args.run_dir, args.out_dir, dense=args.dense, target=args.target)
     except ExportError as err:
         logger.error("error: %s", err)
         return 2
-    logger.info("exported to %s", os.path.abspath(path))
     return 0
 
 

@@ -254,7 +254,11 @@ def _plot_flip_rate(plt, run_dir: str, flips: dict, summary: list) -> str:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m hf_sparse.report", description=__doc__.splitlines()[0])
+    from .training.cli_help import tool_prog
+
+    parser = argparse.ArgumentParser(
+        prog=tool_prog("hf-sparse-report", "hf_sparse.report"), description=__doc__.splitlines()[0]
+    )
     parser.add_argument("run_dir", help="output_dir of a train_hf.py run (or a checkpoint folder)")
     args = parser.parse_args(argv)
     logging.basicConfig(format="%(message)s", level=logging.INFO)

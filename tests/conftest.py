@@ -138,6 +138,51 @@ def assert_one_line_error(code, capsys, pattern):
     assert "Traceback" not in err
 
 
+def assert_readable_by_another_user(*paths):
+    """Each file is readable the way a serving container under another uid would read it.
+
+    Its mode grants group and others read wherever the umask does. As root, a forked child
+    also reads it for real as uid/gid 65534 (nobody): it enters the file's folder first, so
+    the folders above it (pytest's tmp_path is private) are not what is tested, but the
+    file and its own folder are."""
+    import stat
+
+    mask = os.umask(0o022)
+    os.umask(mask)
+    wanted = 0o444 & ~mask
+    for path in map(str, paths):
+        mode = stat.S_IMODE(os.stat(path).st_mode)
+        assert mode & wanted == wanted, f"{path} has mode {oct(mode)} under umask {oct(mask)}"
+        if os.geteuid() != 0 or not wanted & 0o004:
+            continue
+        pid = os.fork()
+        if pid == 0:  # the child only reads and exits: no Python-level cleanup
+            ok = False
+            try:
+                os.chdir(os.path.dirname(path))
+                os.setgid(65534)
+                os.setuid(65534)
+                with open(os.path.basename(path), "rb") as handle:
+                    ok = bool(handle.read(1)) or os.path.getsize(os.path.basename(path)) == 0
+            finally:
+                os._exit(0 if ok else 1)
+        assert os.waitpid(pid, 0)[1] == 0, f"{path} is not readable by uid 65534"
+
+
+def help_as_invoked(monkeypatch, capture, main, console_script: str, module: str) -> dict:
+    """A tool's --help invoked as its console script and as `python -m module`: {the name
+    the usage line should show: what it printed}, each after checking it exited 0."""
+    printed = {}
+    for argv0, prog in ((f"/usr/local/bin/{console_script}", console_script),
+                        (f"/site/{module.replace('.', '/')}.py", f"python -m {module}")):  # fmt: skip
+        monkeypatch.setattr(sys, "argv", [argv0, "--help"])
+        with pytest.raises(SystemExit) as exit_info:
+            main(["--help"])
+        assert exit_info.value.code == 0
+        printed[prog] = capture.readouterr().out
+    return printed
+
+
 @pytest.fixture
 def make_tiny_config():
     return tiny_config

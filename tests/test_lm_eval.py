@@ -4,8 +4,10 @@ export (identical per-sample log-likelihoods), and the clean failure without the
 
 import glob
 import json
+import logging
 import math
 import os
+import re
 import sys
 
 import pytest
@@ -14,7 +16,7 @@ import torch
 import train_hf
 from hf_sparse.training.lm_eval_callback import LmEvalCallback, evaluate_model, flatten_results
 from hf_sparse.training.run_args import ConfigError
-from tests.conftest import REPO_ROOT, tiny_config
+from tests.conftest import REPO_ROOT, help_as_invoked, tiny_config
 from tests import processes  # noqa: E402
 
 TASKS = ["hf_sparse_local"]  # the tag of both shipped tasks
@@ -313,3 +315,80 @@ def test_callback_refuses_sharded_training(monkeypatch):
     callback = LmEvalCallback(TASKS)
     with pytest.raises(RuntimeError, match="FSDP shards"):
         callback.on_train_begin(type("Args", (), {"fsdp": ""})(), None, None)
+
+
+# --- what the user sees ---------------------------------------------------------------------
+
+
+def _saved_tiny_model(folder):
+    """A saved sparse_llama folder with the embedded tokenizer and a 64-token context."""
+    from hf_sparse import SparseLlamaForCausalLM
+    from hf_sparse.training.tokenizer import load_tokenizer
+
+    SparseLlamaForCausalLM(tiny_config(vocab_size=512, max_position_embeddings=64)).save_pretrained(folder)
+    tokenizer = load_tokenizer(None, vocab_size=512)
+    tokenizer.model_max_length = 64
+    tokenizer.save_pretrained(folder)
+    return str(folder)
+
+
+def test_in_loop_evaluations_leave_out_lm_evals_per_item_and_per_task_chatter(caplog, monkeypatch):
+    """Every nextline item is longer than 64 tokens and each shipped task has a custom
+    loader: lm-eval warned per item ("Truncating N tokens from the left") and per task
+    ("<task>: Custom kwargs can be passed ...", two lines) at every evaluation. The cut is
+    said once, as a count; other warnings still pass."""
+    import hf_sparse.training.lm_eval_callback as callback_module
+    from hf_sparse import SparseLlamaForCausalLM
+    from hf_sparse.training.lm_eval_callback import quiet_lm_eval
+    from hf_sparse.training.tokenizer import load_tokenizer
+
+    monkeypatch.setattr(callback_module, "_truncation_said", False)
+    tokenizer = load_tokenizer(None, vocab_size=512)
+    model = SparseLlamaForCausalLM(tiny_config(vocab_size=512, max_position_embeddings=64))
+    with caplog.at_level(logging.INFO):
+        for _ in range(2):
+            scores = evaluate_model(model, tokenizer, TASKS, limit=2, max_length=64)
+            assert set(scores) == EXPECTED_KEYS
+        with quiet_lm_eval():
+            logging.getLogger("lm_eval.models.huggingface").warning("a real problem")
+    messages = [r.getMessage() for r in caplog.records]
+    assert not [m for m in messages if "Truncating" in m or "Custom kwargs" in m or "--metadata" in m], messages
+    said = [m for m in messages if m.startswith("lm-eval cut ")]
+    assert len(said) == 1 and re.match(r"lm-eval cut \d+ items longer than max_length to their last max_length "
+                                       r"tokens", said[0]), said  # fmt: skip
+    assert "a real problem" in messages
+
+
+def test_hf_sparse_eval_names_itself_and_git_stays_quiet(tmp_path, monkeypatch, capfd, caplog):
+    """lm-eval's simple_evaluate runs `git describe` for its report, whose "fatal: not a git
+    repository" reached the terminal outside a repository."""
+    from hf_sparse.eval import main
+
+    folder = _saved_tiny_model(tmp_path / "model")
+    elsewhere = tmp_path / "not_a_repository"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    capfd.readouterr()  # what saving the model printed
+    for prog, out in help_as_invoked(monkeypatch, capfd, main, "hf-sparse-eval", "hf_sparse.eval").items():
+        assert out.startswith(f"usage: {prog} [-h] --tasks TASKS"), out
+    with caplog.at_level(logging.INFO):
+        assert main([folder, "--tasks", "hf_sparse_nextline", "--limit", "2", "--device", "cpu"]) == 0
+    captured = capfd.readouterr()
+    assert "fatal: not a git repository" not in captured.err + captured.out
+    assert "same as: lm_eval --model hf" in caplog.text and "hf_sparse_nextline" in caplog.text and "acc" in caplog.text
+    assert "Custom kwargs" not in caplog.text + captured.err
+
+
+def test_fp16_on_cpu_evaluates_like_it_trains(monkeypatch):
+    """accelerate ignores fp16 on CPU (the run trains in float32): lm-eval must not autocast
+    to float16 there either; bf16 autocasts in both."""
+    import hf_sparse.training.lm_eval_callback as callback_module
+    from tests.conftest import tiny_training_args
+
+    seen = []
+    monkeypatch.setattr(callback_module, "evaluate_model",
+                        lambda *a, mixed_precision_dtype=None, **k: seen.append(mixed_precision_dtype) or {})  # fmt: skip
+    for flag in ("fp16", "bf16"):
+        args = tiny_training_args("unused", **{flag: True})
+        LmEvalCallback(["hf_sparse_nextline"], tokenizer=object()).evaluate(None, args)
+    assert seen == [None, torch.bfloat16]

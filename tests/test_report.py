@@ -1,6 +1,7 @@
 """`python -m hf_sparse.report RUN_DIR`: plots from trainer_state.json alone."""
 
 import json
+import os
 import sys
 
 import pytest
@@ -59,9 +60,12 @@ def test_report_figures_are_labelled(tmp_path, monkeypatch):
 
 def test_report_cli_on_a_finished_run(tmp_path):
     _fake_run(tmp_path, with_24=False)
-    proc = processes.run([sys.executable, "-m", "hf_sparse.report", str(tmp_path)], timeout=120)
+    env = dict(os.environ, WANDB_MODE="offline")
+    proc = processes.run([sys.executable, "-m", "hf_sparse.report", str(tmp_path)], env=env, timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert HEATMAP_NAME in proc.stderr + proc.stdout
+    # transformers prints this on import under WANDB_MODE=offline; hf_sparse takes it out.
+    assert "Running in WANDB offline mode" not in proc.stdout + proc.stderr
     assert (tmp_path / CURVES_NAME).exists()
 
 
@@ -152,3 +156,11 @@ def test_no_logging_step_reached_gives_that_reason(tmp_path):
     (tmp_path / "trainer_state.json").write_text(json.dumps({"log_history": [{"train_runtime": 1.0, "step": 3}]}))
     with pytest.raises(NotARunError, match="reached no training logging step"):
         write_report(str(tmp_path))
+
+
+def test_help_names_the_program_it_was_invoked_as(monkeypatch, capsys):
+    from hf_sparse.report import main
+    from tests.conftest import help_as_invoked
+
+    for prog, out in help_as_invoked(monkeypatch, capsys, main, "hf-sparse-report", "hf_sparse.report").items():
+        assert out.startswith(f"usage: {prog} [-h] run_dir\n") and "trainer_state.json" in out, out

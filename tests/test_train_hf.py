@@ -14,7 +14,7 @@ REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO_ROOT)
 import train_hf  # noqa: E402
 from hf_sparse.training.run_args import ConfigError  # noqa: E402
-from tests.conftest import WITHOUT_HF_SPARSE  # noqa: E402
+from tests.conftest import WITHOUT_HF_SPARSE, assert_readable_by_another_user  # noqa: E402
 from tests import processes  # noqa: E402
 
 TINY_MODEL = os.path.join(REPO_ROOT, "configs", "llama_tiny.json")
@@ -71,6 +71,11 @@ def _assert_finished_run(run_dir):
 def test_embedded_default_end_to_end(tmp_path):
     results = train_hf.main([_write_config(tmp_path)])
     _assert_finished_run(tmp_path / "run")
+    # safetensors writes model.safetensors 0600: the final model and every checkpoint must
+    # be readable by another uid (a serving container) like the files beside them.
+    run = tmp_path / "run"
+    assert_readable_by_another_user(run / "model.safetensors", run / "config.json",
+                                    run / "checkpoint-4" / "model.safetensors", run / "checkpoint-4" / "optimizer.pt")
     assert results["eval_loss"] < 7.0  # well below ln(512) = 6.24 + noise would be suspicious above
     assert (tmp_path / "run" / "sparsity_relu_heatmap.png").exists()
 
@@ -188,6 +193,117 @@ def test_zero_layers_and_a_directory_config_are_refused(tmp_path):
     with pytest.raises(ConfigError, match=r"config file '.*configs/?' is a directory; give a run JSON"):
         train_hf.main([os.path.join(REPO_ROOT, "configs") + os.sep])
     assert not (tmp_path / "run").exists()
+
+
+def _tiny_model_json(tmp_path, **changes):
+    model = {**json.loads(open(TINY_MODEL).read()), **changes}
+    path = tmp_path / "model.json"
+    path.write_text(json.dumps(model))
+    return str(path)
+
+
+def test_a_typo_in_the_model_json_is_refused_with_the_closest_key(tmp_path):
+    # PretrainedConfig keeps unknown keys as attributes: this built a model with the default
+    # hidden_size (4096), silently.
+    model = _tiny_model_json(tmp_path, hiden_size=32)
+    with pytest.raises(ConfigError, match=r"^unknown key 'hiden_size' in model_config '.*model\.json'\. Did you mean "
+                                          r"'hidden_size'\?$"):
+        train_hf.main([_bad(tmp_path, model_config=model)])
+    with pytest.raises(ConfigError, match=r"'max_steps' in model_config '.*model\.json' is a key of the run JSON, not "
+                                          r"of the model JSON; move it to the run JSON"):
+        train_hf.main([_bad(tmp_path, model_config=_tiny_model_json(tmp_path, max_steps=10))])
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize(
+    "name", sorted(n for n in os.listdir(os.path.join(REPO_ROOT, "configs")) if n.startswith("llama_")) + ["original"]
+)
+def test_every_shipped_model_json_and_the_original_research_one_load(name):
+    from hf_sparse.training.run_config import load_model_config
+
+    path = (os.path.join(REPO_ROOT, "tests", "fixtures", "original_llama_60m.json") if name == "original"
+            else os.path.join(REPO_ROOT, "configs", name))  # fmt: skip
+    config = load_model_config(path, {}, block_size=64)
+    assert config.hidden_size == json.loads(open(path).read())["hidden_size"]
+
+
+def test_saved_config_files_load_as_model_json(tmp_path):
+    """A config.json that save_pretrained wrote (this transformers, or transformers 4 with its
+    inert legacy keys and generation settings) is a valid model JSON."""
+    from hf_sparse import SparseLlamaConfig
+    from hf_sparse.training.run_config import load_model_config
+
+    SparseLlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                      vocab_size=512, squ_relu="relu2").save_pretrained(tmp_path / "saved")  # fmt: skip
+    assert load_model_config(str(tmp_path / "saved" / "config.json"), {}).hidden_size == 32
+    legacy = {**json.loads(open(TINY_MODEL).read()), "model_type": "llama", "torch_dtype": "float32",
+              "rope_theta": 10000.0, "rope_scaling": None, "is_decoder": False, "tokenizer_class": None,
+              "pruned_heads": {}, "num_beams": 1, "max_length": 20, "architectures": ["LlamaForCausalLM"]}  # fmt: skip
+    path = tmp_path / "legacy.json"
+    path.write_text(json.dumps(legacy))
+    assert load_model_config(str(path), {}).num_hidden_layers == 2
+
+
+def test_a_model_json_given_as_the_run_json_says_where_it_goes(tmp_path):
+    with pytest.raises(ConfigError) as err:
+        train_hf.main([TINY_MODEL, "--output_dir", str(tmp_path / "run")])
+    message = str(err.value)
+    assert message.startswith(f"{TINY_MODEL!r} is a model JSON (it has model_type, hidden_size"), message
+    assert "not a run JSON; name it as model_config in a run JSON (e.g. \"model_config\": " in message
+    assert message.endswith(f"--model_config: train_hf.py configs/quickstart.json --model_config {TINY_MODEL}")
+    assert "loro_type" not in message and not (tmp_path / "run").exists()
+
+
+def test_settings_that_do_not_do_what_they_seem_warn_once_before_training(tmp_path, caplog):
+    from hf_sparse.training.run_config import parse_run_config
+
+    def warnings_for(**overrides):
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="hf_sparse"):
+            parse_run_config([_bad(tmp_path, **overrides)])
+        return [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+
+    assert warnings_for() == []  # the test config itself: nothing to say
+    (said,) = warnings_for(warmup_steps=500, max_steps=3)
+    assert said == (
+        "warmup_steps=500 is not below max_steps=3: the learning rate rises through the whole run and never leaves "
+        "the warm-up (the last step trains at 2/500 of learning_rate=0.003); use a warmup_steps well below max_steps, "
+        "or a ratio below 1 such as 0.05."
+    )
+    (said,) = warnings_for(warmup_steps=0.9, max_steps=3)  # a ratio: ceil(0.9 * 3) = 3 steps
+    assert said.startswith("warmup_steps=0.9 (3 steps) is not below max_steps=3")
+    assert warnings_for(warmup_steps=500, max_steps=3, lr_scheduler_type="constant") == []  # no warm-up there
+    assert warnings_for(warmup_steps=2, max_steps=3) == []
+    (said,) = warnings_for(weight_decay=-0.1)
+    assert said.startswith("weight_decay=-0.1 is negative: the decay then pushes the weights away from zero")
+    if not torch.cuda.is_available():
+        (said,) = warnings_for(fp16=True)
+        assert said.startswith("fp16=True has no effect on CPU: accelerate autocasts to float16 only on GPUs, so this "
+                               "run trains in float32")
+        assert warnings_for(bf16=True) == []  # bfloat16 autocast does run on CPU
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="what fp16 does on a CPU-only machine")
+def test_fp16_on_cpu_really_trains_in_float32(tmp_path):
+    """What the fp16 warning says, measured: under the Trainer with fp16=True on CPU every
+    MLP output is float32 and no loss scaler exists (bf16 does autocast there)."""
+    from transformers import Trainer
+
+    from hf_sparse import SparseLlamaForCausalLM
+    from tests.conftest import tiny_config, tiny_training_args
+
+    dtypes = {}
+    for flag in ("fp16", "bf16"):
+        model = SparseLlamaForCausalLM(tiny_config())
+        seen = dtypes.setdefault(flag, set())
+        model.model.layers[0].mlp.down_proj.register_forward_hook(lambda m, i, out, seen=seen: seen.add(out.dtype))
+        data = [{"input_ids": torch.randint(0, 128, (16,)), "labels": torch.randint(0, 128, (16,))} for _ in range(4)]
+        trainer = Trainer(model=model, args=tiny_training_args(tmp_path / flag, max_steps=1, **{flag: True}),
+                          train_dataset=data)  # fmt: skip
+        trainer.train()
+        if flag == "fp16":
+            assert trainer.accelerator.scaler is None
+    assert dtypes == {"fp16": {torch.float32}, "bf16": {torch.bfloat16}}
 
 
 def test_a_mostly_dense_schedule_warns_with_the_numbers(tmp_path, caplog):

@@ -15,7 +15,7 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from ..model.modeling_sparse_llama import ensure_activation_stats, prepare_2to4_gemms, set_training_step
 from ..model.weight_sparse import next_weight_generation
 from .auto_switch import SWITCH_STEP_KEY, auto_switch_config, update_switch
-from .checkpoints import enable_cache_in_saved_config, write_model_card
+from .checkpoints import apply_umask_permissions, enable_cache_in_saved_config, write_model_card
 from .telemetry import snapshot_weight_masks, sparsity_metrics
 
 logger = logging.getLogger(__name__)
@@ -194,7 +194,8 @@ class SparsityCallback(_FirstCallback):
 
 
 class ModelCardCallback(TrainerCallback):
-    """Writes a README.md model card into every checkpoint folder (hub-ready);
+    """Writes a README.md model card into every checkpoint folder (hub-ready), whose files
+    get the umask's permissions (readable by a serving container under another uid);
     `dataset_name` (the hub dataset trained on, when there is one) goes into its metadata."""
 
     def __init__(self, dataset_name: str | None = None):
@@ -205,6 +206,7 @@ class ModelCardCallback(TrainerCallback):
             return
         folder = os.path.join(args.output_dir, f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}")
         if os.path.isdir(folder):
+            apply_umask_permissions(folder)  # model.safetensors comes out 0600
             if os.path.isfile(os.path.join(folder, "config.json")):
                 enable_cache_in_saved_config(folder)
             write_model_card(folder, model.config, state.log_history, args, self.card_dataset)

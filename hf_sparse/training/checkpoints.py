@@ -3,6 +3,7 @@
 import json
 import os
 import re
+import stat
 
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
@@ -10,6 +11,37 @@ _CHECKPOINT_RE = re.compile(rf"^{PREFIX_CHECKPOINT_DIR}-(\d+)$")
 # The Trainer writes trainer_state.json after the weights, optimizer and RNG states, so a
 # folder with a readable one was written to the end.
 COMPLETION_MARKER = "trainer_state.json"
+
+
+def current_umask() -> int:
+    """The process umask, read without changing it where Linux says it (os.umask can only
+    set it: setting and restoring leaves a window in which another thread's files get
+    mode 0666)."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as handle:
+            for line in handle:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def apply_umask_permissions(folder: str) -> None:
+    """Give every file under `folder` the permissions the umask allows, as open() would have.
+    safetensors 0.8's save_file writes model.safetensors 0600 whatever the umask (the files
+    beside it are 0644 under umask 022), so another uid, e.g. a serving container, could not
+    read the weights of a run folder, a checkpoint or an export. Only adds permission bits."""
+    allowed = 0o666 & ~current_umask()
+    for root, _, files in os.walk(folder):
+        for name in files:
+            path = os.path.join(root, name)
+            info = os.lstat(path)
+            mode = stat.S_IMODE(info.st_mode)
+            if stat.S_ISREG(info.st_mode) and mode & allowed != allowed:
+                os.chmod(path, mode | allowed)
 
 
 def is_complete_checkpoint(path: str) -> bool:

@@ -5,6 +5,8 @@ dataclasses (types, defaults, help metadata), and the most used TrainingArgument
 import dataclasses
 import enum
 import json
+import os
+import sys
 import textwrap
 import types
 import typing
@@ -70,6 +72,13 @@ TRAINER_HELP_REPLACED = {
     "push_to_hub": "Upload the finished output_dir once, at the end, with its model card (hub_strategy 'end' "
     "unless set).",
 }
+
+
+def tool_prog(console_script: str, module: str) -> str:
+    """The name a tool's usage line shows: the console script when it was invoked as one
+    (`hf-sparse-report`), else `python -m <module>` (also when main() is called from Python)."""
+    invoked = os.path.basename(sys.argv[0]) if sys.argv and sys.argv[0] else ""
+    return console_script if invoked == console_script else f"python -m {module}"
 
 
 def wants_help(argv: list[str]) -> bool:

@@ -95,6 +95,9 @@ def check_fp8_support(config: SparseLlamaConfig, use_cpu: bool) -> None:
         )
 
 
+_MAX_SEED = 2**32 - 1
+
+
 def check_trainer_values(data: dict) -> None:
     """Refuse TrainingArguments values that would fail (or silently do nothing) mid-run."""
     for key, (strategy_key, meaning) in _POSITIVE_TRAINER_KEYS.items():
@@ -118,6 +121,11 @@ def check_trainer_values(data: dict) -> None:
             f"max_steps: {max_steps!r} is not valid; use a positive number of optimizer steps, or -1 (the default) "
             "to train for num_train_epochs."
         )
+    for key in ("seed", "data_seed"):
+        # numpy's seed range: set_seed (and the data shuffle) fail on anything outside it.
+        seed = data.get(key)
+        if seed is not None and not 0 <= seed <= _MAX_SEED:
+            raise ConfigError(f"{key}: {seed!r} is not valid; use an integer from 0 to {_MAX_SEED} (numpy's seed range).")
 
 
 def check_script_values(script_args: ScriptArguments, training_args: TrainingArguments, loro_scope: str | None) -> None:
@@ -139,6 +147,11 @@ def check_script_values(script_args: ScriptArguments, training_args: TrainingArg
         raise ConfigError(
             "optimizer='loro_adamw' needs low-rank linears: set loro_scope to 'all', 'attn' or 'mlp'."
         )
+    if script_args.optimizer == "loro_adamw" and training_args.weight_decay < 0:
+        raise ConfigError(
+            f"weight_decay: {training_args.weight_decay!r} is negative, which optimizer='loro_adamw' refuses; use 0 "
+            "(off) or a positive value such as 0.1."
+        )
     if script_args.nonfinite_policy not in ("stop", "skip"):
         raise ConfigError(
             f"nonfinite_policy={script_args.nonfinite_policy!r} is not valid; choose one of 'stop', 'skip'."
@@ -156,6 +169,9 @@ def check_script_values(script_args: ScriptArguments, training_args: TrainingArg
 
 def check_output_dir_path(output_dir: str | None) -> None:
     """output_dir, or a folder above it, being a file would fail the first save (FileExistsError)."""
+    if output_dir is not None and not output_dir.strip():
+        # The Trainer would save into "" (os.makedirs("") fails) once data and model are built.
+        raise ConfigError(f"output_dir: {output_dir!r} is empty; give the folder the run writes to, e.g. \"outputs/my_run\".")
     if not output_dir:
         return
     target = path = os.path.abspath(os.path.expanduser(output_dir))
@@ -279,3 +295,48 @@ def check_lm_eval_args(eval_args: DownstreamEvalArguments, training_args: Traini
         check_hub_datasets(build_task_manager(tasks, path), tasks)
     except ValueError as err:
         raise ConfigError(str(err)) from None
+
+
+# Schedulers that ignore warmup_steps (the others all warm up linearly from 0).
+_NO_WARMUP_SCHEDULERS = ("constant", "reduce_lr_on_plateau")
+
+
+def warn_on_training_settings(training_args: TrainingArguments, script_args: ScriptArguments) -> None:
+    """Settings the Trainer accepts that do something else than they seem to: said once, on
+    rank 0, before anything is built."""
+    if training_args.process_index != 0:
+        return
+    for message in training_setting_warnings(training_args, script_args):
+        logger.warning("%s", message)
+
+
+def training_setting_warnings(training_args: TrainingArguments, script_args: ScriptArguments) -> list[str]:
+    messages = []
+    max_steps = training_args.max_steps
+    scheduler = getattr(training_args.lr_scheduler_type, "value", training_args.lr_scheduler_type)
+    warms_up = script_args.scheduler == "cosine_restart" or scheduler not in _NO_WARMUP_SCHEDULERS
+    if max_steps > 0 and warms_up and training_args.get_warmup_steps(max_steps) >= max_steps:
+        warmup = training_args.get_warmup_steps(max_steps)
+        given = training_args.warmup_steps
+        steps = f"warmup_steps={given!r}" + (f" ({warmup} steps)" if given < 1 else "")
+        messages.append(
+            f"{steps} is not below max_steps={max_steps}: the learning rate rises through the whole run and never "
+            f"leaves the warm-up (the last step trains at {max_steps - 1}/{warmup} of learning_rate="
+            f"{training_args.learning_rate!r}); use a warmup_steps well below max_steps, or a ratio below 1 such as 0.05."
+        )
+    on_cpu = training_args.use_cpu or not torch.cuda.is_available()
+    deepspeed = training_args.deepspeed or os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() in ("1", "true")
+    if training_args.fp16 and on_cpu and not deepspeed:
+        # accelerate 1.15 enables fp16 autocast and loss scaling only off the CPU: measured,
+        # every activation of such a run is float32 (bf16 does autocast on CPU).
+        messages.append(
+            "fp16=True has no effect on CPU: accelerate autocasts to float16 only on GPUs, so this run trains in "
+            "float32, without autocast or loss scaling (its config.json says float32); use bf16=true for bfloat16 "
+            "autocast on CPU, or drop fp16."
+        )
+    if training_args.weight_decay < 0:
+        messages.append(
+            f"weight_decay={training_args.weight_decay!r} is negative: the decay then pushes the weights away from "
+            "zero every step (it grows them) instead of shrinking them; use 0 (off) or a positive value such as 0.1."
+        )
+    return messages

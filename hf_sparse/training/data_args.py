@@ -227,6 +227,9 @@ def validate_data_args(args: DataArguments) -> None:
             f"{args.tokenizer_vocab_size} is below {MIN_EMBEDDED_VOCAB_SIZE} "
             "(256 byte tokens + 2 special tokens of the embedded tokenizer)",
         )
+    from .tokenizer import check_tokenizer_folder  # tokenizer imports this module
+
+    check_tokenizer_folder(args.tokenizer_name)
     if args.train_files:
         _resolve_files("train_files", args.train_files)
     if args.validation_files:

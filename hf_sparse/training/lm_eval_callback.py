@@ -39,12 +39,16 @@ MISSING_LM_EVAL = (
     "{key} needs lm-evaluation-harness, which is not installed; install the extra: "
     f"pip install '{EXTRA_NAME}' (or pip install lm-eval==0.4.13)."
 )
-# Messages lm-eval logs on every call with an in-memory model; nothing for the user to act on.
+# Messages lm-eval logs on every call with an in-memory model, or for every task with a
+# custom loader ("<task>: Custom kwargs can be passed ...", two lines); nothing to act on.
 _BENIGN_LM_EVAL_MESSAGES = (
     "`pretrained` model kwarg is not of type `str`",
     "Passed an already-initialized model through `pretrained`",
     "Custom kwargs can be passed to `--metadata`",
 )
+# lm-eval warns once per item longer than max_length (the trained block size), which it
+# cuts from the left: expected here, and counted into one line instead.
+_TRUNCATION_MESSAGE = " tokens from the left."
 
 
 def require_lm_eval(key: str = "lm_eval_tasks") -> None:
@@ -148,21 +152,60 @@ def lm_eval_metrics(row: dict) -> dict[str, float]:
 
 
 class _DropBenign(logging.Filter):
+    def __init__(self):
+        super().__init__()
+        self.truncated = 0
+
     def filter(self, record):
-        return not str(record.msg).startswith(_BENIGN_LM_EVAL_MESSAGES)
+        message = str(record.msg)
+        if message.endswith(_TRUNCATION_MESSAGE) and "Truncating" in message:
+            self.truncated += 1
+            return False
+        return not any(benign in message for benign in _BENIGN_LM_EVAL_MESSAGES)
+
+
+_truncation_said = False
+
+
+def _git_commit_hash_quietly():
+    """lm_eval.loggers.utils.get_git_commit_hash without git's "fatal: not a git repository"
+    on the terminal: it runs `git describe` with stderr inherited, wherever the user is."""
+    import subprocess
+
+    from lm_eval.loggers.utils import get_commit_from_path
+
+    try:
+        described = subprocess.run(["git", "describe", "--always"], capture_output=True, check=True, text=True)
+        return described.stdout.strip()
+    except (subprocess.CalledProcessError, OSError):
+        return get_commit_from_path(os.getcwd())
 
 
 @contextmanager
 def quiet_lm_eval():
+    """lm-eval without its per-call and per-item chatter (the messages above) and without the
+    stderr of its git probe; real warnings pass. Long items cut to max_length are said once
+    per process, as a count."""
+    global _truncation_said
+    import lm_eval.evaluator
+
     benign = _DropBenign()
     loggers = [logging.getLogger(name) for name in ("lm_eval.models.huggingface", "lm_eval.api.task")]
     for each in loggers:
         each.addFilter(benign)
+    git_hash, lm_eval.evaluator.get_git_commit_hash = lm_eval.evaluator.get_git_commit_hash, _git_commit_hash_quietly
     try:
         yield
     finally:
+        lm_eval.evaluator.get_git_commit_hash = git_hash
         for each in loggers:
             each.removeFilter(benign)
+        if benign.truncated and not _truncation_said:
+            _truncation_said = True
+            logger.info(
+                "lm-eval cut %d items longer than max_length to their last max_length tokens (lm-eval's rule; not "
+                "repeated for later evaluations)", benign.truncated,
+            )  # fmt: skip
 
 
 @contextmanager
@@ -351,7 +394,9 @@ class LmEvalCallback(_FirstCallback):
         tokenizer = self.tokenizer or processing_class
         if tokenizer is None:
             raise RuntimeError("LmEvalCallback needs a tokenizer: pass tokenizer=... or the Trainer's processing_class.")
-        dtype = torch.bfloat16 if args.bf16 else torch.float16 if args.fp16 else None
+        # As the Trainer's autocast: accelerate ignores fp16 on CPU (float32 training there).
+        fp16 = args.fp16 and args.device.type != "cpu"
+        dtype = torch.bfloat16 if args.bf16 else torch.float16 if fp16 else None
 
         def run():
             if self._manager is None:

@@ -39,7 +39,13 @@ from transformers import AutoModelForCausalLM, Trainer, default_data_collator, s
 from ..report import NotARunError, write_report
 from .auto_switch import SWITCH_STEP_KEY, switch_step_reached
 from .callbacks import EvalPerplexityCallback, ModelCardCallback, SparsityCallback
-from .checkpoints import checkpoint_step, is_complete_checkpoint, last_complete_checkpoint, write_model_card
+from .checkpoints import (
+    apply_umask_permissions,
+    checkpoint_step,
+    is_complete_checkpoint,
+    last_complete_checkpoint,
+    write_model_card,
+)
 from .cli_help import format_help, wants_help
 from .data import build_datasets
 from .evaluation import build_compute_metrics, preprocess_logits_for_metrics
@@ -56,6 +62,7 @@ from .preemption import (
     write_preemption_marker,
 )
 from .resume_check import final_step_eval, warn_on_resume_changes
+from .resume_target import check_resume_target, nothing_to_train_message
 from .run_args import ConfigError, LaunchError
 from .run_config import parse_run_config
 from .tokenizer import load_tokenizer
@@ -138,11 +145,7 @@ def already_finished(resume: str | None, args) -> bool:
     if step < args.max_steps:
         return False
     if args.process_index == 0:
-        logger.warning(
-            "nothing to train: %s is at step %d of max_steps=%d, so this run already finished; its model and "
-            "trainer_state.json in %s are left as they are (raise max_steps to train further).",
-            resume, step, args.max_steps, os.path.abspath(args.output_dir),
-        )  # fmt: skip
+        logger.warning("%s", nothing_to_train_message(resume, step, args.max_steps, args.output_dir))
     return True
 
 
@@ -160,6 +163,7 @@ def save_final_model(trainer: Trainer, output_dir: str) -> None:
     trainer.save_model(staging, _internal_call=True)
     if not trainer.is_world_process_zero():
         return
+    apply_umask_permissions(staging)  # safetensors writes model.safetensors 0600
     names = sorted(os.listdir(staging), key=lambda name: name == "config.json")
     for name in names:
         target = os.path.join(output_dir, name)
@@ -340,6 +344,8 @@ def main(argv: list[str], signals: StopSignals | None = None, status: RunStatus 
         # The marker describes the last attempt: this one starts now.
         clear_preemption_marker(args.output_dir)
     resume = resolve_resume(args)
+    # Before "nothing to train": a checkpoint that cannot be resumed is an error either way.
+    check_resume_target(resume, run.model_config)
     if already_finished(resume, args):
         return {}
     check_hub_access(run.data_args)  # before any tokenizer or dataset is fetched

@@ -6,6 +6,7 @@ with one line naming the key and its valid values.
 
 import dataclasses
 import difflib
+import functools
 import json
 import os
 import types
@@ -27,6 +28,7 @@ from .config_checks import (
     check_script_values,
     check_sparse_schedule,
     check_trainer_values,
+    warn_on_training_settings,
 )
 from .data_args import PATH_LIST_FIELDS, validate_data_args
 from .launch_checks import check_launch_environment, check_reporting_integrations
@@ -169,9 +171,18 @@ def resolve_aliases(data: dict) -> tuple[dict, bool]:
     return data, no_targets
 
 
+# TrainingArguments keys that transformers 5 removed, which run JSONs of the 4.x era still hold.
+REMOVED_TRAINER_KEYS = {
+    "warmup_ratio": "transformers 5 removed this key; give the ratio as warmup_steps below 1 (warmup_steps: 0.05 "
+    "warms up over the first 5% of the steps).",
+}
+
+
 def check_keys_and_types(data: dict) -> None:
     known = _known_keys()
     for key, value in data.items():
+        if key in REMOVED_TRAINER_KEYS:
+            raise ConfigError(f"{key}: {REMOVED_TRAINER_KEYS[key]}")
         if key not in known:
             close = difflib.get_close_matches(key, [*known, *ALIAS_KEYS], n=1)
             hint = f" Did you mean {close[0]!r}?" if close else ""
@@ -184,6 +195,53 @@ def check_keys_and_types(data: dict) -> None:
             raise ConfigError(
                 f"{key}: expected {_type_name(annotation)}, got {value!r} ({type(value).__name__})."
             )
+
+
+# Keys a model JSON may hold besides SparseLlamaConfig's fields (LlamaConfig's and
+# PretrainedConfig's among them). PretrainedConfig 5.24 turns any unknown key into an
+# attribute, so a typo ("hiden_size") would build a model with the default size; these are
+# the ones it (or load_model_config) reads:
+_MODEL_JSON_READ_KEYS = (
+    # what PretrainedConfig.__post_init__ and its RoPE conversion consume
+    "torch_dtype", "num_labels", "rope_scaling", "rope_theta", "partial_rotary_factor", "name_or_path",
+    "_commit_hash", "output_attentions", "attn_implementation", "experts_implementation", "per_layer_config",
+    # load_model_config: the original research JSONs, and files a save_pretrained wrote
+    "model_type", "max_sequence_length", *MODEL_JSON_DROPPED_KEYS,
+)  # fmt: skip
+# Inert keys every config.json written by transformers 4 carried (PretrainedConfig's old
+# __init__ arguments): a saved config of that era stays loadable as a model JSON.
+_MODEL_JSON_LEGACY_KEYS = (
+    "is_decoder", "add_cross_attention", "cross_attention_hidden_size", "tie_encoder_decoder", "prefix",
+    "tokenizer_class", "sep_token_id", "decoder_start_token_id", "task_specific_params", "finetuning_task",
+    "torchscript", "pruned_heads", "use_bfloat16", "tf_legacy_loss",
+)  # fmt: skip
+
+
+@functools.lru_cache(maxsize=1)
+def model_json_keys() -> frozenset[str]:
+    from transformers import GenerationConfig
+
+    # Generation settings saved in old configs are dropped by PretrainedConfig (they live
+    # in generation_config.json now).
+    generation = GenerationConfig._get_default_generation_params()
+    fields = {f.name for f in dataclasses.fields(SparseLlamaConfig)}
+    return frozenset(fields | set(_MODEL_JSON_READ_KEYS) | set(_MODEL_JSON_LEGACY_KEYS) | set(generation))
+
+
+def check_model_json_keys(raw: dict, path: str) -> None:
+    """Refuse a key of the model JSON that no config reads, naming the closest valid one."""
+    valid = model_json_keys()
+    for key in raw:
+        if key in valid:
+            continue
+        if key in _known_keys():
+            raise ConfigError(
+                f"{key!r} in model_config {path!r} is a key of the run JSON, not of the model JSON; move it to the "
+                f"run JSON (or pass it as --{key} VALUE)."
+            )
+        close = difflib.get_close_matches(key, sorted(valid), n=1)
+        hint = f" Did you mean {close[0]!r}?" if close else ""
+        raise ConfigError(f"unknown key {key!r} in model_config {path!r}.{hint}")
 
 
 def load_model_config(path: str, overrides: dict, block_size: int | None = None) -> SparseLlamaConfig:
@@ -204,6 +262,9 @@ def load_model_config(path: str, overrides: dict, block_size: int | None = None)
             raw = json.load(handle)
     except json.JSONDecodeError as err:
         raise ConfigError(f"model_config {path}: invalid JSON at line {err.lineno}, column {err.colno}.") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"model_config {path}: a model JSON must be an object of keys to values.")
+    check_model_json_keys(raw, path)
     model_type = raw.pop("model_type", "llama")
     if model_type not in ("llama", "sparse_llama"):
         raise ConfigError(f"model_config {path}: model_type {model_type!r} is not 'llama' or 'sparse_llama'.")
@@ -229,11 +290,30 @@ def load_model_config(path: str, overrides: dict, block_size: int | None = None)
         raise ConfigError(f"model_config {path}: {lines[-1]}") from None
 
 
+# Keys that only a model JSON has: a run JSON names its model JSON in model_config instead.
+_MODEL_ONLY_KEYS = ("model_type", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size")
+
+
+def refuse_model_json_as_run_json(path: str, data: dict) -> None:
+    """`train_hf.py configs/llama_tiny.json` would otherwise fail on its first key
+    ("unknown config key 'model_type'. Did you mean 'loro_type'?")."""
+    found = [key for key in _MODEL_ONLY_KEYS if key in data]
+    if not found or "model_config" in data:
+        return
+    raise ConfigError(
+        f"{path!r} is a model JSON (it has {', '.join(found)}), not a run JSON; name it as model_config in a run "
+        f"JSON (e.g. \"model_config\": {json.dumps(path)} in a copy of configs/quickstart.json), or pass it with "
+        f"--model_config: train_hf.py configs/quickstart.json --model_config {path}"
+    )
+
+
 def parse_run_config(argv: list[str]) -> RunConfig:
     """argv = [CONFIG.json, --key, value, ...] -> a validated `RunConfig`."""
     if not argv or argv[0].startswith("-"):
         raise ConfigError(f"usage: {USAGE}; train_hf.py --help lists the keys.")
-    data, no_weight_targets = resolve_aliases(apply_cli_overrides(read_run_json(argv[0]), argv[1:]))
+    file_data = read_run_json(argv[0])
+    refuse_model_json_as_run_json(argv[0], file_data)
+    data, no_weight_targets = resolve_aliases(apply_cli_overrides(file_data, argv[1:]))
     # TrainingArguments types resume_from_checkpoint as a path; true/false are ours: true
     # means the last finished checkpoint ("last"), false no resume.
     if data.get("resume_from_checkpoint") is True:
@@ -301,4 +381,5 @@ def parse_run_config(argv: list[str]) -> RunConfig:
     check_reporting_integrations(training_args.report_to)
     check_output_dir_path(training_args.output_dir)
     check_output_dir(training_args, script_args)
+    warn_on_training_settings(training_args, script_args)
     return RunConfig(training_args, model_config, data_args, script_args, data, eval_args)

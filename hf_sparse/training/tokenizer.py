@@ -128,6 +128,41 @@ def drop_loader_arguments(tokenizer):
     return tokenizer
 
 
+# Files a tokenizer (slow or fast, any family) may consist of.
+TOKENIZER_FILES = (
+    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json", "vocab.json",
+    "vocab.txt", "merges.txt", "tokenizer.model", "spiece.model", "chat_template.jinja", "chat_template.json",
+)  # fmt: skip
+# Those a tokenizer can load from (the others only add to one).
+_LOADABLE_TOKENIZER_FILES = (
+    "tokenizer.json", "tokenizer_config.json", "vocab.json", "vocab.txt", "merges.txt", "tokenizer.model", "spiece.model",
+)  # fmt: skip
+
+
+def check_tokenizer_folder(tokenizer_name: str | None) -> None:
+    """A local tokenizer_name must be a folder with a tokenizer in it. AutoTokenizer on an
+    empty or model-only folder fails after the hub checks, with a traceback whose last line
+    blames sentencepiece or tiktoken. Raises ValueError (one line)."""
+    if tokenizer_name is None:
+        return
+    path = os.path.expanduser(tokenizer_name)
+    if os.path.isfile(path):
+        raise ValueError(
+            f"tokenizer_name: {tokenizer_name!r} is a file; give the folder that holds the tokenizer's files "
+            "(tokenizer.json, tokenizer_config.json, ...)."
+        )
+    if not os.path.isdir(path):
+        return  # a hub id (checked with the hub access), or a missing path (said there too)
+    names = os.listdir(path)
+    if set(names) & set(_LOADABLE_TOKENIZER_FILES) or any(name.endswith((".model", ".tiktoken")) for name in names):
+        return
+    raise ValueError(
+        f"tokenizer_name: {tokenizer_name!r} is a folder without a tokenizer in it (none of "
+        f"{', '.join(_LOADABLE_TOKENIZER_FILES)}); give a folder that a tokenizer was saved to (a finished run's "
+        "output_dir holds one), a hub id such as 't5-base', or no tokenizer_name for the embedded tokenizer."
+    )
+
+
 def load_tokenizer(tokenizer_name: str | None, vocab_size: int) -> PreTrainedTokenizerFast:
     """A tokenizer with eos and pad tokens set.
 
