@@ -13,7 +13,8 @@ signal to that exit, and the steps its `activation_auto_switch` set.
 Writes OUT_DIR/exit_rank<RANK>.json, then exits with train_hf's code.
 
 EXIT_PROBE_RAISE_IN=module:attribute[.attribute] makes that callable raise RuntimeError (an
-exit path to test: a failing callback, a failing lm-eval), on every rank.
+exit path to test: a failing callback, a failing lm-eval), on every rank; with
+EXIT_PROBE_RAISE_AFTER=N its first N calls run as usual.
 """
 
 import glob
@@ -126,8 +127,13 @@ if __name__ == "__main__":
         for attribute in owners:
             owner = getattr(owner, attribute)
 
+        original, calls = getattr(owner, name), []
+
         def injected(*args, **kwargs):
-            raise RuntimeError(f"injected by the exit probe into {path}")
+            calls.append(1)
+            if len(calls) > int(os.environ.get("EXIT_PROBE_RAISE_AFTER", "0")):
+                raise RuntimeError(f"injected by the exit probe into {path}")
+            return original(*args, **kwargs)
 
         setattr(owner, name, injected)
     exit_code = None

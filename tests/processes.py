@@ -157,7 +157,7 @@ class Launched:
         if dump_stacks:
             for pid in victims:
                 _signal(pid, signal.SIGABRT)  # faulthandler writes every thread's stack, then the process dies
-            time.sleep(2)
+            time.sleep(1)
         for pid in [*self.tree(), self.pid]:
             _signal(pid, signal.SIGKILL)
         try:

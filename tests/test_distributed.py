@@ -184,8 +184,11 @@ EXIT_PATHS = {
     "nonfinite": ({"learning_rate": 1e30, "save_strategy": "no"}, {}, "train_hf.py: error: "),
     "callback_error": ({"save_steps": 2}, {"EXIT_PROBE_RAISE_IN": "hf_sparse.training.callbacks:ModelCardCallback.on_save"},
                        "RuntimeError: injected by the exit probe into ModelCardCallback.on_save"),
-    "lm_eval_error": ({"lm_eval_tasks": ["hf_sparse_heldout"], "lm_eval_limit": 2, "lm_eval_steps": 2},
-                      {"EXIT_PROBE_RAISE_IN": "hf_sparse.training.lm_eval_callback:evaluate_model"},
+    # The first in-loop evaluation (step 2) runs on rank 0 while rank 1 waits, and both log
+    # its scores; the second (step 4) fails on rank 0 and both ranks learn it.
+    "lm_eval_error": ({"lm_eval_tasks": ["hf_sparse_local"], "lm_eval_limit": 2, "lm_eval_steps": 2, "save_steps": 2},
+                      {"EXIT_PROBE_RAISE_IN": "hf_sparse.training.lm_eval_callback:evaluate_model",
+                       "EXIT_PROBE_RAISE_AFTER": "1"},
                       "RuntimeError: lm-eval failed on rank 0: RuntimeError: injected by the exit probe"),
 }  # fmt: skip
 
@@ -206,6 +209,12 @@ def test_every_failure_frees_the_run_before_the_group(tmp_path, path):
     assert [records[r]["exit_code"] for r in ("0", "1")] == [1, 1], records
     _assert_nothing_holds_a_group(records)
     assert not (tmp_path / "run" / "model.safetensors").exists()
+    if path == "lm_eval_error":  # rank 0 evaluated at step 2, the row holds its scores
+        from tests.test_lm_eval import EXPECTED_KEYS
+
+        state = json.loads((tmp_path / "run" / "checkpoint-2" / "trainer_state.json").read_text())
+        rows = [row for row in state["log_history"] if "loss" in row and row["step"] == 2]
+        assert rows and EXPECTED_KEYS <= set(rows[0]), rows
 
 
 def _send(launched, target: str, signum) -> float:

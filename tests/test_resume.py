@@ -118,16 +118,15 @@ def _stop_after_logged_steps(launched, steps: int, signals) -> None:
         time.sleep(0.05)
 
 
-def test_sigterm_stops_after_a_checkpoint_and_resume_continues_exactly(tmp_path):
-    """SIGTERM (preemption) finishes the step, writes a complete checkpoint, says how to
-    resume in one line and exits 143; the resumed run then reproduces the uninterrupted one
-    exactly. No periodic checkpoints here: the signal's is the only one. A Ctrl-C pressed
-    twice stops at once (130, one line, no traceback)."""
+def test_sigterm_stops_after_a_checkpoint_and_a_second_ctrl_c_at_once(tmp_path):
+    """A real process and a real SIGTERM (preemption): it finishes the step, writes a
+    complete checkpoint, says how to resume in one line and exits 143, no traceback. No
+    periodic checkpoints here: the signal's is the only one. A Ctrl-C pressed twice stops
+    at once (130, one line, no traceback). (That the resumed run reproduces the
+    uninterrupted one exactly: test_distributed.py, 2 processes; every moment a signal can
+    land and the resume after it: test_signals.py.)"""
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
     steps = 12
-    full = processes.run([sys.executable, TRAIN, _config(tmp_path, "full", max_steps=steps, save_strategy="no")],
-                          cwd=REPO_ROOT, env=env, timeout=600)
-    assert full.returncode == 0, full.stderr[-3000:]
     config = _config(tmp_path, "stopped", max_steps=steps, save_strategy="steps", save_steps=1000)
     with processes.Launched([sys.executable, TRAIN, config], env=env, merge_output=False) as proc:
         _stop_after_logged_steps(proc, 3, [signal.SIGTERM])
@@ -145,12 +144,7 @@ def test_sigterm_stops_after_a_checkpoint_and_resume_continues_exactly(tmp_path)
     assert "Traceback" not in stderr
     # Nothing looks finished: no final model, no trainer_state.json at the top.
     assert not (stopped_dir / "model.safetensors").exists() and not (stopped_dir / "trainer_state.json").exists()
-
-    resumed = processes.run([sys.executable, TRAIN, config, "--resume_from_checkpoint", "true"],
-                             cwd=REPO_ROOT, env=env, timeout=600)  # fmt: skip
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
-    expected, got = _losses(tmp_path / "full"), _losses(stopped_dir)
-    assert [got[s] for s in range(stopped_at + 1, steps + 1)] == [expected[s] for s in range(stopped_at + 1, steps + 1)]
+    assert json.loads((stopped_dir / "preempted.json").read_text())["checkpoint"] == checkpoint
 
     with processes.Launched([sys.executable, TRAIN, _config(tmp_path, "twice", max_steps=1000)], env=env,
                             merge_output=False) as twice:  # fmt: skip
