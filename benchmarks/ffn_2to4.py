@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import os
 import statistics
 import sys
@@ -132,16 +133,21 @@ def bench_shape(d, f, args, device, dtype, timer):
     # baseline runs the same two GEMMs in FP8 as the op does.
     dense = fp8_dense_ffn if args.fp8 else relu2_ffn_reference
     variants = {"dense": (dense, {}), "sparse": (sparse, {})}  # stages: the device default
+    if args.go_no_go_only:
+        # The one comparison that decides: compiled op vs compiled dense FFN, nothing else
+        # compiled or timed (each compiled variant costs a cold compile at the 7B shape).
+        variants = {}
     if args.compile:
         # Compiled dense FFN (relu+square fused) against the 2:4 op with compiled stages,
         # the comparison that matters once a user sets torch_compile.
         variants["dense_c"] = (torch.compile(dense), {})
         variants["sparse_c"] = (torch.compile(sparse), {sparse_ffn.COMPILE_STAGES_ENV: "1"})
-        # The op called eagerly but with its stages compiled (HF_SPARSE_COMPILE_STAGES=1
-        # in an eager model): compared with the eager dense FFN.
-        variants["sparse_s"] = (sparse, {sparse_ffn.COMPILE_STAGES_ENV: "1"})
+        if not args.go_no_go_only:
+            # The op called eagerly but with its stages compiled (HF_SPARSE_COMPILE_STAGES=1
+            # in an eager model): compared with the eager dense FFN.
+            variants["sparse_s"] = (sparse, {sparse_ffn.COMPILE_STAGES_ENV: "1"})
     kernel_ok = device.type == "cuda" and kernels.use_2to4_kernel(x.detach(), w_up.detach(), w_down.detach())
-    if device.type == "cuda" and not args.fp8:
+    if device.type == "cuda" and not args.fp8 and not args.go_no_go_only:
         # Same op with the kernel switched off: separates mask overhead from GEMM gains.
         variants["sparse_ref"] = (sparse, {kernels.DISABLE_ENV: "1"})
     times = {k: ([], []) for k in variants}
@@ -169,6 +175,33 @@ def bench_shape(d, f, args, device, dtype, timer):
     return out, kernel_ok
 
 
+def table_provenance(named_shapes, device) -> dict[str, str]:
+    """Per GEMM, whether the verdict table file already held its verdict before this run
+    tuned anything ("read from FILE") or this run tunes it ("tuned now"): a speed-up read back
+    from an old file must not pass for a measurement of this run."""
+    path = gemm_tuning.table_path()
+    try:
+        with open(path, encoding="utf-8") as handle:
+            data = json.load(handle)
+    except (OSError, ValueError):
+        data = {}
+    tables = data.get("tables") if isinstance(data, dict) else None
+    held = tables.get(gemm_tuning.table_key(device)) if isinstance(tables, dict) else None
+    held = held if isinstance(held, dict) else {}
+    return {name: (f"read from {path}" if shape.key() in held else "tuned now") for name, shape in named_shapes}
+
+
+def path_label(kernel_ok: bool, named_shapes, device) -> str:
+    """The GEMM path as the verdicts make it, not as eligibility alone would suggest."""
+    if not kernel_ok:
+        return "plain-GEMM path"
+    alg = kernels.cusparselt_alg_id()
+    sparse = [name for name, shape in named_shapes if gemm_tuning.choice_for(shape, device, alg, read_only=True).use_sparse()]
+    if not sparse:
+        return "cuSPARSELt path, every GEMM dense by verdict"
+    return f"cuSPARSELt path, {len(sparse)} of {len(named_shapes)} GEMMs sparse ({', '.join(sparse)})"
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -192,10 +225,16 @@ def main(argv=None):
         help="with --compile: end with one GO/NO-GO line per shape, compiled 2:4 op vs compiled dense FFN",
     )  # fmt: skip
     p.add_argument(
+        "--go-no-go-only", action="store_true",
+        help="time only the compiled 2:4 op and the compiled dense FFN (implies --compile --go-no-go): the answer first",
+    )  # fmt: skip
+    p.add_argument(
         "--gemm-table", action="store_true",
         help="GPU: make and print the per-shape sparse-or-dense GEMM verdicts (gemm_tuning) before timing",
     )  # fmt: skip
     args = p.parse_args(argv)
+    if args.go_no_go_only:
+        args.compile = args.go_no_go = True
 
     device = torch.device(args.device)
     gpu = device.type == "cuda"
@@ -216,16 +255,25 @@ def main(argv=None):
     header = f"{'shape':>12} {'variant':>10} {'fwd ms':>9} {'bwd ms':>9} {'fwd+bwd':>9} {'fwd x':>7} {'bwd x':>7} {'f+b x':>7}"
     print(header)
     print("-" * len(header))
-    verdicts = []
+    precision = "fp8" if args.fp8 else str(dtype).replace("torch.", "")
+    answered = False
     for name, d, f in shapes:
+        named = sparse_ffn.ffn_gemm_shapes(args.tokens, d, f, dtype, args.dense_features, args.backward)
         if args.gemm_table and gpu:
-            named = sparse_ffn.ffn_gemm_shapes(args.tokens, d, f, dtype, args.dense_features, args.backward)
+            provenance = table_provenance(named, device)
             for _, shape in named:
                 gemm_tuning.choice_for(shape, device, kernels.cusparselt_alg_id())
             print(gemm_tuning.format_gemm_table([(f"{name} {n}", shape) for n, shape in named], device))
+            print("  verdicts: " + "; ".join(f"{n} {where}" for n, where in provenance.items()), flush=True)
         res, kernel_ok = bench_shape(d, f, args, device, dtype, timer)
-        if "sparse_c" in res:
-            verdicts.append((name if name == f"{d}x{f}" else f"{name} {d}x{f}", res["sparse_c"][3][2], kernel_ok))
+        if args.go_no_go and "sparse_c" in res:
+            # Said as soon as it is measured: a later step may not get to run.
+            label = name if name == f"{d}x{f}" else f"{name} {d}x{f}"
+            ratio = res["sparse_c"][3][2]
+            path = path_label(kernel_ok, named, device) if gpu else "plain-GEMM path"
+            print(f"go/no-go ({precision}, {path}): compiled 2:4 op / compiled dense FFN at {label} = {ratio:.3f} -> "
+                  f"{'GO' if ratio < 1.0 else 'NO-GO'}", flush=True)  # fmt: skip
+            answered = True
         for variant, (fw, bw, both, (rf, rb, rboth)) in res.items():
             label = variant
             if variant == "sparse" and gpu:
@@ -238,14 +286,8 @@ def main(argv=None):
         "ratios are sparse/dense time, median of per-repeat ratios (< 1 means faster than dense); "
         "*_c rows: both compiled; sparse_s: eager op with compiled stages vs eager dense"
     )
-    if args.go_no_go:
-        if not verdicts:
-            print("go/no-go: needs --compile (the baseline is the compiled dense FFN)")
-        precision = "fp8" if args.fp8 else str(dtype).replace("torch.", "")
-        for label, ratio, kernel_ok in verdicts:
-            path = "cuSPARSELt path" if kernel_ok else "plain-GEMM path"
-            decision = "GO" if ratio < 1.0 else "NO-GO"
-            print(f"go/no-go ({precision}, {path}): compiled 2:4 op / compiled dense FFN at {label} = {ratio:.3f} -> {decision}")
+    if args.go_no_go and not answered:
+        print("go/no-go: needs --compile (the baseline is the compiled dense FFN)")
 
 
 if __name__ == "__main__":
