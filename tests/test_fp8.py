@@ -14,7 +14,7 @@ from hf_sparse.model.fp8 import FP8, FP8_MAX, quantize_rows
 from hf_sparse.model.sparse_ffn import BACKWARD_MODES, SPARSE_METHODS, make_token_permutation, relu2_2to4_ffn
 from hf_sparse.training.run_args import ConfigError
 from hf_sparse.training.run_config import parse_run_config
-from tests.cslt_emulator import emulated_cusparselt  # noqa: F401  (fixture)
+from tests.cslt_emulator import emulated_cusparselt, emulated_cusparselt_cuda_rules  # noqa: F401  (fixtures)
 from tests.test_sparse_ffn import make_inputs, run_op
 
 BF16 = torch.bfloat16
@@ -106,3 +106,21 @@ def test_tiny_model_trains_with_fp8(emulated_cusparselt):
     loss = model(input_ids=ids, labels=ids).loss
     loss.backward()
     assert torch.isfinite(loss) and any(c.dtype == FP8 for c in emulated_cusparselt.mm_calls)
+
+
+@pytest.mark.parametrize("verdicts", ["dense", "sparse"])
+def test_fp8_on_either_gemm_verdict_matches_bf16(emulated_cusparselt_cuda_rules, monkeypatch, verdicts):
+    """The FP8 GEMMs as training decides them (CUDA decision path, emulated backend): where
+    the verdict is dense, `torch._scaled_mm` runs instead of the 2:4 GEMM, with the same
+    row and column scales, applied once (applied twice, the result would be off by ~100%)."""
+    from hf_sparse.model.gemm_tuning import GEMMS_ENV
+
+    monkeypatch.setenv(GEMMS_ENV, verdicts)
+    x, w_up, w_down, dy = make_inputs(t=64, d=32, f=64, dtype=BF16, seed=40)
+    bf16 = run_op(x, w_up, w_down, dy)
+    emulated_cusparselt_cuda_rules.reset()
+    fp8 = run_op(x, w_up, w_down, dy, fp8=True)
+    for name, a, b in zip(("y", "dx"), fp8[:2], bf16[:2]):
+        assert rel_err(a, b) < FP8_RTOL, f"{verdicts}/{name}: {rel_err(a, b):.3g}"
+    fp8_calls = [c for c in emulated_cusparselt_cuda_rules.mm_calls if c.dtype == FP8]
+    assert (len(fp8_calls) >= 2) == (verdicts == "sparse")  # dense verdicts: no FP8 2:4 GEMM at all
