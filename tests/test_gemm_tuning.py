@@ -1,8 +1,10 @@
 """Per-shape 2:4 GEMM verdicts (hf_sparse/model/gemm_tuning.py) on CPU: the CUDA decision
 path runs against the emulated cuSPARSELt (tests/cslt_emulator.py) with an injected timer.
 
-What is checked: the verdict takes the fastest *correct* alg id and compares it, with its
-compression, against the dense GEMM; it is kept in a JSON table keyed by GPU, torch and
+What is checked: the verdict takes the fastest *correct* candidate (every alg id the
+library has, whether or not torch knows the count, plus the library's own pick with its
+split-k) and compares it, with its compression, against the dense GEMM; a non-finite
+product is never correct; the verdict is kept in a JSON table keyed by GPU, torch and
 cuSPARSELt versions; HF_SPARSE_2TO4_GEMMS overrides it; tuning is bounded; nothing is
 ever tuned or cached while torch.compile traces; and a compiled model runs the sparse
 GEMMs after compilation, across the dense->sparse switch.
@@ -17,10 +19,12 @@ import torch
 
 from hf_sparse import SparseLlamaForCausalLM, set_training_step
 from hf_sparse.model import gemm_tuning, kernels
-from hf_sparse.model.gemm_tuning import GemmShape, choice_for, gemm_choice, set_gemm_timer
+from hf_sparse.model.gemm_tuning import CsltConfig, GemmShape, choice_for, gemm_choice, set_gemm_timer
 from hf_sparse.model.modeling_sparse_llama import prepare_2to4_gemms
 from hf_sparse.model.sparse_ffn import ffn_gemm_shapes, relu2_2to4_ffn
+from tests.cslt_emulator import NUM_ALG_IDS, UNREPORTED_ALG_IDS, install
 from tests.cslt_emulator import emulated_cusparselt_cuda_rules  # noqa: F401  (fixture)
+from tests.cslt_emulator import emulated_cusparselt_unknown_count  # noqa: F401  (fixture)
 from tests.conftest import tiny_config
 
 BF16 = torch.bfloat16
@@ -28,17 +32,24 @@ SHAPE = GemmShape(64, 128, 32, "row", False, "bfloat16")
 
 
 class FakeTimer:
-    """Seconds per call by kind ("sparse" per alg id, "compress", "dense"); records calls."""
+    """Seconds per call by kind ("sparse" per config, "compress", "dense"); records calls.
+
+    ``sparse`` is keyed by (alg id, split_k, split_k_mode) or, for the library's default
+    split-k, by the alg id alone."""
 
     def __init__(self, sparse, compress=0.1, dense=1.0):
         self.sparse, self.compress, self.dense = sparse, compress, dense
         self.calls = []
 
-    def __call__(self, kind, alg_id, run):
-        self.calls.append((kind, alg_id))
+    def __call__(self, kind, config, run):
+        self.calls.append((kind, config))
         if kind == "sparse":
-            return self.sparse.get(alg_id, 10.0)
+            fallback = self.sparse.get(config.alg_id, 10.0) if config.has_default_split_k() else 10.0
+            return self.sparse.get(tuple(config), fallback)
         return self.compress if kind == "compress" else self.dense
+
+    def sparse_timed(self):
+        return [config for kind, config in self.calls if kind == "sparse"]
 
 
 @pytest.fixture
@@ -53,7 +64,7 @@ def test_fastest_correct_alg_id_wins_and_is_compared_with_dense(emulated_cuspars
     emulated_cusparselt_cuda_rules.wrong_alg_ids = {2}  # the fastest one computes garbage
     choice = choice_for(SHAPE, "cpu")
     assert choice.alg_id == 1  # 2 is faster but wrong, so it was never timed
-    assert ("sparse", 2) not in timer.calls and ("sparse", 1) in timer.calls
+    assert CsltConfig(2) not in timer.sparse_timed() and CsltConfig(1) in timer.sparse_timed()
     assert "wrong: [2]" in choice.reason
     assert choice.use_sparse()  # 0.5 + 0.1 compression < 1.0 dense
     assert choice.speedup() == pytest.approx(1.0 / 0.6)
@@ -69,7 +80,85 @@ def test_no_correct_alg_id_means_dense(emulated_cusparselt_cuda_rules, timer):
     emulated_cusparselt_cuda_rules.wrong_alg_ids = set(range(8))
     choice = choice_for(SHAPE, "cpu")
     assert choice.alg_id == -1 and not choice.use_sparse()
-    assert not [c for c in timer.calls if c[0] == "sparse"]
+    assert timer.sparse_timed() == []
+
+
+LIBRARIES = {
+    # (get_max_alg_id() reports the count, torch._C._cusparselt.mm_search exists), the alg ids there are
+    "count reported (cuSPARSELt 0.6.2)": (True, True, NUM_ALG_IDS),
+    "count unreported, search (0.7/0.8 wheels)": (False, True, UNREPORTED_ALG_IDS),
+    "count unreported, no search binding": (False, False, UNREPORTED_ALG_IDS),
+}
+
+
+@pytest.mark.parametrize("library", LIBRARIES)
+def test_every_alg_id_the_library_has_is_verified_and_timed(monkeypatch, timer, library):
+    """torch 2.13 knows the alg-id count of three cuSPARSELt versions only; on the others
+    (what the CUDA wheels ship) the ids are found through the library's search or by
+    trying them upwards until one is refused, never only the configured one."""
+    reported, search, count = LIBRARIES[library]
+    emu = install(monkeypatch, cuda_rules=True, alg_count_reported=reported, library_search=search)
+    assert hasattr(torch._C, "_cusparselt") == search
+    last = count - 1
+    timer.sparse = {0: 0.9, last: 0.2}  # the last id is the fastest
+    choice = choice_for(SHAPE, "cpu")
+    assert choice.config == CsltConfig(last) and choice.use_sparse()
+    assert {c.alg_id for c in emu.mm_calls} == set(range(count))
+    assert set(timer.sparse_timed()) == {CsltConfig(alg) for alg in range(count)}
+    # A reported count is never exceeded; otherwise the one id past the end is refused once
+    # (the search's max id, or the probe's first miss) and ends the range.
+    assert emu.refused_alg_ids == ([] if reported else [count])
+    assert len(emu.search_calls) == (1 if search else 0)
+
+
+def test_the_library_pick_with_split_k_is_verified_timed_saved_and_replayed(emulated_cusparselt_unknown_count, timer):
+    emu = emulated_cusparselt_unknown_count
+    emu.search_pick = (5, 4, 1)  # alg 5 with split-k 4 in two kernels
+    timer.sparse = {0: 0.9, 5: 0.7, (5, 4, 1): 0.3}
+    choice = choice_for(SHAPE, "cpu")
+    assert choice.config == CsltConfig(5, 4, 1) and choice.use_sparse()
+    verified = {(c.alg_id, c.split_k, c.split_k_mode) for c in emu.mm_calls}
+    assert (5, 4, 1) in verified and (5, 1, -1) in verified  # the pick and the id at the default split-k
+    with open(gemm_tuning.table_path(), encoding="utf-8") as handle:
+        entry = json.load(handle)["tables"][gemm_tuning.table_key("cpu")][SHAPE.key()]
+    assert (entry["alg_id"], entry["split_k"], entry["split_k_mode"]) == (5, 4, 1)
+    gemm_tuning.reset_gemm_choices()  # a new process reads it back whole
+    assert choice_for(SHAPE, "cpu") == choice
+    # The op replays exactly what was verified and timed.
+    emu.reset()
+    a, b = gemm_tuning._random_operands(SHAPE, "cpu", torch.Generator().manual_seed(0))
+    out = kernels.sparse24_mm(a, b)
+    assert [(c.alg_id, c.split_k, c.split_k_mode) for c in emu.mm_calls] == [(5, 4, 1)]
+    assert (out.float() - a.float() @ b.float()).norm() <= 1e-2 * (a.float() @ b.float()).norm()
+
+
+def test_a_wrong_library_pick_is_never_timed(emulated_cusparselt_unknown_count, timer):
+    """The search goes by speed only: its pick is verified like any other candidate."""
+    emu = emulated_cusparselt_unknown_count
+    emu.search_pick = (3, 2, 0)
+    emu.wrong_alg_ids = {3}
+    timer.sparse = {(3, 2, 0): 0.01, 1: 0.5}
+    choice = choice_for(SHAPE, "cpu")
+    assert choice.config == CsltConfig(1)
+    assert CsltConfig(3, 2, 0) not in timer.sparse_timed()
+    assert "3 split-k 2 mode 0" in choice.reason and "wrong: [" in choice.reason
+
+
+@pytest.mark.parametrize("value", [math.nan, math.inf], ids=["nan", "inf"])
+def test_a_non_finite_product_fails_verification_and_never_wins(emulated_cusparselt_cuda_rules, timer, value):
+    """An alg id whose product holds one NaN (or inf) is wrong, however fast: the check
+    must fail it, not let a NaN error compare as small."""
+    emulated_cusparselt_cuda_rules.non_finite_alg_ids = {2: value}
+    choice = choice_for(SHAPE, "cpu")
+    assert choice.alg_id == 1 and "wrong: [2]" in choice.reason  # 2 is the fastest in the timer
+    assert CsltConfig(2) not in timer.sparse_timed()
+    ok, detail = gemm_tuning.verify_alg_id(SHAPE, "cpu", 2)
+    assert not ok and detail.endswith(("nan", "inf"))
+    # Nor may it become a verdict when it is the configured id and forced.
+    gemm_tuning._choices.clear()
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv(gemm_tuning.GEMMS_ENV, "sparse")
+        assert not choice_for(SHAPE, "cpu", configured_alg=2).use_sparse()
 
 
 def test_verdicts_persist_in_a_table_keyed_by_gpu_and_versions(emulated_cusparselt_cuda_rules, timer, monkeypatch):
