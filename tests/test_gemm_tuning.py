@@ -5,14 +5,17 @@ What is checked: the verdict takes the fastest *correct* candidate (every alg id
 library has, whether or not torch knows the count, plus the library's own pick with its
 split-k) and compares it, with its compression, against the dense GEMM; a non-finite
 product is never correct; the verdict is kept in a JSON table keyed by GPU, torch and
-cuSPARSELt versions; HF_SPARSE_2TO4_GEMMS overrides it; tuning is bounded; nothing is
-ever tuned or cached while torch.compile traces; and a compiled model runs the sparse
-GEMMs after compilation, across the dense->sparse switch.
+cuSPARSELt versions, which is checked on every read and never crashes a run;
+HF_SPARSE_2TO4_GEMMS overrides it; tuning is bounded by one budget per process, and a
+verdict the budget cut short is never saved; nothing is ever tuned or cached while
+torch.compile traces; and a compiled model runs the sparse GEMMs after compilation, across
+the dense->sparse switch.
 """
 
 import json
 import logging
 import math
+import os
 
 import pytest
 import torch
@@ -35,14 +38,21 @@ class FakeTimer:
     """Seconds per call by kind ("sparse" per config, "compress", "dense"); records calls.
 
     ``sparse`` is keyed by (alg id, split_k, split_k_mode) or, for the library's default
-    split-k, by the alg id alone."""
+    split-k, by the alg id alone. Each timing advances the budget clock (:meth:`clock`) by
+    ``cost_s``, so budget tests run on fake seconds."""
 
-    def __init__(self, sparse, compress=0.1, dense=1.0):
+    def __init__(self, sparse, compress=0.1, dense=1.0, cost_s=0.0):
         self.sparse, self.compress, self.dense = sparse, compress, dense
+        self.cost_s = cost_s
+        self.now = 0.0
         self.calls = []
+
+    def clock(self):
+        return self.now
 
     def __call__(self, kind, config, run):
         self.calls.append((kind, config))
+        self.now += self.cost_s
         if kind == "sparse":
             fallback = self.sparse.get(config.alg_id, 10.0) if config.has_default_split_k() else 10.0
             return self.sparse.get(tuple(config), fallback)
@@ -55,7 +65,7 @@ class FakeTimer:
 @pytest.fixture
 def timer():
     fake = FakeTimer({0: 0.9, 1: 0.5, 2: 0.3, 3: 0.6})
-    set_gemm_timer(fake)
+    set_gemm_timer(fake, fake.clock)
     yield fake
     set_gemm_timer(None)
 
@@ -102,7 +112,7 @@ def test_every_alg_id_the_library_has_is_verified_and_timed(monkeypatch, timer, 
     last = count - 1
     timer.sparse = {0: 0.9, last: 0.2}  # the last id is the fastest
     choice = choice_for(SHAPE, "cpu")
-    assert choice.config == CsltConfig(last) and choice.use_sparse()
+    assert choice.config == CsltConfig(last) and choice.use_sparse() and not choice.provisional
     assert {c.alg_id for c in emu.mm_calls} == set(range(count))
     assert set(timer.sparse_timed()) == {CsltConfig(alg) for alg in range(count)}
     # A reported count is never exceeded; otherwise the one id past the end is refused once
@@ -218,6 +228,66 @@ def test_tuning_budget_is_bounded_and_said(emulated_cusparselt_cuda_rules, timer
     assert not first.use_sparse() and first.reason == "budget spent"
     assert timer.calls == []
     assert sum("tuning budget" in r.getMessage() for r in caplog.records) == 1
+
+
+SHAPES = [GemmShape(64, 128, 32, "row", False, "bfloat16"), GemmShape(32, 64, 16, "col", True, "bfloat16"),
+          GemmShape(64, 64, 16, "row", True, "bfloat16")]  # fmt: skip
+TIMINGS_PER_SHAPE = 2 + NUM_ALG_IDS  # dense, compression, every alg id
+
+
+def test_one_budget_per_process_across_shapes_and_said_once(emulated_cusparselt_cuda_rules, timer, monkeypatch, caplog):
+    """The budget is the process's, not each shape's: the first shape is tuned whole, the
+    second is cut short (provisional), the third finds nothing left; one warning."""
+    timer.cost_s = 1.0  # each timing costs one second of the budget clock
+    budget = TIMINGS_PER_SHAPE + 5
+    monkeypatch.setenv(gemm_tuning.TUNE_SECONDS_ENV, str(budget))
+    with caplog.at_level(logging.WARNING, logger="hf_sparse"):
+        first, second, third = (choice_for(shape, "cpu") for shape in SHAPES)
+    assert not first.provisional and "8 of 8 candidates timed" in first.reason
+    assert second.provisional and second.alg_id >= 0 and "cut short" in second.reason
+    assert third.provisional and third.reason == "budget spent" and not third.use_sparse()
+    assert len(timer.calls) == TIMINGS_PER_SHAPE + 6  # the second shape: 5 timings fit, a 6th started in time
+    # Checked before each timing: overrun by one timing at most.
+    assert budget <= gemm_tuning._budget["spent"] <= budget + timer.cost_s
+    assert sum("tuning budget" in r.getMessage() for r in caplog.records) == 1
+    saved = json.load(open(gemm_tuning.table_path(), encoding="utf-8"))["tables"][gemm_tuning.table_key("cpu")]
+    assert set(saved) == {SHAPES[0].key()}  # provisional verdicts are not saved
+
+
+def test_a_provisional_verdict_is_not_read_back_as_final(emulated_cusparselt_cuda_rules, timer, monkeypatch):
+    """A 3 s budget once saved the best of the first 3 ids for good, and a later 600 s run
+    read it back though id 7 was the fastest: now the next process tunes it whole."""
+    timer.sparse = {0: 0.9, 1: 0.8, 2: 0.7, 7: 0.2}
+    timer.cost_s = 1.0
+    monkeypatch.setenv(gemm_tuning.TUNE_SECONDS_ENV, "4.5")  # dense, compression, ids 0-2
+    cut = choice_for(SHAPE, "cpu")
+    assert cut.provisional and cut.alg_id == 2
+    assert choice_for(SHAPE, "cpu") is cut  # used for the rest of this process
+    assert not os.path.exists(gemm_tuning.table_path())
+    # A table entry marked provisional (another version's, a hand edit) is not final either.
+    key = gemm_tuning.table_key("cpu")
+    marked = dict(gemm_tuning.asdict(cut))
+    with open(gemm_tuning.table_path(), "w", encoding="utf-8") as handle:
+        json.dump({"format": gemm_tuning.TABLE_FORMAT, "tables": {key: {SHAPE.key(): marked}}}, handle)
+    gemm_tuning.reset_gemm_choices()  # the next process, with time to spare
+    monkeypatch.setenv(gemm_tuning.TUNE_SECONDS_ENV, "600")
+    timer.calls.clear()
+    final = choice_for(SHAPE, "cpu")
+    assert final.alg_id == 7 and not final.provisional and timer.sparse_timed()
+    gemm_tuning.reset_gemm_choices()
+    timer.calls.clear()
+    assert choice_for(SHAPE, "cpu") == final and timer.calls == []  # saved, read back
+
+
+def test_the_budget_also_bounds_verification(emulated_cusparselt_cuda_rules, timer, monkeypatch):
+    """Verification is checked against the same budget clock before every product."""
+    clock = iter(range(1000))
+    gemm_tuning.set_gemm_timer(timer, lambda: float(next(clock)))  # each clock read: one more second
+    monkeypatch.setenv(gemm_tuning.TUNE_SECONDS_ENV, "3")
+    emu = emulated_cusparselt_cuda_rules
+    choice = choice_for(SHAPE, "cpu")
+    assert choice.provisional and not choice.use_sparse()
+    assert len(emu.mm_calls) <= 3 and timer.calls == []
 
 
 def test_nothing_is_tuned_or_cached_while_tracing(emulated_cusparselt_cuda_rules, timer, monkeypatch):

@@ -24,8 +24,11 @@ Verdicts are kept per process and in a JSON file under the HF cache, keyed by GP
 torch version and cuSPARSELt version (another GPU or library version re-tunes).
 ``HF_SPARSE_2TO4_GEMMS`` = ``auto`` (default) | ``sparse`` (always the configured alg id,
 once it is verified at the shape) | ``dense``. Tuning spends at most
-``HF_SPARSE_TUNE_SECONDS`` (default 60) per process and says so in the log when that runs
-out; shapes not decided by then use dense GEMMs.
+``HF_SPARSE_TUNE_SECONDS`` (default 60) per process, all shapes together; the budget is
+checked before every call that verifies or times, so it is overrun by one timing at
+most. A verdict the budget cut short (not every candidate verified and timed) is
+*provisional*: used by this process, never saved, so the next run tunes that shape
+again; shapes met after the budget is spent use dense GEMMs. Both are said once.
 
 Nothing here runs while torch.compile traces: a lookup on fake tensors or inside
 tracing only reads the table (a missing verdict reads as dense and is not stored), so a
@@ -123,6 +126,8 @@ class GemmChoice:
     # The split-k setting alg_id was verified and timed with; replayed with it.
     split_k: int = 1
     split_k_mode: int = -1
+    # Cut short by the tuning budget: this process uses it, nothing saves it.
+    provisional: bool = False
 
     @property
     def config(self) -> CsltConfig:
@@ -168,13 +173,16 @@ _lock = threading.Lock()
 _table_loaded: list[str] = []  # the table key whose file was read
 _budget = {"spent": 0.0, "warned": False}
 _timer: list[Callable] = [_default_timer]
+_clock: list[Callable[[], float]] = [time.perf_counter]  # what the budget is measured with
 
 
-def set_gemm_timer(timer: Optional[Callable]) -> None:
+def set_gemm_timer(timer: Optional[Callable], clock: Optional[Callable[[], float]] = None) -> None:
     """Replace the timer (``timer(kind, config, run) -> seconds``; kind is "sparse" with
-    the :class:`CsltConfig` timed, or "compress"/"dense" with None); ``None`` restores
-    the real one. For tests."""
+    the :class:`CsltConfig` timed, or "compress"/"dense" with None) and the clock the
+    tuning budget is measured with (seconds, like ``time.perf_counter``); ``None``
+    restores the real ones. For tests."""
     _timer[0] = timer or _default_timer
+    _clock[0] = clock or time.perf_counter
 
 
 def reset_gemm_choices() -> None:
@@ -247,20 +255,22 @@ def _load_table(device) -> None:
     entries = _read_table(table_path()).get("tables", {}).get(key, {})
     for shape_key, fields in entries.items():
         try:
-            _choices.setdefault(f"{key}/{shape_key}", GemmChoice(**fields))
+            choice = GemmChoice(**fields)
         except TypeError:
             continue  # an entry of another layout of this file: re-tuned when met
+        if not choice.provisional:  # never written so; not final if it is
+            _choices.setdefault(f"{key}/{shape_key}", choice)
 
 
 def _save_table(device) -> None:
-    """Merge this process's verdicts for ``device`` into the file (atomic replace)."""
+    """Merge this process's final verdicts for ``device`` into the file (atomic replace)."""
     key = table_key(device)
     path = table_path()
     data = _read_table(path, warn=False) or {"format": TABLE_FORMAT, "tables": {}}
     mine = data["tables"].setdefault(key, {})
     prefix = key + "/"
     for full_key, choice in _choices.items():
-        if full_key.startswith(prefix) and choice.forced is None and not choice.reason.startswith("budget"):
+        if full_key.startswith(prefix) and choice.forced is None and not choice.provisional:
             mine[full_key[len(prefix):]] = asdict(choice)
     try:
         os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
@@ -326,7 +336,7 @@ def _verify(
     of ``configs`` (:class:`CsltConfig`) at ``shape`` over ``draws``
     random 2:4 operands, each draw's dense reference computed once for all (host syncs; a
     private generator leaves the global RNG stream, MVUE's, untouched). Configs not
-    checked by ``deadline`` (perf_counter) fail as BUDGET_SPENT. ``open_ended``: the
+    checked by ``deadline`` (the budget clock) fail as BUDGET_SPENT. ``open_ended``: the
     library did not say how many alg ids it has, so the first alg id it refuses ends the
     range: higher ids (default split-k) fail as PAST_THE_END, untried."""
     gen = torch.Generator(device=device)
@@ -340,7 +350,7 @@ def _verify(
         for config in configs:
             if config in failed:
                 continue
-            if time.perf_counter() > deadline:
+            if _clock[0]() > deadline:
                 failed[config] = (BUDGET_SPENT, BUDGET_SPENT)
                 continue
             try:
@@ -425,7 +435,8 @@ def _labels(configs) -> str:
 
 
 def tune(shape: GemmShape, device, configured_alg: int = 0) -> GemmChoice:
-    """Verify and time the candidates for ``shape`` (see the module docstring)."""
+    """Verify and time the candidates for ``shape`` (see the module docstring), within
+    what is left of the process's tuning budget."""
     mode = gemm_mode()
     nan = math.nan
     if mode == "dense":
@@ -437,48 +448,62 @@ def tune(shape: GemmShape, device, configured_alg: int = 0) -> GemmChoice:
                            shape.label(), configured_alg, detail)
             return GemmChoice(-1, nan, nan, nan, f"alg id {configured_alg} wrong ({detail})", forced=False)
         return GemmChoice(configured_alg, nan, nan, nan, f"{GEMMS_ENV}=sparse", forced=True)
-    started = time.perf_counter()
-    timer = _timer[0]
+    clock = _clock[0]
+    started = clock()
     try:
-        gen = torch.Generator(device=device)
-        gen.manual_seed(99)
-        a, b = _random_operands(shape, device, gen)
-        packed = torch._cslt_compress(a)
-        searched, search_limit = _library_search(packed, b, shape.transpose_result)
-        candidates, open_ended = _candidates(configured_alg, searched, search_limit)
-        failed, _worst = _verify(shape, device, candidates, deadline=started + _budget_left(), open_ended=open_ended)
-        why = {config: reason for config, (reason, _detail) in failed.items()}
-        wrong = [config for config in candidates if why.get(config) == WRONG]
-        refused = [config for config in candidates if why.get(config) == REFUSED]
-        best, best_s, tried = None, math.inf, 0
-        for config in candidates:
-            if config in why:
-                continue
-            if time.perf_counter() - started > _budget_left():
-                break
-            tried += 1
-            seconds = timer("sparse", config, lambda c=config: cslt_sparse_mm(packed, b, shape.transpose_result, c))
-            if seconds < best_s:
-                best, best_s = config, seconds
-        if best is None:
-            if not wrong and not refused and tried == 0:
-                return GemmChoice(-1, nan, nan, nan, BUDGET_SPENT)
-            return GemmChoice(-1, nan, nan, nan, f"no correct alg id (wrong: {_labels(wrong)}, refused: {_labels(refused)})")
-        compress_s = timer("compress", None, lambda: torch._cslt_compress(a))
-        dense_s = timer("dense", None, lambda: _dense_mm(a, b, shape.transpose_result))
+        return _tune_until(shape, device, configured_alg, deadline=started + _budget_left())
     finally:
-        _budget["spent"] += time.perf_counter() - started
-    detail = f"{tried} of {len(candidates)} candidates timed" + (f", wrong: {_labels(wrong)}" if wrong else "")
+        _budget["spent"] += clock() - started
+
+
+def _tune_until(shape: GemmShape, device, configured_alg: int, deadline: float) -> GemmChoice:
+    clock, timer, nan = _clock[0], _timer[0], math.nan
+    gen = torch.Generator(device=device)
+    gen.manual_seed(99)
+    a, b = _random_operands(shape, device, gen)
+    packed = torch._cslt_compress(a)
+    searched, search_limit = _library_search(packed, b, shape.transpose_result) if clock() <= deadline else (None, None)
+    candidates, open_ended = _candidates(configured_alg, searched, search_limit)
+    failed, _worst = _verify(shape, device, candidates, deadline=deadline, open_ended=open_ended)
+    why = {config: reason for config, (reason, _detail) in failed.items()}
+    correct = [config for config in candidates if config not in why]
+    wrong = [config for config in candidates if why.get(config) == WRONG]
+    refused = [config for config in candidates if why.get(config) == REFUSED]
+    cut_short = BUDGET_SPENT in why.values()
+    if not correct:
+        if cut_short:
+            return GemmChoice(-1, nan, nan, nan, BUDGET_SPENT, provisional=True)
+        return GemmChoice(-1, nan, nan, nan, f"no correct alg id (wrong: {_labels(wrong)}, refused: {_labels(refused)})")
+    # Dense and the compression first: no verdict without them, whatever the budget then
+    # leaves for the candidates. The budget is checked before every timing.
+    runs = [("dense", None, lambda: _dense_mm(a, b, shape.transpose_result)), ("compress", None, lambda: torch._cslt_compress(a))]
+    runs += [("sparse", c, lambda c=c: cslt_sparse_mm(packed, b, shape.transpose_result, c)) for c in correct]
+    seconds: dict = {}
+    for kind, config, run in runs:
+        if clock() > deadline:
+            cut_short = True
+            break
+        seconds[config or kind] = timer(kind, config, run)
+    timed = [config for config in correct if config in seconds]
+    if not timed:
+        return GemmChoice(-1, nan, nan, nan, BUDGET_SPENT, provisional=True)
+    best = min(timed, key=lambda config: seconds[config])
+    detail = f"{len(timed)} of {len(candidates)} candidates timed" + (f", wrong: {_labels(wrong)}" if wrong else "")
     detail += f", refused: {_labels(refused)}" if refused else ""
     detail += f", library pick {searched.label()}" if searched is not None else ""
-    return GemmChoice(best.alg_id, best_s, compress_s, dense_s, detail, split_k=best.split_k, split_k_mode=best.split_k_mode)
+    detail += ", cut short by the budget (provisional)" if cut_short else ""
+    return GemmChoice(
+        best.alg_id, seconds[best], seconds["compress"], seconds["dense"], detail,
+        split_k=best.split_k, split_k_mode=best.split_k_mode, provisional=cut_short,
+    )  # fmt: skip
 
 
 def _describe(shape: GemmShape, choice: GemmChoice, name: str = "") -> str:
     verdict = "sparse" if choice.use_sparse() else "dense"
     speed = f"sparse {choice.speedup():.2f}×" if choice.speedup() == choice.speedup() else choice.reason
     alg = f" (alg {choice.config.label()})" if choice.alg_id >= 0 else ""
-    return f"{name + ' ' if name else ''}{shape.label()}: {speed}{alg} → {verdict}"
+    provisional = " (provisional: tuning budget spent)" if choice.provisional and choice.alg_id >= 0 else ""
+    return f"{name + ' ' if name else ''}{shape.label()}: {speed}{alg} → {verdict}{provisional}"
 
 
 def gemm_choice(a: Tensor, b: Tensor, transpose_result: bool, configured_alg: int = 0, name: str = "") -> GemmChoice:
@@ -486,6 +511,17 @@ def gemm_choice(a: Tensor, b: Tensor, transpose_result: bool, configured_alg: in
     torch.compile tracing or on fake tensors: a read-only lookup, dense when absent."""
     tracing = torch.compiler.is_compiling() or _is_fake(a) or _is_fake(b)
     return choice_for(GemmShape.of(a, b, transpose_result), a.device, configured_alg, name, read_only=tracing)
+
+
+def _say_budget_spent() -> None:
+    if not _budget["warned"]:
+        _budget["warned"] = True
+        logger.warning(
+            "2:4 GEMM tuning budget (%s=%g s per process) spent: a shape it cut short keeps its best verdict so far "
+            "for this run only (not saved), and shapes met from now on use dense GEMMs. Raise it, or tune before "
+            "training (SparsityCallback does at train begin).",
+            TUNE_SECONDS_ENV, tune_budget_s(),
+        )  # fmt: skip
 
 
 def choice_for(shape: GemmShape, device, configured_alg: int = 0, name: str = "", read_only: bool = False) -> GemmChoice:
@@ -500,19 +536,14 @@ def choice_for(shape: GemmShape, device, configured_alg: int = 0, name: str = ""
         choice = _choices.get(key)
         if choice is None:
             if _budget_left() <= 0 and gemm_mode() == "auto":
-                choice = GemmChoice(-1, math.nan, math.nan, math.nan, "budget spent")
-                if not _budget["warned"]:
-                    _budget["warned"] = True
-                    logger.warning(
-                        "2:4 GEMM tuning budget (%s=%.0f s) spent; shapes met from now on use dense GEMMs. "
-                        "Raise it, or tune before training (SparsityCallback does at train begin).",
-                        TUNE_SECONDS_ENV, tune_budget_s(),
-                    )  # fmt: skip
+                choice = GemmChoice(-1, math.nan, math.nan, math.nan, BUDGET_SPENT, provisional=True)
             else:
                 choice = tune(shape, device, configured_alg)
             _choices[key] = choice
             logger.info("2:4 GEMM %s", _describe(shape, choice, name))
-            if choice.forced is None and choice.alg_id >= 0:
+            if choice.provisional:
+                _say_budget_spent()
+            elif choice.forced is None:
                 _save_table(device)
     return choice
 
