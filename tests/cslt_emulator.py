@@ -525,6 +525,7 @@ def install(
     monkeypatch.setattr(tuning, "_table_keys", {})
     monkeypatch.setattr(tuning, "_table_loaded", [])
     monkeypatch.setattr(tuning, "_budget", {"spent": 0.0, "warned": False})
+    monkeypatch.setattr(importlib.import_module("hf_sparse.model.gemm_table"), "_said", set())
     monkeypatch.setenv(tuning.TABLE_PATH_ENV, os.path.join(tempfile.mkdtemp(prefix="gemm_table_"), "table.json"))
     override = getattr(kernels, "set_kernel_override", None)
     if override is not None:

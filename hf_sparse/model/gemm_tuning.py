@@ -20,7 +20,7 @@ shape the 2:4 op meets gets its own verdict, made once, eagerly:
    recipe's numerics are the same either way: the operand is already 2:4, so only the
    GEMM's accumulation order differs.
 
-Verdicts are kept per process and in a JSON file under the HF cache, keyed by GPU name,
+Verdicts are kept per process and in a JSON file (``gemm_table``), keyed by GPU name,
 torch version and cuSPARSELt version (another GPU or library version re-tunes).
 ``HF_SPARSE_2TO4_GEMMS`` = ``auto`` (default) | ``sparse`` (always the configured alg id,
 once it is verified at the shape) | ``dense``. Tuning spends at most
@@ -35,17 +35,15 @@ tracing only reads the table (a missing verdict reads as dense and is not stored
 data-dependent sync can never turn into a cached "broken". The op's custom-op kernels
 call :func:`gemm_choice` at run time, where tensors are real.
 
-Shipped as HF remote code: imports only torch, huggingface_hub (transformers' own
-dependency) and the standard library.
+Shipped as HF remote code: imports only torch, the standard library and (through
+``gemm_table``) huggingface_hub, a transformers dependency.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import os
-import tempfile
 import threading
 import time
 from dataclasses import asdict, dataclass
@@ -55,14 +53,15 @@ import torch
 from torch import Tensor
 from torch._subclasses.fake_tensor import FakeTensor
 
+# TABLE_FORMAT and TABLE_PATH_ENV are imported for callers that know them from here.
+from .gemm_table import TABLE_FORMAT, TABLE_PATH_ENV, forget_warnings, read_table, save_entries, table_path  # noqa: F401
+
 logger = logging.getLogger(__name__)
 
 GEMMS_ENV = "HF_SPARSE_2TO4_GEMMS"
 GEMM_MODES = ("auto", "sparse", "dense")
 TUNE_SECONDS_ENV = "HF_SPARSE_TUNE_SECONDS"
-TABLE_PATH_ENV = "HF_SPARSE_GEMM_TABLE"
 DEFAULT_TUNE_SECONDS = 60.0
-TABLE_FORMAT = 1
 # Relative Frobenius error above which an alg id is wrong at a shape; bf16 GEMM rounding
 # gives ~3e-3, wrong kernels give O(1).
 VERIFY_RTOL = 2e-2
@@ -115,7 +114,8 @@ class GemmShape:
 
 @dataclass
 class GemmChoice:
-    """The verdict for one shape. Times are seconds per call (nan where not measured)."""
+    """The verdict for one shape. Times are seconds per call (nan where not measured). Its
+    fields are the table's entry fields (``gemm_table.ENTRY_FIELDS``)."""
 
     alg_id: int  # the fastest correct alg id, -1 when none was found or none was tried
     sparse_s: float
@@ -186,11 +186,13 @@ def set_gemm_timer(timer: Optional[Callable], clock: Optional[Callable[[], float
 
 
 def reset_gemm_choices() -> None:
-    """Forget every verdict of this process and the spent budget (the file stays)."""
+    """Forget every verdict of this process, the spent budget and the warnings said, as
+    a new process would (the file stays)."""
     _choices.clear()
     _table_keys.clear()
     _table_loaded.clear()
     _budget.update(spent=0.0, warned=False)
+    forget_warnings()
 
 
 def gemm_mode() -> str:
@@ -208,15 +210,6 @@ def tune_budget_s() -> float:
         raise ValueError(f"{TUNE_SECONDS_ENV}={raw!r} is not a number of seconds.") from None
 
 
-def table_path() -> str:
-    explicit = os.environ.get(TABLE_PATH_ENV)
-    if explicit:
-        return explicit
-    from huggingface_hub import constants
-
-    return os.path.join(constants.HF_HOME, "hf_sparse", "cusparselt_gemms.json")
-
-
 def table_key(device) -> str:
     """GPU name + torch + cuSPARSELt versions: a verdict holds only for all three. Cached per
     device: every 2:4 GEMM call looks its verdict up under this key."""
@@ -232,54 +225,26 @@ def table_key(device) -> str:
     return key
 
 
-def _read_table(path: str, warn: bool = True) -> dict:
-    try:
-        with open(path, encoding="utf-8") as handle:
-            data = json.load(handle)
-    except FileNotFoundError:
-        return {}
-    except (OSError, ValueError) as err:
-        if warn:
-            logger.warning("2:4 GEMM table %s unreadable (%s); tuning anew", path, err)
-        return {}
-    if not isinstance(data, dict) or data.get("format") != TABLE_FORMAT or not isinstance(data.get("tables"), dict):
-        return {}
-    return data
-
-
 def _load_table(device) -> None:
     key = table_key(device)
     if key in _table_loaded:
         return
     _table_loaded.append(key)
-    entries = _read_table(table_path()).get("tables", {}).get(key, {})
-    for shape_key, fields in entries.items():
-        try:
-            choice = GemmChoice(**fields)
-        except TypeError:
-            continue  # an entry of another layout of this file: re-tuned when met
-        if not choice.provisional:  # never written so; not final if it is
-            _choices.setdefault(f"{key}/{shape_key}", choice)
+    # read_table passes only entries whose every field has this version's type.
+    for shape_key, fields in read_table(table_path()).tables.get(key, {}).items():
+        _choices.setdefault(f"{key}/{shape_key}", GemmChoice(**fields))
 
 
 def _save_table(device) -> None:
-    """Merge this process's final verdicts for ``device`` into the file (atomic replace)."""
+    """Merge this process's final verdicts for ``device`` into the file."""
     key = table_key(device)
-    path = table_path()
-    data = _read_table(path, warn=False) or {"format": TABLE_FORMAT, "tables": {}}
-    mine = data["tables"].setdefault(key, {})
     prefix = key + "/"
-    for full_key, choice in _choices.items():
-        if full_key.startswith(prefix) and choice.forced is None and not choice.provisional:
-            mine[full_key[len(prefix):]] = asdict(choice)
-    try:
-        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path) or ".", prefix=".gemm_table.")
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            json.dump(data, handle, indent=1, sort_keys=True)
-        os.replace(tmp, path)
-    except OSError as err:  # a read-only home: the verdicts still hold for this process
-        logger.warning("2:4 GEMM table not saved to %s (%s)", path, err)
+    final = {
+        full_key[len(prefix):]: asdict(choice)
+        for full_key, choice in _choices.items()
+        if full_key.startswith(prefix) and choice.forced is None and not choice.provisional
+    }
+    save_entries(table_path(), key, final)
 
 
 def _random_operands(shape: GemmShape, device, gen: torch.Generator) -> tuple[Tensor, Tensor]:
