@@ -408,19 +408,8 @@ class Emulator:
     ) -> Tensor:
         if isinstance(alg_id, int) and alg_id not in range(self.alg_count):
             self.refused_alg_ids.append(alg_id)
-        out, call = _sparse_mm(
-            compressed_a,
-            dense_b,
-            bias,
-            alpha,
-            out_dtype,
-            transpose_result,
-            alg_id,
-            split_k,
-            split_k_mode,
-            allow_wide_dtypes=self.allow_wide_dtypes,
-            num_alg_ids=self.alg_count,
-        )
+        args = (compressed_a, dense_b, bias, alpha, out_dtype, transpose_result, alg_id, split_k, split_k_mode)
+        out, call = self._checked_product(*args)
         self.mm_calls.append(call)
         if alg_id in self.wrong_alg_ids:
             return out * 2 + 1
@@ -434,24 +423,17 @@ class Emulator:
         them): ``(alg_id, split_k, split_k_mode, max_alg_id)`` of :attr:`search_pick`,
         after the same argument checks as a product."""
         alg_id, split_k, split_k_mode = self.search_pick
-        _, call = _sparse_mm(
-            compressed_a,
-            dense_b,
-            bias,
-            alpha,
-            out_dtype,
-            transpose_result,
-            alg_id,
-            split_k,
-            split_k_mode,
-            allow_wide_dtypes=self.allow_wide_dtypes,
-            num_alg_ids=self.alg_count,
-        )
+        args = (compressed_a, dense_b, bias, alpha, out_dtype, transpose_result, alg_id, split_k, split_k_mode)
+        _, call = self._checked_product(*args)
         self.search_calls.append(call)
         # cuSPARSELt's CONFIG_MAX_ID: whether it names the last id or one past it is not
         # documented; reported here as one past it, so a caller that tries the number too
         # meets one refusal.
         return alg_id, split_k, split_k_mode, self.alg_count
+
+    def _checked_product(self, *args) -> tuple[Tensor, MmCall]:
+        # _sparse_mm's positional arguments, under this emulator's dtype rule and alg ids.
+        return _sparse_mm(*args, allow_wide_dtypes=self.allow_wide_dtypes, num_alg_ids=self.alg_count)
 
     @property
     def layouts(self) -> set:
