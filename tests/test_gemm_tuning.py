@@ -230,28 +230,30 @@ def test_tuning_budget_is_bounded_and_said(emulated_cusparselt_cuda_rules, timer
     assert sum("tuning budget" in r.getMessage() for r in caplog.records) == 1
 
 
-SHAPES = [GemmShape(64, 128, 32, "row", False, "bfloat16"), GemmShape(32, 64, 16, "col", True, "bfloat16"),
-          GemmShape(64, 64, 16, "row", True, "bfloat16")]  # fmt: skip
 TIMINGS_PER_SHAPE = 2 + NUM_ALG_IDS  # dense, compression, every alg id
 
 
-def test_one_budget_per_process_across_shapes_and_said_once(emulated_cusparselt_cuda_rules, timer, monkeypatch, caplog):
-    """The budget is the process's, not each shape's: the first shape is tuned whole, the
-    second is cut short (provisional), the third finds nothing left; one warning."""
+def test_one_budget_per_process_across_a_models_shapes_said_once(emulated_cusparselt_cuda_rules, timer, monkeypatch, caplog):
+    """The budget is the process's, not each shape's: of the model's four FFN GEMM shapes
+    the first is tuned whole, the second cut short (provisional), the last two find
+    nothing left; one warning, and never more than one timing over."""
     timer.cost_s = 1.0  # each timing costs one second of the budget clock
     budget = TIMINGS_PER_SHAPE + 5
     monkeypatch.setenv(gemm_tuning.TUNE_SECONDS_ENV, str(budget))
     with caplog.at_level(logging.WARNING, logger="hf_sparse"):
-        first, second, third = (choice_for(shape, "cpu") for shape in SHAPES)
-    assert not first.provisional and "8 of 8 candidates timed" in first.reason
-    assert second.provisional and second.alg_id >= 0 and "cut short" in second.reason
-    assert third.provisional and third.reason == "budget spent" and not third.use_sparse()
+        named = prepare_2to4_gemms(quick_model(), tokens=32)
+    key = gemm_tuning.table_key("cpu")
+    choices = [gemm_tuning._choices[f"{key}/{shape.key()}"] for _, shape in named]
+    assert len(choices) == 4
+    assert not choices[0].provisional and "8 of 8 candidates timed" in choices[0].reason
+    assert choices[1].provisional and choices[1].alg_id >= 0 and "cut short" in choices[1].reason
+    assert all(c.provisional and c.reason == "budget spent" and not c.use_sparse() for c in choices[2:])
     assert len(timer.calls) == TIMINGS_PER_SHAPE + 6  # the second shape: 5 timings fit, a 6th started in time
     # Checked before each timing: overrun by one timing at most.
     assert budget <= gemm_tuning._budget["spent"] <= budget + timer.cost_s
     assert sum("tuning budget" in r.getMessage() for r in caplog.records) == 1
-    saved = json.load(open(gemm_tuning.table_path(), encoding="utf-8"))["tables"][gemm_tuning.table_key("cpu")]
-    assert set(saved) == {SHAPES[0].key()}  # provisional verdicts are not saved
+    saved = json.load(open(gemm_tuning.table_path(), encoding="utf-8"))["tables"][key]
+    assert set(saved) == {named[0][1].key()}  # provisional verdicts are not saved
 
 
 def test_a_provisional_verdict_is_not_read_back_as_final(emulated_cusparselt_cuda_rules, timer, monkeypatch):
