@@ -18,6 +18,11 @@ torch.mm at the same sizes, so this is measured first:
    one id for all four GEMMs) and the verdict: geo-mean speed-up of the four GEMMs with that
    id, compression included; GO if above 1.
 
+Ids are tried at the library's default split-k. cuSPARSELt's own pick per GEMM (alg id and
+split-k, from torch._C._cusparselt.mm_search, or the alg id alone from the older
+torch._cslt_sparse_mm_search) is printed for comparison; the op's per-shape tuning
+(hf_sparse/model/gemm_tuning.py) verifies and times that pick with its split-k too.
+
 Times are medians of CUDA-event intervals after a warm-up, dense and sparse interleaved.
 Imports only torch (and benchmarks/machine.py), so it runs on a bare GPU box.
 """
@@ -79,7 +84,7 @@ class Tuning:
     dense_ms: float = math.nan
     compress_ms: float = math.nan
     sparse_ms: dict = field(default_factory=dict)
-    searched: Optional[int] = None  # cuSPARSELt's own pick, for comparison
+    searched: Optional[tuple] = None  # cuSPARSELt's own pick (alg id, split_k, split_k_mode), for comparison
 
 
 def sparse_feature_rows(f: int) -> int:
@@ -113,8 +118,13 @@ class CusparseltOps:
     def sparse_mm(self, packed, b, transpose_result: bool, alg_id: int):
         return torch._cslt_sparse_mm(packed, b, transpose_result=transpose_result, alg_id=alg_id)
 
-    def search(self, packed, b, transpose_result: bool) -> int:
-        return int(torch._cslt_sparse_mm_search(packed, b, transpose_result=transpose_result))
+    def search(self, packed, b, transpose_result: bool) -> tuple:
+        """(alg id, split_k, split_k_mode) the library picks by its own timing (unverified)."""
+        binding = getattr(torch._C, "_cusparselt", None)
+        if hasattr(binding, "mm_search"):
+            alg_id, split_k, split_k_mode, _max_alg_id = binding.mm_search(packed, b, None, None, None, transpose_result)
+            return int(alg_id), int(split_k), int(split_k_mode)
+        return int(torch._cslt_sparse_mm_search(packed, b, transpose_result=transpose_result)), 1, -1
 
     def default_max_alg_id(self) -> int:
         # torch only knows the count for a few library versions; ids past the real end raise
@@ -156,8 +166,8 @@ class EmulatedOps:
             return out.reshape(out.shape[1], out.shape[0]) if alg_id == self.BAD_TRANSPOSE_ID else out.t().contiguous()
         return out
 
-    def search(self, packed, b, transpose_result: bool) -> int:
-        return 0
+    def search(self, packed, b, transpose_result: bool) -> tuple:
+        return 0, 2, 0
 
     def default_max_alg_id(self) -> int:
         return 8
@@ -382,8 +392,10 @@ def print_tuning_detail(tuning: Tuning, args):
     if tuning.unsupported:
         print(f"  unsupported: {id_ranges(tuning.unsupported)}")
     if tuning.searched is not None:
-        verdict = "verified" if tuning.searched in tuning.passed else "NOT verified"
-        print(f"  cuSPARSELt's own search picks alg id {tuning.searched} ({verdict})")
+        alg, split_k, split_k_mode = tuning.searched
+        verdict = "verified" if alg in tuning.passed else "NOT verified"
+        split = "" if (split_k, split_k_mode) == (1, -1) else f" with split-k {split_k}, mode {split_k_mode}"
+        print(f"  cuSPARSELt's own search picks alg id {alg}{split} (alg id {alg} at the default split-k: {verdict})")
 
 
 def print_tuning_table(tunings: list[Tuning]):

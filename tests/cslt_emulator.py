@@ -18,6 +18,13 @@ or ``emu = install(monkeypatch)`` inside a test. ``allow_wide_dtypes=True`` (fix
 ``emulated_cusparselt_wide``) also accepts float32/float64 operands, still as 2:4, so
 the kernel branch can be compared exactly with a float64 reference.
 
+Two library set-ups, as torch 2.13 meets them: by default torch knows how many alg ids
+there are (``get_max_alg_id()`` -> 8, as for cuSPARSELt 0.4.0/0.5.2/0.6.2);
+``alg_count_reported=False`` (fixture ``emulated_cusparselt_unknown_count``) is the
+cuSPARSELt 0.7/0.8 of the CUDA wheels, where it returns None and only the library's own
+search (``torch._C._cusparselt.mm_search``) or trying ids tells how many there are.
+``library_search=False`` removes that binding, as on the CPU wheel.
+
 Emulated compressed format (opaque to callers, like the real one): a 1-D tensor of
 ``m*k`` elements in A's dtype, the ``m*k/2`` kept values row-major, two per group of 4,
 followed by their positions 0..3 in the group, stored as values (exact in bf16/fp16).
@@ -28,6 +35,7 @@ from __future__ import annotations
 import importlib
 import os
 import tempfile
+import types
 import weakref
 from typing import NamedTuple, Optional
 
@@ -37,6 +45,7 @@ from torch import Tensor
 
 __all__ = [
     "NUM_ALG_IDS",
+    "UNREPORTED_ALG_IDS",
     "CompressCall",
     "CusparseLtPreconditionError",
     "Emulator",
@@ -45,6 +54,7 @@ __all__ = [
     "decompress",
     "emulated_cusparselt",
     "emulated_cusparselt_cuda_rules",
+    "emulated_cusparselt_unknown_count",
     "emulated_cusparselt_wide",
     "install",
     "is_compressed",
@@ -64,6 +74,9 @@ DENSE_N_ALIGN = 8
 # Valid alg ids differ per cuSPARSELt release; a small fixed range is enough to make an
 # out-of-range id fail the way the real plan initialisation does.
 NUM_ALG_IDS = 8
+# The library whose count torch does not report has more, so that a tuner stopping at
+# torch's known counts (or at one id) is caught.
+UNREPORTED_ALG_IDS = 12
 SPLIT_K_MODES = (-1, 0, 1)  # library default, one kernel, two kernels
 
 
@@ -85,6 +98,8 @@ class MmCall(NamedTuple):
     dtype: torch.dtype
     alg_id: int
     has_bias: bool
+    split_k: int = 1
+    split_k_mode: int = -1
 
 
 # ----------------------------------------------------------------------------- registry
@@ -255,6 +270,7 @@ def _sparse_mm(
     split_k_mode=-1,
     *,
     allow_wide_dtypes=False,
+    num_alg_ids=NUM_ALG_IDS,
 ) -> tuple[Tensor, MmCall]:
     meta = _lookup(compressed_a)
     if meta is None:
@@ -263,8 +279,8 @@ def _sparse_mm(
         )
     m, k = meta
     # Library-side failures surface as RuntimeError (TORCH_CHECK / plan init), as on GPU.
-    if not isinstance(alg_id, int) or alg_id not in range(NUM_ALG_IDS):
-        raise RuntimeError(f"cuSPARSELt: invalid alg_id {alg_id} (emulated range 0..{NUM_ALG_IDS - 1})")
+    if not isinstance(alg_id, int) or alg_id not in range(num_alg_ids):
+        raise RuntimeError(f"cuSPARSELt: invalid alg_id {alg_id} (emulated range 0..{num_alg_ids - 1})")
     if not isinstance(split_k, int) or split_k < 1:
         raise RuntimeError(f"cuSPARSELt: invalid split_k {split_k}")
     if split_k_mode not in SPLIT_K_MODES:
@@ -315,7 +331,7 @@ def _sparse_mm(
         out = out.to(out_dtype if fp8 else dense_b.dtype)
         out = out.t().contiguous() if transpose_result else out.contiguous()
     out = _maybe_non_differentiable("_cslt_sparse_mm", out, compressed_a, dense_b, bias)
-    call = MmCall(m, k, n, layout, bool(transpose_result), dense_b.dtype, alg_id, bias is not None)
+    call = MmCall(m, k, n, layout, bool(transpose_result), dense_b.dtype, alg_id, bias is not None, split_k, split_k_mode)
     return out, call
 
 
@@ -354,14 +370,24 @@ def sparse_mm(
 class Emulator:
     """Configured emulated ops plus a record of every call made through them."""
 
-    def __init__(self, allow_wide_dtypes: bool = False):
+    def __init__(self, allow_wide_dtypes: bool = False, alg_count: int = NUM_ALG_IDS):
         self.allow_wide_dtypes = allow_wide_dtypes
+        self.alg_count = alg_count  # the library's alg ids are 0..alg_count-1
         self.compressed: list[CompressCall] = []
         self.mm_calls: list[MmCall] = []
+        self.search_calls: list[MmCall] = []
+        self.refused_alg_ids: list[int] = []  # every out-of-range id asked for, in order
         # Set by install(): whether hf_sparse.model.kernels.set_kernel_override was switched on.
         self.kernel_override = False
-        # Alg ids that return wrong products (as some do on real GPUs, pytorch#155333).
+        # Alg ids that return wrong products (as some do on real GPUs, pytorch#155333):
+        # finite garbage.
         self.wrong_alg_ids: set[int] = set()
+        # Alg ids whose product holds one non-finite value (alg id -> nan or inf): a check
+        # that compares errors NaN-blindly passes them, finite garbage never shows that.
+        self.non_finite_alg_ids: dict[int, float] = {}
+        # What the library's own search picks, (alg id, split_k, split_k_mode): like the
+        # real one it goes by speed and never checks the result.
+        self.search_pick: tuple[int, int, int] = (0, 1, -1)
 
     def compress(self, a: Tensor) -> Tensor:
         buf = compress(a, allow_wide_dtypes=self.allow_wide_dtypes)
@@ -380,22 +406,34 @@ class Emulator:
         split_k=1,
         split_k_mode=-1,
     ) -> Tensor:
-        out, call = _sparse_mm(
-            compressed_a,
-            dense_b,
-            bias,
-            alpha,
-            out_dtype,
-            transpose_result,
-            alg_id,
-            split_k,
-            split_k_mode,
-            allow_wide_dtypes=self.allow_wide_dtypes,
-        )
+        if isinstance(alg_id, int) and alg_id not in range(self.alg_count):
+            self.refused_alg_ids.append(alg_id)
+        args = (compressed_a, dense_b, bias, alpha, out_dtype, transpose_result, alg_id, split_k, split_k_mode)
+        out, call = self._checked_product(*args)
         self.mm_calls.append(call)
         if alg_id in self.wrong_alg_ids:
             return out * 2 + 1
+        if alg_id in self.non_finite_alg_ids:
+            out = out.clone()
+            out.view(-1)[0] = self.non_finite_alg_ids[alg_id]
         return out
+
+    def mm_search(self, compressed_a, dense_b, bias=None, alpha=None, out_dtype=None, transpose_result=False):
+        """Emulates ``torch._C._cusparselt.mm_search`` (positional, as the binding takes
+        them): ``(alg_id, split_k, split_k_mode, max_alg_id)`` of :attr:`search_pick`,
+        after the same argument checks as a product."""
+        alg_id, split_k, split_k_mode = self.search_pick
+        args = (compressed_a, dense_b, bias, alpha, out_dtype, transpose_result, alg_id, split_k, split_k_mode)
+        _, call = self._checked_product(*args)
+        self.search_calls.append(call)
+        # cuSPARSELt's CONFIG_MAX_ID: whether it names the last id or one past it is not
+        # documented; reported here as one past it, so a caller that tries the number too
+        # meets one refusal.
+        return alg_id, split_k, split_k_mode, self.alg_count
+
+    def _checked_product(self, *args) -> tuple[Tensor, MmCall]:
+        # _sparse_mm's positional arguments, under this emulator's dtype rule and alg ids.
+        return _sparse_mm(*args, allow_wide_dtypes=self.allow_wide_dtypes, num_alg_ids=self.alg_count)
 
     @property
     def layouts(self) -> set:
@@ -405,6 +443,8 @@ class Emulator:
     def reset(self) -> None:
         self.compressed.clear()
         self.mm_calls.clear()
+        self.search_calls.clear()
+        self.refused_alg_ids.clear()
 
 
 class _OnRestore:
@@ -424,17 +464,35 @@ class _OnRestore:
             self._callback()
 
 
-def install(monkeypatch, allow_wide_dtypes: bool = False, cuda_rules: bool = False) -> Emulator:
+def install(
+    monkeypatch,
+    allow_wide_dtypes: bool = False,
+    cuda_rules: bool = False,
+    alg_count_reported: bool = True,
+    library_search: bool = True,
+    alg_count: Optional[int] = None,
+) -> Emulator:
     """Replace the cuSPARSELt ops with a recording emulator until ``monkeypatch`` undoes.
 
     ``cuda_rules``: the kernel override is ``"cuda"`` (eligibility, per-shape verification
-    and timing as on a GPU) instead of ``True`` (every aligned GEMM sparse, untimed)."""
-    emu = Emulator(allow_wide_dtypes=allow_wide_dtypes)
+    and timing as on a GPU) instead of ``True`` (every aligned GEMM sparse, untimed).
+    ``alg_count_reported=False``: ``get_max_alg_id()`` returns None (cuSPARSELt 0.7/0.8);
+    ``library_search=False``: ``torch._C`` has no ``_cusparselt`` (its ``mm_search``);
+    ``alg_count``: how many alg ids the library has (NUM_ALG_IDS when reported, else
+    UNREPORTED_ALG_IDS)."""
+    if alg_count is None:
+        alg_count = NUM_ALG_IDS if alg_count_reported else UNREPORTED_ALG_IDS
+    emu = Emulator(allow_wide_dtypes=allow_wide_dtypes, alg_count=alg_count)
     monkeypatch.setattr(torch, "_cslt_compress", emu.compress, raising=False)
     monkeypatch.setattr(torch, "_cslt_sparse_mm", emu.sparse_mm, raising=False)
     monkeypatch.setattr(torch.backends.cusparselt, "is_available", lambda: True)
-    monkeypatch.setattr(torch.backends.cusparselt, "get_max_alg_id", lambda: NUM_ALG_IDS)
+    reported = alg_count if alg_count_reported else None
+    monkeypatch.setattr(torch.backends.cusparselt, "get_max_alg_id", lambda: reported)
     monkeypatch.setattr(torch.backends.cusparselt, "version", lambda: "emulated", raising=False)
+    if library_search:
+        monkeypatch.setattr(torch._C, "_cusparselt", types.SimpleNamespace(mm_search=emu.mm_search), raising=False)
+    else:
+        monkeypatch.delattr(torch._C, "_cusparselt", raising=False)
 
     kernels = importlib.import_module("hf_sparse.model.kernels")
     # Self-check verdicts and warn-once keys recorded under emulation must not leak
@@ -449,6 +507,7 @@ def install(monkeypatch, allow_wide_dtypes: bool = False, cuda_rules: bool = Fal
     monkeypatch.setattr(tuning, "_table_keys", {})
     monkeypatch.setattr(tuning, "_table_loaded", [])
     monkeypatch.setattr(tuning, "_budget", {"spent": 0.0, "warned": False})
+    monkeypatch.setattr(importlib.import_module("hf_sparse.model.gemm_table"), "_said", set())
     monkeypatch.setenv(tuning.TABLE_PATH_ENV, os.path.join(tempfile.mkdtemp(prefix="gemm_table_"), "table.json"))
     override = getattr(kernels, "set_kernel_override", None)
     if override is not None:
@@ -477,3 +536,11 @@ def emulated_cusparselt_cuda_rules(monkeypatch) -> Emulator:
     """Emulated cuSPARSELt (bf16/fp16) with the CUDA decision path on CPU: eligibility,
     per-shape verification and timing (inject a timer with gemm_tuning.set_gemm_timer)."""
     return install(monkeypatch, cuda_rules=True)
+
+
+@pytest.fixture
+def emulated_cusparselt_unknown_count(monkeypatch) -> Emulator:
+    """As ``emulated_cusparselt_cuda_rules`` on a cuSPARSELt whose alg-id count torch does
+    not report (``get_max_alg_id()`` -> None, UNREPORTED_ALG_IDS ids, the library's own
+    search present)."""
+    return install(monkeypatch, cuda_rules=True, alg_count_reported=False)

@@ -11,6 +11,7 @@ import torch
 from hf_sparse.model import kernels
 from tests.cslt_emulator import (
     NUM_ALG_IDS,
+    UNREPORTED_ALG_IDS,
     CompressCall,
     CusparseLtPreconditionError,
     Emulator,
@@ -307,3 +308,47 @@ def test_install_undo_restores_everything(monkeypatch):
         assert torch._cslt_compress == emu.compress
     assert calls == [True, None]
     assert (torch._cslt_compress, torch._cslt_sparse_mm, torch.backends.cusparselt.is_available) == originals
+
+
+@pytest.mark.parametrize("reported", [True, False], ids=["count reported", "count unreported"])
+def test_install_emulates_both_alg_id_counts_and_the_library_search(reported):
+    """cuSPARSELt 0.6.2 (torch reports 8 ids) or 0.7/0.8 (torch says None; 12 ids here),
+    with the search binding torch._C._cusparselt.mm_search either way."""
+    count = NUM_ALG_IDS if reported else UNREPORTED_ALG_IDS
+    before = (torch.backends.cusparselt.get_max_alg_id, getattr(torch._C, "_cusparselt", None))
+    with pytest.MonkeyPatch.context() as mp:
+        emu = install(mp, alg_count_reported=reported)
+        assert torch.backends.cusparselt.get_max_alg_id() == (count if reported else None)
+        packed, b = torch._cslt_compress(random_2to4(32, 64)), make_b(64, 16, "col")
+        emu.search_pick = (count - 1, 4, 1)
+        assert torch._C._cusparselt.mm_search(packed, b, None, None, None, True) == (count - 1, 4, 1, count)
+        assert emu.search_calls == [MmCall(32, 64, 16, "col", True, BF16, count - 1, False, 4, 1)]
+        assert emu.mm_calls == []  # a search is not a product the op ran
+        for alg_id in range(count):
+            torch._cslt_sparse_mm(packed, b, alg_id=alg_id)
+        with pytest.raises(RuntimeError, match="alg_id"):
+            torch._cslt_sparse_mm(packed, b, alg_id=count)
+        assert emu.refused_alg_ids == [count]
+        # The search checks its arguments as a product does.
+        with pytest.raises(CusparseLtPreconditionError):
+            torch._C._cusparselt.mm_search(packed, make_b(64, 12, "row"), None, None, None, False)
+    assert (torch.backends.cusparselt.get_max_alg_id, getattr(torch._C, "_cusparselt", None)) == before
+
+
+def test_install_without_the_search_binding():
+    """As on the CPU wheel (or a build without cuSPARSELt): torch._C has no _cusparselt."""
+    with pytest.MonkeyPatch.context() as mp:
+        install(mp, alg_count_reported=False, library_search=False)
+        assert not hasattr(torch._C, "_cusparselt")
+        assert torch.backends.cusparselt.get_max_alg_id() is None
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf")], ids=["nan", "inf"])
+def test_non_finite_alg_ids_return_one_non_finite_value(value):
+    emu = Emulator()
+    emu.non_finite_alg_ids = {5: value}
+    packed, b = emu.compress(random_2to4(32, 64)), make_b(64, 16, "row")
+    good, bad = emu.sparse_mm(packed, b, alg_id=4), emu.sparse_mm(packed, b, alg_id=5, split_k=2, split_k_mode=0)
+    assert torch.isfinite(good).all() and int((~torch.isfinite(bad)).sum()) == 1
+    assert torch.equal(bad.flatten()[1:], good.flatten()[1:])
+    assert [(c.alg_id, c.split_k, c.split_k_mode) for c in emu.mm_calls] == [(4, 1, -1), (5, 2, 0)]

@@ -1,26 +1,33 @@
 """Per-shape 2:4 GEMM verdicts (hf_sparse/model/gemm_tuning.py) on CPU: the CUDA decision
 path runs against the emulated cuSPARSELt (tests/cslt_emulator.py) with an injected timer.
 
-What is checked: the verdict takes the fastest *correct* alg id and compares it, with its
-compression, against the dense GEMM; it is kept in a JSON table keyed by GPU, torch and
-cuSPARSELt versions; HF_SPARSE_2TO4_GEMMS overrides it; tuning is bounded; nothing is
-ever tuned or cached while torch.compile traces; and a compiled model runs the sparse
-GEMMs after compilation, across the dense->sparse switch.
+What is checked: the verdict takes the fastest *correct* candidate (every alg id the
+library has, whether or not torch knows the count, plus the library's own pick with its
+split-k) and compares it, with its compression, against the dense GEMM; a non-finite
+product is never correct; the verdict is kept in a JSON table keyed by GPU, torch and
+cuSPARSELt versions, which is checked on every read and never crashes a run;
+HF_SPARSE_2TO4_GEMMS overrides it; tuning is bounded by one budget per process, and a
+verdict the budget cut short is never saved; nothing is ever tuned or cached while
+torch.compile traces; and a compiled model runs the sparse GEMMs after compilation, across
+the dense->sparse switch.
 """
 
 import json
 import logging
 import math
+import os
 
 import pytest
 import torch
 
 from hf_sparse import SparseLlamaForCausalLM, set_training_step
 from hf_sparse.model import gemm_tuning, kernels
-from hf_sparse.model.gemm_tuning import GemmShape, choice_for, gemm_choice, set_gemm_timer
+from hf_sparse.model.gemm_tuning import CsltConfig, GemmShape, choice_for, gemm_choice, set_gemm_timer
 from hf_sparse.model.modeling_sparse_llama import prepare_2to4_gemms
 from hf_sparse.model.sparse_ffn import ffn_gemm_shapes, relu2_2to4_ffn
+from tests.cslt_emulator import NUM_ALG_IDS, UNREPORTED_ALG_IDS, install
 from tests.cslt_emulator import emulated_cusparselt_cuda_rules  # noqa: F401  (fixture)
+from tests.cslt_emulator import emulated_cusparselt_unknown_count  # noqa: F401  (fixture)
 from tests.conftest import tiny_config
 
 BF16 = torch.bfloat16
@@ -28,23 +35,37 @@ SHAPE = GemmShape(64, 128, 32, "row", False, "bfloat16")
 
 
 class FakeTimer:
-    """Seconds per call by kind ("sparse" per alg id, "compress", "dense"); records calls."""
+    """Seconds per call by kind ("sparse" per config, "compress", "dense"); records calls.
 
-    def __init__(self, sparse, compress=0.1, dense=1.0):
+    ``sparse`` is keyed by (alg id, split_k, split_k_mode) or, for the library's default
+    split-k, by the alg id alone. Each timing advances the budget clock (:meth:`clock`) by
+    ``cost_s``, so budget tests run on fake seconds."""
+
+    def __init__(self, sparse, compress=0.1, dense=1.0, cost_s=0.0):
         self.sparse, self.compress, self.dense = sparse, compress, dense
+        self.cost_s = cost_s
+        self.now = 0.0
         self.calls = []
 
-    def __call__(self, kind, alg_id, run):
-        self.calls.append((kind, alg_id))
+    def clock(self):
+        return self.now
+
+    def __call__(self, kind, config, run):
+        self.calls.append((kind, config))
+        self.now += self.cost_s
         if kind == "sparse":
-            return self.sparse.get(alg_id, 10.0)
+            fallback = self.sparse.get(config.alg_id, 10.0) if config.has_default_split_k() else 10.0
+            return self.sparse.get(tuple(config), fallback)
         return self.compress if kind == "compress" else self.dense
+
+    def sparse_timed(self):
+        return [config for kind, config in self.calls if kind == "sparse"]
 
 
 @pytest.fixture
 def timer():
     fake = FakeTimer({0: 0.9, 1: 0.5, 2: 0.3, 3: 0.6})
-    set_gemm_timer(fake)
+    set_gemm_timer(fake, fake.clock)
     yield fake
     set_gemm_timer(None)
 
@@ -53,7 +74,7 @@ def test_fastest_correct_alg_id_wins_and_is_compared_with_dense(emulated_cuspars
     emulated_cusparselt_cuda_rules.wrong_alg_ids = {2}  # the fastest one computes garbage
     choice = choice_for(SHAPE, "cpu")
     assert choice.alg_id == 1  # 2 is faster but wrong, so it was never timed
-    assert ("sparse", 2) not in timer.calls and ("sparse", 1) in timer.calls
+    assert CsltConfig(2) not in timer.sparse_timed() and CsltConfig(1) in timer.sparse_timed()
     assert "wrong: [2]" in choice.reason
     assert choice.use_sparse()  # 0.5 + 0.1 compression < 1.0 dense
     assert choice.speedup() == pytest.approx(1.0 / 0.6)
@@ -69,7 +90,85 @@ def test_no_correct_alg_id_means_dense(emulated_cusparselt_cuda_rules, timer):
     emulated_cusparselt_cuda_rules.wrong_alg_ids = set(range(8))
     choice = choice_for(SHAPE, "cpu")
     assert choice.alg_id == -1 and not choice.use_sparse()
-    assert not [c for c in timer.calls if c[0] == "sparse"]
+    assert timer.sparse_timed() == []
+
+
+LIBRARIES = {
+    # (get_max_alg_id() reports the count, torch._C._cusparselt.mm_search exists), the alg ids there are
+    "count reported (cuSPARSELt 0.6.2)": (True, True, NUM_ALG_IDS),
+    "count unreported, search (0.7/0.8 wheels)": (False, True, UNREPORTED_ALG_IDS),
+    "count unreported, no search binding": (False, False, UNREPORTED_ALG_IDS),
+}
+
+
+@pytest.mark.parametrize("library", LIBRARIES)
+def test_every_alg_id_the_library_has_is_verified_and_timed(monkeypatch, timer, library):
+    """torch 2.13 knows the alg-id count of three cuSPARSELt versions only; on the others
+    (what the CUDA wheels ship) the ids are found through the library's search or by
+    trying them upwards until one is refused, never only the configured one."""
+    reported, search, count = LIBRARIES[library]
+    emu = install(monkeypatch, cuda_rules=True, alg_count_reported=reported, library_search=search)
+    assert hasattr(torch._C, "_cusparselt") == search
+    last = count - 1
+    timer.sparse = {0: 0.9, last: 0.2}  # the last id is the fastest
+    choice = choice_for(SHAPE, "cpu")
+    assert choice.config == CsltConfig(last) and choice.use_sparse() and not choice.provisional
+    assert {c.alg_id for c in emu.mm_calls} == set(range(count))
+    assert set(timer.sparse_timed()) == {CsltConfig(alg) for alg in range(count)}
+    # A reported count is never exceeded; otherwise the one id past the end is refused once
+    # (the search's max id, or the probe's first miss) and ends the range.
+    assert emu.refused_alg_ids == ([] if reported else [count])
+    assert len(emu.search_calls) == (1 if search else 0)
+
+
+def test_the_library_pick_with_split_k_is_verified_timed_saved_and_replayed(emulated_cusparselt_unknown_count, timer):
+    emu = emulated_cusparselt_unknown_count
+    emu.search_pick = (5, 4, 1)  # alg 5 with split-k 4 in two kernels
+    timer.sparse = {0: 0.9, 5: 0.7, (5, 4, 1): 0.3}
+    choice = choice_for(SHAPE, "cpu")
+    assert choice.config == CsltConfig(5, 4, 1) and choice.use_sparse()
+    verified = {(c.alg_id, c.split_k, c.split_k_mode) for c in emu.mm_calls}
+    assert (5, 4, 1) in verified and (5, 1, -1) in verified  # the pick and the id at the default split-k
+    with open(gemm_tuning.table_path(), encoding="utf-8") as handle:
+        entry = json.load(handle)["tables"][gemm_tuning.table_key("cpu")][SHAPE.key()]
+    assert (entry["alg_id"], entry["split_k"], entry["split_k_mode"]) == (5, 4, 1)
+    gemm_tuning.reset_gemm_choices()  # a new process reads it back whole
+    assert choice_for(SHAPE, "cpu") == choice
+    # The op replays exactly what was verified and timed.
+    emu.reset()
+    a, b = gemm_tuning._random_operands(SHAPE, "cpu", torch.Generator().manual_seed(0))
+    out = kernels.sparse24_mm(a, b)
+    assert [(c.alg_id, c.split_k, c.split_k_mode) for c in emu.mm_calls] == [(5, 4, 1)]
+    assert (out.float() - a.float() @ b.float()).norm() <= 1e-2 * (a.float() @ b.float()).norm()
+
+
+def test_a_wrong_library_pick_is_never_timed(emulated_cusparselt_unknown_count, timer):
+    """The search goes by speed only: its pick is verified like any other candidate."""
+    emu = emulated_cusparselt_unknown_count
+    emu.search_pick = (3, 2, 0)
+    emu.wrong_alg_ids = {3}
+    timer.sparse = {(3, 2, 0): 0.01, 1: 0.5}
+    choice = choice_for(SHAPE, "cpu")
+    assert choice.config == CsltConfig(1)
+    assert CsltConfig(3, 2, 0) not in timer.sparse_timed()
+    assert "3 split-k 2 mode 0" in choice.reason and "wrong: [" in choice.reason
+
+
+@pytest.mark.parametrize("value", [math.nan, math.inf], ids=["nan", "inf"])
+def test_a_non_finite_product_fails_verification_and_never_wins(emulated_cusparselt_cuda_rules, timer, value):
+    """An alg id whose product holds one NaN (or inf) is wrong, however fast: the check
+    must fail it, not let a NaN error compare as small."""
+    emulated_cusparselt_cuda_rules.non_finite_alg_ids = {2: value}
+    choice = choice_for(SHAPE, "cpu")
+    assert choice.alg_id == 1 and "wrong: [2]" in choice.reason  # 2 is the fastest in the timer
+    assert CsltConfig(2) not in timer.sparse_timed()
+    ok, detail = gemm_tuning.verify_alg_id(SHAPE, "cpu", 2)
+    assert not ok and detail.endswith(("nan", "inf"))
+    # Nor may it become a verdict when it is the configured id and forced.
+    gemm_tuning._choices.clear()
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv(gemm_tuning.GEMMS_ENV, "sparse")
+        assert not choice_for(SHAPE, "cpu", configured_alg=2).use_sparse()
 
 
 def test_verdicts_persist_in_a_table_keyed_by_gpu_and_versions(emulated_cusparselt_cuda_rules, timer, monkeypatch):
@@ -129,6 +228,68 @@ def test_tuning_budget_is_bounded_and_said(emulated_cusparselt_cuda_rules, timer
     assert not first.use_sparse() and first.reason == "budget spent"
     assert timer.calls == []
     assert sum("tuning budget" in r.getMessage() for r in caplog.records) == 1
+
+
+TIMINGS_PER_SHAPE = 2 + NUM_ALG_IDS  # dense, compression, every alg id
+
+
+def test_one_budget_per_process_across_a_models_shapes_said_once(emulated_cusparselt_cuda_rules, timer, monkeypatch, caplog):
+    """The budget is the process's, not each shape's: of the model's four FFN GEMM shapes
+    the first is tuned whole, the second cut short (provisional), the last two find
+    nothing left; one warning, and never more than one timing over."""
+    timer.cost_s = 1.0  # each timing costs one second of the budget clock
+    budget = TIMINGS_PER_SHAPE + 5
+    monkeypatch.setenv(gemm_tuning.TUNE_SECONDS_ENV, str(budget))
+    with caplog.at_level(logging.WARNING, logger="hf_sparse"):
+        named = prepare_2to4_gemms(quick_model(), tokens=32)
+    key = gemm_tuning.table_key("cpu")
+    choices = [gemm_tuning._choices[f"{key}/{shape.key()}"] for _, shape in named]
+    assert len(choices) == 4
+    assert not choices[0].provisional and "8 of 8 candidates timed" in choices[0].reason
+    assert choices[1].provisional and choices[1].alg_id >= 0 and "cut short" in choices[1].reason
+    assert all(c.provisional and c.reason == "budget spent" and not c.use_sparse() for c in choices[2:])
+    assert len(timer.calls) == TIMINGS_PER_SHAPE + 6  # the second shape: 5 timings fit, a 6th started in time
+    # Checked before each timing: overrun by one timing at most.
+    assert budget <= gemm_tuning._budget["spent"] <= budget + timer.cost_s
+    assert sum("tuning budget" in r.getMessage() for r in caplog.records) == 1
+    saved = json.load(open(gemm_tuning.table_path(), encoding="utf-8"))["tables"][key]
+    assert set(saved) == {named[0][1].key()}  # provisional verdicts are not saved
+
+
+def test_a_provisional_verdict_is_not_read_back_as_final(emulated_cusparselt_cuda_rules, timer, monkeypatch):
+    """A 3 s budget once saved the best of the first 3 ids for good, and a later 600 s run
+    read it back though id 7 was the fastest: now the next process tunes it whole."""
+    timer.sparse = {0: 0.9, 1: 0.8, 2: 0.7, 7: 0.2}
+    timer.cost_s = 1.0
+    monkeypatch.setenv(gemm_tuning.TUNE_SECONDS_ENV, "4.5")  # dense, compression, ids 0-2
+    cut = choice_for(SHAPE, "cpu")
+    assert cut.provisional and cut.alg_id == 2
+    assert choice_for(SHAPE, "cpu") is cut  # used for the rest of this process
+    assert not os.path.exists(gemm_tuning.table_path())
+    # A table entry marked provisional (another version's, a hand edit) is not final either.
+    key = gemm_tuning.table_key("cpu")
+    marked = dict(gemm_tuning.asdict(cut))
+    with open(gemm_tuning.table_path(), "w", encoding="utf-8") as handle:
+        json.dump({"format": gemm_tuning.TABLE_FORMAT, "tables": {key: {SHAPE.key(): marked}}}, handle)
+    gemm_tuning.reset_gemm_choices()  # the next process, with time to spare
+    monkeypatch.setenv(gemm_tuning.TUNE_SECONDS_ENV, "600")
+    timer.calls.clear()
+    final = choice_for(SHAPE, "cpu")
+    assert final.alg_id == 7 and not final.provisional and timer.sparse_timed()
+    gemm_tuning.reset_gemm_choices()
+    timer.calls.clear()
+    assert choice_for(SHAPE, "cpu") == final and timer.calls == []  # saved, read back
+
+
+def test_the_budget_also_bounds_verification(emulated_cusparselt_cuda_rules, timer, monkeypatch):
+    """Verification is checked against the same budget clock before every product."""
+    clock = iter(range(1000))
+    gemm_tuning.set_gemm_timer(timer, lambda: float(next(clock)))  # each clock read: one more second
+    monkeypatch.setenv(gemm_tuning.TUNE_SECONDS_ENV, "3")
+    emu = emulated_cusparselt_cuda_rules
+    choice = choice_for(SHAPE, "cpu")
+    assert choice.provisional and not choice.use_sparse()
+    assert len(emu.mm_calls) <= 3 and timer.calls == []
 
 
 def test_nothing_is_tuned_or_cached_while_tracing(emulated_cusparselt_cuda_rules, timer, monkeypatch):

@@ -5,60 +5,87 @@ H100; some shapes are slower than dense), and cuSPARSELt's alg ids differ per sh
 layout (some return wrong results at some shapes, PyTorch issue 155333). So every GEMM
 shape the 2:4 op meets gets its own verdict, made once, eagerly:
 
-1. each candidate alg id is verified against a dense GEMM over several random 2:4 draws
-   at exactly that shape and layout, then timed;
-2. the fastest correct one, plus the compression of the sparse operand, is timed
-   against a dense GEMM on the same (already 2:4-masked) operands;
-3. the faster of the two is used. The recipe's numerics are the same either way: the
-   operand is already 2:4, so only the GEMM's accumulation order differs.
+1. the candidates: every alg id the library has with its default split-k, plus the
+   library's own pick for the shape (alg id *and* split-k, from
+   ``torch._C._cusparselt.mm_search``, which times but never checks results). torch
+   knows how many alg ids there are only for the cuSPARSELt versions it lists
+   (``get_max_alg_id()``: 0.4.0, 0.5.2 and 0.6.2 in torch 2.13; ``None`` for the 0.7/0.8
+   the CUDA wheels ship); otherwise the ids are tried upwards, up to the highest the
+   search reports, and the first one the library refuses ends the range;
+2. each candidate is verified against a dense GEMM over several random 2:4 draws at
+   exactly that shape and layout (a non-finite product fails);
+3. the dense GEMM, the compression of the sparse operand and every correct candidate
+   are timed; the fastest candidate plus the compression is compared with dense;
+4. the faster of the two is used, replayed with the same alg id and split-k. The
+   recipe's numerics are the same either way: the operand is already 2:4, so only the
+   GEMM's accumulation order differs.
 
-Verdicts are kept per process and in a JSON file under the HF cache, keyed by GPU name,
+Verdicts are kept per process and in a JSON file (``gemm_table``), keyed by GPU name,
 torch version and cuSPARSELt version (another GPU or library version re-tunes).
 ``HF_SPARSE_2TO4_GEMMS`` = ``auto`` (default) | ``sparse`` (always the configured alg id,
 once it is verified at the shape) | ``dense``. Tuning spends at most
-``HF_SPARSE_TUNE_SECONDS`` (default 60) per process and says so in the log when that runs
-out; shapes not decided by then use dense GEMMs.
+``HF_SPARSE_TUNE_SECONDS`` (default 60) per process, all shapes together; the budget is
+checked before every call that verifies or times, so it is overrun by one timing at
+most. A verdict the budget cut short (not every candidate verified and timed) is
+*provisional*: used by this process, never saved, so the next run tunes that shape
+again; shapes met after the budget is spent use dense GEMMs. Both are said once.
 
 Nothing here runs while torch.compile traces: a lookup on fake tensors or inside
 tracing only reads the table (a missing verdict reads as dense and is not stored), so a
 data-dependent sync can never turn into a cached "broken". The op's custom-op kernels
 call :func:`gemm_choice` at run time, where tensors are real.
 
-Shipped as HF remote code: imports only torch, huggingface_hub (transformers' own
-dependency) and the standard library.
+Shipped as HF remote code: imports only torch, the standard library and (through
+``gemm_table``) huggingface_hub, a transformers dependency.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import os
-import tempfile
 import threading
 import time
 from dataclasses import asdict, dataclass
-from typing import Callable, Optional
+from typing import Callable, NamedTuple, Optional
 
 import torch
 from torch import Tensor
 from torch._subclasses.fake_tensor import FakeTensor
+
+# TABLE_FORMAT and TABLE_PATH_ENV are imported for callers that know them from here.
+from .gemm_table import TABLE_FORMAT, TABLE_PATH_ENV, forget_warnings, read_table, save_entries, table_path  # noqa: F401
 
 logger = logging.getLogger(__name__)
 
 GEMMS_ENV = "HF_SPARSE_2TO4_GEMMS"
 GEMM_MODES = ("auto", "sparse", "dense")
 TUNE_SECONDS_ENV = "HF_SPARSE_TUNE_SECONDS"
-TABLE_PATH_ENV = "HF_SPARSE_GEMM_TABLE"
 DEFAULT_TUNE_SECONDS = 60.0
-TABLE_FORMAT = 1
 # Relative Frobenius error above which an alg id is wrong at a shape; bf16 GEMM rounding
 # gives ~3e-3, wrong kernels give O(1).
 VERIFY_RTOL = 2e-2
 VERIFY_DRAWS = 3
-# Most candidate alg ids tried per shape (xformers' sp24 times up to ~70; cuSPARSELt
-# reports how many exist; the budget bounds the total anyway).
+# Most alg ids tried per shape (xformers' sp24 times up to ~70; the budget bounds the
+# total anyway), and the range tried upwards when the library does not say its count.
 MAX_CANDIDATES = 64
+
+
+class CsltConfig(NamedTuple):
+    """One way to run a GEMM through cuSPARSELt: the alg id and the split-k setting
+    (``split_k=1, split_k_mode=-1`` are the library defaults; mode 0 is one kernel, 1 two)."""
+
+    alg_id: int
+    split_k: int = 1
+    split_k_mode: int = -1
+
+    def has_default_split_k(self) -> bool:
+        return self.split_k == 1 and self.split_k_mode == -1
+
+    def label(self) -> str:
+        if self.has_default_split_k():
+            return str(self.alg_id)
+        return f"{self.alg_id} split-k {self.split_k} mode {self.split_k_mode}"
 
 
 @dataclass(frozen=True)
@@ -87,7 +114,8 @@ class GemmShape:
 
 @dataclass
 class GemmChoice:
-    """The verdict for one shape. Times are seconds per call (nan where not measured)."""
+    """The verdict for one shape. Times are seconds per call (nan where not measured). Its
+    fields are the table's entry fields (``gemm_table.ENTRY_FIELDS``)."""
 
     alg_id: int  # the fastest correct alg id, -1 when none was found or none was tried
     sparse_s: float
@@ -95,6 +123,15 @@ class GemmChoice:
     dense_s: float
     reason: str
     forced: Optional[bool] = None  # HF_SPARSE_2TO4_GEMMS=sparse/dense
+    # The split-k setting alg_id was verified and timed with; replayed with it.
+    split_k: int = 1
+    split_k_mode: int = -1
+    # Cut short by the tuning budget: this process uses it, nothing saves it.
+    provisional: bool = False
+
+    @property
+    def config(self) -> CsltConfig:
+        return CsltConfig(self.alg_id, self.split_k, self.split_k_mode)
 
     def use_sparse(self, amortised_compression: bool = False) -> bool:
         """Sparse or dense for this shape. Activations are compressed every call; a 2:4
@@ -110,7 +147,7 @@ class GemmChoice:
         return self.dense_s / (self.sparse_s + self.compress_s) if self.sparse_s == self.sparse_s else math.nan
 
 
-def _default_timer(kind: str, alg_id: Optional[int], run: Callable[[], object]) -> float:
+def _default_timer(kind: str, config: Optional[CsltConfig], run: Callable[[], object]) -> float:
     """Seconds per call of ``run`` (median of a few timed repeats after a warm-up)."""
     cuda = torch.cuda.is_available() and torch.cuda.is_initialized()
     run()  # warm-up (plan creation, allocator)
@@ -136,20 +173,26 @@ _lock = threading.Lock()
 _table_loaded: list[str] = []  # the table key whose file was read
 _budget = {"spent": 0.0, "warned": False}
 _timer: list[Callable] = [_default_timer]
+_clock: list[Callable[[], float]] = [time.perf_counter]  # what the budget is measured with
 
 
-def set_gemm_timer(timer: Optional[Callable]) -> None:
-    """Replace the timer (``timer(kind, alg_id, run) -> seconds``; kind is "sparse",
-    "compress" or "dense"); ``None`` restores the real one. For tests."""
+def set_gemm_timer(timer: Optional[Callable], clock: Optional[Callable[[], float]] = None) -> None:
+    """Replace the timer (``timer(kind, config, run) -> seconds``; kind is "sparse" with
+    the :class:`CsltConfig` timed, or "compress"/"dense" with None) and the clock the
+    tuning budget is measured with (seconds, like ``time.perf_counter``); ``None``
+    restores the real ones. For tests."""
     _timer[0] = timer or _default_timer
+    _clock[0] = clock or time.perf_counter
 
 
 def reset_gemm_choices() -> None:
-    """Forget every verdict of this process and the spent budget (the file stays)."""
+    """Forget every verdict of this process, the spent budget and the warnings said, as
+    a new process would (the file stays)."""
     _choices.clear()
     _table_keys.clear()
     _table_loaded.clear()
     _budget.update(spent=0.0, warned=False)
+    forget_warnings()
 
 
 def gemm_mode() -> str:
@@ -167,15 +210,6 @@ def tune_budget_s() -> float:
         raise ValueError(f"{TUNE_SECONDS_ENV}={raw!r} is not a number of seconds.") from None
 
 
-def table_path() -> str:
-    explicit = os.environ.get(TABLE_PATH_ENV)
-    if explicit:
-        return explicit
-    from huggingface_hub import constants
-
-    return os.path.join(constants.HF_HOME, "hf_sparse", "cusparselt_gemms.json")
-
-
 def table_key(device) -> str:
     """GPU name + torch + cuSPARSELt versions: a verdict holds only for all three. Cached per
     device: every 2:4 GEMM call looks its verdict up under this key."""
@@ -191,52 +225,26 @@ def table_key(device) -> str:
     return key
 
 
-def _read_table(path: str, warn: bool = True) -> dict:
-    try:
-        with open(path, encoding="utf-8") as handle:
-            data = json.load(handle)
-    except FileNotFoundError:
-        return {}
-    except (OSError, ValueError) as err:
-        if warn:
-            logger.warning("2:4 GEMM table %s unreadable (%s); tuning anew", path, err)
-        return {}
-    if not isinstance(data, dict) or data.get("format") != TABLE_FORMAT or not isinstance(data.get("tables"), dict):
-        return {}
-    return data
-
-
 def _load_table(device) -> None:
     key = table_key(device)
     if key in _table_loaded:
         return
     _table_loaded.append(key)
-    entries = _read_table(table_path()).get("tables", {}).get(key, {})
-    for shape_key, fields in entries.items():
-        try:
-            _choices.setdefault(f"{key}/{shape_key}", GemmChoice(**fields))
-        except TypeError:
-            continue  # an entry of another layout of this file: re-tuned when met
+    # read_table passes only entries whose every field has this version's type.
+    for shape_key, fields in read_table(table_path()).tables.get(key, {}).items():
+        _choices.setdefault(f"{key}/{shape_key}", GemmChoice(**fields))
 
 
 def _save_table(device) -> None:
-    """Merge this process's verdicts for ``device`` into the file (atomic replace)."""
+    """Merge this process's final verdicts for ``device`` into the file."""
     key = table_key(device)
-    path = table_path()
-    data = _read_table(path, warn=False) or {"format": TABLE_FORMAT, "tables": {}}
-    mine = data["tables"].setdefault(key, {})
     prefix = key + "/"
-    for full_key, choice in _choices.items():
-        if full_key.startswith(prefix) and choice.forced is None and not choice.reason.startswith("budget"):
-            mine[full_key[len(prefix):]] = asdict(choice)
-    try:
-        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path) or ".", prefix=".gemm_table.")
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            json.dump(data, handle, indent=1, sort_keys=True)
-        os.replace(tmp, path)
-    except OSError as err:  # a read-only home: the verdicts still hold for this process
-        logger.warning("2:4 GEMM table not saved to %s (%s)", path, err)
+    final = {
+        full_key[len(prefix):]: asdict(choice)
+        for full_key, choice in _choices.items()
+        if full_key.startswith(prefix) and choice.forced is None and not choice.provisional
+    }
+    save_entries(table_path(), key, final)
 
 
 def _random_operands(shape: GemmShape, device, gen: torch.Generator) -> tuple[Tensor, Tensor]:
@@ -262,66 +270,138 @@ def _dense_mm(a: Tensor, b: Tensor, transpose_result: bool) -> Tensor:
     return torch.mm(b.t(), a.t()) if transpose_result else torch.mm(a, b)
 
 
-def _sparse_mm(packed: Tensor, b: Tensor, transpose_result: bool, alg_id: int) -> Tensor:
+def _out_dtype(b: Tensor) -> Optional[torch.dtype]:
     # FP8 products come out in bf16 (cuSPARSELt takes out_dtype for 8-bit inputs only).
-    out_dtype = torch.bfloat16 if b.dtype == torch.float8_e4m3fn else None
-    return torch._cslt_sparse_mm(packed, b, transpose_result=transpose_result, alg_id=alg_id, out_dtype=out_dtype)
+    return torch.bfloat16 if b.dtype == torch.float8_e4m3fn else None
+
+
+def cslt_sparse_mm(packed: Tensor, b: Tensor, transpose_result: bool, config: CsltConfig) -> Tensor:
+    """``torch._cslt_sparse_mm`` run as ``config`` says (a verdict's :attr:`GemmChoice.config`)."""
+    # The split-k arguments only when they are not the defaults: the call stays the one
+    # torch versions (and test doubles) that predate them accept.
+    split = {} if config.has_default_split_k() else {"split_k": config.split_k, "split_k_mode": config.split_k_mode}
+    return torch._cslt_sparse_mm(
+        packed, b, transpose_result=transpose_result, alg_id=config.alg_id, out_dtype=_out_dtype(b), **split
+    )
+
+
+# Why a candidate failed verification (the first item of each failure).
+WRONG, REFUSED, PAST_THE_END, BUDGET_SPENT = "wrong", "refused", "past the last alg id", "budget spent"
 
 
 def _verify(
-    shape: GemmShape, device, alg_ids: list[int], draws: int = VERIFY_DRAWS, deadline: float = math.inf
-) -> tuple[dict[int, str], dict[int, float]]:
-    """(failures: alg id -> why, worst relative error of each passing id) of ``alg_ids`` at
-    ``shape`` over ``draws`` random 2:4 operands, each draw's dense reference computed once
-    for all ids (host syncs; a private generator leaves the global RNG stream, MVUE's,
-    untouched). Ids not checked by ``deadline`` (perf_counter) fail as "budget spent"."""
+    shape: GemmShape,
+    device,
+    configs: list,
+    draws: int = VERIFY_DRAWS,
+    deadline: float = math.inf,
+    open_ended: bool = False,
+) -> tuple[dict, dict]:
+    """(failures: config -> (why, detail), worst relative error of each passing config)
+    of ``configs`` (:class:`CsltConfig`) at ``shape`` over ``draws``
+    random 2:4 operands, each draw's dense reference computed once for all (host syncs; a
+    private generator leaves the global RNG stream, MVUE's, untouched). Configs not
+    checked by ``deadline`` (the budget clock) fail as BUDGET_SPENT. ``open_ended``: the
+    library did not say how many alg ids it has, so the first alg id it refuses ends the
+    range: higher ids (default split-k) fail as PAST_THE_END, untried."""
     gen = torch.Generator(device=device)
     gen.manual_seed(1234)
-    failed: dict[int, str] = {}
-    worst = dict.fromkeys(alg_ids, 0.0)
+    failed: dict[CsltConfig, tuple[str, str]] = {}
+    worst = dict.fromkeys(configs, 0.0)
     for _ in range(draws):
         a, b = _random_operands(shape, device, gen)
         ref = _dense_mm(a.float(), b.float(), shape.transpose_result)
         packed = torch._cslt_compress(a)
-        for alg_id in alg_ids:
-            if alg_id in failed:
+        for config in configs:
+            if config in failed:
                 continue
-            if time.perf_counter() > deadline:
-                failed[alg_id] = "budget spent"
+            if _clock[0]() > deadline:
+                failed[config] = (BUDGET_SPENT, BUDGET_SPENT)
                 continue
             try:
-                out = _sparse_mm(packed, b, shape.transpose_result, alg_id).float()
+                out = cslt_sparse_mm(packed, b, shape.transpose_result, config).float()
             except RuntimeError as exc:  # an alg id out of range, an unsupported shape or arch
-                failed[alg_id] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}"
+                failed[config] = (REFUSED, f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}")
+                if open_ended and config.has_default_split_k():
+                    for later in configs:
+                        if later.has_default_split_k() and later.alg_id > config.alg_id:
+                            failed.setdefault(later, (PAST_THE_END, f"alg id {config.alg_id} was refused"))
                 continue
             err = ((out - ref).norm() / ref.norm().clamp_min(1e-30)).item()
-            if not err <= VERIFY_RTOL:  # NaN fails too
-                failed[alg_id] = f"max relative error {err:.3g}"
-            worst[alg_id] = max(worst[alg_id], err)
-    return failed, {alg: err for alg, err in worst.items() if alg not in failed}
+            # Written so that NaN fails: a product holding NaN or inf gives a NaN/inf error.
+            if not err <= VERIFY_RTOL:
+                failed[config] = (WRONG, f"max relative error {err:.3g}")
+            else:
+                worst[config] = max(worst[config], err)
+    return failed, {config: err for config, err in worst.items() if config not in failed}
 
 
 def verify_alg_id(shape: GemmShape, device, alg_id: int, draws: int = VERIFY_DRAWS) -> tuple[bool, str]:
     """Does ``alg_id`` compute ``shape`` right over ``draws`` random 2:4 operands? (ok, detail)"""
-    failed, worst = _verify(shape, device, [alg_id], draws)
-    return (False, failed[alg_id]) if alg_id in failed else (True, f"max relative error {worst[alg_id]:.3g}")
+    config = CsltConfig(alg_id)
+    failed, worst = _verify(shape, device, [config], draws)
+    return (False, failed[config][1]) if config in failed else (True, f"max relative error {worst[config]:.3g}")
 
 
-def _candidates(forced_alg: int) -> list[int]:
+def _reported_alg_count() -> Optional[int]:
+    """How many alg ids torch says cuSPARSELt has; None where it does not know."""
     try:
-        count = int(torch.backends.cusparselt.get_max_alg_id())
-    except (AttributeError, RuntimeError, TypeError, ValueError):
-        count = 1
-    ids = [forced_alg] + [i for i in range(min(max(count, 1), MAX_CANDIDATES)) if i != forced_alg]
-    return ids
+        count = torch.backends.cusparselt.get_max_alg_id()
+    except (AttributeError, RuntimeError):
+        return None
+    return count if isinstance(count, int) and not isinstance(count, bool) and count > 0 else None
+
+
+def _library_search(packed: Tensor, b: Tensor, transpose_result: bool) -> tuple[Optional[CsltConfig], Optional[int]]:
+    """cuSPARSELt's own pick for this GEMM (by its timing; unverified) and the highest alg
+    id it reports, from ``torch._C._cusparselt.mm_search``; (None, None) where torch has
+    no such binding (CPU wheels, builds without cuSPARSELt) or the search fails."""
+    search = getattr(getattr(torch._C, "_cusparselt", None), "mm_search", None)
+    if search is None:
+        return None, None
+    try:
+        alg_id, split_k, split_k_mode, max_alg_id = search(packed, b, None, None, _out_dtype(b), transpose_result)
+    except (RuntimeError, TypeError, ValueError) as exc:
+        logger.info("cuSPARSELt's alg-id search failed (%s); trying alg ids in turn", exc)
+        return None, None
+    limit = int(max_alg_id) if isinstance(max_alg_id, int) and max_alg_id >= 0 else None
+    if isinstance(split_k_mode, bool):
+        # Older torch returned split_k_one_kernel here, and its _cslt_sparse_mm takes that
+        # name, not split_k_mode: keep the alg id, at the default split-k.
+        return CsltConfig(int(alg_id)), limit
+    return CsltConfig(int(alg_id), int(split_k), int(split_k_mode)), limit
+
+
+def _candidates(
+    configured_alg: int, searched: Optional[CsltConfig] = None, search_limit: Optional[int] = None
+) -> tuple[list[CsltConfig], bool]:
+    """(configs to verify, in the order to try them under the budget; whether the alg-id
+    range is open-ended). The configured id first, then the library's pick, then every
+    id: torch's count when it knows one, else up to the highest id the search reports
+    (whether that number is the last id or one past it is not documented, so it is
+    tried too) or MAX_CANDIDATES, ended early by the first id the library refuses."""
+    count = _reported_alg_count()
+    if count is not None:
+        ids, open_ended = range(min(count, MAX_CANDIDATES)), False
+    else:
+        ids = range(min(search_limit + 1, MAX_CANDIDATES) if search_limit is not None else MAX_CANDIDATES)
+        open_ended = True
+    configs = [CsltConfig(configured_alg)] + ([searched] if searched is not None else [])
+    configs += [CsltConfig(alg) for alg in ids]
+    return list(dict.fromkeys(configs)), open_ended
 
 
 def _budget_left() -> float:
     return tune_budget_s() - _budget["spent"]
 
 
+def _labels(configs) -> str:
+    return "[" + ", ".join(config.label() for config in configs) + "]"
+
+
 def tune(shape: GemmShape, device, configured_alg: int = 0) -> GemmChoice:
-    """Verify and time the candidates for ``shape`` (see the module docstring)."""
+    """Verify and time the candidates for ``shape`` (see the module docstring), within
+    what is left of the process's tuning budget."""
     mode = gemm_mode()
     nan = math.nan
     if mode == "dense":
@@ -333,42 +413,62 @@ def tune(shape: GemmShape, device, configured_alg: int = 0) -> GemmChoice:
                            shape.label(), configured_alg, detail)
             return GemmChoice(-1, nan, nan, nan, f"alg id {configured_alg} wrong ({detail})", forced=False)
         return GemmChoice(configured_alg, nan, nan, nan, f"{GEMMS_ENV}=sparse", forced=True)
-    started = time.perf_counter()
-    timer = _timer[0]
+    clock = _clock[0]
+    started = clock()
     try:
-        candidates = _candidates(configured_alg)
-        failed, _worst = _verify(shape, device, candidates, deadline=started + _budget_left())
-        wrong = [alg for alg in candidates if alg in failed and failed[alg] != "budget spent"]
-        gen = torch.Generator(device=device)
-        gen.manual_seed(99)
-        a, b = _random_operands(shape, device, gen)
-        packed = torch._cslt_compress(a)
-        best_alg, best_s, tried = -1, math.inf, 0
-        for alg in candidates:
-            if alg in failed:
-                continue
-            if time.perf_counter() - started > _budget_left():
-                break
-            tried += 1
-            seconds = timer("sparse", alg, lambda alg=alg: _sparse_mm(packed, b, shape.transpose_result, alg))
-            if seconds < best_s:
-                best_alg, best_s = alg, seconds
-        if best_alg < 0:
-            reason = "budget spent" if not wrong and tried == 0 else f"no correct alg id (wrong: {wrong})"
-            return GemmChoice(-1, nan, nan, nan, reason)
-        compress_s = timer("compress", None, lambda: torch._cslt_compress(a))
-        dense_s = timer("dense", None, lambda: _dense_mm(a, b, shape.transpose_result))
+        return _tune_until(shape, device, configured_alg, deadline=started + _budget_left())
     finally:
-        _budget["spent"] += time.perf_counter() - started
-    detail = f"{tried} alg ids timed" + (f", wrong: {wrong}" if wrong else "")
-    return GemmChoice(best_alg, best_s, compress_s, dense_s, detail)
+        _budget["spent"] += clock() - started
+
+
+def _tune_until(shape: GemmShape, device, configured_alg: int, deadline: float) -> GemmChoice:
+    clock, timer, nan = _clock[0], _timer[0], math.nan
+    gen = torch.Generator(device=device)
+    gen.manual_seed(99)
+    a, b = _random_operands(shape, device, gen)
+    packed = torch._cslt_compress(a)
+    searched, search_limit = _library_search(packed, b, shape.transpose_result) if clock() <= deadline else (None, None)
+    candidates, open_ended = _candidates(configured_alg, searched, search_limit)
+    failed, _worst = _verify(shape, device, candidates, deadline=deadline, open_ended=open_ended)
+    why = {config: reason for config, (reason, _detail) in failed.items()}
+    correct = [config for config in candidates if config not in why]
+    wrong = [config for config in candidates if why.get(config) == WRONG]
+    refused = [config for config in candidates if why.get(config) == REFUSED]
+    cut_short = BUDGET_SPENT in why.values()
+    if not correct:
+        if cut_short:
+            return GemmChoice(-1, nan, nan, nan, BUDGET_SPENT, provisional=True)
+        return GemmChoice(-1, nan, nan, nan, f"no correct alg id (wrong: {_labels(wrong)}, refused: {_labels(refused)})")
+    # Dense and the compression first: no verdict without them, whatever the budget then
+    # leaves for the candidates. The budget is checked before every timing.
+    runs = [("dense", None, lambda: _dense_mm(a, b, shape.transpose_result)), ("compress", None, lambda: torch._cslt_compress(a))]
+    runs += [("sparse", c, lambda c=c: cslt_sparse_mm(packed, b, shape.transpose_result, c)) for c in correct]
+    seconds: dict = {}
+    for kind, config, run in runs:
+        if clock() > deadline:
+            cut_short = True
+            break
+        seconds[config or kind] = timer(kind, config, run)
+    timed = [config for config in correct if config in seconds]
+    if not timed:
+        return GemmChoice(-1, nan, nan, nan, BUDGET_SPENT, provisional=True)
+    best = min(timed, key=lambda config: seconds[config])
+    detail = f"{len(timed)} of {len(candidates)} candidates timed" + (f", wrong: {_labels(wrong)}" if wrong else "")
+    detail += f", refused: {_labels(refused)}" if refused else ""
+    detail += f", library pick {searched.label()}" if searched is not None else ""
+    detail += ", cut short by the budget (provisional)" if cut_short else ""
+    return GemmChoice(
+        best.alg_id, seconds[best], seconds["compress"], seconds["dense"], detail,
+        split_k=best.split_k, split_k_mode=best.split_k_mode, provisional=cut_short,
+    )  # fmt: skip
 
 
 def _describe(shape: GemmShape, choice: GemmChoice, name: str = "") -> str:
     verdict = "sparse" if choice.use_sparse() else "dense"
     speed = f"sparse {choice.speedup():.2f}×" if choice.speedup() == choice.speedup() else choice.reason
-    alg = f" (alg {choice.alg_id})" if choice.alg_id >= 0 else ""
-    return f"{name + ' ' if name else ''}{shape.label()}: {speed}{alg} → {verdict}"
+    alg = f" (alg {choice.config.label()})" if choice.alg_id >= 0 else ""
+    provisional = " (provisional: tuning budget spent)" if choice.provisional and choice.alg_id >= 0 else ""
+    return f"{name + ' ' if name else ''}{shape.label()}: {speed}{alg} → {verdict}{provisional}"
 
 
 def gemm_choice(a: Tensor, b: Tensor, transpose_result: bool, configured_alg: int = 0, name: str = "") -> GemmChoice:
@@ -376,6 +476,17 @@ def gemm_choice(a: Tensor, b: Tensor, transpose_result: bool, configured_alg: in
     torch.compile tracing or on fake tensors: a read-only lookup, dense when absent."""
     tracing = torch.compiler.is_compiling() or _is_fake(a) or _is_fake(b)
     return choice_for(GemmShape.of(a, b, transpose_result), a.device, configured_alg, name, read_only=tracing)
+
+
+def _say_budget_spent() -> None:
+    if not _budget["warned"]:
+        _budget["warned"] = True
+        logger.warning(
+            "2:4 GEMM tuning budget (%s=%g s per process) spent: a shape it cut short keeps its best verdict so far "
+            "for this run only (not saved), and shapes met from now on use dense GEMMs. Raise it, or tune before "
+            "training (SparsityCallback does at train begin).",
+            TUNE_SECONDS_ENV, tune_budget_s(),
+        )  # fmt: skip
 
 
 def choice_for(shape: GemmShape, device, configured_alg: int = 0, name: str = "", read_only: bool = False) -> GemmChoice:
@@ -390,19 +501,14 @@ def choice_for(shape: GemmShape, device, configured_alg: int = 0, name: str = ""
         choice = _choices.get(key)
         if choice is None:
             if _budget_left() <= 0 and gemm_mode() == "auto":
-                choice = GemmChoice(-1, math.nan, math.nan, math.nan, "budget spent")
-                if not _budget["warned"]:
-                    _budget["warned"] = True
-                    logger.warning(
-                        "2:4 GEMM tuning budget (%s=%.0f s) spent; shapes met from now on use dense GEMMs. "
-                        "Raise it, or tune before training (SparsityCallback does at train begin).",
-                        TUNE_SECONDS_ENV, tune_budget_s(),
-                    )  # fmt: skip
+                choice = GemmChoice(-1, math.nan, math.nan, math.nan, BUDGET_SPENT, provisional=True)
             else:
                 choice = tune(shape, device, configured_alg)
             _choices[key] = choice
             logger.info("2:4 GEMM %s", _describe(shape, choice, name))
-            if choice.forced is None and choice.alg_id >= 0:
+            if choice.provisional:
+                _say_budget_spent()
+            elif choice.forced is None:
                 _save_table(device)
     return choice
 

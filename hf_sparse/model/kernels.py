@@ -33,7 +33,7 @@ import torch
 from torch import Tensor
 
 from .fp8 import apply_scales, dense_fp8_mm, fp8_support_reason
-from .gemm_tuning import GemmShape, _dense_mm, gemm_choice, verify_alg_id
+from .gemm_tuning import CsltConfig, GemmShape, _dense_mm, cslt_sparse_mm, gemm_choice, verify_alg_id
 
 logger = logging.getLogger(__name__)
 
@@ -197,12 +197,22 @@ def compress_2to4(a: Tensor) -> Tensor:
     return torch._cslt_compress(a.contiguous())
 
 
-def sparse24_mm_packed(packed: Tensor, b: Tensor, *, transpose_result: bool = False, alg_id: Optional[int] = None) -> Tensor:
-    """:func:`sparse24_mm` with ``a`` already compressed by :func:`compress_2to4`."""
+def sparse24_mm_packed(
+    packed: Tensor,
+    b: Tensor,
+    *,
+    transpose_result: bool = False,
+    alg_id: Optional[int] = None,
+    config: Optional[CsltConfig] = None,
+) -> Tensor:
+    """:func:`sparse24_mm` with ``a`` already compressed by :func:`compress_2to4`, run as
+    ``config`` (a verdict's alg id and split-k) or else with ``alg_id`` (default: the
+    configured one) at the library's default split-k."""
     if not (b.is_contiguous() or b.t().is_contiguous()):
         b = b.contiguous()
-    alg = cusparselt_alg_id() if alg_id is None else alg_id
-    return torch._cslt_sparse_mm(packed, b, transpose_result=transpose_result, alg_id=alg)
+    if config is None:
+        config = CsltConfig(cusparselt_alg_id() if alg_id is None else alg_id)
+    return cslt_sparse_mm(packed, b, transpose_result, config)
 
 
 def gemm_verdicts_forced() -> bool:
@@ -231,7 +241,7 @@ def sparse24_mm_fp8(a: Tensor, a_scale: Tensor, bt: Tensor, b_scale: Tensor, out
     choice = gemm_verdict(a, b)
     if not choice.use_sparse():
         return dense_fp8_mm(a, a_scale, bt, b_scale, out_dtype)
-    out = torch._cslt_sparse_mm(torch._cslt_compress(a), b, out_dtype=torch.bfloat16, alg_id=choice.alg_id)
+    out = cslt_sparse_mm(torch._cslt_compress(a), b, False, choice.config)  # bf16 out for FP8 operands
     return apply_scales(out, a_scale, b_scale, out_dtype)
 
 
@@ -256,7 +266,7 @@ def _sparse24_mm_impl(a: Tensor, b: Tensor, transpose_result: bool) -> Tensor:
     # The compressed form (kept values + metadata) is rebuilt every call: activations
     # change every step, so there is nothing to cache, unlike 2:4 weights.
     packed = torch._cslt_compress(a)
-    return torch._cslt_sparse_mm(packed, b, transpose_result=transpose_result, alg_id=choice.alg_id)
+    return cslt_sparse_mm(packed, b, transpose_result, choice.config)
 
 
 def _sparse24_mm_fake(a: Tensor, b: Tensor, transpose_result: bool) -> Tensor:

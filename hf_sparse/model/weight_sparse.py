@@ -121,7 +121,7 @@ class _SparseWeightLinear(torch.autograd.Function):
             if choice.use_sparse(amortised_compression=True):
                 if entry.packed is None:
                     entry.packed = compress_2to4(entry.effective)
-                packed = sparse24_mm_packed(entry.packed, x2.t(), transpose_result=True, alg_id=choice.alg_id)
+                packed = sparse24_mm_packed(entry.packed, x2.t(), transpose_result=True, config=choice.config)
                 return packed.view(*x.shape[:-1], -1)
         return F.linear(x, entry.effective)
 
