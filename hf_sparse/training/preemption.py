@@ -77,10 +77,6 @@ class StopSignals:
         self._previous.clear()
 
     @property
-    def installed(self) -> bool:
-        return bool(self._previous)
-
-    @property
     def exit_code(self) -> int | None:
         return EXIT_CODES.get(self.received) if self.received is not None else None
 

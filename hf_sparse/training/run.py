@@ -1,6 +1,6 @@
 """One train_hf.py run from start to exit: build, train, finish, and every way out.
 
-    cli()  ->  run_to_outcome(): main() = build -> train -> finish  ->  release_process_groups()  ->  exit code
+    train_hf.cli()  ->  run_to_outcome(): main() = build -> train -> finish  ->  release_process_groups()  ->  exit code
 
 Every exit path ends the same way. main() raises (a bad config, a stop signal, the non-finite
 guard, a failing callback or lm-eval) or returns; `run_to_outcome` turns that into an
@@ -46,7 +46,6 @@ from .checkpoints import (
     last_complete_checkpoint,
     write_model_card,
 )
-from .cli_help import format_help, wants_help
 from .data import build_datasets
 from .evaluation import build_compute_metrics, preprocess_logits_for_metrics
 from .launch_checks import check_hub_access
@@ -180,7 +179,6 @@ def save_final_model(trainer: Trainer, output_dir: str) -> None:
 class RunStatus:
     """What main() learned that the exit path needs (filled as it goes)."""
 
-    argv: list
     output_dir: str | None = None
     rank0: bool = dataclasses.field(default_factory=lambda: os.environ.get("RANK", "0") == "0")
     trainer: Trainer | None = None  # for free_run(), whichever way main() ends
@@ -335,7 +333,7 @@ def main(argv: list[str], signals: StopSignals | None = None, status: RunStatus 
     nothing to train). Raises ConfigError, Preempted, StopBeforeTraining (with `signals`)
     or NonFiniteError; cli() turns them into exit codes."""
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
-    status = status or RunStatus(list(argv))
+    status = status or RunStatus()
     import_world_group_binders()  # before parse_run_config: TrainingArguments creates the process group
     run = parse_run_config(argv)
     args = run.training_args
@@ -452,7 +450,7 @@ def free_run(status: RunStatus) -> None:
 def run_to_outcome(argv: list[str], signals: StopSignals) -> Outcome:
     """main() and its exceptions as an Outcome. The exception objects (and with them the
     frames that hold the run) are gone when this returns, and the run's engine released."""
-    status = RunStatus(list(argv))
+    status = RunStatus()
     try:
         return _outcome_of_main(argv, signals, status)
     finally:
@@ -512,19 +510,3 @@ def release_process_groups() -> None:
     else:
         dist.destroy_process_group()
 
-
-def cli() -> None:
-    """`python train_hf.py CONFIG.json ...` and the `hf-sparse-train` console script."""
-    argv = sys.argv[1:]
-    if wants_help(argv):
-        prog = os.path.basename(sys.argv[0]) or PROG
-        print(format_help(prog=prog), end="")  # the CLI's job: usage and every key, to stdout, exit 0
-        return
-    signals = StopSignals().install()
-    signals.raise_now = True  # until the Trainer takes over: nothing to checkpoint yet
-    outcome = run_to_outcome(argv, signals)
-    release_process_groups()
-    if outcome.message and (outcome.every_rank or os.environ.get("RANK", "0") == "0"):
-        print(outcome.message, file=sys.stderr, flush=True)
-    signals.farewell = b""
-    sys.exit(outcome.code)  # outside any except block: the SystemExit carries nothing of the run
