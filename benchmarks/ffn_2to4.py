@@ -28,7 +28,8 @@ from machine import describe_machine, parse_ffn_shapes  # benchmarks/machine.py
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from hf_sparse.model import gemm_tuning, kernels  # noqa: E402
+from hf_sparse.model import gemm_backends, gemm_tuning, kernels  # noqa: E402
+from hf_sparse.model.gemm_backends import CUSPARSELT  # noqa: E402
 from hf_sparse.model.fp8 import dense_fp8_mm, quantize_rows  # noqa: E402
 from hf_sparse.model import sparse_ffn  # noqa: E402
 from hf_sparse.model.sparse_ffn import relu2_2to4_ffn, relu2_ffn_reference  # noqa: E402
@@ -146,10 +147,10 @@ def bench_shape(d, f, args, device, dtype, timer):
             # The op called eagerly but with its stages compiled (HF_SPARSE_COMPILE_STAGES=1
             # in an eager model): compared with the eager dense FFN.
             variants["sparse_s"] = (sparse, {sparse_ffn.COMPILE_STAGES_ENV: "1"})
-    kernel_ok = device.type == "cuda" and kernels.use_2to4_kernel(x.detach(), w_up.detach(), w_down.detach())
+    kernel_ok = device.type == "cuda" and gemm_backends.select_gemms(x.detach(), w_up.detach(), w_down.detach()).sparse
     if device.type == "cuda" and not args.fp8 and not args.go_no_go_only:
         # Same op with the kernel switched off: separates mask overhead from GEMM gains.
-        variants["sparse_ref"] = (sparse, {kernels.DISABLE_ENV: "1"})
+        variants["sparse_ref"] = (sparse, {gemm_backends.DISABLE_ENV: "1"})
     times = {k: ([], []) for k in variants}
     for _ in range(args.warmup):
         for name, (fn, env) in variants.items():
@@ -186,7 +187,7 @@ def table_provenance(named_shapes, device) -> dict[str, str]:
     except (OSError, ValueError):
         data = {}
     tables = data.get("tables") if isinstance(data, dict) else None
-    held = tables.get(gemm_tuning.table_key(device)) if isinstance(tables, dict) else None
+    held = tables.get(CUSPARSELT.tuner.table_key(device)) if isinstance(tables, dict) else None
     held = held if isinstance(held, dict) else {}
     return {name: (f"read from {path}" if shape.key() in held else "tuned now") for name, shape in named_shapes}
 
@@ -196,7 +197,7 @@ def path_label(kernel_ok: bool, named_shapes, device) -> str:
     if not kernel_ok:
         return "plain-GEMM path"
     alg = kernels.cusparselt_alg_id()
-    sparse = [name for name, shape in named_shapes if gemm_tuning.choice_for(shape, device, alg, read_only=True).use_sparse()]
+    sparse = [name for name, shape in named_shapes if CUSPARSELT.tuner.choice_for(shape, device, alg, read_only=True).use_sparse()]
     if not sparse:
         return "cuSPARSELt path, every GEMM dense by verdict"
     return f"cuSPARSELt path, {len(sparse)} of {len(named_shapes)} GEMMs sparse ({', '.join(sparse)})"
@@ -261,9 +262,9 @@ def main(argv=None):
         named = sparse_ffn.ffn_gemm_shapes(args.tokens, d, f, dtype, args.dense_features, args.backward)
         if args.gemm_table and gpu:
             provenance = table_provenance(named, device)
-            for _, shape in named:
-                gemm_tuning.choice_for(shape, device, kernels.cusparselt_alg_id())
-            print(gemm_tuning.format_gemm_table([(f"{name} {n}", shape) for n, shape in named], device))
+            labelled = [(f"{name} {n}", shape) for n, shape in named]
+            CUSPARSELT.prepare(labelled, device)
+            print(CUSPARSELT.tuner.format_table(labelled, device))
             print("  verdicts: " + "; ".join(f"{n} {where}" for n, where in provenance.items()), flush=True)
         res, kernel_ok = bench_shape(d, f, args, device, dtype, timer)
         if args.go_no_go and "sparse_c" in res:

@@ -32,7 +32,6 @@ followed by their positions 0..3 in the group, stored as values (exact in bf16/f
 
 from __future__ import annotations
 
-import importlib
 import os
 import tempfile
 import types
@@ -43,12 +42,19 @@ import pytest
 import torch
 from torch import Tensor
 
+from hf_sparse.model import gemm_backends, gemm_table
+from hf_sparse.model.gemm_backends import CusparseltGemms, shape_reason
+from hf_sparse.model.gemm_tuning import TABLE_PATH_ENV, GemmChoice, GemmTuner
+from hf_sparse.model.kernels import cusparselt_alg_id
+
 __all__ = [
     "NUM_ALG_IDS",
     "UNREPORTED_ALG_IDS",
     "CompressCall",
     "CusparseLtPreconditionError",
+    "EmulatedCusparseltGemms",
     "Emulator",
+    "ForcedSparseGemms",
     "MmCall",
     "compress",
     "decompress",
@@ -377,8 +383,8 @@ class Emulator:
         self.mm_calls: list[MmCall] = []
         self.search_calls: list[MmCall] = []
         self.refused_alg_ids: list[int] = []  # every out-of-range id asked for, in order
-        # Set by install(): whether hf_sparse.model.kernels.set_kernel_override was switched on.
-        self.kernel_override = False
+        # Set by install(): the GEMM back-end registered as the CPU's automatic choice.
+        self.backend: Optional[CusparseltGemms] = None
         # Alg ids that return wrong products (as some do on real GPUs, pytorch#155333):
         # finite garbage.
         self.wrong_alg_ids: set[int] = set()
@@ -447,23 +453,6 @@ class Emulator:
         self.refused_alg_ids.clear()
 
 
-class _OnRestore:
-    """Runs a callback when monkeypatch restores its ``armed`` attribute.
-
-    Lets ``install`` register teardown with nothing but a MonkeyPatch (which has no
-    addfinalizer): undo() restores attributes in reverse order, calling our setattr.
-    """
-
-    def __init__(self, callback):
-        object.__setattr__(self, "_callback", callback)
-        object.__setattr__(self, "armed", False)
-
-    def __setattr__(self, name, value):
-        object.__setattr__(self, name, value)
-        if name == "armed" and not value:
-            self._callback()
-
-
 def install(
     monkeypatch,
     allow_wide_dtypes: bool = False,
@@ -474,8 +463,9 @@ def install(
 ) -> Emulator:
     """Replace the cuSPARSELt ops with a recording emulator until ``monkeypatch`` undoes.
 
-    ``cuda_rules``: the kernel override is ``"cuda"`` (eligibility, per-shape verification
-    and timing as on a GPU) instead of ``True`` (every aligned GEMM sparse, untimed).
+    The emulated back-end becomes the CPU's automatic GEMM back-end: with ``cuda_rules``
+    :class:`EmulatedCusparseltGemms` (eligibility, per-shape verification and timing as on
+    a GPU), else :class:`ForcedSparseGemms` (every aligned GEMM sparse, untimed).
     ``alg_count_reported=False``: ``get_max_alg_id()`` returns None (cuSPARSELt 0.7/0.8);
     ``library_search=False``: ``torch._C`` has no ``_cusparselt`` (its ``mm_search``);
     ``alg_count``: how many alg ids the library has (NUM_ALG_IDS when reported, else
@@ -494,34 +484,53 @@ def install(
     else:
         monkeypatch.delattr(torch._C, "_cusparselt", raising=False)
 
-    kernels = importlib.import_module("hf_sparse.model.kernels")
-    # Self-check verdicts and warn-once keys recorded under emulation must not leak
-    # into later tests that run without it.
-    for name in ("_self_check", "_warned"):
-        state = getattr(kernels, name, None)
-        if isinstance(state, (dict, set)):
-            monkeypatch.setattr(kernels, name, type(state)())
-    # Nor may per-shape GEMM verdicts, the tuning budget or the user's verdict file.
-    tuning = importlib.import_module("hf_sparse.model.gemm_tuning")
-    monkeypatch.setattr(tuning, "_choices", {})
-    monkeypatch.setattr(tuning, "_table_keys", {})
-    monkeypatch.setattr(tuning, "_table_loaded", [])
-    monkeypatch.setattr(tuning, "_budget", {"spent": 0.0, "warned": False})
-    monkeypatch.setattr(importlib.import_module("hf_sparse.model.gemm_table"), "_said", set())
-    monkeypatch.setenv(tuning.TABLE_PATH_ENV, os.path.join(tempfile.mkdtemp(prefix="gemm_table_"), "table.json"))
-    override = getattr(kernels, "set_kernel_override", None)
-    if override is not None:
-        # Registered before switching on, so undo() switches off even if a later
-        # monkeypatch step in the same test fails.
-        monkeypatch.setattr(_OnRestore(lambda: override(None)), "armed", True)
-        override(kernels.CUDA_RULES if cuda_rules else True)
-        emu.kernel_override = True
+    # The back-end registry as it was, restored at undo; then the emulated cuSPARSELt
+    # back-end becomes the CPU's automatic choice, with a tuner of its own (a fresh
+    # process's verdicts and budget) and the verdict file in a temporary folder.
+    monkeypatch.setattr(gemm_backends, "_BACKENDS", dict(gemm_backends._BACKENDS))
+    monkeypatch.setattr(gemm_backends, "_AUTOMATIC", dict(gemm_backends._AUTOMATIC))
+    monkeypatch.setattr(gemm_table, "_said", set())
+    monkeypatch.setenv(TABLE_PATH_ENV, os.path.join(tempfile.mkdtemp(prefix="gemm_table_"), "table.json"))
+    # Fallback warnings said under emulation must not be taken as said by later tests.
+    gemm_backends._warn_fallback.cache_clear()
+    backend = (EmulatedCusparseltGemms if cuda_rules else ForcedSparseGemms)(GemmTuner())
+    gemm_backends.register_gemm_backend(backend, device_type="cpu")
+    emu.backend = backend
     return emu
+
+
+class EmulatedCusparseltGemms(CusparseltGemms):
+    """The cuSPARSELt back-end with the CUDA rules (eligibility, per-shape verification
+    and timing) on CPU, against the emulated library ops."""
+
+    name = "emulated_cusparselt"
+
+    def device_reason(self, device):
+        return None
+
+    def fp8_reason(self, device):
+        return None
+
+
+class ForcedSparseGemms(EmulatedCusparseltGemms):
+    """Every aligned GEMM on the cuSPARSELt path sparse and untimed, in any dtype the
+    emulator accepts: the data flow of the kernel branch, nothing decided."""
+
+    name = "emulated_cusparselt_forced"
+
+    def ineligibility_reason(self, x, w_up, w_down):
+        return "operands must be 2-D" if x.dim() != 2 else shape_reason(x, w_up)
+
+    def verdict(self, a, b, transpose_result=False, name=""):
+        return GemmChoice(cusparselt_alg_id(), 0.0, 0.0, 1.0, "forced sparse (emulated)", forced=True)
+
+    def prepare(self, named_shapes, device):
+        return []
 
 
 @pytest.fixture
 def emulated_cusparselt(monkeypatch) -> Emulator:
-    """Emulated cuSPARSELt (bf16/fp16 only) with the kernel override on."""
+    """Emulated cuSPARSELt (bf16/fp16 only), every aligned GEMM sparse (ForcedSparseGemms)."""
     return install(monkeypatch)
 
 
@@ -534,7 +543,7 @@ def emulated_cusparselt_wide(monkeypatch) -> Emulator:
 @pytest.fixture
 def emulated_cusparselt_cuda_rules(monkeypatch) -> Emulator:
     """Emulated cuSPARSELt (bf16/fp16) with the CUDA decision path on CPU: eligibility,
-    per-shape verification and timing (inject a timer with gemm_tuning.set_gemm_timer)."""
+    per-shape verification and timing (set ``emu.backend.tuner.timer`` / ``.clock`` to inject them)."""
     return install(monkeypatch, cuda_rules=True)
 
 

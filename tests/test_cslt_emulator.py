@@ -8,7 +8,8 @@ real library would silently misread.
 import pytest
 import torch
 
-from hf_sparse.model import kernels
+from hf_sparse.model import gemm_backends, kernels
+from hf_sparse.model.gemm_tuning import GemmShape, verify_alg_id
 from tests.cslt_emulator import (
     NUM_ALG_IDS,
     UNREPORTED_ALG_IDS,
@@ -285,28 +286,31 @@ def test_wide_fixture_accepts_float64(emulated_cusparselt_wide):
     assert emulated_cusparselt_wide.compressed == [CompressCall((16, 32), F64)]
 
 
-def test_kernel_self_check_runs_on_emulator(emulated_cusparselt):
-    # kernels.check_alg_id exercises row-major B, transposed B and transposed result
-    # against a dense GEMM: with the emulator it must pass, and a bad id must fail.
-    if not hasattr(kernels, "check_alg_id"):
-        pytest.skip("hf_sparse.model.kernels has no check_alg_id")
-    ok, detail = kernels.check_alg_id("cpu", BF16, 0, shapes=((64, 64, 32),))
+@pytest.mark.parametrize("layout, transpose_result", [("row", False), ("col", False), ("row", True)])
+def test_alg_id_verification_runs_on_emulator(emulated_cusparselt, layout, transpose_result):
+    # gemm_tuning.verify_alg_id in the three layouts the FFN uses, against a dense GEMM:
+    # with the emulator it must pass, and an id past the library's range must fail.
+    shape = GemmShape(64, 64, 32, layout, transpose_result, "bfloat16")
+    ok, detail = verify_alg_id(shape, "cpu", 0)
     assert ok, detail
-    assert emulated_cusparselt.layouts == {("row", False), ("col", False), ("row", True)}
-    ok, detail = kernels.check_alg_id("cpu", BF16, NUM_ALG_IDS, shapes=((64, 64, 32),))
+    assert emulated_cusparselt.layouts == {(layout, transpose_result)}
+    ok, detail = verify_alg_id(shape, "cpu", NUM_ALG_IDS)
     assert not ok and "alg_id" in detail
 
 
-def test_install_undo_restores_everything(monkeypatch):
-    calls = []
-    # set_kernel_override may not exist yet: provide one so the hand-off is checked.
-    monkeypatch.setattr(kernels, "set_kernel_override", calls.append, raising=False)
+def test_install_undo_restores_everything():
     originals = (torch._cslt_compress, torch._cslt_sparse_mm, torch.backends.cusparselt.is_available)
+    x, w = torch.zeros(16, 16, dtype=BF16), torch.zeros(16, 16, dtype=BF16)
     with pytest.MonkeyPatch.context() as mp:
         emu = install(mp)
-        assert emu.kernel_override and calls == [True]
         assert torch._cslt_compress == emu.compress
-    assert calls == [True, None]
+        # The emulated back-end is the CPU's automatic choice while installed...
+        assert gemm_backends.automatic_gemm_backend("cpu") is emu.backend
+        assert gemm_backends.select_gemms(x, w, w.t()) is emu.backend
+    # ...and the registry is as it was afterwards.
+    assert gemm_backends.automatic_gemm_backend("cpu") is gemm_backends.PLAIN
+    with pytest.raises(ValueError, match="not a registered GEMM back-end"):
+        gemm_backends.get_gemm_backend(emu.backend.name)
     assert (torch._cslt_compress, torch._cslt_sparse_mm, torch.backends.cusparselt.is_available) == originals
 
 

@@ -10,10 +10,10 @@ import os
 import pytest
 import torch
 
-from hf_sparse.model import gemm_table, gemm_tuning, kernels
-from hf_sparse.model.gemm_tuning import CsltConfig, GemmShape, choice_for
+from hf_sparse.model import gemm_backends, gemm_table, gemm_tuning
+from hf_sparse.model.gemm_tuning import CsltConfig, GemmShape
 from tests.cslt_emulator import emulated_cusparselt_cuda_rules  # noqa: F401  (fixture)
-from tests.test_gemm_tuning import SHAPE, timer  # noqa: F401  (fixture)
+from tests.test_gemm_tuning import SHAPE, choice_for, timer  # noqa: F401  (fixture)
 
 OTHER_SHAPE = GemmShape(32, 64, 16, "col", True, "bfloat16")
 OTHER_GPU = "NVIDIA A100-SXM4-80GB | torch 2.13.0 | cuSPARSELt 602"
@@ -31,7 +31,7 @@ def write_table(data) -> str:
 def ours(tables_for_this_gpu) -> dict:
     """A format-1 file: ``tables_for_this_gpu`` under this machine's key, beside a valid
     table of another GPU that must survive every rewrite."""
-    key = gemm_tuning.table_key("cpu")
+    key = gemm_backends.automatic_gemm_backend("cpu").tuner.table_key("cpu")
     return {"format": gemm_table.TABLE_FORMAT, "tables": {key: tables_for_this_gpu, OTHER_GPU: {SHAPE.key(): GOOD}}}
 
 
@@ -73,12 +73,12 @@ def test_a_bad_entry_is_ignored_with_one_warning_and_never_crashes(emulated_cusp
         choice_for(OTHER_SHAPE, "cpu")
         # The op's own call on that shape (what a training step does) runs the verdict.
         a, b = gemm_tuning._random_operands(SHAPE, "cpu", torch.Generator().manual_seed(0))
-        kernels.sparse24_mm(a, b)
+        gemm_backends.automatic_gemm_backend("cpu").mm(a, b)
     assert choice.config == CsltConfig(2) and CsltConfig(2) in timer.sparse_timed()  # tuned anew
     assert warnings_about(caplog, "ignored") == 1 and warnings_about(caplog, "2:4 GEMM table") == 1
     with open(path, encoding="utf-8") as handle:
         rewritten = json.load(handle)
-    mine = rewritten["tables"][gemm_tuning.table_key("cpu")]
+    mine = rewritten["tables"][gemm_backends.automatic_gemm_backend("cpu").tuner.table_key("cpu")]
     assert set(mine) == {SHAPE.key(), OTHER_SHAPE.key()}
     assert all(gemm_table.entry_problem(entry) == "" for entry in mine.values())
     if content != "tables is a list":

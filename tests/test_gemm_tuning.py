@@ -21,10 +21,12 @@ import pytest
 import torch
 
 from hf_sparse import SparseLlamaForCausalLM, set_training_step
-from hf_sparse.model import gemm_tuning, kernels
-from hf_sparse.model.gemm_tuning import CsltConfig, GemmShape, choice_for, gemm_choice, set_gemm_timer
+from hf_sparse.model import gemm_backends, gemm_table, gemm_tuning
+from hf_sparse.model.gemm_backends import CusparseltGemms
+from hf_sparse.model.gemm_tuning import CsltConfig, GemmShape, GemmTuner
 from hf_sparse.model.modeling_sparse_llama import prepare_2to4_gemms
 from hf_sparse.model.sparse_ffn import ffn_gemm_shapes, relu2_2to4_ffn
+from tests import cslt_emulator
 from tests.cslt_emulator import NUM_ALG_IDS, UNREPORTED_ALG_IDS, install
 from tests.cslt_emulator import emulated_cusparselt_cuda_rules  # noqa: F401  (fixture)
 from tests.cslt_emulator import emulated_cusparselt_unknown_count  # noqa: F401  (fixture)
@@ -63,11 +65,36 @@ class FakeTimer:
 
 
 @pytest.fixture
-def timer():
+def timer(monkeypatch):
+    """A FakeTimer for the emulated back-end's tuner, whether it is installed before this
+    fixture or after (install() then builds its tuner with it)."""
     fake = FakeTimer({0: 0.9, 1: 0.5, 2: 0.3, 3: 0.6})
-    set_gemm_timer(fake, fake.clock)
-    yield fake
-    set_gemm_timer(None)
+    monkeypatch.setattr(cslt_emulator, "GemmTuner", lambda: GemmTuner(fake, fake.clock))
+    backend = cpu_backend()
+    if isinstance(backend, CusparseltGemms):
+        backend.tuner.timer, backend.tuner.clock = fake, fake.clock
+    return fake
+
+
+def cpu_backend():
+    return gemm_backends.automatic_gemm_backend("cpu")
+
+
+def tuner() -> GemmTuner:
+    """The tuner of the emulated cuSPARSELt back-end installed for this test."""
+    return cpu_backend().tuner
+
+
+def choice_for(shape, device, configured_alg=0):
+    return tuner().choice_for(shape, device, configured_alg)
+
+
+def new_process():
+    """What a new process sees: no verdicts, the whole budget, no warning said yet; the
+    table file stays."""
+    old = tuner()
+    cpu_backend().tuner = GemmTuner(old.timer, old.clock)
+    gemm_table._said.clear()
 
 
 def test_fastest_correct_alg_id_wins_and_is_compared_with_dense(emulated_cusparselt_cuda_rules, timer):
@@ -80,7 +107,7 @@ def test_fastest_correct_alg_id_wins_and_is_compared_with_dense(emulated_cuspars
     assert choice.speedup() == pytest.approx(1.0 / 0.6)
     # Same shape, dense faster than sparse + compression: dense; with the compression
     # paid once per step (2:4 weights) sparse still wins.
-    gemm_tuning._choices.clear()
+    tuner().choices.clear()
     timer.dense = 0.55
     slower = choice_for(SHAPE, "cpu")
     assert not slower.use_sparse() and slower.use_sparse(amortised_compression=True)
@@ -130,14 +157,14 @@ def test_the_library_pick_with_split_k_is_verified_timed_saved_and_replayed(emul
     verified = {(c.alg_id, c.split_k, c.split_k_mode) for c in emu.mm_calls}
     assert (5, 4, 1) in verified and (5, 1, -1) in verified  # the pick and the id at the default split-k
     with open(gemm_tuning.table_path(), encoding="utf-8") as handle:
-        entry = json.load(handle)["tables"][gemm_tuning.table_key("cpu")][SHAPE.key()]
+        entry = json.load(handle)["tables"][tuner().table_key("cpu")][SHAPE.key()]
     assert (entry["alg_id"], entry["split_k"], entry["split_k_mode"]) == (5, 4, 1)
-    gemm_tuning.reset_gemm_choices()  # a new process reads it back whole
+    new_process()  # a new process reads it back whole
     assert choice_for(SHAPE, "cpu") == choice
     # The op replays exactly what was verified and timed.
     emu.reset()
     a, b = gemm_tuning._random_operands(SHAPE, "cpu", torch.Generator().manual_seed(0))
-    out = kernels.sparse24_mm(a, b)
+    out = cpu_backend().mm(a, b)
     assert [(c.alg_id, c.split_k, c.split_k_mode) for c in emu.mm_calls] == [(5, 4, 1)]
     assert (out.float() - a.float() @ b.float()).norm() <= 1e-2 * (a.float() @ b.float()).norm()
 
@@ -165,7 +192,7 @@ def test_a_non_finite_product_fails_verification_and_never_wins(emulated_cuspars
     ok, detail = gemm_tuning.verify_alg_id(SHAPE, "cpu", 2)
     assert not ok and detail.endswith(("nan", "inf"))
     # Nor may it become a verdict when it is the configured id and forced.
-    gemm_tuning._choices.clear()
+    tuner().choices.clear()
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv(gemm_tuning.GEMMS_ENV, "sparse")
         assert not choice_for(SHAPE, "cpu", configured_alg=2).use_sparse()
@@ -176,16 +203,16 @@ def test_verdicts_persist_in_a_table_keyed_by_gpu_and_versions(emulated_cusparse
     path = gemm_tuning.table_path()
     with open(path, encoding="utf-8") as handle:
         data = json.load(handle)
-    key = gemm_tuning.table_key("cpu")
+    key = tuner().table_key("cpu")
     assert "cuSPARSELt emulated" in key and f"torch {torch.__version__}" in key
     assert data["tables"][key][SHAPE.key()]["alg_id"] == first.alg_id
     # A new process (same GPU and versions) reads the verdict instead of tuning.
-    gemm_tuning.reset_gemm_choices()
+    new_process()
     timer.calls.clear()
     again = choice_for(SHAPE, "cpu")
     assert again == first and timer.calls == []
     # Another cuSPARSELt version invalidates it: tuned anew, both entries kept.
-    gemm_tuning.reset_gemm_choices()
+    new_process()
     monkeypatch.setattr(torch.backends.cusparselt, "version", lambda: "emulated-2")
     choice_for(SHAPE, "cpu")
     assert timer.calls
@@ -207,15 +234,15 @@ def test_env_override(emulated_cusparselt_cuda_rules, timer, monkeypatch):
     monkeypatch.setenv(gemm_tuning.GEMMS_ENV, "dense")
     assert not choice_for(SHAPE, "cpu").use_sparse()
     monkeypatch.setenv(gemm_tuning.GEMMS_ENV, "sparse")
-    gemm_tuning._choices.clear()
+    tuner().choices.clear()
     forced = choice_for(SHAPE, "cpu")
     assert forced.use_sparse() and forced.alg_id == 0 and timer.calls == []  # verified, not timed
     # A forced alg id that is wrong at the shape still never runs.
     emulated_cusparselt_cuda_rules.wrong_alg_ids = {0}
-    gemm_tuning._choices.clear()
+    tuner().choices.clear()
     assert not choice_for(SHAPE, "cpu").use_sparse()
     monkeypatch.setenv(gemm_tuning.GEMMS_ENV, "fastest")
-    gemm_tuning._choices.clear()
+    tuner().choices.clear()
     with pytest.raises(ValueError, match=r"HF_SPARSE_2TO4_GEMMS='fastest' is not valid; choose one of 'auto'"):
         choice_for(SHAPE, "cpu")
 
@@ -242,15 +269,15 @@ def test_one_budget_per_process_across_a_models_shapes_said_once(emulated_cuspar
     monkeypatch.setenv(gemm_tuning.TUNE_SECONDS_ENV, str(budget))
     with caplog.at_level(logging.WARNING, logger="hf_sparse"):
         named = prepare_2to4_gemms(quick_model(), tokens=32)
-    key = gemm_tuning.table_key("cpu")
-    choices = [gemm_tuning._choices[f"{key}/{shape.key()}"] for _, shape in named]
+    key = tuner().table_key("cpu")
+    choices = [tuner().choices[f"{key}/{shape.key()}"] for _, shape in named]
     assert len(choices) == 4
     assert not choices[0].provisional and "8 of 8 candidates timed" in choices[0].reason
     assert choices[1].provisional and choices[1].alg_id >= 0 and "cut short" in choices[1].reason
     assert all(c.provisional and c.reason == "budget spent" and not c.use_sparse() for c in choices[2:])
     assert len(timer.calls) == TIMINGS_PER_SHAPE + 6  # the second shape: 5 timings fit, a 6th started in time
     # Checked before each timing: overrun by one timing at most.
-    assert budget <= gemm_tuning._budget["spent"] <= budget + timer.cost_s
+    assert budget <= tuner().budget_spent_s <= budget + timer.cost_s
     assert sum("tuning budget" in r.getMessage() for r in caplog.records) == 1
     saved = json.load(open(gemm_tuning.table_path(), encoding="utf-8"))["tables"][key]
     assert set(saved) == {named[0][1].key()}  # provisional verdicts are not saved
@@ -267,16 +294,16 @@ def test_a_provisional_verdict_is_not_read_back_as_final(emulated_cusparselt_cud
     assert choice_for(SHAPE, "cpu") is cut  # used for the rest of this process
     assert not os.path.exists(gemm_tuning.table_path())
     # A table entry marked provisional (another version's, a hand edit) is not final either.
-    key = gemm_tuning.table_key("cpu")
+    key = tuner().table_key("cpu")
     marked = dict(gemm_tuning.asdict(cut))
     with open(gemm_tuning.table_path(), "w", encoding="utf-8") as handle:
         json.dump({"format": gemm_tuning.TABLE_FORMAT, "tables": {key: {SHAPE.key(): marked}}}, handle)
-    gemm_tuning.reset_gemm_choices()  # the next process, with time to spare
+    new_process()  # the next process, with time to spare
     monkeypatch.setenv(gemm_tuning.TUNE_SECONDS_ENV, "600")
     timer.calls.clear()
     final = choice_for(SHAPE, "cpu")
     assert final.alg_id == 7 and not final.provisional and timer.sparse_timed()
-    gemm_tuning.reset_gemm_choices()
+    new_process()
     timer.calls.clear()
     assert choice_for(SHAPE, "cpu") == final and timer.calls == []  # saved, read back
 
@@ -284,7 +311,7 @@ def test_a_provisional_verdict_is_not_read_back_as_final(emulated_cusparselt_cud
 def test_the_budget_also_bounds_verification(emulated_cusparselt_cuda_rules, timer, monkeypatch):
     """Verification is checked against the same budget clock before every product."""
     clock = iter(range(1000))
-    gemm_tuning.set_gemm_timer(timer, lambda: float(next(clock)))  # each clock read: one more second
+    tuner().clock = lambda: float(next(clock))  # each clock read: one more second
     monkeypatch.setenv(gemm_tuning.TUNE_SECONDS_ENV, "3")
     emu = emulated_cusparselt_cuda_rules
     choice = choice_for(SHAPE, "cpu")
@@ -297,13 +324,14 @@ def test_nothing_is_tuned_or_cached_while_tracing(emulated_cusparselt_cuda_rules
 
     with FakeTensorMode():
         a, b = torch.empty(64, 128, dtype=BF16), torch.empty(128, 32, dtype=BF16)
-        choice = gemm_choice(a, b, False)
+        choice = tuner().gemm_choice(a, b, False)
     assert not choice.use_sparse() and choice.reason == "not tuned before tracing"
-    assert gemm_tuning._choices == {} and timer.calls == []
-    # The alg-id self-check: inside tracing a sync would raise; it must read, not write.
+    assert tuner().choices == {} and timer.calls == []
+    # Real tensors while dynamo traces: a read too (a sync there would raise).
     monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
-    assert kernels.self_check("cpu", BF16) is False
-    assert kernels._self_check == {}
+    real = torch.zeros(64, 128, dtype=BF16), torch.zeros(128, 32, dtype=BF16)
+    assert cpu_backend().verdict(*real).reason == "not tuned before tracing"
+    assert tuner().choices == {} and timer.calls == []
 
 
 def test_op_takes_each_gemm_as_its_verdict_says(emulated_cusparselt_cuda_rules, timer):
@@ -325,12 +353,10 @@ def test_op_takes_each_gemm_as_its_verdict_says(emulated_cusparselt_cuda_rules, 
     ran = {(c.m, c.k, c.n, c.b_layout, c.transpose_result) for c in emu.mm_calls}
     expected = {(s.m, s.k, s.n, s.b_layout, s.transpose_result) for n, s in shapes.items() if n != "y3"}
     assert ran == expected
-    kernels.set_kernel_override(False)
     ref = [a.detach().clone() for a in (x, w_up, w_down)]
     ref = [a.requires_grad_() for a in ref]
-    y_ref = relu2_2to4_ffn(*ref)
+    y_ref = relu2_2to4_ffn(*ref, gemms="plain")
     y_ref.float().square().sum().backward()
-    kernels.set_kernel_override(kernels.CUDA_RULES)
     for got, want in ((y, y_ref), (x.grad, ref[0].grad), (w_up.grad, ref[1].grad), (w_down.grad, ref[2].grad)):
         assert (got.float() - want.float()).norm() <= 2e-2 * want.float().norm()
 
@@ -364,7 +390,7 @@ def run_compiled_steps(emu, prepared):
     if prepared:
         named = prepare_2to4_gemms(model, tokens)
         assert {name for name, _ in named} == {"FFN y3", "FFN dx", "FFN dW_up", "FFN dW_down"}
-        assert all(choice.use_sparse() for choice in gemm_tuning._choices.values())
+        assert all(choice.use_sparse() for choice in tuner().choices.values())
     compiled = torch.compile(model)
     ids = torch.randint(0, 64, (batch, seq), generator=torch.Generator().manual_seed(0))
     for step in range(4):
@@ -380,7 +406,7 @@ def run_compiled_steps(emu, prepared):
             # Forward and dx per layer, both weight gradients per layer: 4 x 2 layers.
             assert len(ffn_calls) == 8, ffn_calls
     assert all(math.isfinite(float(p.grad.float().norm())) for p in model.parameters() if p.grad is not None)
-    assert all(choice.use_sparse() for choice in gemm_tuning._choices.values())
+    assert all(choice.use_sparse() for choice in tuner().choices.values())
 
 
 def test_sparsity_callback_makes_the_verdicts_at_train_begin(emulated_cusparselt_cuda_rules, timer, tmp_path):
@@ -397,7 +423,7 @@ def test_sparsity_callback_makes_the_verdicts_at_train_begin(emulated_cusparselt
     class Probe(TrainerCallback):
         def on_step_begin(self, args, state, control, **kwargs):
             if state.global_step == 0:
-                seen_at_first_step.append(sorted(gemm_tuning._choices))
+                seen_at_first_step.append(sorted(tuner().choices))
 
     torch.manual_seed(0)
     model = SparseLlamaForCausalLM(tiny_config(activation_2by4=True, activation_dense_warmup_steps=0, vocab_size=64))
@@ -406,6 +432,6 @@ def test_sparsity_callback_makes_the_verdicts_at_train_begin(emulated_cusparselt
     args = tiny_training_args(tmp_path, max_steps=1, per_device_train_batch_size=2, bf16=True)
     Trainer(model=model, args=args, train_dataset=data, callbacks=[SparsityCallback(), Probe()]).train()
     tokens = 2 * 16
-    expected = {f"{gemm_tuning.table_key('cpu')}/{s.key()}" for _, s in ffn_gemm_shapes(tokens, 32, 128, BF16)}
+    expected = {f"{tuner().table_key('cpu')}/{s.key()}" for _, s in ffn_gemm_shapes(tokens, 32, 128, BF16)}
     assert seen_at_first_step and set(seen_at_first_step[0]) == expected
     assert any(c.m == tokens or c.k == tokens for c in emulated_cusparselt_cuda_rules.mm_calls)

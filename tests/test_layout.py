@@ -121,7 +121,7 @@ def test_readme_architecture_tree_matches_the_code():
 
 
 def test_public_names_survive_the_move():
-    from hf_sparse.model import ffn_stages, kernels
+    from hf_sparse.model import ffn_stages, gemm_backends, kernels
     from hf_sparse.training import tokenizer
 
     for name in ("SparseLlamaConfig", "SparseLlamaForCausalLM", "SparsityCallback", "sparsity_metrics", "set_training_step"):
@@ -131,7 +131,7 @@ def test_public_names_survive_the_move():
     assert (ffn_stages.DISABLE_COMPILE_ENV, ffn_stages.COMPILE_STAGES_ENV) == (
         "HF_SPARSE_DISABLE_COMPILE", "HF_SPARSE_COMPILE_STAGES",
     )  # fmt: skip
-    assert (kernels.DISABLE_ENV, kernels.ALG_ID_ENV) == ("HF_SPARSE_DISABLE_2TO4_KERNEL", "HF_SPARSE_CSLT_ALG_ID")
+    assert (gemm_backends.DISABLE_ENV, kernels.ALG_ID_ENV) == ("HF_SPARSE_DISABLE_2TO4_KERNEL", "HF_SPARSE_CSLT_ALG_ID")
     assert "HF_SPARSE_CACHE" in open(tokenizer.__file__, encoding="utf-8").read()
 
 

@@ -9,7 +9,7 @@ import math
 import pytest
 import torch
 
-from hf_sparse.model import kernels
+from hf_sparse.model import gemm_backends, kernels
 from hf_sparse.model.select_2to4 import keyed_uniforms, mvue_key
 from hf_sparse.model.sparse_ffn import (
     BACKWARD_MODES,
@@ -577,13 +577,17 @@ def test_autocast_computes_in_autocast_dtype():
 
 def test_kernel_dispatch_is_off_on_cpu(monkeypatch):
     x, w_up, w_down, _ = make_inputs(t=64, d=64, f=128, dtype=torch.bfloat16)
-    assert not kernels.gpu_2to4_eligible(x, w_up, w_down)
-    assert "CUDA" in kernels.ineligibility_reason(x, w_up, w_down)
-    assert not kernels.use_2to4_kernel(x, w_up, w_down)
-    monkeypatch.setenv(kernels.DISABLE_ENV, "1")
-    assert kernels.kernel_disabled()
-    assert "disabled" in kernels.ineligibility_reason(x, w_up, w_down)
-    monkeypatch.setenv(kernels.DISABLE_ENV, "0")
-    assert not kernels.kernel_disabled()
+    assert "CUDA" in gemm_backends.CUSPARSELT.ineligibility_reason(x, w_up, w_down)
+    assert gemm_backends.select_gemms(x, w_up, w_down) is gemm_backends.PLAIN
+    # Asked for by name where it cannot run: the plain GEMMs, said once.
+    assert gemm_backends.select_gemms(x, w_up, w_down, "cusparselt") is gemm_backends.PLAIN
+    with pytest.raises(ValueError, match=r"gemms='cutlass' is not a registered GEMM back-end; choose one of \['cusparselt', 'plain'\]"):
+        relu2_2to4_ffn(x, w_up, w_down, gemms="cutlass")
+    monkeypatch.setenv(gemm_backends.DISABLE_ENV, "1")
+    assert gemm_backends.kernel_disabled()
+    monkeypatch.setattr(gemm_backends, "_AUTOMATIC", {"cpu": "cusparselt"})
+    assert gemm_backends.select_gemms(x, w_up, w_down) is gemm_backends.PLAIN
+    monkeypatch.setenv(gemm_backends.DISABLE_ENV, "0")
+    assert not gemm_backends.kernel_disabled()
     monkeypatch.setenv(kernels.ALG_ID_ENV, "3")
     assert kernels.cusparselt_alg_id() == 3

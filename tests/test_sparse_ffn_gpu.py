@@ -13,7 +13,9 @@ import torch
 import hf_sparse.model.ffn_stages as ffn_stages
 import hf_sparse.model.gemm_tuning as gemm_tuning
 import hf_sparse.model.sparse_ffn as sparse_ffn
-from hf_sparse.model import kernels
+from hf_sparse.model import gemm_backends, kernels
+from hf_sparse.model.gemm_backends import CUSPARSELT, DISABLE_ENV
+from hf_sparse.model.gemm_tuning import GemmShape, GemmTuner, verify_alg_id
 from hf_sparse.model.sparse_ffn import BACKWARD_MODES, SPARSE_METHODS, make_token_permutation, relu2_2to4_ffn
 
 pytestmark = [
@@ -95,9 +97,24 @@ def compressed_operands_are_2to4(monkeypatch):
 def test_eligibility():
     kernel_capable()
     x, w_up, w_down, _ = make_inputs(128, 64, 256)
-    assert kernels.gpu_2to4_eligible(x, w_up, w_down), kernels.ineligibility_reason(x, w_up, w_down)
-    assert not kernels.gpu_2to4_eligible(x[:100], w_up, w_down)  # T not aligned
-    assert not kernels.gpu_2to4_eligible(x.float(), w_up.float(), w_down.float())  # fp32
+    assert CUSPARSELT.ineligibility_reason(x, w_up, w_down) is None
+    assert gemm_backends.select_gemms(x, w_up, w_down) is CUSPARSELT
+    assert "token count" in CUSPARSELT.ineligibility_reason(x[:100], w_up, w_down)  # T not aligned
+    assert "dtype" in CUSPARSELT.ineligibility_reason(x.float(), w_up.float(), w_down.float())  # fp32
+
+
+def check_alg_id(dtype, alg_id, shapes):
+    """``alg_id`` against a dense GEMM at each (m, k, n) in the FFN's three layouts (row-major
+    B, transposed B, transposed result): (ok, detail of the first failure or the worst error)."""
+    name = str(dtype).replace("torch.", "")
+    details = []
+    for m, k, n in shapes:
+        for layout, transpose_result in (("row", False), ("col", False), ("row", True)):
+            ok, detail = verify_alg_id(GemmShape(m, k, n, layout, transpose_result, name), DEV, alg_id)
+            if not ok:
+                return False, detail
+            details.append(detail)
+    return True, max(details, key=lambda d: float(d.rsplit(" ", 1)[-1]))
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
@@ -106,14 +123,13 @@ def test_configured_alg_id_is_correct_at_ffn_shapes(dtype):
     (m, k, n) of the FFN's sparse GEMMs (130m shape, 4096 tokens) in all layouts."""
     kernel_capable()
     alg = kernels.cusparselt_alg_id()
-    ok, detail = kernels.check_alg_id(DEV, dtype, alg, shapes=((4096, 3072, 768), (3072, 4096, 768), (256, 512, 128)))
+    ok, detail = check_alg_id(dtype, alg, shapes=((4096, 3072, 768), (3072, 4096, 768), (256, 512, 128)))
     assert ok, f"alg_id {alg}: {detail}"
-    assert kernels.self_check(DEV, dtype)
 
 
 def test_probe_alg_ids_reports(caplog):
     kernel_capable()
-    res = kernels.probe_alg_ids(DEV, torch.bfloat16, max_alg_id=8)
+    res = {alg: check_alg_id(torch.bfloat16, alg, shapes=((256, 512, 128),)) for alg in range(8)}
     bad = {a: d for a, (ok, d) in res.items() if not ok}
     logging.getLogger(__name__).warning("cuSPARSELt alg ids failing the check: %s", bad)
     assert res[0][0], res[0][1]  # the default must be usable
@@ -130,7 +146,7 @@ def test_sparse24_mm_matches_dense(transpose_result, b_layout):
     b = torch.randn(k, n, device=DEV, generator=g, dtype=torch.bfloat16)
     if b_layout == "col":
         b = b.t().contiguous().t()
-    out = kernels.sparse24_mm(a, b, transpose_result=transpose_result)
+    out = CUSPARSELT.mm(a, b, transpose_result=transpose_result)
     ref = a.float() @ b.float()
     if transpose_result:
         assert out.shape == (n, m) and out.is_contiguous()
@@ -165,7 +181,7 @@ def test_kernel_path_matches_reference_path(
     if backward == "split_gemm":
         n_dense = kernels.aligned_dense_count(52, 1024)
         assert (kernels.sparse24_padded_rows(1024 - n_dense), 1024) in compressed_operands_are_2to4
-    monkeypatch.setenv(kernels.DISABLE_ENV, "1")
+    monkeypatch.setenv(DISABLE_ENV, "1")
     ref = run_op(x, w_up, w_down, dy, **kw)
     assert len(count_kernel_calls) == (2 if backward == "exact" else 4)  # unchanged
     for name, a, b in zip(("y", "dx", "dw_up", "dw_down"), got, ref):
@@ -204,16 +220,16 @@ def test_split_gemm_full_dense_equals_exact_on_gpu():
 
 
 def test_unaligned_falls_back_with_one_warning(caplog, monkeypatch):
-    monkeypatch.setattr(kernels, "_warned", set())
+    gemm_backends._warn_fallback.cache_clear()
     # An unaligned token count (decode, last partial batch) falls back silently...
     x, w_up, w_down, dy = make_inputs(100, 64, 256)
-    with caplog.at_level(logging.WARNING, logger=kernels.__name__):
+    with caplog.at_level(logging.WARNING, logger=gemm_backends.__name__):
         first = run_op(x, w_up, w_down, dy)
         run_op(x, w_up, w_down, dy)
     assert not [r for r in caplog.records if "reference GEMMs" in r.getMessage()]
     # ...an unaligned model width is a configuration problem: warned once.
     xw, wuw, wdw, dyw = make_inputs(128, 64, 264)
-    with caplog.at_level(logging.WARNING, logger=kernels.__name__):
+    with caplog.at_level(logging.WARNING, logger=gemm_backends.__name__):
         run_op(xw, wuw, wdw, dyw)
         run_op(xw, wuw, wdw, dyw)
     msgs = [r.getMessage() for r in caplog.records if "reference GEMMs" in r.getMessage()]
@@ -253,18 +269,17 @@ def test_tuned_verdicts_at_ffn_shapes(monkeypatch, tmp_path, caplog):
     kernel_capable()
     monkeypatch.setenv(gemm_tuning.GEMMS_ENV, "auto")
     monkeypatch.setenv(gemm_tuning.TABLE_PATH_ENV, str(tmp_path / "table.json"))
-    monkeypatch.setattr(gemm_tuning, "_choices", {})
-    monkeypatch.setattr(gemm_tuning, "_table_loaded", [])
+    monkeypatch.setattr(CUSPARSELT, "tuner", GemmTuner())  # a fresh process's verdicts
     t, d, f = 4096, 768, 3072
     named = sparse_ffn.ffn_gemm_shapes(t, d, f, torch.bfloat16)
     with caplog.at_level(logging.INFO, logger="hf_sparse"):
-        choices = [gemm_tuning.choice_for(shape, DEV) for _, shape in named]
-    print(gemm_tuning.format_gemm_table(named, DEV))
+        choices = [CUSPARSELT.tuner.choice_for(shape, DEV) for _, shape in named]
+    print(CUSPARSELT.tuner.format_table(named, DEV))
     assert all(c.alg_id >= 0 or not c.use_sparse() for c in choices)
     assert (tmp_path / "table.json").exists() or not any(c.alg_id >= 0 for c in choices)
     x, w_up, w_down, dy = make_inputs(t, d, f, seed=9)
     got = run_op(x, w_up, w_down, dy)
-    monkeypatch.setenv(kernels.DISABLE_ENV, "1")
+    monkeypatch.setenv(DISABLE_ENV, "1")
     ref = run_op(x, w_up, w_down, dy)
     for a, b in zip(got, ref):
         assert rel_err(a, b) < 2e-2

@@ -15,7 +15,7 @@ import torch
 import hf_sparse.model.cpu_layout as cpu_layout
 import hf_sparse.model.ffn_stages as ffn_stages
 import hf_sparse.model.sparse_ffn as sparse_ffn
-from hf_sparse.model import kernels
+from hf_sparse.model import gemm_backends, kernels
 from hf_sparse.model.sparse_ffn import (
     BACKWARD_MODES,
     SPARSE_METHODS,
@@ -39,12 +39,7 @@ def reference_path(x, w_up, w_down, dy, kernel_path=True, **kw):
         f = w_up.shape[0]
         ceil = dense_feature_count(f, kw.get("dense_features", 0.05), "split_gemm")
         kw = dict(kw, dense_features=kernels.aligned_dense_count(ceil, f) / f)
-    previous = kernels._kernel_override[0]
-    kernels.set_kernel_override(False)
-    try:
-        return run_op(x, w_up, w_down, dy, **kw)
-    finally:
-        kernels.set_kernel_override(previous)
+    return run_op(x, w_up, w_down, dy, gemms="plain", **kw)
 
 
 @pytest.fixture
@@ -94,8 +89,7 @@ def test_model_width_not_a_multiple_of_16_takes_the_plain_path(emulated_cusparse
     x, w_up, w_down, dy = make_inputs(t=32, d=32, f=40, dtype=torch.bfloat16, seed=26)
     got = run_op(x, w_up, w_down, dy)
     assert emulated_cusparselt.mm_calls == [] and emulated_cusparselt.compressed == []
-    kernels.set_kernel_override(False)
-    for a, b in zip(got, run_op(x, w_up, w_down, dy)):
+    for a, b in zip(got, run_op(x, w_up, w_down, dy, gemms="plain")):
         assert torch.equal(a, b)
 
 
@@ -127,10 +121,8 @@ def test_kernel_path_keeps_the_aligned_number_of_dense_features(emulated_cuspars
     kernel path's dW_up equals the plain path's at dense_features=8/64, not at 4/64."""
     x, w_up, w_down, dy = make_inputs(t=48, d=32, f=64, seed=27)
     got = run_op(x, w_up, w_down, dy, dense_features=0.05)
-    kernels.set_kernel_override(False)
-    eight = run_op(x, w_up, w_down, dy, dense_features=8 / 64)
-    four = run_op(x, w_up, w_down, dy, dense_features=0.05)
-    kernels.set_kernel_override(True)
+    eight = run_op(x, w_up, w_down, dy, dense_features=8 / 64, gemms="plain")
+    four = run_op(x, w_up, w_down, dy, dense_features=0.05, gemms="plain")
     assert_close(got[2], eight[2], rtol=1e-12, atol=1e-12)
     assert not torch.allclose(got[2], four[2], rtol=1e-6, atol=1e-9)
 
@@ -306,7 +298,7 @@ def _tp_halves_in_one_process(monkeypatch, x, w_up, w_down, dy, method, dense_fe
     counts = (y2s != 0).sum(0)
     order = torch.sort(counts, descending=True, stable=True).indices
     n_dense = sparse_ffn.dense_feature_count(f, dense_features, "split_gemm")
-    if kernels.use_2to4_kernel(x, w_up[: f // 2], w_down[:, : f // 2]):
+    if gemm_backends.select_gemms(x, w_up[: f // 2], w_down[:, : f // 2]).sparse:
         n_dense = kernels.aligned_dense_count(n_dense, f)
     dense = torch.zeros(f, dtype=torch.bool).index_fill_(0, order[:n_dense], True)
     monkeypatch.setattr(sparse_ffn, "tp_group_size", lambda name: 2)
@@ -522,33 +514,36 @@ def test_scratch_buffers_are_per_thread():
 
 @pytest.mark.parametrize("forward_kernel", [True, False])
 def test_backward_follows_the_forward_gemm_path(emulated_cusparselt_wide, forward_kernel):
-    # The forward's path also fixes the feature order of what it saves (planar on the
-    # plain path): a switch flipped between forward and backward must not change it.
+    # The forward's back-end also fixes the feature order of what it saves (planar on the
+    # plain path): another automatic back-end chosen between forward and backward must
+    # not change it (the backward looks up the forward's by name).
     x, w_up, w_down, dy = make_inputs(t=48, d=32, f=64, seed=45)
     ref = reference_path(x, w_up, w_down, dy, kernel_path=forward_kernel)
     x, w_up, w_down = (a.clone().requires_grad_() for a in (x, w_up, w_down))
-    kernels.set_kernel_override(forward_kernel)
-    y = relu2_2to4_ffn(x, w_up, w_down)
-    kernels.set_kernel_override(not forward_kernel)
-    y.backward(dy)
     emu = emulated_cusparselt_wide
+    kernel, plain = emu.backend, gemm_backends.PLAIN
+    gemm_backends.register_gemm_backend(kernel if forward_kernel else plain, device_type="cpu")
+    y = relu2_2to4_ffn(x, w_up, w_down)
+    gemm_backends.register_gemm_backend(plain if forward_kernel else kernel, device_type="cpu")
+    y.backward(dy)
     assert len(emu.mm_calls) == (4 if forward_kernel else 0)  # forward and dx, then both dW on the kernel path
     for name, a, b in zip(("y", "dx", "dw_up", "dw_down"), (y.detach(), x.grad, w_up.grad, w_down.grad), ref):
         assert_close(a, b, rtol=1e-12, atol=1e-12, msg=name)
 
 
-def test_backward_refuses_a_path_its_forward_did_not_take(emulated_cusparselt_wide):
-    # Under torch.compile the backward's path is fixed at trace time while the forward
-    # decides at run time: a switch flipped in between must fail loudly, not mix layouts.
+def test_older_callers_of_the_ops_get_the_automatic_back_end(emulated_cusparselt_wide):
+    """Calls written before the ``gemms`` argument (older remote code, saved graphs) leave
+    it out: the forward takes the device's automatic back-end and the backward the one its
+    ``use_kernel`` flag names, exactly as if both had been named."""
     x, w_up, w_down, dy = make_inputs(t=48, d=32, f=64, seed=46)
-    kernels.set_kernel_override(True)
-    fwd_args = (x, w_up, w_down, "naive", "split_gemm", 4, False, True, False)
-    y3, g, y2s, counts, _ = torch.ops.hf_sparse.relu2_2to4_ffn_fwd(*fwd_args)
-    args = (dy, x, w_up, w_down, g, y2s, counts, "naive", "split_gemm", 4, True, True, True)
-    with pytest.raises(RuntimeError, match="changed after torch.compile traced the model"):
-        torch.ops.hf_sparse.relu2_2to4_ffn_bwd(*args, False, False)
-    # A backward told the forward's own path runs.
-    y3, g, y2s, counts, _ = torch.ops.hf_sparse.relu2_2to4_ffn_fwd(*fwd_args)
-    args = (dy, x, w_up, w_down, g, y2s, counts, "naive", "split_gemm", 4, True, True, True)
-    dx, _, _ = torch.ops.hf_sparse.relu2_2to4_ffn_bwd(*args, True, False)
-    assert dx.shape == x.shape and torch.isfinite(dx).all()
+    emu = emulated_cusparselt_wide
+    fwd_args = (x, w_up, w_down, "naive", "split_gemm", 8, False, True, False)
+    bwd_args = lambda g, y2s, counts: (dy, x, w_up, w_down, g, y2s, counts, "naive", "split_gemm", 8, True, True, True)
+    old_fwd = torch.ops.hf_sparse.relu2_2to4_ffn_fwd(*fwd_args)
+    old_bwd = torch.ops.hf_sparse.relu2_2to4_ffn_bwd(*bwd_args(*old_fwd[1:4]), True, False)
+    assert len(emu.mm_calls) == 4  # y3, dx, dW_up, dW_down through the emulated library
+    name = emu.backend.name
+    new_fwd = torch.ops.hf_sparse.relu2_2to4_ffn_fwd(*fwd_args, 0, 0, "", name)
+    new_bwd = torch.ops.hf_sparse.relu2_2to4_ffn_bwd(*bwd_args(*new_fwd[1:4]), True, False, 0, 0, "", name)
+    for old, new in zip(old_fwd + old_bwd, new_fwd + new_bwd):
+        assert torch.equal(old, new)

@@ -101,11 +101,6 @@ class TableFile:
 _said: set = set()  # (path, what) pairs already warned about in this process
 
 
-def forget_warnings() -> None:
-    """Warn again as if in a new process (tests)."""
-    _said.clear()
-
-
 def _say_once(path: str, what: str, message: str, *args) -> None:
     if (path, what) not in _said:
         _said.add((path, what))

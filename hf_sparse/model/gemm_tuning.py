@@ -20,8 +20,9 @@ shape the 2:4 op meets gets its own verdict, made once, eagerly:
    recipe's numerics are the same either way: the operand is already 2:4, so only the
    GEMM's accumulation order differs.
 
-Verdicts are kept per process and in a JSON file (``gemm_table``), keyed by GPU name,
-torch version and cuSPARSELt version (another GPU or library version re-tunes).
+Verdicts are kept by a :class:`GemmTuner` (one per process: the cuSPARSELt back-end's,
+see ``gemm_backends``) and in a JSON file (``gemm_table``), keyed by GPU name, torch
+version and cuSPARSELt version (another GPU or library version re-tunes).
 ``HF_SPARSE_2TO4_GEMMS`` = ``auto`` (default) | ``sparse`` (always the configured alg id,
 once it is verified at the shape) | ``dense``. Tuning spends at most
 ``HF_SPARSE_TUNE_SECONDS`` (default 60) per process, all shapes together; the budget is
@@ -54,7 +55,7 @@ from torch import Tensor
 from torch._subclasses.fake_tensor import FakeTensor
 
 # TABLE_FORMAT and TABLE_PATH_ENV are imported for callers that know them from here.
-from .gemm_table import TABLE_FORMAT, TABLE_PATH_ENV, forget_warnings, read_table, save_entries, table_path  # noqa: F401
+from .gemm_table import TABLE_FORMAT, TABLE_PATH_ENV, read_table, save_entries, table_path  # noqa: F401
 
 logger = logging.getLogger(__name__)
 
@@ -167,34 +168,6 @@ def _default_timer(kind: str, config: Optional[CsltConfig], run: Callable[[], ob
     return sorted(samples)[len(samples) // 2]
 
 
-_choices: dict[str, GemmChoice] = {}
-_table_keys: dict[torch.device, str] = {}
-_lock = threading.Lock()
-_table_loaded: list[str] = []  # the table key whose file was read
-_budget = {"spent": 0.0, "warned": False}
-_timer: list[Callable] = [_default_timer]
-_clock: list[Callable[[], float]] = [time.perf_counter]  # what the budget is measured with
-
-
-def set_gemm_timer(timer: Optional[Callable], clock: Optional[Callable[[], float]] = None) -> None:
-    """Replace the timer (``timer(kind, config, run) -> seconds``; kind is "sparse" with
-    the :class:`CsltConfig` timed, or "compress"/"dense" with None) and the clock the
-    tuning budget is measured with (seconds, like ``time.perf_counter``); ``None``
-    restores the real ones. For tests."""
-    _timer[0] = timer or _default_timer
-    _clock[0] = clock or time.perf_counter
-
-
-def reset_gemm_choices() -> None:
-    """Forget every verdict of this process, the spent budget and the warnings said, as
-    a new process would (the file stays)."""
-    _choices.clear()
-    _table_keys.clear()
-    _table_loaded.clear()
-    _budget.update(spent=0.0, warned=False)
-    forget_warnings()
-
-
 def gemm_mode() -> str:
     mode = os.environ.get(GEMMS_ENV, "auto").strip().lower() or "auto"
     if mode not in GEMM_MODES:
@@ -208,43 +181,6 @@ def tune_budget_s() -> float:
         return float(raw) if raw else DEFAULT_TUNE_SECONDS
     except ValueError:
         raise ValueError(f"{TUNE_SECONDS_ENV}={raw!r} is not a number of seconds.") from None
-
-
-def table_key(device) -> str:
-    """GPU name + torch + cuSPARSELt versions: a verdict holds only for all three. Cached per
-    device: every 2:4 GEMM call looks its verdict up under this key."""
-    dev = torch.device(device)
-    key = _table_keys.get(dev)
-    if key is None:
-        name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else dev.type
-        try:
-            cslt = str(torch.backends.cusparselt.version())
-        except (AttributeError, RuntimeError):
-            cslt = "none"
-        key = _table_keys[dev] = f"{name} | torch {torch.__version__} | cuSPARSELt {cslt}"
-    return key
-
-
-def _load_table(device) -> None:
-    key = table_key(device)
-    if key in _table_loaded:
-        return
-    _table_loaded.append(key)
-    # read_table passes only entries whose every field has this version's type.
-    for shape_key, fields in read_table(table_path()).tables.get(key, {}).items():
-        _choices.setdefault(f"{key}/{shape_key}", GemmChoice(**fields))
-
-
-def _save_table(device) -> None:
-    """Merge this process's final verdicts for ``device`` into the file."""
-    key = table_key(device)
-    prefix = key + "/"
-    final = {
-        full_key[len(prefix):]: asdict(choice)
-        for full_key, choice in _choices.items()
-        if full_key.startswith(prefix) and choice.forced is None and not choice.provisional
-    }
-    save_entries(table_path(), key, final)
 
 
 def _random_operands(shape: GemmShape, device, gen: torch.Generator) -> tuple[Tensor, Tensor]:
@@ -296,12 +232,13 @@ def _verify(
     draws: int = VERIFY_DRAWS,
     deadline: float = math.inf,
     open_ended: bool = False,
+    clock: Callable[[], float] = time.perf_counter,
 ) -> tuple[dict, dict]:
     """(failures: config -> (why, detail), worst relative error of each passing config)
     of ``configs`` (:class:`CsltConfig`) at ``shape`` over ``draws``
     random 2:4 operands, each draw's dense reference computed once for all (host syncs; a
     private generator leaves the global RNG stream, MVUE's, untouched). Configs not
-    checked by ``deadline`` (the budget clock) fail as BUDGET_SPENT. ``open_ended``: the
+    checked by ``deadline`` (on ``clock``, the budget's) fail as BUDGET_SPENT. ``open_ended``: the
     library did not say how many alg ids it has, so the first alg id it refuses ends the
     range: higher ids (default split-k) fail as PAST_THE_END, untried."""
     gen = torch.Generator(device=device)
@@ -315,7 +252,7 @@ def _verify(
         for config in configs:
             if config in failed:
                 continue
-            if _clock[0]() > deadline:
+            if clock() > deadline:
                 failed[config] = (BUDGET_SPENT, BUDGET_SPENT)
                 continue
             try:
@@ -391,76 +328,8 @@ def _candidates(
     return list(dict.fromkeys(configs)), open_ended
 
 
-def _budget_left() -> float:
-    return tune_budget_s() - _budget["spent"]
-
-
 def _labels(configs) -> str:
     return "[" + ", ".join(config.label() for config in configs) + "]"
-
-
-def tune(shape: GemmShape, device, configured_alg: int = 0) -> GemmChoice:
-    """Verify and time the candidates for ``shape`` (see the module docstring), within
-    what is left of the process's tuning budget."""
-    mode = gemm_mode()
-    nan = math.nan
-    if mode == "dense":
-        return GemmChoice(-1, nan, nan, nan, f"{GEMMS_ENV}=dense", forced=False)
-    if mode == "sparse":
-        ok, detail = verify_alg_id(shape, device, configured_alg)
-        if not ok:
-            logger.warning("2:4 GEMM %s: alg id %d is wrong at this shape (%s); dense GEMM",
-                           shape.label(), configured_alg, detail)
-            return GemmChoice(-1, nan, nan, nan, f"alg id {configured_alg} wrong ({detail})", forced=False)
-        return GemmChoice(configured_alg, nan, nan, nan, f"{GEMMS_ENV}=sparse", forced=True)
-    clock = _clock[0]
-    started = clock()
-    try:
-        return _tune_until(shape, device, configured_alg, deadline=started + _budget_left())
-    finally:
-        _budget["spent"] += clock() - started
-
-
-def _tune_until(shape: GemmShape, device, configured_alg: int, deadline: float) -> GemmChoice:
-    clock, timer, nan = _clock[0], _timer[0], math.nan
-    gen = torch.Generator(device=device)
-    gen.manual_seed(99)
-    a, b = _random_operands(shape, device, gen)
-    packed = torch._cslt_compress(a)
-    searched, search_limit = _library_search(packed, b, shape.transpose_result) if clock() <= deadline else (None, None)
-    candidates, open_ended = _candidates(configured_alg, searched, search_limit)
-    failed, _worst = _verify(shape, device, candidates, deadline=deadline, open_ended=open_ended)
-    why = {config: reason for config, (reason, _detail) in failed.items()}
-    correct = [config for config in candidates if config not in why]
-    wrong = [config for config in candidates if why.get(config) == WRONG]
-    refused = [config for config in candidates if why.get(config) == REFUSED]
-    cut_short = BUDGET_SPENT in why.values()
-    if not correct:
-        if cut_short:
-            return GemmChoice(-1, nan, nan, nan, BUDGET_SPENT, provisional=True)
-        return GemmChoice(-1, nan, nan, nan, f"no correct alg id (wrong: {_labels(wrong)}, refused: {_labels(refused)})")
-    # Dense and the compression first: no verdict without them, whatever the budget then
-    # leaves for the candidates. The budget is checked before every timing.
-    runs = [("dense", None, lambda: _dense_mm(a, b, shape.transpose_result)), ("compress", None, lambda: torch._cslt_compress(a))]
-    runs += [("sparse", c, lambda c=c: cslt_sparse_mm(packed, b, shape.transpose_result, c)) for c in correct]
-    seconds: dict = {}
-    for kind, config, run in runs:
-        if clock() > deadline:
-            cut_short = True
-            break
-        seconds[config or kind] = timer(kind, config, run)
-    timed = [config for config in correct if config in seconds]
-    if not timed:
-        return GemmChoice(-1, nan, nan, nan, BUDGET_SPENT, provisional=True)
-    best = min(timed, key=lambda config: seconds[config])
-    detail = f"{len(timed)} of {len(candidates)} candidates timed" + (f", wrong: {_labels(wrong)}" if wrong else "")
-    detail += f", refused: {_labels(refused)}" if refused else ""
-    detail += f", library pick {searched.label()}" if searched is not None else ""
-    detail += ", cut short by the budget (provisional)" if cut_short else ""
-    return GemmChoice(
-        best.alg_id, seconds[best], seconds["compress"], seconds["dense"], detail,
-        split_k=best.split_k, split_k_mode=best.split_k_mode, provisional=cut_short,
-    )  # fmt: skip
 
 
 def _describe(shape: GemmShape, choice: GemmChoice, name: str = "") -> str:
@@ -471,57 +340,177 @@ def _describe(shape: GemmShape, choice: GemmChoice, name: str = "") -> str:
     return f"{name + ' ' if name else ''}{shape.label()}: {speed}{alg} → {verdict}{provisional}"
 
 
-def gemm_choice(a: Tensor, b: Tensor, transpose_result: bool, configured_alg: int = 0, name: str = "") -> GemmChoice:
-    """The verdict for ``a @ b`` (tuned on first sight of the shape, eagerly). Inside
-    torch.compile tracing or on fake tensors: a read-only lookup, dense when absent."""
-    tracing = torch.compiler.is_compiling() or _is_fake(a) or _is_fake(b)
-    return choice_for(GemmShape.of(a, b, transpose_result), a.device, configured_alg, name, read_only=tracing)
-
-
-def _say_budget_spent() -> None:
-    if not _budget["warned"]:
-        _budget["warned"] = True
-        logger.warning(
-            "2:4 GEMM tuning budget (%s=%g s per process) spent: a shape it cut short keeps its best verdict so far "
-            "for this run only (not saved), and shapes met from now on use dense GEMMs. Raise it, or tune before "
-            "training (SparsityCallback does at train begin).",
-            TUNE_SECONDS_ENV, tune_budget_s(),
-        )  # fmt: skip
-
-
-def choice_for(shape: GemmShape, device, configured_alg: int = 0, name: str = "", read_only: bool = False) -> GemmChoice:
-    """The verdict for ``shape`` on ``device``: from this process, else the table file,
-    else tuned now (unless ``read_only``: then a missing verdict reads as dense, unstored)."""
-    key = f"{table_key(device)}/{shape.key()}"
-    choice = _choices.get(key)
-    if choice is not None or read_only:
-        return choice or GemmChoice(-1, math.nan, math.nan, math.nan, "not tuned before tracing")
-    with _lock:
-        _load_table(device)
-        choice = _choices.get(key)
-        if choice is None:
-            if _budget_left() <= 0 and gemm_mode() == "auto":
-                choice = GemmChoice(-1, math.nan, math.nan, math.nan, BUDGET_SPENT, provisional=True)
-            else:
-                choice = tune(shape, device, configured_alg)
-            _choices[key] = choice
-            logger.info("2:4 GEMM %s", _describe(shape, choice, name))
-            if choice.provisional:
-                _say_budget_spent()
-            elif choice.forced is None:
-                _save_table(device)
-    return choice
-
-
-def format_gemm_table(named_shapes: list[tuple[str, GemmShape]], device) -> str:
-    """The verdicts of ``named_shapes`` as lines ("y3 4096×3072×768 ...: sparse 1.18× → sparse")."""
-    prefix = table_key(device)
-    lines = [f"2:4 GEMM verdicts on {prefix}:"]
-    for name, shape in named_shapes:
-        choice = _choices.get(f"{prefix}/{shape.key()}")
-        lines.append("  " + (_describe(shape, choice, name) if choice else f"{name} {shape.label()}: not tuned"))
-    return "\n".join(lines)
-
-
 def _is_fake(t: Tensor) -> bool:
     return isinstance(t, FakeTensor) or t.device.type == "meta"
+
+
+class GemmTuner:
+    """The verdicts of one process and the tuning budget they share.
+
+    The cuSPARSELt back-end holds one (``gemm_backends``); a new tuner is what a new
+    process would see (the table file stays). ``timer(kind, config, run) -> seconds``
+    times one candidate (kind "sparse" with the :class:`CsltConfig` timed, or
+    "compress"/"dense" with None); ``clock`` is what the budget is measured with
+    (seconds, like ``time.perf_counter``).
+    """
+
+    def __init__(self, timer: Optional[Callable] = None, clock: Optional[Callable[[], float]] = None):
+        self.timer = timer or _default_timer
+        self.clock = clock or time.perf_counter
+        self.choices: dict[str, GemmChoice] = {}  # "<table key>/<shape key>" -> verdict
+        self.budget_spent_s = 0.0
+        self._budget_said = False
+        self._table_keys: dict[torch.device, str] = {}
+        self._tables_read: set[str] = set()
+        self._lock = threading.Lock()
+
+    def table_key(self, device) -> str:
+        """GPU name + torch + cuSPARSELt versions: a verdict holds only for all three.
+        Cached per device: every 2:4 GEMM call looks its verdict up under this key."""
+        dev = torch.device(device)
+        key = self._table_keys.get(dev)
+        if key is None:
+            name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else dev.type
+            try:
+                cslt = str(torch.backends.cusparselt.version())
+            except (AttributeError, RuntimeError):
+                cslt = "none"
+            key = self._table_keys[dev] = f"{name} | torch {torch.__version__} | cuSPARSELt {cslt}"
+        return key
+
+    def _load_table(self, device) -> None:
+        key = self.table_key(device)
+        if key in self._tables_read:
+            return
+        self._tables_read.add(key)
+        # read_table passes only entries whose every field has this version's type.
+        for shape_key, fields in read_table(table_path()).tables.get(key, {}).items():
+            self.choices.setdefault(f"{key}/{shape_key}", GemmChoice(**fields))
+
+    def _save_table(self, device) -> None:
+        """Merge this process's final verdicts for ``device`` into the file."""
+        key = self.table_key(device)
+        prefix = key + "/"
+        final = {
+            full_key[len(prefix):]: asdict(choice)
+            for full_key, choice in self.choices.items()
+            if full_key.startswith(prefix) and choice.forced is None and not choice.provisional
+        }
+        save_entries(table_path(), key, final)
+
+    def budget_left_s(self) -> float:
+        return tune_budget_s() - self.budget_spent_s
+
+    def tune(self, shape: GemmShape, device, configured_alg: int = 0) -> GemmChoice:
+        """Verify and time the candidates for ``shape`` (see the module docstring), within
+        what is left of this tuner's budget."""
+        mode = gemm_mode()
+        nan = math.nan
+        if mode == "dense":
+            return GemmChoice(-1, nan, nan, nan, f"{GEMMS_ENV}=dense", forced=False)
+        if mode == "sparse":
+            ok, detail = verify_alg_id(shape, device, configured_alg)
+            if not ok:
+                logger.warning("2:4 GEMM %s: alg id %d is wrong at this shape (%s); dense GEMM",
+                               shape.label(), configured_alg, detail)
+                return GemmChoice(-1, nan, nan, nan, f"alg id {configured_alg} wrong ({detail})", forced=False)
+            return GemmChoice(configured_alg, nan, nan, nan, f"{GEMMS_ENV}=sparse", forced=True)
+        started = self.clock()
+        try:
+            return self._tune_until(shape, device, configured_alg, deadline=started + self.budget_left_s())
+        finally:
+            self.budget_spent_s += self.clock() - started
+
+    def _tune_until(self, shape: GemmShape, device, configured_alg: int, deadline: float) -> GemmChoice:
+        clock, nan = self.clock, math.nan
+        gen = torch.Generator(device=device)
+        gen.manual_seed(99)
+        a, b = _random_operands(shape, device, gen)
+        packed = torch._cslt_compress(a)
+        searched, search_limit = (
+            _library_search(packed, b, shape.transpose_result) if clock() <= deadline else (None, None)
+        )
+        candidates, open_ended = _candidates(configured_alg, searched, search_limit)
+        failed, _worst = _verify(shape, device, candidates, deadline=deadline, open_ended=open_ended, clock=clock)
+        why = {config: reason for config, (reason, _detail) in failed.items()}
+        correct = [config for config in candidates if config not in why]
+        wrong = [config for config in candidates if why.get(config) == WRONG]
+        refused = [config for config in candidates if why.get(config) == REFUSED]
+        cut_short = BUDGET_SPENT in why.values()
+        if not correct:
+            if cut_short:
+                return GemmChoice(-1, nan, nan, nan, BUDGET_SPENT, provisional=True)
+            return GemmChoice(-1, nan, nan, nan, f"no correct alg id (wrong: {_labels(wrong)}, refused: {_labels(refused)})")
+        # Dense and the compression first: no verdict without them, whatever the budget then
+        # leaves for the candidates. The budget is checked before every timing.
+        runs = [("dense", None, lambda: _dense_mm(a, b, shape.transpose_result)),
+                ("compress", None, lambda: torch._cslt_compress(a))]  # fmt: skip
+        runs += [("sparse", c, lambda c=c: cslt_sparse_mm(packed, b, shape.transpose_result, c)) for c in correct]
+        seconds: dict = {}
+        for kind, config, run in runs:
+            if clock() > deadline:
+                cut_short = True
+                break
+            seconds[config or kind] = self.timer(kind, config, run)
+        timed = [config for config in correct if config in seconds]
+        if not timed:
+            return GemmChoice(-1, nan, nan, nan, BUDGET_SPENT, provisional=True)
+        best = min(timed, key=lambda config: seconds[config])
+        detail = f"{len(timed)} of {len(candidates)} candidates timed" + (f", wrong: {_labels(wrong)}" if wrong else "")
+        detail += f", refused: {_labels(refused)}" if refused else ""
+        detail += f", library pick {searched.label()}" if searched is not None else ""
+        detail += ", cut short by the budget (provisional)" if cut_short else ""
+        return GemmChoice(
+            best.alg_id, seconds[best], seconds["compress"], seconds["dense"], detail,
+            split_k=best.split_k, split_k_mode=best.split_k_mode, provisional=cut_short,
+        )  # fmt: skip
+
+    def gemm_choice(self, a: Tensor, b: Tensor, transpose_result: bool, configured_alg: int = 0, name: str = ""):
+        """The verdict for ``a @ b`` (tuned on first sight of the shape, eagerly). Inside
+        torch.compile tracing or on fake tensors: a read-only lookup, dense when absent."""
+        tracing = torch.compiler.is_compiling() or _is_fake(a) or _is_fake(b)
+        return self.choice_for(GemmShape.of(a, b, transpose_result), a.device, configured_alg, name, read_only=tracing)
+
+    def _say_budget_spent(self) -> None:
+        if not self._budget_said:
+            self._budget_said = True
+            logger.warning(
+                "2:4 GEMM tuning budget (%s=%g s per process) spent: a shape it cut short keeps its best verdict so "
+                "far for this run only (not saved), and shapes met from now on use dense GEMMs. Raise it, or tune "
+                "before training (SparsityCallback does at train begin).",
+                TUNE_SECONDS_ENV, tune_budget_s(),
+            )  # fmt: skip
+
+    def choice_for(
+        self, shape: GemmShape, device, configured_alg: int = 0, name: str = "", read_only: bool = False
+    ) -> GemmChoice:
+        """The verdict for ``shape`` on ``device``: from this process, else the table file,
+        else tuned now (unless ``read_only``: then a missing verdict reads as dense, unstored)."""
+        key = f"{self.table_key(device)}/{shape.key()}"
+        choice = self.choices.get(key)
+        if choice is not None or read_only:
+            return choice or GemmChoice(-1, math.nan, math.nan, math.nan, "not tuned before tracing")
+        with self._lock:
+            self._load_table(device)
+            choice = self.choices.get(key)
+            if choice is None:
+                if self.budget_left_s() <= 0 and gemm_mode() == "auto":
+                    choice = GemmChoice(-1, math.nan, math.nan, math.nan, BUDGET_SPENT, provisional=True)
+                else:
+                    choice = self.tune(shape, device, configured_alg)
+                self.choices[key] = choice
+                logger.info("2:4 GEMM %s", _describe(shape, choice, name))
+                if choice.provisional:
+                    self._say_budget_spent()
+                elif choice.forced is None:
+                    self._save_table(device)
+        return choice
+
+    def format_table(self, named_shapes: list[tuple[str, GemmShape]], device) -> str:
+        """The verdicts of ``named_shapes`` as lines ("y3 4096×3072×768 ...: sparse 1.18× → sparse")."""
+        prefix = self.table_key(device)
+        lines = [f"2:4 GEMM verdicts on {prefix}:"]
+        for name, shape in named_shapes:
+            choice = self.choices.get(f"{prefix}/{shape.key()}")
+            lines.append("  " + (_describe(shape, choice, name) if choice else f"{name} {shape.label()}: not tuned"))
+        return "\n".join(lines)

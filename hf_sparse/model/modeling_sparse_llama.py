@@ -32,8 +32,8 @@ except ImportError:
 
 from .configuration_sparse_llama import LOWRANK_COLWISE, LOWRANK_ROWWISE, SparseLlamaConfig
 from .ffn_tensor_parallel import _is_dtensor, tp_sum_backward, tp_sum_forward
-from .gemm_tuning import GemmShape, choice_for, format_gemm_table
-from .kernels import cusparselt_alg_id, gemm_verdicts_forced, use_2to4_kernel
+from .gemm_backends import select_gemms
+from .gemm_tuning import GemmShape
 from .lowrank import LowRankLinear, init_low_rank_, is_low_rank
 from .select_2to4 import count_2to4_stats, count_nonzero
 from .sparse_ffn import ffn_gemm_shapes, relu2_2to4_ffn
@@ -501,13 +501,12 @@ def prepare_2to4_gemms(model: nn.Module, tokens: int, dtype: torch.dtype | None 
 
     The per-shape verdicts (``gemm_tuning``) are otherwise made at the first call of each
     shape, inside step 1; made here, before the first (possibly compiled) step, they stay
-    out of the hot path. Only shapes on the cuSPARSELt path are tuned (a CUDA GPU, or the
-    ``"cuda"`` kernel override in tests). Returns the (name, shape) pairs that were.
+    out of the hot path. Each shape goes to the back-end its calls will take
+    (``gemm_backends.select_gemms``); only one that tunes (cuSPARSELt) makes verdicts.
+    Returns the (name, shape) pairs whose verdicts were made.
     """
-    if gemm_verdicts_forced():
-        return []  # a test override makes every GEMM sparse: nothing to decide
     # Shapes, dtypes and devices only: building a 2:4 weight here would fix its scale early.
-    named = {}
+    named: dict = {}  # back-end -> {(shape key, device): (label, shape, device)}
 
     def probe(rows: int, cols: int, like: torch.Tensor, compute: torch.dtype) -> torch.Tensor:
         return torch.empty(1, dtype=compute, device=like.device).expand(rows, cols)
@@ -517,26 +516,32 @@ def prepare_2to4_gemms(model: nn.Module, tokens: int, dtype: torch.dtype | None 
         compute = dtype or param.dtype
         d, f = mlp.up_proj.in_features, mlp.up_proj.out_features
         x, w_up, w_down = probe(tokens, d, param, compute), probe(f, d, param, compute), probe(d, f, param, compute)
-        if mlp.config.activation_2by4 and use_2to4_kernel(x, w_up, w_down):
+        backend = select_gemms(x, w_up, w_down)
+        if mlp.config.activation_2by4 and backend.sparse:
             shapes = ffn_gemm_shapes(
                 tokens, d, f, compute, mlp.config.activation_dense_features, mlp.config.activation_backward
             )
-            named.update({(shape.key(), param.device): (f"FFN {name}", shape, param.device) for name, shape in shapes})
+            named.setdefault(backend, {}).update(
+                {(shape.key(), param.device): (f"FFN {name}", shape, param.device) for name, shape in shapes}
+            )
     for module_name, linear in model.named_modules():
         if is_weight_sparse(linear) and hasattr(linear, "weight"):
             compute = dtype or linear.weight.dtype
             out_f, in_f = linear.weight.shape
             weight = probe(out_f, in_f, linear.weight, compute)
-            if use_2to4_kernel(probe(tokens, in_f, linear.weight, compute), weight, weight):
+            backend = select_gemms(probe(tokens, in_f, linear.weight, compute), weight, weight)
+            if backend.sparse:
                 shape = GemmShape(out_f, in_f, tokens, "col", True, str(compute).split(".")[-1])
                 label = "2:4 weight " + module_name.rsplit(".", 2)[-2] + "." + module_name.rsplit(".", 1)[-1]
-                named.setdefault((shape.key(), linear.weight.device), (label, shape, linear.weight.device))
+                entry = (label, shape, linear.weight.device)
+                named.setdefault(backend, {}).setdefault((shape.key(), linear.weight.device), entry)
     done = []
-    for label, shape, device in named.values():
-        choice_for(shape, device, cusparselt_alg_id(), label)
-        done.append((label, shape))
-    if done:
-        logger.info(format_gemm_table(done, next(iter(named.values()))[2]))
+    for backend, entries in named.items():
+        by_device: dict = {}
+        for label, shape, device in entries.values():
+            by_device.setdefault(device, []).append((label, shape))
+        for device, shapes in by_device.items():
+            done += backend.prepare(shapes, device)
     return done
 
 

@@ -2,7 +2,7 @@
 
 One semantics, two GEMM back-ends: plain ``torch.mm`` (any device/dtype, float64
 included) and, on CUDA sm80+ with bf16/fp16 and aligned shapes, real 2:4 sparse GEMMs
-through cuSPARSELt (see ``kernels.py``). Everything between the GEMMs is a handful of
+through cuSPARSELt (``gemm_backends.py``: chosen once per call, handed to the op). Everything between the GEMMs is a handful of
 elementwise *stages* (one pass in, one pass out each) written once in plain torch; they
 run eagerly or compiled by ``torch.compile`` (Triton on CUDA, C++ on CPU), and both
 GEMM back-ends use the same stages, so the CPU tests exercise the GPU path's data flow.
@@ -44,7 +44,8 @@ traces it as one node.
 
 Where the parts live (one concern a file): ``select_2to4.py`` the selection rules,
 ``ffn_stages.py`` the stages and their compilation, ``cpu_layout.py`` the planar order and
-scratch buffers, ``kernels.py`` the cuSPARSELt GEMMs, ``ffn_tensor_parallel.py`` DTensor
+scratch buffers, ``gemm_backends.py`` the GEMM back-ends (``kernels.py`` the cuSPARSELt
+calls, ``gemm_tuning.py`` the per-shape verdicts), ``ffn_tensor_parallel.py`` DTensor
 slicing, ``token_permutation.py`` the permutation; this file: the custom ops, their
 autograd, and the public ``relu2_2to4_ffn`` (``__all__`` names the public API of all of them).
 
@@ -81,16 +82,17 @@ from .ffn_tensor_parallel import (
     tp_sum_forward,
 )
 from .fp8 import quantize_rows
-from .gemm_tuning import GemmShape
-from .kernels import (
-    ALIGN,
-    aligned_dense_count,
+from .gemm_backends import (
+    CUSPARSELT,
+    PLAIN,
+    GemmBackend,
+    automatic_gemm_backend,
     fp8_ineligibility_reason,
-    sparse24_mm,
-    sparse24_mm_fp8,
-    sparse24_padded_rows,
-    use_2to4_kernel,
+    get_gemm_backend,
+    select_gemms,
 )
+from .gemm_tuning import GemmShape
+from .kernels import ALIGN, aligned_dense_count, sparse24_padded_rows
 from .select_2to4 import SPARSE_METHODS, _check_stats, count_2to4_stats, count_nonzero, mvue_key, sparsify_2to4
 from .token_permutation import TokenPermutation, make_token_permutation
 
@@ -119,46 +121,33 @@ __all__ = [
 # ----- The op: forward and backward as custom ops -----
 
 
-# g's data pointer -> the GEMM path its forward took. The backward is told the path by
-# setup_context (see there); under torch.compile that ran at trace time, so a switch
-# flipped after compiling could disagree with the forward's runtime choice and mix
-# feature orders. A live g's pointer is unique, so a recorded disagreement is real.
-_forward_paths: dict[int, bool] = {}
-_MAX_FORWARD_PATHS = 4096  # forwards without a backward (inference) leave entries: bounded
+def _backend_of(gemms: str, x: Tensor, w_up: Tensor, w_down: Tensor) -> GemmBackend:
+    """The back-end a call named; calls written before the argument existed (older remote
+    code, saved graphs) pass "" and get the automatic choice for their operands."""
+    return get_gemm_backend(gemms) if gemms else select_gemms(x, w_up, w_down)
 
 
-def _record_forward_path(g: Tensor, use_kernel: bool) -> None:
-    if g.device.type == "meta":
-        return
-    if len(_forward_paths) >= _MAX_FORWARD_PATHS:
-        _forward_paths.clear()
-    _forward_paths[g.data_ptr()] = use_kernel
-
-
-def _check_forward_path(g: Tensor, use_kernel: bool) -> None:
-    recorded = _forward_paths.pop(g.data_ptr(), None) if g.device.type != "meta" else None
-    if recorded is not None and recorded != use_kernel:
-        raise RuntimeError(
-            "2:4 FFN: this backward was set up for the "
-            f"{'cuSPARSELt' if use_kernel else 'plain-GEMM'} path but its forward took the "
-            f"{'cuSPARSELt' if recorded else 'plain-GEMM'} one; HF_SPARSE_DISABLE_2TO4_KERNEL or "
-            "set_kernel_override changed after torch.compile traced the model. Call torch._dynamo.reset() "
-            "after changing them."
-        )
+def _backend_named_by_flag(use_kernel: bool, device: torch.device) -> GemmBackend:
+    """The back-end of a backward call that predates the ``gemms`` argument: the device's
+    automatic one where it is of the kind the flag names, else the stock one of that kind."""
+    automatic = automatic_gemm_backend(device)
+    if automatic.planar != use_kernel:
+        return automatic
+    return CUSPARSELT if use_kernel else PLAIN
 
 
 def _ffn_forward_impl(
     x, w_up, w_down, method, backward, n_dense, count, want_feature_counts, fp8, global_features=0, feature_offset=0,
-    tp_group="",
+    tp_group="", gemms="",
 ):  # fmt: skip
     t, f = x.shape[0], w_up.shape[0]
-    use_kernel = use_2to4_kernel(x, w_up, w_down)
-    fp8 = fp8 and use_kernel  # FP8 is a cuSPARSELt-path mode (an unaligned T runs plain, in bf16)
+    backend = _backend_of(gemms, x, w_up, w_down)
+    fp8 = fp8 and backend.sparse  # FP8 is a 2:4-GEMM mode (an unaligned T runs plain, in bf16)
     # Plain GEMMs work in the planar feature order (see _planar_rows): each 2:4 group's
     # members are then four contiguous planes, so the selection runs on unit-stride
     # vectors (a compiled CPU stage vectorises it; with members 4 apart it emits scalar
     # loops). The GEMMs do not care about the order; cuSPARSELt needs consecutive groups.
-    planar = not use_kernel
+    planar = backend.planar
     w_up_op, w_down_op = _op_weights(w_up, w_down, planar)
     y1 = torch.mm(x, w_up_op.t(), out=_scratch("y1", (t, f), x))
     # MVUE: one key per call from the global RNG (eagerly, outside any compiled stage); the
@@ -181,12 +170,11 @@ def _ffn_forward_impl(
         feature_offset // 4,
     )  # fmt: skip
     del y1
-    _record_forward_path(g, use_kernel)
     if fp8:
         # y2s (rows scaled by the stage) against W_down quantized per output channel.
-        y3 = sparse24_mm_fp8(*y2s_fp8, *quantize_rows(w_down_op), x.dtype)
+        y3 = backend.fp8_mm(*y2s_fp8, *quantize_rows(w_down_op), x.dtype)
     else:
-        y3 = sparse24_mm(y2s, w_down_op.t()) if use_kernel else torch.mm(y2s, w_down_op.t())
+        y3 = backend.mm(y2s, w_down_op.t())
     del y2s_fp8
     if count:
         numel = torch.full_like(relu_nnz, t * f)
@@ -203,7 +191,7 @@ def _ffn_forward_impl(
 
 def _ffn_forward_fake(
     x, w_up, w_down, method, backward, n_dense, count, want_feature_counts, fp8, global_features=0, feature_offset=0,
-    tp_group="",
+    tp_group="", gemms="",
 ):  # fmt: skip
     t, f = x.shape[0], w_up.shape[0]
     return (
@@ -248,20 +236,21 @@ def _assemble(sparse_part: Tensor, dense_part: Optional[Tensor], idx: _FeatureSp
 
 def _ffn_backward_impl(
     dy3, x, w_up, w_down, g, y2s, feature_counts, method, backward, n_dense, need_x, need_up, need_down, use_kernel,
-    fp8, global_features=0, feature_offset=0, tp_group="",
+    fp8, global_features=0, feature_offset=0, tp_group="", gemms="",
 ):  # fmt: skip
-    # use_kernel: the forward's decision (see _setup_context), never re-read here: it also
-    # fixes the layout of g, y2s and the counts (planar on the plain-GEMM path).
+    # gemms: the forward's back-end (see _setup_context), never re-chosen here: it also
+    # fixes the layout of g, y2s and the counts (planar on the plain-GEMM path). Calls that
+    # predate the argument name it by use_kernel.
     t, f = g.shape
-    _check_forward_path(g, use_kernel)
-    planar = not use_kernel
+    backend = get_gemm_backend(gemms) if gemms else _backend_named_by_flag(use_kernel, g.device)
+    use_kernel, planar = not backend.planar, backend.planar
     # Tensor parallel: this rank holds features feature_offset.. of global_features, and
     # n_dense counts dense features over the whole width (see _dense_split).
     width = global_features or f
     if use_kernel and (not tp_group or global_features % (tp_group_size(tp_group) * ALIGN) == 0):
         # Gathered T×n_dense rows 16-byte aligned. Under TP only where every rank's slice
         # is aligned, so all ranks take this path and agree on the global count.
-        n_dense = aligned_dense_count(n_dense, width)
+        n_dense = backend.dense_count(n_dense, width)
     w_up_op, w_down_op = _op_weights(w_up, w_down, planar)
     dy3 = dy3.contiguous()
     # Token-wise 2:4 only shapes the weight-gradient operands (dx is exact in every mode),
@@ -275,7 +264,7 @@ def _ffn_backward_impl(
         order, dense_keep = _dense_split(counts, n_dense, global_features, feature_offset, tp_group)
         n_candidates = min(n_dense, f)
         if use_kernel and dense_keep is not None:
-            n_candidates = aligned_dense_count(n_candidates, f)
+            n_candidates = backend.dense_count(n_candidates, f)
         dense_idx = order[:n_candidates]
         if dense_keep is not None:
             dense_keep = dense_keep[dense_idx]
@@ -289,7 +278,7 @@ def _ffn_backward_impl(
         elif use_kernel:
             sparse_idx = order[n_candidates:].sort().values  # ascending: contiguous reads in the gather
     n_sparse = f - n_candidates if token_sparse else f
-    pad_rows = sparse24_padded_rows(n_sparse) - n_sparse if (token_sparse and use_kernel) else 0
+    pad_rows = backend.padded_rows(n_sparse) - n_sparse if token_sparse else 0
     # Outputs not asked for are distinct empty tensors (custom-op outputs may not alias).
     dx, dw_up, dw_down = x.new_empty(0), x.new_empty(0), x.new_empty(0)
 
@@ -298,7 +287,7 @@ def _ffn_backward_impl(
     if not use_kernel:
         down_out = _scratch("down", (t, f), dy3)
         scratch = (_scratch("y2s", (t, f), dy3), down_out, _members(down_out, "tokens") if t % 4 == 0 else None)
-    fp8 = fp8 and use_kernel and need_x
+    fp8 = fp8 and backend.sparse and need_x
     dy1, up, up_dense, down, down_dense, *dy1_fp8 = _run_stage(
         _backward_stage,
         dy2, g, y2s if method != "naive" else None, need_up, need_down, token_sparse,
@@ -306,19 +295,18 @@ def _ffn_backward_impl(
     )  # fmt: skip
     del dy2
     idx = _FeatureSplit(dense_idx, sparse_idx, pad_rows, use_kernel)
-    mm = sparse24_mm if use_kernel else torch.mm
     if fp8:
         # dy1 (rows scaled by the stage) against W_up quantized per output channel of dx.
-        dx = sparse24_mm_fp8(*dy1_fp8, *quantize_rows(w_up_op.t()), dy3.dtype)
+        dx = backend.fp8_mm(*dy1_fp8, *quantize_rows(w_up_op.t()), dy3.dtype)
     elif need_x:
-        dx = mm(dy1, w_up_op)
+        dx = backend.mm(dy1, w_up_op)
     del dy1_fp8
     if need_up:
         if not token_sparse:
             dw_up = torch.mm(dy1.t(), x)
         elif use_kernel:
             dense = torch.mm(up_dense.t(), x) if up_dense is not None else None
-            part = sparse24_mm(up, x)[:n_sparse] if n_sparse else x.new_empty(0, x.shape[1])
+            part = backend.mm(up, x)[:n_sparse] if n_sparse else x.new_empty(0, x.shape[1])
             dw_up = _assemble(part, dense, idx, 0)
         else:
             up_out = _scratch("up", (t, f), dy1)
@@ -333,7 +321,7 @@ def _ffn_backward_impl(
             dense = torch.mm(dy3.t(), down_dense) if down_dense is not None else None
             part = dy3.new_empty(dy3.shape[1], 0)  # TP: every feature of the slice a dense candidate
             if n_sparse:
-                part = sparse24_mm(down, dy3, transpose_result=True)[:, :n_sparse]
+                part = backend.mm(down, dy3, transpose_result=True)[:, :n_sparse]
             dw_down = _assemble(part, dense, idx, 1)
         else:
             dw_down = torch.mm(dy3.t(), down)
@@ -344,7 +332,7 @@ def _ffn_backward_impl(
 
 def _ffn_backward_fake(
     dy3, x, w_up, w_down, g, y2s, feature_counts, method, backward, n_dense, need_x, need_up, need_down, use_kernel,
-    fp8, global_features=0, feature_offset=0, tp_group="",
+    fp8, global_features=0, feature_offset=0, tp_group="", gemms="",
 ):  # fmt: skip
     return (
         torch.empty_like(x) if need_x else x.new_empty(0),
@@ -354,29 +342,31 @@ def _ffn_backward_fake(
 
 
 def _setup_context(ctx, inputs, output):
-    x, w_up, w_down, method, backward, n_dense, _count, _want, fp8, *tp = inputs
+    x, w_up, w_down, method, backward, n_dense, _count, _want, fp8, *rest = inputs
     _y3, g, y2s, feature_counts, stat_delta = output
     ctx.save_for_backward(x, w_up, w_down, g, y2s, feature_counts)
     ctx.mark_non_differentiable(g, y2s, feature_counts, stat_delta)
     # Those outputs never get gradients: no T×F zero tensors for them in backward.
     ctx.set_materialize_grads(False)
     ctx.method, ctx.backward_mode, ctx.n_dense, ctx.fp8 = method, backward, n_dense, fp8
-    ctx.tp = tuple(tp)  # (global_features, feature_offset, tp_group); absent from older callers
-    # The forward just decided this from the same tensors and switches (run right after
-    # it, or at trace time under torch.compile): the backward must follow it even if a
-    # switch (HF_SPARSE_DISABLE_2TO4_KERNEL, set_kernel_override) changes in between,
-    # because the decision also fixes the feature order of g, y2s and the counts.
-    ctx.use_kernel = use_2to4_kernel(x, w_up, w_down)
+    # (global_features, feature_offset, tp_group), then the back-end's name; older callers
+    # pass fewer (the schema's defaults fill them in).
+    tp = tuple(rest[:3]) + (0, 0, "")[len(rest[:3]):]
+    ctx.tp = tp
+    # The back-end the forward ran: the backward looks the same one up, since it also
+    # fixes the feature order of g, y2s and the counts.
+    ctx.gemms = (rest[3] if len(rest) > 3 else "") or select_gemms(x, w_up, w_down).name
 
 
 def _ffn_backward(ctx, dy3, *_unused_grads):
     x, w_up, w_down, g, y2s, feature_counts = ctx.saved_tensors
     need_x, need_up, need_down = ctx.needs_input_grad[:3]
-    grads = [None] * (9 + len(ctx.tp))
+    grads = [None] * len(ctx.needs_input_grad)
     if dy3 is not None and (need_x or need_up or need_down):
+        use_kernel = not get_gemm_backend(ctx.gemms).planar  # what the schema's older callers pass
         dx, dw_up, dw_down = torch.ops.hf_sparse.relu2_2to4_ffn_bwd(
-            dy3, x, w_up, w_down, g, y2s, feature_counts,
-            ctx.method, ctx.backward_mode, ctx.n_dense, need_x, need_up, need_down, ctx.use_kernel, ctx.fp8, *ctx.tp,
+            dy3, x, w_up, w_down, g, y2s, feature_counts, ctx.method, ctx.backward_mode, ctx.n_dense,
+            need_x, need_up, need_down, use_kernel, ctx.fp8, *ctx.tp, ctx.gemms,
         )  # fmt: skip
         grads[:3] = (dx if need_x else None, dw_up if need_up else None, dw_down if need_down else None)
     return tuple(grads)
@@ -387,9 +377,10 @@ def _register_ops() -> None:
     # same process; the first registration wins (the code is the same).
     if hasattr(torch.ops.hf_sparse, "relu2_2to4_ffn_fwd"):
         return
-    # The tensor-parallel arguments come last with defaults: calls written before they
-    # existed (older remote code, saved graphs) mean "one process".
-    tp_args = "int global_features=0, int feature_offset=0, str tp_group=''"
+    # The tensor-parallel arguments and the back-end come last with defaults: calls written
+    # before they existed (older remote code, saved graphs) mean "one process" and "the
+    # automatic back-end".
+    tp_args = "int global_features=0, int feature_offset=0, str tp_group='', str gemms=''"
     fwd_schema = (
         "(Tensor x, Tensor w_up, Tensor w_down, str method, str backward, int n_dense, bool count, "
         f"bool want_feature_counts, bool fp8, {tp_args}) -> (Tensor, Tensor, Tensor, Tensor, Tensor)"
@@ -448,6 +439,7 @@ def relu2_2to4_ffn(
     permutation: Optional[Tensor] = None,
     stats: Optional[Tensor] = None,
     fp8: bool = False,
+    gemms: Optional[str] = None,
 ) -> Tensor:
     """Non-gated ReLU² FFN ``relu(x w_upᵀ)² w_downᵀ`` with 2:4 activation sparsity.
 
@@ -467,6 +459,10 @@ def relu2_2to4_ffn(
             bf16 output (see ``fp8.py``); on the cuSPARSELt path only (sm90 GPUs with
             cuSPARSELt >= 0.6.2), refused with one error anywhere else. A call whose token
             count is not aligned runs the plain path in bf16, as every non-FP8 call does.
+        gemms: the GEMM back-end by name (``"plain"``, ``"cusparselt"``, or one registered
+            with ``gemm_backends.register_gemm_backend``); default: the device's automatic
+            one. Chosen once per call (see ``gemm_backends.select_gemms``): under
+            ``torch.compile`` that is while tracing, so the choice is a constant of the graph.
 
     Computes in the input dtype (under autocast: the autocast dtype, like F.linear).
     Traceable by ``torch.compile(fullgraph=True)``: the work is two custom ops.
@@ -509,8 +505,10 @@ def relu2_2to4_ffn(
     if stats is not None:
         _check_stats(stats)
 
+    if gemms is not None:
+        get_gemm_backend(gemms)  # an unknown name fails here, naming the valid ones
     if fp8:
-        reason = fp8_ineligibility_reason(x.device)
+        reason = get_gemm_backend(gemms).fp8_reason(x.device) if gemms else fp8_ineligibility_reason(x.device)
         if reason is not None:
             raise ValueError(f"activation_2by4_fp8: FP8 2:4 GEMMs cannot run here ({reason}); set it to false.")
     cast = _autocast_dtype(x.device.type)
@@ -536,12 +534,15 @@ def relu2_2to4_ffn(
     weights_need_grad = torch.is_grad_enabled() and (w_up.requires_grad or w_down.requires_grad)
     # Per-feature counts only feed the dense-feature ranking of a split backward.
     want_feature_counts = weights_need_grad and 0 < n_dense < width
+    w_up, w_down = w_up.contiguous(), w_down.contiguous()
+    # Once per call; the op's forward and backward both run this back-end.
+    backend = select_gemms(x2, w_up, w_down, gemms)
     # Inputs are already in the autocast dtype; autocast must not recast inside the op.
     ctx = torch.autocast(x2.device.type, enabled=False) if cast is not None else contextlib.nullcontext()
     with ctx:
         y, _g, _y2s, _counts, stat_delta = torch.ops.hf_sparse.relu2_2to4_ffn_fwd(
-            x2, w_up.contiguous(), w_down.contiguous(), method, backward, n_dense, stats is not None, want_feature_counts,
-            fp8, global_features, feature_offset, "" if tp_group is None else tp_group.group_name,
+            x2, w_up, w_down, method, backward, n_dense, stats is not None, want_feature_counts,
+            fp8, global_features, feature_offset, "" if tp_group is None else tp_group.group_name, backend.name,
         )  # fmt: skip
     if stats is not None:
         with torch.no_grad():

@@ -20,7 +20,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .kernels import compress_2to4, gemm_verdict, sparse24_mm_packed, use_2to4_kernel
+from .gemm_backends import select_gemms
+from .kernels import compress_2to4, sparse24_mm_packed
 from .lowrank import LowRankLinear
 from .select_2to4 import sparsify_2to4
 
@@ -114,10 +115,11 @@ class _SparseWeightLinear(torch.autograd.Function):
         ctx.save_for_backward(x, weight, entry.effective, entry.keep, scale)
         ctx.masked_decay, ctx.grad_mvue = masked_decay, grad_mvue
         x2 = x.reshape(-1, x.shape[-1])
-        if x2.dim() == 2 and use_2to4_kernel(x2, entry.effective, entry.effective):
+        gemms = select_gemms(x2, entry.effective, entry.effective) if x2.dim() == 2 else None
+        if gemms is not None and gemms.sparse:
             # Sparse only where this shape's 2:4 GEMM beat the dense one (compression is
             # paid once per optimizer step here, not per call).
-            choice = gemm_verdict(entry.effective, x2.t(), transpose_result=True)
+            choice = gemms.verdict(entry.effective, x2.t(), transpose_result=True)
             if choice.use_sparse(amortised_compression=True):
                 if entry.packed is None:
                     entry.packed = compress_2to4(entry.effective)

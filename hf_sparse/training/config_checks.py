@@ -11,7 +11,7 @@ import torch
 from transformers import TrainingArguments
 
 from ..model.configuration_sparse_llama import SparseLlamaConfig
-from ..model.kernels import fp8_ineligibility_reason
+from ..model.gemm_backends import fp8_ineligibility_reason
 from .run_args import OPTIMIZER_CHOICES, SCHEDULER_CHOICES, ConfigError, DownstreamEvalArguments, ScriptArguments
 
 logger = logging.getLogger(__name__)
