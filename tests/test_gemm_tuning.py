@@ -409,9 +409,12 @@ def run_compiled_steps(emu, prepared):
     assert all(choice.use_sparse() for choice in tuner().choices.values())
 
 
-def test_sparsity_callback_makes_the_verdicts_at_train_begin(emulated_cusparselt_cuda_rules, timer, tmp_path):
-    """With the Trainer, the verdicts for the training shapes exist before step 1 runs
-    (bf16 autocast, as a GPU run would use), so no step ever pays for tuning."""
+@pytest.mark.parametrize("streamed", [False, True], ids=["map-style", "streamed"])
+def test_sparsity_callback_makes_the_verdicts_at_train_begin(emulated_cusparselt_cuda_rules, timer, tmp_path, streamed):
+    """With the Trainer, the verdicts for the training shapes and, forward only, for a full
+    evaluation batch exist before step 1 runs (bf16 autocast, as a GPU run would use), so
+    no step ever pays for tuning. A streamed dataset (the C4 recipe's) does not say its
+    block length: the callback is told it (train_hf passes max_length)."""
     from datasets import Dataset
     from transformers import Trainer, TrainerCallback
 
@@ -427,11 +430,52 @@ def test_sparsity_callback_makes_the_verdicts_at_train_begin(emulated_cusparselt
 
     torch.manual_seed(0)
     model = SparseLlamaForCausalLM(tiny_config(activation_2by4=True, activation_dense_warmup_steps=0, vocab_size=64))
-    ids = torch.randint(0, 64, (8, 16), generator=torch.Generator().manual_seed(1)).tolist()
+    seq = 16
+    ids = torch.randint(0, 64, (8, seq), generator=torch.Generator().manual_seed(1)).tolist()
     data = Dataset.from_dict({"input_ids": ids, "labels": ids})
-    args = tiny_training_args(tmp_path, max_steps=1, per_device_train_batch_size=2, bf16=True)
-    Trainer(model=model, args=args, train_dataset=data, callbacks=[SparsityCallback(), Probe()]).train()
-    tokens = 2 * 16
-    expected = {f"{tuner().table_key('cpu')}/{s.key()}" for _, s in ffn_gemm_shapes(tokens, 32, 128, BF16)}
-    assert seen_at_first_step and set(seen_at_first_step[0]) == expected
-    assert any(c.m == tokens or c.k == tokens for c in emulated_cusparselt_cuda_rules.mm_calls)
+    if streamed:
+        data = data.to_iterable_dataset()
+    args = tiny_training_args(
+        tmp_path, max_steps=1, per_device_train_batch_size=2, per_device_eval_batch_size=4, bf16=True
+    )
+    callback = SparsityCallback(sequence_length=seq if streamed else None)
+    Trainer(model=model, args=args, train_dataset=data, callbacks=[callback, Probe()]).train()
+    key = tuner().table_key("cpu")
+    train = {f"{key}/{s.key()}" for _, s in ffn_gemm_shapes(2 * seq, 32, 128, BF16)}
+    evaluation = {f"{key}/{s.key()}" for name, s in ffn_gemm_shapes(4 * seq, 32, 128, BF16) if name == "y3"}
+    assert seen_at_first_step and set(seen_at_first_step[0]) == train | evaluation
+    assert any(c.m == 2 * seq or c.k == 2 * seq for c in emulated_cusparselt_cuda_rules.mm_calls)
+
+
+def test_compiled_2to4_weights_follow_verdicts_made_after_compiling(emulated_cusparselt_cuda_rules, timer):
+    """The audit's bug: a 2:4-weight linear read its verdict while dynamo traced, found
+    none (nothing prepared, as with a streamed dataset) and baked the dense F.linear into
+    the graph for good: 0 sparse calls per step compiled, one per linear eager. The weight GEMM is now
+    a custom op that reads the verdict when it runs: the first compiled step tunes each
+    shape, every later step runs the 2:4 GEMMs."""
+    from hf_sparse.model.weight_sparse import next_weight_generation
+
+    torch._dynamo.reset()
+    config = tiny_config(
+        weight_2by4=True, weight_2by4_scope="all", torch_dtype="bfloat16", vocab_size=64, num_hidden_layers=1
+    )
+    torch.manual_seed(0)
+    model = SparseLlamaForCausalLM(config).to(BF16).train()
+    linears = sum(1 for m in model.modules() if getattr(m, "sparse_weight_on", None) is not None)
+    assert linears == 6  # q, k, v, o, up, down
+    batch, seq = 2, 16
+    ids = torch.randint(0, 64, (batch, seq), generator=torch.Generator().manual_seed(0))
+    compiled = torch.compile(model)
+    emu = emulated_cusparselt_cuda_rules
+    with torch._inductor.config.patch(fx_graph_cache=False), torch._functorch.config.patch(enable_autograd_cache=False):
+        for step in range(3):
+            emu.reset()
+            set_training_step(model, step, 3)
+            next_weight_generation(model)
+            compiled(input_ids=ids, labels=ids).loss.backward()
+            weight_gemms = [c for c in emu.mm_calls if c.n == batch * seq and c.transpose_result]
+            if step == 0:
+                assert len(weight_gemms) > linears  # each shape verified and timed at its first call
+            else:
+                assert len(weight_gemms) == linears, weight_gemms  # one 2:4 forward GEMM per linear
+    assert all(choice.use_sparse(amortised_compression=True) for choice in tuner().choices.values())

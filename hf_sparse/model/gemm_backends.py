@@ -83,6 +83,10 @@ class GemmBackend:
         """``(a·a_scale) @ (bt·b_scale)ᵀ`` for FP8 ``a`` (2:4 along k, row scales) and ``bt``."""
         return dense_fp8_mm(a, a_scale, bt, b_scale, out_dtype)
 
+    def weight_mm(self, x: Tensor, weight: Tensor) -> Tensor:
+        """``x @ weightᵀ`` (T×out) for a 2:4 ``weight`` (out×in, 2:4 along in)."""
+        return torch.mm(x, weight.t())
+
     def dense_count(self, n_dense: int, width: int) -> int:
         """How many dense features a split backward keeps, from the ceil rule's ``n_dense``."""
         return n_dense
@@ -165,6 +169,21 @@ class CusparseltGemms(GemmBackend):
         out = cslt_sparse_mm(torch._cslt_compress(a), b, False, choice.config)  # bf16 out for FP8 operands
         return apply_scales(out, a_scale, b_scale, out_dtype)
 
+    def weight_mm(self, x: Tensor, weight: Tensor) -> Tensor:
+        # A custom op, like the activation GEMMs: the verdict is read when it runs, not
+        # while dynamo traces, so a compiled model follows verdicts made after compiling.
+        return torch.ops.hf_sparse.sparse_weight_mm(x, weight, self.name)
+
+    def weight_mm_now(self, x: Tensor, weight: Tensor) -> Tensor:
+        """The kernel behind :meth:`weight_mm`: yᵀ = W·xᵀ with the 2:4 weight as the sparse
+        operand, the result transposed back (contiguous T×out)."""
+        b = x.t() if x.is_contiguous() else x.contiguous().t()  # xᵀ: the transpose of a row-major tensor
+        choice = self.verdict(weight, b, transpose_result=True)
+        # A 2:4 weight is compressed once per optimizer step, not per call.
+        if not choice.use_sparse(amortised_compression=True):
+            return torch.mm(x, weight.t())
+        return cslt_sparse_mm(_packed_weight(weight), b, True, choice.config)
+
     def dense_count(self, n_dense: int, width: int) -> int:
         return aligned_dense_count(n_dense, width)
 
@@ -180,6 +199,19 @@ class CusparseltGemms(GemmBackend):
         if named_shapes:
             logger.info(self.tuner.format_table(named_shapes, device))
         return list(named_shapes)
+
+
+def _packed_weight(weight: Tensor) -> Tensor:
+    """cuSPARSELt's compressed form of a 2:4 weight, kept on the tensor while it is
+    unchanged. Eagerly the tensor is ``weight_sparse``'s 2:4 weight of the current optimizer
+    step, so every micro-batch and evaluation of the step reuses one compression; a
+    compiled graph hands in a fresh buffer per call, which is compressed per call."""
+    cached = getattr(weight, "_hf_sparse_packed", None)
+    if cached is not None and cached[0] == weight._version:
+        return cached[1]
+    packed = torch._cslt_compress(weight.contiguous())
+    weight._hf_sparse_packed = (weight._version, packed)
+    return packed
 
 
 def shape_reason(x: Tensor, w_up: Tensor) -> Optional[str]:
@@ -266,7 +298,22 @@ def _sparse24_mm_fake(a: Tensor, b: Tensor, transpose_result: bool, gemms: str =
     return a.new_empty((n, m) if transpose_result else (m, n))
 
 
-# A second copy of this file (remote code under another module name) reuses the op.
+def _sparse_weight_mm_impl(x: Tensor, weight: Tensor, gemms: str) -> Tensor:
+    return get_gemm_backend(gemms).weight_mm_now(x, weight)
+
+
+def _sparse_weight_mm_fake(x: Tensor, weight: Tensor, gemms: str) -> Tensor:
+    return x.new_empty(x.shape[0], weight.shape[0])
+
+
+# A second copy of this file (remote code under another module name) reuses the ops.
+if not hasattr(torch.ops.hf_sparse, "sparse_weight_mm"):
+    torch.library.custom_op(
+        "hf_sparse::sparse_weight_mm",
+        _sparse_weight_mm_impl,
+        mutates_args=(),
+        schema="(Tensor x, Tensor weight, str gemms) -> Tensor",
+    ).register_fake(_sparse_weight_mm_fake)
 if not hasattr(torch.ops.hf_sparse, "sparse24_mm"):
     torch.library.custom_op(
         "hf_sparse::sparse24_mm",

@@ -495,9 +495,12 @@ def set_training_step(model: nn.Module, step: int | None, max_steps: int | None 
                 linear.sparse_weight_on = weight_on
 
 
-def prepare_2to4_gemms(model: nn.Module, tokens: int, dtype: torch.dtype | None = None) -> list[tuple[str, GemmShape]]:
+def prepare_2to4_gemms(
+    model: nn.Module, tokens: int, dtype: torch.dtype | None = None, *, backward: bool = True
+) -> list[tuple[str, GemmShape]]:
     """Verify and time, eagerly, the 2:4 GEMMs the model will run for ``tokens`` tokens per
-    forward (``dtype``: the compute dtype, e.g. the autocast one; default the weights').
+    forward (``dtype``: the compute dtype, e.g. the autocast one; default the weights');
+    ``backward=False``: the forward's GEMMs only (an evaluation's).
 
     The per-shape verdicts (``gemm_tuning``) are otherwise made at the first call of each
     shape, inside step 1; made here, before the first (possibly compiled) step, they stay
@@ -521,6 +524,7 @@ def prepare_2to4_gemms(model: nn.Module, tokens: int, dtype: torch.dtype | None 
             shapes = ffn_gemm_shapes(
                 tokens, d, f, compute, mlp.config.activation_dense_features, mlp.config.activation_backward
             )
+            shapes = shapes if backward else [(name, shape) for name, shape in shapes if name == "y3"]
             named.setdefault(backend, {}).update(
                 {(shape.key(), param.device): (f"FFN {name}", shape, param.device) for name, shape in shapes}
             )

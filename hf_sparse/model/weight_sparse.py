@@ -21,7 +21,6 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .gemm_backends import select_gemms
-from .kernels import compress_2to4, sparse24_mm_packed
 from .lowrank import LowRankLinear
 from .select_2to4 import sparsify_2to4
 
@@ -69,12 +68,12 @@ def _token_mvue(grad: Tensor) -> Tensor:
 
 
 class _EffectiveWeight:
-    """scale·S(W), its keep mask and (once a 2:4 GEMM wanted it) its compressed form."""
+    """scale·S(W) and its keep mask (a 2:4 GEMM keeps its compressed form on ``effective``)."""
 
-    __slots__ = ("key", "effective", "keep", "packed")
+    __slots__ = ("key", "effective", "keep")
 
     def __init__(self, key, effective, keep):
-        self.key, self.effective, self.keep, self.packed = key, effective, keep, None
+        self.key, self.effective, self.keep = key, effective, keep
 
 
 def _effective_weight(weight: Tensor, scale: Tensor, method: str, generation: Optional[int]) -> _EffectiveWeight:
@@ -115,16 +114,11 @@ class _SparseWeightLinear(torch.autograd.Function):
         ctx.save_for_backward(x, weight, entry.effective, entry.keep, scale)
         ctx.masked_decay, ctx.grad_mvue = masked_decay, grad_mvue
         x2 = x.reshape(-1, x.shape[-1])
-        gemms = select_gemms(x2, entry.effective, entry.effective) if x2.dim() == 2 else None
-        if gemms is not None and gemms.sparse:
-            # Sparse only where this shape's 2:4 GEMM beat the dense one (compression is
-            # paid once per optimizer step here, not per call).
-            choice = gemms.verdict(entry.effective, x2.t(), transpose_result=True)
-            if choice.use_sparse(amortised_compression=True):
-                if entry.packed is None:
-                    entry.packed = compress_2to4(entry.effective)
-                packed = sparse24_mm_packed(entry.packed, x2.t(), transpose_result=True, config=choice.config)
-                return packed.view(*x.shape[:-1], -1)
+        gemms = select_gemms(x2, entry.effective, entry.effective)
+        if gemms.sparse:
+            # Sparse only where this shape's 2:4 GEMM beat the dense one, decided when the
+            # GEMM runs (also in a compiled graph); compressed once per optimizer step.
+            return gemms.weight_mm(x2, entry.effective).view(*x.shape[:-1], -1)
         return F.linear(x, entry.effective)
 
     @staticmethod

@@ -85,24 +85,32 @@ class _FirstCallback(TrainerCallback):
         self._move_first()
 
 
-def _tokens_per_micro_batch(args, train_dataloader) -> int | None:
-    """Tokens of one training micro-batch when the data says so (packed blocks of a
-    map-style dataset); None for a stream, whose block length is only seen in step 1."""
+def _block_length(train_dataloader) -> int | None:
+    """Tokens per example when the data says so (packed blocks of a map-style dataset);
+    None for a stream, whose blocks are only seen in step 1."""
     dataset = getattr(train_dataloader, "dataset", None)
     if dataset is None or not hasattr(dataset, "__getitem__") or not hasattr(dataset, "__len__") or len(dataset) == 0:
         return None
     try:
-        return args.per_device_train_batch_size * len(dataset[0]["input_ids"])
+        return len(dataset[0]["input_ids"])
     except (KeyError, TypeError, IndexError):
         return None
 
 
-def _prepare_gemms(model, args, train_dataloader) -> None:
-    tokens = _tokens_per_micro_batch(args, train_dataloader)
-    if model is None or tokens is None:
+def _prepare_gemms(model, args, train_dataloader, sequence_length: int | None) -> None:
+    """The verdicts for a training micro-batch and, forward only, a full evaluation batch
+    (the Trainer's evaluations and lm-eval's batches of items at max_length: both use the
+    eval batch size). Shapes met otherwise (lm-eval's shorter batches) are tuned, eagerly,
+    at their first call, also inside a compiled graph."""
+    length = _block_length(train_dataloader) or sequence_length
+    if model is None or length is None:
         return  # each shape is then tuned at its first call
     dtype = torch.bfloat16 if args.bf16 else torch.float16 if args.fp16 else None
-    prepare_2to4_gemms(model, tokens, dtype)
+    train_tokens = args.per_device_train_batch_size * length
+    prepare_2to4_gemms(model, train_tokens, dtype)
+    eval_tokens = args.per_device_eval_batch_size * length
+    if eval_tokens != train_tokens:
+        prepare_2to4_gemms(model, eval_tokens, dtype, backward=False)
 
 
 class EvalPerplexityCallback(_FirstCallback):
@@ -131,12 +139,23 @@ class SparsityCallback(_FirstCallback):
     masks are snapshotted at train begin (after a resume: from the restored weights), so
     the first log row already has a value, measured against that snapshot. They are kept
     bit-packed on the device, outside the state_dict; nothing is read on non-logging steps.
+
+    `sequence_length`: the tokens per example of a streamed dataset (the run's `max_length`),
+    so the 2:4 GEMM verdicts for its micro-batches and evaluation batches are made at train
+    begin too (a map-style dataset says it by itself).
     """
 
-    def __init__(self, activation_metrics: bool = True, weight_metrics: bool = True, flip_rate: bool = False):
+    def __init__(
+        self,
+        activation_metrics: bool = True,
+        weight_metrics: bool = True,
+        flip_rate: bool = False,
+        sequence_length: int | None = None,
+    ):
         self.activation_metrics = activation_metrics
         self.weight_metrics = weight_metrics
         self.flip_rate = flip_rate
+        self.sequence_length = sequence_length
 
     def on_train_begin(self, args, state, control, model=None, **kwargs):
         self._move_first()
@@ -152,7 +171,7 @@ class SparsityCallback(_FirstCallback):
         next_weight_generation(model)  # turns the per-step 2:4 weight cache on
         # The 2:4 GEMM verdicts (verified and timed per shape, with host syncs) are made
         # now, eagerly, not inside step 1 or while torch.compile traces it.
-        _prepare_gemms(model, args, kwargs.get("train_dataloader"))
+        _prepare_gemms(model, args, kwargs.get("train_dataloader"), self.sequence_length)
         if self.flip_rate:
             # The Trainer has loaded any resume checkpoint by now: the baseline is the
             # restored weights' masks (device work only, no host sync).

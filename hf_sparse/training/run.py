@@ -272,7 +272,7 @@ def build_trainer(run, signals: StopSignals | None) -> tuple[Trainer, Parts]:
         extra_callbacks.append(parts.lm_eval)
     sparsity = SparsityCallback(
         activation_metrics=script_args.wandb_sparsityrelu, weight_metrics=script_args.weight_sparsity_metrics,
-        flip_rate=script_args.flip_rate,
+        flip_rate=script_args.flip_rate, sequence_length=data_args.max_length,
     )  # fmt: skip
     trainer = Trainer(
         model=model, args=args, train_dataset=train_dataset, eval_dataset=eval_dataset, processing_class=tokenizer,
