@@ -1,0 +1,174 @@
+"""benchmarks/ffn_traffic.py counts what the op launches: kernels and bytes come from a trace of
+the op as implemented (on meta tensors), not from a hand-written list. CPU only, a few seconds."""
+
+import importlib
+import os
+import re
+import sys
+
+import pytest
+import torch
+
+from hf_sparse.model import fp8, kernels, sparse_ffn
+
+BENCHMARKS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks")
+T, D, F = 1024, 256, 1024  # aligned for the cuSPARSELt path; meta tensors, so nothing is allocated
+
+
+@pytest.fixture(scope="module")
+def traffic():
+    sys.path.insert(0, BENCHMARKS)  # the script imports its neighbour machine.py
+    try:
+        return importlib.import_module("ffn_traffic")
+    finally:
+        sys.path.remove(BENCHMARKS)
+
+
+@pytest.fixture
+def hw(traffic):
+    return traffic.Machine(3.35e12, 700e12, 1400e12, 1.2, 1.5, 3e-6)
+
+
+def _kernels_of(traffic, fn, *args):
+    rec = traffic.KernelRecorder()
+    with rec:
+        fn(*args)
+    return rec.kernels
+
+
+def _signature(ks):
+    return [(k.name, k.read, k.written) for k in ks]
+
+
+def _contains_run(trace, run) -> bool:
+    """True when ``run`` appears in ``trace`` as consecutive kernels."""
+    return any(trace[i : i + len(run)] == run for i in range(len(trace) - len(run) + 1))
+
+
+def test_fp8_mode_traces_the_eager_weight_quantization_and_scales(traffic):
+    trace = traffic.trace_sparse_op(T, D, F, fp8_mode=True)
+    meta = traffic.meta
+    # What fp8.quantize_rows launches on a weight, traced on its own: the same kernels must
+    # appear in the op's trace (W_down forward, W_upᵀ backward), one aten kernel per pass.
+    quantize = _kernels_of(traffic, fp8.quantize_rows, meta(D, F))
+    full_size = [k for k in quantize if k.bytes >= D * F]
+    assert len(full_size) >= 7, [k.name for k in quantize]
+    per_element = sum(k.bytes for k in quantize) / (D * F)
+    assert per_element > 40  # against the 3 bytes of one read-bf16/write-FP8 kernel
+    signature = _signature(trace)
+    assert _contains_run(signature, _signature(quantize))
+    assert _contains_run(signature, _signature(_kernels_of(traffic, fp8.quantize_rows, meta(F, D).t())))
+    # The scales are applied after each FP8 2:4 GEMM by fp8.apply_scales, as traced.
+    out = torch.empty(T, D, device="meta", dtype=torch.bfloat16)
+    scales = _kernels_of(
+        traffic, fp8.apply_scales, out, torch.empty(T, 1, device="meta"), torch.empty(D, 1, device="meta"), out.dtype
+    )
+    assert len(scales) == 4
+    assert sum(1 for i in range(len(trace)) if _signature(trace[i : i + 4]) == _signature(scales)) == 2
+    fp8_gemms = [k for k in trace if k.kind == "sparse_gemm" and k.precision == "fp8"]
+    assert len(fp8_gemms) == 2 and all("fp8" in k.name for k in fp8_gemms)
+
+
+def test_bf16_totals_are_the_sum_of_the_traced_kernels(traffic, hw):
+    trace = traffic.trace_sparse_op(T, D, F)
+    summary = traffic.summarize(trace, hw)
+    assert summary.total_s == pytest.approx(sum(hw.seconds(k) for k in trace))
+    assert summary.memory_bytes == sum(k.bytes for k in trace if k.kind == "memory")
+    assert summary.memory_kernels + summary.gemms == len(trace)
+    # The stages as one fused kernel each, the rest as the op runs it: four compressions and
+    # four 2:4 GEMMs at the shapes the op names, the weight-gradient assembly's index copies.
+    assert [k.stage for k in trace if k.stage] == ["_forward_stage", "_backward_stage"]
+    compress = [k for k in trace if k.name.startswith("cslt_compress")]
+    sparse = [k for k in trace if k.kind == "sparse_gemm"]
+    assert len(compress) == len(sparse) == 4
+    for c in compress:
+        m, k = (int(v) for v in re.search(r"\[(\d+)x(\d+)\]", c.name).groups())
+        assert c.read == m * k * 2 and c.written == m * k + m * k // 8  # kept bf16 values + 2-bit metadata
+    shapes = sparse_ffn.ffn_gemm_shapes(T, D, F, torch.bfloat16)
+    assert sorted(k.flops for k in sparse) == sorted(2.0 * s.m * s.k * s.n for _name, s in shapes)
+    assert sum(1 for k in trace if k.name.startswith("aten.index_copy_")) == 4
+
+
+def test_the_last_two_lines_come_from_the_traced_op(traffic, hw, capsys):
+    traffic.main(["--shapes", "130m,7b", "--tokens", str(T)])
+    out = capsys.readouterr().out
+    lines = out.strip().splitlines()
+    bf16 = re.fullmatch(r"modelled 2:4/dense fwd\+bwd at 7b: (\d+\.\d\d)", lines[-2])
+    fp8_line = re.fullmatch(r"modelled fp8 2:4/fp8 dense fwd\+bwd at 7b: (\d+\.\d\d)", lines[-1])
+    assert bf16 and fp8_line, lines[-2:]
+    d, f = 4096, 16384
+    want_bf16 = traffic.summarize(traffic.trace_sparse_op(T, d, f), hw).total_s / traffic.summarize(
+        traffic.trace_dense_fused(T, d, f), hw
+    ).total_s
+    want_fp8 = traffic.summarize(traffic.trace_sparse_op(T, d, f, fp8_mode=True), hw).total_s / traffic.summarize(
+        traffic.trace_dense_fused(T, d, f, fp8_gemms=True), hw
+    ).total_s
+    assert float(bf16.group(1)) == pytest.approx(want_bf16, abs=0.005)
+    assert float(fp8_line.group(1)) == pytest.approx(want_fp8, abs=0.005)
+    # Both GEMM speed-up sets, cited, and a row per shape.
+    for cited in ("issue 203", "2503.16672", "SlideSparse", "2603.05232", "H100 PCIe", "M=N=K"):
+        assert cited in out
+    assert re.search(r"130m 768x3072 bf16 +[\d.]+ +[\d.]+-[\d.]+", out)
+    assert re.search(r"7b 4096x16384 fp8 +[\d.]+ +[\d.]+-[\d.]+", out)
+    assert "Sensitivity at 7b" in out
+
+
+def _replace_everywhere(monkeypatch, original, replacement):
+    """Rebind ``original`` wherever the op's modules imported it by name."""
+    for name, module in list(sys.modules.items()):
+        if name.startswith("hf_sparse.model") and module is not None:
+            for attr, value in vars(module).items():
+                if value is original:
+                    monkeypatch.setattr(module, attr, replacement)
+
+
+def test_the_model_follows_the_code(traffic, hw, monkeypatch):
+    """An extra pass in the op's code changes the modelled ratio by exactly that pass."""
+
+    def ratio(ks_sparse, ks_dense):
+        return traffic.summarize(ks_sparse, hw).total_s / traffic.summarize(ks_dense, hw).total_s
+
+    dense = traffic.trace_dense_fused(T, D, F, fp8_gemms=True)
+    before = traffic.trace_sparse_op(T, D, F, fp8_mode=True)
+    real_quantize = fp8.quantize_rows
+
+    def quantize_with_a_copy(t):
+        return real_quantize(t.clone())
+
+    _replace_everywhere(monkeypatch, real_quantize, quantize_with_a_copy)
+    after = traffic.trace_sparse_op(T, D, F, fp8_mode=True)
+    # Two eager weight quantizations per call, each one more read+write of a bf16 weight;
+    # the stages' own quantization stays fused (one kernel either way).
+    assert len(after) == len(before) + 2
+    assert sum(k.bytes for k in after) - sum(k.bytes for k in before) == 2 * D * F * 4
+    assert ratio(after, dense) > ratio(before, dense)
+
+    # bf16: the custom op runs its real implementation, so a change there shows too.
+    monkeypatch.undo()
+    base = traffic.trace_sparse_op(T, D, F)
+    real_impl = kernels._sparse24_mm_impl
+    monkeypatch.setattr(kernels, "_sparse24_mm_impl", lambda a, b, t: real_impl(a.clone(), b, t))
+    changed = traffic.trace_sparse_op(T, D, F)
+    assert sum(1 for k in changed if k.name.startswith("aten.clone")) == 4
+    dense_bf16 = traffic.trace_dense_fused(T, D, F)
+    assert ratio(changed, dense_bf16) > ratio(base, dense_bf16)
+
+
+def test_fp8_baseline_is_compiled_like_the_op_stages(traffic):
+    trace = traffic.trace_dense_fused(T, D, F, fp8_gemms=True)
+    fused = [k for k in trace if k.kind == "memory"]
+    assert len(fused) == 4  # relu² + rows, its backward + rows, one quantization per weight
+    scaled = [k for k in trace if k.name.startswith("scaled_mm")]
+    assert len(scaled) == 2 and all(k.precision == "fp8" for k in scaled)
+    # The weights' quantization writes what fp8.quantize_rows returns: FP8 values + fp32 scales.
+    weights = [k for k in fused if "W_" in k.name]
+    assert [k.written for k in weights] == [D * F + D * 4, D * F + D * 4]
+    assert all(k.read == D * F * 2 for k in weights)
+
+
+def test_the_traced_path_leaves_the_switches_as_they_were(traffic):
+    before = kernels._kernel_override[0]
+    stage = sparse_ffn._run_stage
+    traffic.trace_sparse_op(T, D, F)
+    assert kernels._kernel_override[0] == before
+    assert sparse_ffn._run_stage is stage
