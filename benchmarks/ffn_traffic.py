@@ -58,7 +58,9 @@ from machine import parse_ffn_shapes  # benchmarks/machine.py
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from hf_sparse.model import fp8, kernels, sparse_ffn  # noqa: E402
+from hf_sparse.model import fp8, gemm_backends, kernels, sparse_ffn  # noqa: E402
+from hf_sparse.model.gemm_backends import CusparseltGemms  # noqa: E402
+from hf_sparse.model.gemm_tuning import GemmChoice  # noqa: E402
 
 DTYPE = torch.bfloat16
 DENSE_FEATURES = 0.05  # relu2_2to4_ffn's default split
@@ -375,31 +377,46 @@ def trace_dense_fused(t: int, d: int, f: int, fp8_gemms: bool = False) -> list[K
 # ----- (c) the 2:4 op on its cuSPARSELt path, as implemented -----
 
 
+class TracedCusparseltGemms(CusparseltGemms):
+    """The op's cuSPARSELt back-end as it runs, on meta tensors, with every 2:4 GEMM sparse.
+
+    Only the device check (meta tensors) and the per-shape verdicts differ from the shipped
+    back-end: verdicts are a matter of GPU time, and this model prices the op's sparse path
+    against the dense FFN, so every GEMM the op can run as 2:4 is taken as 2:4 (untimed:
+    the library's alg-id search is never reached)."""
+
+    name = "traffic_model_cusparselt"
+
+    def device_reason(self, device):
+        return None
+
+    def fp8_reason(self, device):
+        return None
+
+    def verdict(self, a, b, transpose_result=False, name=""):
+        return GemmChoice(kernels.cusparselt_alg_id(), 0.0, 0.0, 1.0, "traffic model: every 2:4 GEMM sparse", forced=True)
+
+
+TRACED_GEMMS = TracedCusparseltGemms()
+
+
 @contextlib.contextmanager
 def on_cusparselt_path(rec: KernelRecorder):
     """Everything that puts the traced op on its cuSPARSELt path with every 2:4 GEMM sparse,
-    in this one place (the GEMM back-end switch is being reworked: swap it here).
-
-    - The path and the per-shape verdicts: ``kernels.set_kernel_override(True)`` takes the
-      cuSPARSELt branch on any device with aligned shapes and makes every GEMM verdict a
-      forced "sparse" (untimed: the library's alg-id search is never reached). Verdicts are
-      a matter of GPU time; this model prices the op's sparse path against the dense FFN,
-      so every GEMM the op can run as 2:4 is taken as 2:4.
-    - The custom op ``hf_sparse::sparse24_mm`` runs its fake kernel on meta tensors: the
-      recorder runs its real implementation instead, so its copies, the compression and
-      the library calls are traced.
-    """
-    previous = kernels._kernel_override[0]
-    kernels.set_kernel_override(True)
-    if not kernels.gemm_verdicts_forced():
-        raise RuntimeError("traffic model: the GEMM verdicts are not forced; the trace would tune on meta tensors")
+    in this one place: :class:`TracedCusparseltGemms` registered for the trace (the op is
+    handed its name, ``TRACED_GEMMS.name``), and the custom op ``hf_sparse::sparse24_mm``,
+    which runs its fake kernel on meta tensors, run with its real implementation instead,
+    so its copies, the compression and the library calls are traced."""
+    registered = dict(gemm_backends._BACKENDS)
+    gemm_backends.register_gemm_backend(TRACED_GEMMS)
     op = torch.ops.hf_sparse.sparse24_mm.default
-    rec.real_impls[op] = lambda *args, **kwargs: kernels._sparse24_mm_impl(*args, **kwargs)
+    rec.real_impls[op] = lambda *args, **kwargs: gemm_backends._sparse24_mm_impl(*args, **kwargs)
     try:
         yield
     finally:
         del rec.real_impls[op]
-        kernels.set_kernel_override(previous)
+        gemm_backends._BACKENDS.clear()
+        gemm_backends._BACKENDS.update(registered)
 
 
 @contextlib.contextmanager
@@ -434,11 +451,12 @@ def trace_sparse_op(t: int, d: int, f: int, fp8_mode: bool = False) -> list[Kern
     rec = KernelRecorder()
     with on_cusparselt_path(rec), stages_compiled(rec), rec:
         _y3, g, y2s, counts, _stats = sparse_ffn._ffn_forward_impl(
-            x, w_up, w_down, "naive", "split_gemm", n_dense, True, True, fp8_mode
+            x, w_up, w_down, "naive", "split_gemm", n_dense, True, True, fp8_mode, gemms=TRACED_GEMMS.name
         )
         rec.phase = "bwd"
         sparse_ffn._ffn_backward_impl(
-            dy3, x, w_up, w_down, g, y2s, counts, "naive", "split_gemm", n_dense, True, True, True, True, fp8_mode
+            dy3, x, w_up, w_down, g, y2s, counts, "naive", "split_gemm", n_dense, True, True, True, True, fp8_mode,
+            gemms=TRACED_GEMMS.name,
         )  # fmt: skip
     # The trace took every 2:4 GEMM the op names for this shape (and no other).
     sparse = [k for k in rec.kernels if k.kind == "sparse_gemm"]

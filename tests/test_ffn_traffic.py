@@ -9,7 +9,7 @@ import sys
 import pytest
 import torch
 
-from hf_sparse.model import fp8, kernels, sparse_ffn
+from hf_sparse.model import fp8, gemm_backends, sparse_ffn
 
 BENCHMARKS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks")
 T, D, F = 1024, 256, 1024  # aligned for the cuSPARSELt path; meta tensors, so nothing is allocated
@@ -146,8 +146,8 @@ def test_the_model_follows_the_code(traffic, hw, monkeypatch):
     # bf16: the custom op runs its real implementation, so a change there shows too.
     monkeypatch.undo()
     base = traffic.trace_sparse_op(T, D, F)
-    real_impl = kernels._sparse24_mm_impl
-    monkeypatch.setattr(kernels, "_sparse24_mm_impl", lambda a, b, t: real_impl(a.clone(), b, t))
+    real_impl = gemm_backends._sparse24_mm_impl
+    monkeypatch.setattr(gemm_backends, "_sparse24_mm_impl", lambda a, b, t, gemms: real_impl(a.clone(), b, t, gemms))
     changed = traffic.trace_sparse_op(T, D, F)
     assert sum(1 for k in changed if k.name.startswith("aten.clone")) == 4
     dense_bf16 = traffic.trace_dense_fused(T, D, F)
@@ -167,8 +167,8 @@ def test_fp8_baseline_is_compiled_like_the_op_stages(traffic):
 
 
 def test_the_traced_path_leaves_the_switches_as_they_were(traffic):
-    before = kernels._kernel_override[0]
+    before = dict(gemm_backends._BACKENDS), dict(gemm_backends._AUTOMATIC)
     stage = sparse_ffn._run_stage
     traffic.trace_sparse_op(T, D, F)
-    assert kernels._kernel_override[0] == before
+    assert (gemm_backends._BACKENDS, gemm_backends._AUTOMATIC) == before
     assert sparse_ffn._run_stage is stage
