@@ -14,8 +14,9 @@ torch.mm at the same sizes, so this is measured first:
 2. alg-id tuning per GEMM: each id in [0, --max-alg-id) is checked against an fp32 reference
    on several fresh random draws, in the three B/result layouts the op uses (some ids are
    wrong only now and then, pytorch#155333); the ids that pass are timed;
-3. the best verified id per GEMM, the single id to put in HF_SPARSE_CSLT_ALG_ID (the op uses
-   one id for all four GEMMs) and the verdict: geo-mean speed-up of the four GEMMs with that
+3. the best verified id per GEMM (training's tuner makes the same choice per shape), the
+   single id best for all four (HF_SPARSE_CSLT_ALG_ID: the one each shape tries first)
+   and the verdict: geo-mean speed-up of the four GEMMs with that
    id, compression included; GO if above 1.
 
 Ids are tried at the library's default split-k. cuSPARSELt's own pick per GEMM (alg id and
@@ -24,7 +25,8 @@ torch._cslt_sparse_mm_search) is printed for comparison; the op's per-shape tuni
 (hf_sparse/model/gemm_tuning.py) verifies and times that pick with its split-k too.
 
 Times are medians of CUDA-event intervals after a warm-up, dense and sparse interleaved.
-Imports only torch (and benchmarks/machine.py), so it runs on a bare GPU box.
+Imports only torch (and benchmarks/machine.py) plus, where it can, hf_sparse's rule for
+which alg ids training tries, so it sweeps the same ids; it runs on a bare GPU box.
 """
 
 from __future__ import annotations
@@ -127,9 +129,18 @@ class CusparseltOps:
         return int(torch._cslt_sparse_mm_search(packed, b, transpose_result=transpose_result)), 1, -1
 
     def default_max_alg_id(self) -> int:
-        # torch only knows the count for a few library versions; ids past the real end raise
-        # at plan set-up (microseconds), so trying a generous range costs nothing.
-        return max(torch.backends.cusparselt.get_max_alg_id() or 0, 64)
+        """The ids training's tuner tries (hf_sparse/model/gemm_tuning.py, ``_candidates``):
+        torch's count where it knows one (cuSPARSELt 0.4.0/0.5.2/0.6.2), else up to
+        MAX_CANDIDATES, where ids past the library's real end are refused at plan set-up
+        (microseconds) and end the range, there as here."""
+        try:
+            sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+            from hf_sparse.model.gemm_tuning import MAX_CANDIDATES, _reported_alg_count
+        except ImportError:  # the script alone on a bare box: the same rule, restated
+            count = torch.backends.cusparselt.get_max_alg_id()
+            return min(count, 64) if isinstance(count, int) and count > 0 else 64
+        count = _reported_alg_count()
+        return min(count, MAX_CANDIDATES) if count is not None else MAX_CANDIDATES
 
 
 class EmulatedOps:

@@ -9,16 +9,18 @@ Nothing here is timed. The op is traced AS IMPLEMENTED: its forward and backward
 the 7b shape costs nothing) under a dispatch-mode recorder, and every kernel they launch
 is counted from that trace, not from a list written here:
 
-  - every eager aten op is one kernel (the FP8 weight quantization in ``fp8.quantize_rows``,
-    the scale application in ``fp8.apply_scales``, copies, clones, gathers, index copies,
-    sorts, stat deltas: whatever the code calls, pass by pass);
+  - every eager aten op is one kernel (copies, clones, gathers, index copies, sorts, stat
+    deltas: whatever the code calls, pass by pass);
   - the GPU library calls, which have no meta kernel, are priced where the op calls them
     (``LIBRARY_OPS``): ``torch._cslt_compress`` reads A and writes its compressed form,
     ``torch._cslt_sparse_mm`` is a 2:4 GEMM (FP8 when A is) reading compressed A and B,
     ``torch._scaled_mm`` a dense row-wise scaled FP8 GEMM (scales in its epilogue);
-  - the elementwise stages (``_run_stage`` calls) run compiled on a GPU (torch.compile),
-    so each is priced as ONE fused kernel that reads its inputs once and writes its outputs
-    once; ``--inductor-check`` shows what inductor makes of each stage.
+  - the elementwise stages (``_run_stage`` calls: the FFN's, and the FP8 scale pass after
+    each FP8 2:4 GEMM) run compiled on a GPU (torch.compile), so each is priced as ONE fused
+    kernel that reads its inputs once and writes its outputs once; ``--inductor-check``
+    shows what inductor makes of each stage. In FP8 mode the weights reach the op already
+    quantized by its caller (``relu2_2to4_ffn``), which a compiled model compiles: one
+    fused kernel per weight, as in the FP8 baseline.
 
 What puts the traced op on its cuSPARSELt path with every 2:4 GEMM sparse is one context
 manager, ``on_cusparselt_path``. Each kernel is priced on a modelled H100 SXM:
@@ -430,12 +432,16 @@ def stages_compiled(rec: KernelRecorder):
         outs = [v for k, v in bound.items() if k == "out" or k.endswith(("_out", "members"))]
         return rec.fused(f"stage {stage.__name__}", stage, *args, stage=stage.__name__, write_only=outs)
 
-    saved = sparse_ffn._run_stage
-    sparse_ffn._run_stage = run_stage
+    # Every module of the op that runs stages (the FFN's, and the back-end's FP8 scale pass).
+    modules = (sparse_ffn, gemm_backends)
+    saved = [module._run_stage for module in modules]
+    for module in modules:
+        module._run_stage = run_stage
     try:
         yield
     finally:
-        sparse_ffn._run_stage = saved
+        for module, original in zip(modules, saved):
+            module._run_stage = original
 
 
 def n_dense_features(f: int) -> int:
@@ -450,13 +456,22 @@ def trace_sparse_op(t: int, d: int, f: int, fp8_mode: bool = False) -> list[Kern
     n_dense = n_dense_features(f)
     rec = KernelRecorder()
     with on_cusparselt_path(rec), stages_compiled(rec), rec:
+        w_down_fp8 = w_up_fp8 = (None, None)
+        if fp8_mode:
+            # relu2_2to4_ffn hands the op its weights in FP8 (fp8.weight_operands: W_down and
+            # W_upᵀ, each fp8.quantize_rows). In the compiled model that is part of the
+            # graph, each weight's quantization one fused kernel (like the baseline's);
+            # eagerly SparsityCallback's step counter makes it once per optimizer step.
+            w_down_fp8 = rec.fused("fused FP8 rows of W_down (in the model's graph)", fp8.quantize_rows, w_down)
+            w_up_fp8 = rec.fused("fused FP8 rows of W_upᵀ (in the model's graph)", fp8.quantize_rows, w_up.t())
         _y3, g, y2s, counts, _stats = sparse_ffn._ffn_forward_impl(
-            x, w_up, w_down, "naive", "split_gemm", n_dense, True, True, fp8_mode, gemms=TRACED_GEMMS.name
-        )
+            x, w_up, w_down, "naive", "split_gemm", n_dense, True, True, fp8_mode, gemms=TRACED_GEMMS.name,
+            w_down_fp8=w_down_fp8[0], w_down_scale=w_down_fp8[1],
+        )  # fmt: skip
         rec.phase = "bwd"
         sparse_ffn._ffn_backward_impl(
             dy3, x, w_up, w_down, g, y2s, counts, "naive", "split_gemm", n_dense, True, True, True, True, fp8_mode,
-            gemms=TRACED_GEMMS.name,
+            gemms=TRACED_GEMMS.name, w_up_fp8=w_up_fp8[0], w_up_scale=w_up_fp8[1],
         )  # fmt: skip
     # The trace took every 2:4 GEMM the op names for this shape (and no other).
     sparse = [k for k in rec.kernels if k.kind == "sparse_gemm"]

@@ -8,7 +8,8 @@
 #      old table file or tuned now, said so), then ONLY the compiled 2:4 op against the COMPILED
 #      dense FFN, the answer printed as soon as it is measured; then the FP8 mode against a dense
 #      FFN with the same GEMMs in row-wise FP8; lines start "go/no-go (bfloat16" and "go/no-go (fp8"
-#   3. GEMM detail: benchmarks/cslt_gemm_check.py (the four 2:4 GEMMs vs torch.mm, every alg id)
+#   3. GEMM detail: benchmarks/cslt_gemm_check.py (the four 2:4 GEMMs vs torch.mm, the alg ids
+#      training tries); then benchmarks/cslt_alpha_check.py (vector alpha, bf16 and FP8)
 #   4. Triton kernels per compiled stage (benchmarks/ffn_traffic.py --inductor-check on cuda)
 #   5. the gpu-marked tests (tests/test_sparse_ffn_gpu.py, tests/test_weight_sparse.py)
 #   6. benchmarks/ffn_2to4.py: the whole op vs dense (eager and compiled), 130m / 1B / 7B
@@ -94,9 +95,14 @@ step "go/no-go: compiled FP8 2:4 op vs compiled FP8 dense FFN at 7B" 120 --save 
     "$PY" benchmarks/ffn_2to4.py --device cuda --dtype bf16 --shapes 7b --tokens 16384 --repeats 10 \
     --fp8 --go-no-go-only
 
-# 3. the GEMMs alone: every alg id verified and timed, compression included
-step "cuSPARSELt 2:4 GEMMs vs dense at the 7B shape, all alg ids" 120 --save cslt_gemm_check.txt \
+# 3. the GEMMs alone: the alg ids training tries, each verified and timed, compression included
+step "cuSPARSELt 2:4 GEMMs vs dense at the 7B shape, the alg ids training tries" 120 --save cslt_gemm_check.txt \
     "$PY" benchmarks/cslt_gemm_check.py --shape 7b --tokens 16384
+
+# 3b. does a vector alpha scale the rows of a bf16 / FP8 2:4 product here (issue 26 item 4:
+# the FP8 row scale could move into the GEMM's epilogue only where it does; the op uses none)
+step "vector alpha in _cslt_sparse_mm, bf16 and FP8" 60 --save cslt_alpha_check.txt \
+    "$PY" benchmarks/cslt_alpha_check.py
 
 # 4. how many Triton kernels each compiled stage became (the model assumes one)
 step "Triton kernels per compiled stage" 90 --save triton_stages.txt \

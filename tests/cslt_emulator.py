@@ -25,9 +25,10 @@ cuSPARSELt 0.7/0.8 of the CUDA wheels, where it returns None and only the librar
 search (``torch._C._cusparselt.mm_search``) or trying ids tells how many there are.
 ``library_search=False`` removes that binding, as on the CPU wheel.
 
-Emulated compressed format (opaque to callers, like the real one): a 1-D tensor of
-``m*k`` elements in A's dtype, the ``m*k/2`` kept values row-major, two per group of 4,
-followed by their positions 0..3 in the group, stored as values (exact in bf16/fp16).
+Emulated compressed format (opaque to callers, like the real one): a 2-D tensor in A's
+dtype with A's m rows, as PyTorch's ``_cslt_compress`` returns it (m × enough columns for
+the packed bytes); here each row holds its k/2 kept values, two per group of 4, followed by
+their positions 0..3 in the group, stored as values (exact in bf16/fp16), so m × k.
 """
 
 from __future__ import annotations
@@ -77,6 +78,9 @@ FP8_DTYPES = (torch.float8_e4m3fn,)
 # dense min cols 8.
 SPARSE_ALIGN = 16
 DENSE_N_ALIGN = 8
+# ...and for 8-bit ones (FP8 e4m3): sparse rows and columns multiples of 32, dense of 16.
+FP8_SPARSE_ALIGN = 32
+FP8_DENSE_N_ALIGN = 16
 # Valid alg ids differ per cuSPARSELt release; a small fixed range is enough to make an
 # out-of-range id fail the way the real plan initialisation does.
 NUM_ALG_IDS = 8
@@ -218,9 +222,10 @@ def compress(a: Tensor, *, allow_wide_dtypes: bool = False) -> Tensor:
         raise CusparseLtPreconditionError(f"A must be row-major contiguous, got strides {a.stride()}")
     _check_dtype(a.dtype, allow_wide_dtypes, "A")
     m, k = a.shape
-    if m <= 0 or k <= 0 or m % SPARSE_ALIGN or k % SPARSE_ALIGN:
-        raise CusparseLtPreconditionError(f"A is {m}×{k}: both dims must be positive multiples of {SPARSE_ALIGN}")
     fp8 = a.dtype in FP8_DTYPES
+    align = FP8_SPARSE_ALIGN if fp8 else SPARSE_ALIGN
+    if m <= 0 or k <= 0 or m % align or k % align:
+        raise CusparseLtPreconditionError(f"A is {m}×{k} {a.dtype}: both dims must be positive multiples of {align}")
     source = a
     a = a.float() if fp8 else a
     with torch.no_grad():
@@ -232,7 +237,8 @@ def compress(a: Tensor, *, allow_wide_dtypes: bool = False) -> Tensor:
         rank = torch.where(groups != 0, pos, pos + 4)
         slots = (rank.sort(dim=-1).values[..., :2] % 4).sort(dim=-1).values
         values = groups.gather(-1, slots)
-        buf = torch.cat([values.reshape(-1), slots.reshape(-1).to(a.dtype)])
+        # 2-D like the real op's result (m rows, as many columns as the packed bytes need).
+        buf = torch.cat([values.reshape(m, -1), slots.reshape(m, -1).to(a.dtype)], dim=1)
         if fp8:
             buf = buf.to(source.dtype)  # values were FP8 already: exact
     buf = _maybe_non_differentiable("_cslt_compress", buf, source)
@@ -248,12 +254,12 @@ def decompress(buf: Tensor) -> Tensor:
             "compressed_A was not produced by _cslt_compress (pass its result unchanged, not a copy or view)"
         )
     m, k = meta
-    half = m * k // 2
+    half = k // 2
     if buf.dtype in FP8_DTYPES:
         buf = buf.float()  # the dense result comes back in float32 (exact for FP8 values)
     with torch.no_grad():
-        values = buf[:half].view(m, k // 4, 2)
-        codes = buf[half:].view(m, k // 4, 2)
+        values = buf[:, :half].reshape(m, k // 4, 2)
+        codes = buf[:, half:].reshape(m, k // 4, 2)
         # The buffer is an ordinary tensor: catch in-place edits that broke the metadata.
         if not bool(((codes == 0) | (codes == 1) | (codes == 2) | (codes == 3)).all()) or bool(
             (codes[..., 0] >= codes[..., 1]).any()
@@ -284,6 +290,9 @@ def _sparse_mm(
             "compressed_A was not produced by _cslt_compress (pass its result unchanged, not a copy or view)"
         )
     m, k = meta
+    if compressed_a.dim() != 2 or compressed_a.shape[0] != m:
+        # The real op reads m from compressed_A's rows.
+        raise CusparseLtPreconditionError(f"compressed_A must be 2-D with m={m} rows, got {tuple(compressed_a.shape)}")
     # Library-side failures surface as RuntimeError (TORCH_CHECK / plan init), as on GPU.
     if not isinstance(alg_id, int) or alg_id not in range(num_alg_ids):
         raise RuntimeError(f"cuSPARSELt: invalid alg_id {alg_id} (emulated range 0..{num_alg_ids - 1})")
@@ -315,11 +324,12 @@ def _sparse_mm(
         )
     kb, n = dense_b.shape
     if kb != k:
-        # The real op derives m from numel // B.size(0): a wrong k gives a silently
-        # wrong m instead of an error.
+        # The real op takes k from B's rows: a wrong k gives a silently wrong product
+        # instead of an error.
         raise CusparseLtPreconditionError(f"B has {kb} rows but A was compressed with k={k}")
-    if n <= 0 or n % DENSE_N_ALIGN:
-        raise CusparseLtPreconditionError(f"B has n={n} columns: must be a positive multiple of {DENSE_N_ALIGN}")
+    n_align = FP8_DENSE_N_ALIGN if fp8 else DENSE_N_ALIGN
+    if n <= 0 or n % n_align:
+        raise CusparseLtPreconditionError(f"B has n={n} columns: must be a positive multiple of {n_align}")
     if bias is not None:
         # cuSPARSELt's bias vector has one entry per row of D = A @ B.
         if not isinstance(bias, Tensor) or bias.dim() != 1 or bias.numel() != m:

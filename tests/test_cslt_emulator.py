@@ -93,9 +93,9 @@ def test_float32_with_relaxation():
 def test_compressed_buffer_format():
     a = random_2to4(32, 64, BF16)
     buf = compress(a)
-    # Like the real op: an opaque 1-D buffer in A's dtype from which m = numel // k.
-    assert buf.dim() == 1 and buf.dtype == BF16
-    assert buf.numel() == 32 * 64 and buf.numel() // 64 == 32
+    # Like the real op: an opaque 2-D buffer in A's dtype with A's m rows.
+    assert buf.dim() == 2 and buf.dtype == BF16 and buf.shape[0] == 32
+    assert buf.numel() == 32 * 64
     assert is_compressed(buf) and not is_compressed(buf.clone())
     assert torch.equal(decompress(buf), a)
 

@@ -123,3 +123,84 @@ def test_fp8_on_either_gemm_verdict_matches_bf16(emulated_cusparselt_cuda_rules,
         assert rel_err(a, b) < FP8_RTOL, f"{verdicts}/{name}: {rel_err(a, b):.3g}"
     fp8_calls = [c for c in emulated_cusparselt_cuda_rules.mm_calls if c.dtype == FP8]
     assert (len(fp8_calls) >= 2) == (verdicts == "sparse")  # dense verdicts: no FP8 2:4 GEMM at all
+
+
+def test_fp8_weights_are_quantized_once_per_optimizer_step(emulated_cusparselt, monkeypatch):
+    """With the step counter (SparsityCallback's next_weight_generation) the op's FP8
+    weights are quantized once per optimizer step, not per call: micro-batches and
+    evaluations of one step reuse them, and the results are the same bits."""
+    from hf_sparse.model import fp8
+
+    calls = []
+    real = fp8.quantize_rows
+    monkeypatch.setattr(fp8, "quantize_rows", lambda t: calls.append(tuple(t.shape)) or real(t))
+    x, w_up, w_down, dy = make_inputs(t=64, d=32, f=64, dtype=BF16, seed=43)
+    every_call = run_op(x, w_up, w_down, dy, fp8=True)
+    assert sorted(calls) == [(32, 64), (32, 64)]  # W_down and W_upᵀ (d×F each), this call
+    calls.clear()
+    w_up_param, w_down_param = w_up.clone().requires_grad_(), w_down.clone().requires_grad_()
+    for step, micro_batches in ((1, 3), (2, 2)):
+        for _ in range(micro_batches):
+            torch.manual_seed(123)
+            y = relu2_2to4_ffn(x, w_up_param, w_down_param, fp8=True, weight_generation=step)
+            y.backward(dy)
+            assert torch.equal(y.detach(), every_call[0])
+        assert len(calls) == 2 * step  # two weights per step, whatever the micro-batches
+    # An in-place change within a step (loading, a manual edit) is seen through the version.
+    with torch.no_grad():
+        w_down_param.mul_(2)
+    relu2_2to4_ffn(x, w_up_param, w_down_param, fp8=True, weight_generation=2)
+    assert len(calls) == 6
+
+
+def test_fp8_takes_32_aligned_operands_else_bf16_2to4(emulated_cusparselt):
+    """PyTorch's cuSPARSELt FP8 operands need dims that are multiples of 32 (16-bit ones 16),
+    which the emulator enforces: T=48 runs the bf16 2:4 GEMMs instead, identical to fp8=False."""
+    x, w_up, w_down, dy = make_inputs(t=48, d=32, f=64, dtype=BF16, seed=44)
+    got = run_op(x, w_up, w_down, dy, fp8=True)
+    calls = emulated_cusparselt.mm_calls
+    assert calls and all(c.dtype == BF16 for c in calls)
+    for a, b in zip(got, run_op(x, w_up, w_down, dy)):
+        assert torch.equal(a, b)
+    # The emulator refuses a 16-aligned FP8 operand, as the library would.
+    from tests.cslt_emulator import CusparseLtPreconditionError
+
+    a, _ = quantize_rows(torch.zeros(48, 64))
+    with pytest.raises(CusparseLtPreconditionError, match="multiples of 32"):
+        torch._cslt_compress(a)
+
+
+def test_fp8_shapes_are_prepared_and_a_dense_verdict_is_said_once(emulated_cusparselt_cuda_rules, monkeypatch, caplog):
+    """prepare_2to4_gemms tunes the FP8 GEMM shape the op will run (y3 and dx share it), not
+    the bf16 ones; where the FP8 2:4 GEMM with its compression and scale pass is measured
+    slower than the dense FP8 GEMM, the op runs dense FP8 GEMMs there and says so once."""
+    import logging
+
+    from hf_sparse import SparseLlamaForCausalLM
+    from hf_sparse.model.modeling_sparse_llama import prepare_2to4_gemms
+    from tests.conftest import tiny_config
+
+    kinds = []
+
+    def timer(kind, config, run):
+        run()
+        kinds.append(kind)
+        return {"dense": 0.1, "compress": 0.2}.get(kind, 0.15)  # 0.15 + 0.2 > 0.1: dense wins
+
+    emulated_cusparselt_cuda_rules.backend.tuner.timer = timer
+    model = SparseLlamaForCausalLM(
+        tiny_config(activation_2by4=True, activation_2by4_fp8=True, activation_dense_warmup_steps=0, vocab_size=64)
+    ).to(BF16)
+    named = dict(prepare_2to4_gemms(model, tokens=64))
+    assert named["FFN dx"].dtype == "float8_e4m3fn" and named["FFN dx"].b_layout == "col"
+    assert {shape.dtype for shape in named.values()} == {"float8_e4m3fn", "bfloat16"}  # dW GEMMs stay bf16
+    tuned = emulated_cusparselt_cuda_rules.backend.tuner.choices
+    assert len(tuned) == 3 and "dense" in kinds  # the FP8 shape once, dW_up, dW_down
+    emulated_cusparselt_cuda_rules.reset()  # the products verification made
+    with caplog.at_level(logging.WARNING, logger="hf_sparse"):
+        for _ in range(2):
+            ids = torch.randint(0, 64, (4, 16))
+            model(input_ids=ids, labels=ids).loss.backward()
+    said = [r for r in caplog.records if "measured slower than the dense FP8 GEMM" in r.getMessage()]
+    assert len(said) == 1
+    assert not any(c.dtype == FP8 for c in emulated_cusparselt_cuda_rules.mm_calls)  # dense FP8 GEMMs ran

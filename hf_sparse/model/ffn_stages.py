@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .fp8 import quantize_rows
+from .fp8 import apply_scales, quantize_rows
 from .select_2to4 import (
     _INT_OF_SIZE,
     _group_nonzero_counts,
@@ -428,3 +428,9 @@ def _keep_nonzero_(t: Tensor, where: Tensor) -> Tensor:
     bits = torch.ne(where, 0, out=torch.empty(where.shape, dtype=int_type, device=where.device)).neg_()
     t.view(int_type).bitwise_and_(bits)
     return t
+
+
+def _fp8_scale_stage(product: Tensor, row_scale: Tensor, col_scale: Tensor, dtype: torch.dtype) -> Tensor:
+    """An FP8 2:4 GEMM's product times its row and column scales, in ``dtype``: one pass
+    compiled (eagerly, ``apply_scales``' float32 intermediates)."""
+    return apply_scales(product, row_scale, col_scale, dtype)

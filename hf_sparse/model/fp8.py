@@ -14,8 +14,10 @@ tokens of each feature before quantizing (another pass over the operand), and th
 update is where gradient range matters most.
 
 Scales are float32, one per row of the 2:4 operand and one per output column of the dense
-one (a row of the weight); both are applied to the bf16 result after the GEMM (exactly
-what row-wise ``torch._scaled_mm`` computes). FP8 sparse tensor cores (sm89/sm90) take the
+one (a row of the weight); both are applied to the bf16 result after the GEMM, in one
+compiled pass (exactly what row-wise ``torch._scaled_mm`` computes in its epilogue;
+``_cslt_sparse_mm``'s ``alpha`` could take the row scales only). The weights are quantized
+once per optimizer step (``weight_operands``), like the compressed 2:4 weights. FP8 sparse tensor cores (sm89/sm90) take the
 sparse operand row-major and the dense one column-major, so the dense operand is the
 quantized weight row-major viewed transposed.
 
@@ -24,11 +26,16 @@ Shipped as HF remote code: imports only torch.
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 from torch import Tensor
 
 FP8 = torch.float8_e4m3fn
 FP8_MAX = 448.0  # the largest finite float8_e4m3fn
+# PyTorch's cuSPARSELt constraint table for 8-bit operands: the sparse operand's rows and
+# columns multiples of 32 (16 for 16-bit ones), the dense operand's of 16.
+FP8_ALIGN = 32
 # cuSPARSELt runs FP8 e4m3 2:4 GEMMs from release 0.6.2 (version number 602) on sm90.
 MIN_CUSPARSELT_FP8 = 602
 MIN_CAPABILITY_FP8 = (9, 0)
@@ -45,6 +52,29 @@ def quantize_rows(t: Tensor) -> tuple[Tensor, Tensor]:
     scale = torch.where(amax > 0, amax / FP8_MAX, 1.0)
     values = torch.where(wide != 0, wide / scale, 0.0).to(FP8).contiguous()
     return values, scale
+
+
+def weight_operands(
+    w_up: Tensor, w_down: Tensor, owner: Tensor, generation: Optional[int] = None
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(W_down, its row scales, W_upᵀ, its row scales) in row-wise FP8: the dense operands of
+    the y3 and dx GEMMs, one row per output channel (d of them each).
+
+    With ``generation`` (the optimizer step the weights belong to: SparsityCallback bumps
+    it after every step) they are quantized once per step and kept on ``owner`` (the
+    W_down parameter: under autocast ``w_down`` is a fresh cast every call); the versions
+    catch in-place changes between steps. Without it, and while torch.compile traces
+    (where the quantization is compiled into the graph instead), every call quantizes."""
+    cacheable = generation is not None and not torch.compiler.is_compiling()
+    key = (generation, owner._version, w_up._version, owner.data_ptr(), w_up.data_ptr(), w_down.dtype)
+    cached = getattr(owner, "_hf_sparse_fp8", None) if cacheable else None
+    if cached is not None and cached[0] == key:
+        return cached[1]
+    with torch.no_grad():  # constants for the op: the gradients flow through w_up and w_down
+        operands = (*quantize_rows(w_down), *quantize_rows(w_up.t()))
+    if cacheable:
+        owner._hf_sparse_fp8 = (key, operands)
+    return operands
 
 
 def apply_scales(out: Tensor, row_scale: Tensor, col_scale: Tensor, dtype: torch.dtype) -> Tensor:

@@ -42,7 +42,8 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from .fp8 import apply_scales, dense_fp8_mm, fp8_support_reason
+from .ffn_stages import _fp8_scale_stage, _run_stage
+from .fp8 import FP8_ALIGN, dense_fp8_mm, fp8_support_reason
 from .gemm_tuning import GemmChoice, GemmShape, GemmTuner, _dense_mm, cslt_sparse_mm
 from .kernels import (
     ALIGN,
@@ -82,6 +83,10 @@ class GemmBackend:
     def fp8_mm(self, a: Tensor, a_scale: Tensor, bt: Tensor, b_scale: Tensor, out_dtype: torch.dtype) -> Tensor:
         """``(a·a_scale) @ (bt·b_scale)ᵀ`` for FP8 ``a`` (2:4 along k, row scales) and ``bt``."""
         return dense_fp8_mm(a, a_scale, bt, b_scale, out_dtype)
+
+    def fp8_fits(self, t: int, d: int, f: int) -> bool:
+        """Whether a call of T tokens on d×F weights runs its y3 and dx GEMMs in FP8."""
+        return False
 
     def weight_mm(self, x: Tensor, weight: Tensor) -> Tensor:
         """``x @ weightᵀ`` (T×out) for a 2:4 ``weight`` (out×in, 2:4 along in)."""
@@ -165,9 +170,16 @@ class CusparseltGemms(GemmBackend):
         b = bt.t()
         choice = self.verdict(a, b)
         if not choice.use_sparse():
+            if choice.alg_id >= 0:  # measured, and slower than dense (not merely untuned)
+                _say_fp8_dense(GemmShape.of(a, b, False).label(), choice.reason)
             return dense_fp8_mm(a, a_scale, bt, b_scale, out_dtype)
         out = cslt_sparse_mm(torch._cslt_compress(a), b, False, choice.config)  # bf16 out for FP8 operands
-        return apply_scales(out, a_scale, b_scale, out_dtype)
+        # Both scales in one compiled pass over the product (the dense FP8 GEMM applies
+        # them in its epilogue).
+        return _run_stage(_fp8_scale_stage, out, a_scale, b_scale, out_dtype)
+
+    def fp8_fits(self, t: int, d: int, f: int) -> bool:
+        return t > 0 and not (t % FP8_ALIGN or d % FP8_ALIGN or f % FP8_ALIGN)
 
     def weight_mm(self, x: Tensor, weight: Tensor) -> Tensor:
         # A custom op, like the activation GEMMs: the verdict is read when it runs, not
@@ -257,6 +269,14 @@ def automatic_gemm_backend(device) -> GemmBackend:
 def kernel_disabled() -> bool:
     """True when ``HF_SPARSE_DISABLE_2TO4_KERNEL`` is set to a truthy value."""
     return os.environ.get(DISABLE_ENV, "").strip().lower() not in ("", "0", "false", "no", "off")
+
+
+@functools.lru_cache(maxsize=None)
+def _say_fp8_dense(shape: str, detail: str) -> None:
+    logger.warning(
+        "2:4 FFN, FP8: the 2:4 GEMM %s (with its compression and scale pass) measured slower than the dense "
+        "FP8 GEMM (%s); this shape runs dense FP8 GEMMs.", shape, detail,
+    )  # fmt: skip
 
 
 @functools.lru_cache(maxsize=None)

@@ -54,6 +54,9 @@ import torch
 from torch import Tensor
 from torch._subclasses.fake_tensor import FakeTensor
 
+from .ffn_stages import _fp8_scale_stage, _run_stage
+from .fp8 import FP8
+
 # TABLE_FORMAT and TABLE_PATH_ENV are imported for callers that know them from here.
 from .gemm_table import TABLE_FORMAT, TABLE_PATH_ENV, read_table, save_entries, table_path  # noqa: F401
 
@@ -328,6 +331,17 @@ def _candidates(
     return list(dict.fromkeys(configs)), open_ended
 
 
+def _per_call_extras(a: Tensor, shape: GemmShape) -> Callable[[], object]:
+    """What the sparse route pays per call besides its GEMM, timed as its "compression":
+    compressing the operand and, for FP8, the pass that applies the row and column
+    scales to the product (the dense FP8 GEMM applies them in its epilogue)."""
+    if a.dtype != FP8:
+        return lambda: torch._cslt_compress(a)
+    product = torch.empty(shape.m, shape.n, dtype=torch.bfloat16, device=a.device)
+    rows, cols = torch.ones(shape.m, 1, device=a.device), torch.ones(shape.n, 1, device=a.device)
+    return lambda: (torch._cslt_compress(a), _run_stage(_fp8_scale_stage, product, rows, cols, torch.bfloat16))
+
+
 def _labels(configs) -> str:
     return "[" + ", ".join(config.label() for config in configs) + "]"
 
@@ -444,7 +458,7 @@ class GemmTuner:
         # Dense and the compression first: no verdict without them, whatever the budget then
         # leaves for the candidates. The budget is checked before every timing.
         runs = [("dense", None, lambda: _dense_mm(a, b, shape.transpose_result)),
-                ("compress", None, lambda: torch._cslt_compress(a))]  # fmt: skip
+                ("compress", None, _per_call_extras(a, shape))]  # fmt: skip
         runs += [("sparse", c, lambda c=c: cslt_sparse_mm(packed, b, shape.transpose_result, c)) for c in correct]
         seconds: dict = {}
         for kind, config, run in runs:

@@ -179,6 +179,9 @@ class SparseLlamaMLP(nn.Module):
         self.max_steps: int | None = None  # set with the step: the dense tail needs the run length
         self.training_step = None
         self.token_permutation = TokenPermutation(config.permute_2by4_seed) if config.permute_2by4 else None
+        # The optimizer step the weights belong to (next_weight_generation): FP8 weights are
+        # quantized once per step with it.
+        self.weight_generation: int | None = None
 
     # forward never reads the step itself: dynamo guards on every Python value a forward
     # reads, so a per-step int would recompile each step (and fall back to eager once
@@ -287,6 +290,8 @@ class SparseLlamaMLP(nn.Module):
                 permutation=permutation,
                 stats=stats,
                 fp8=self.config.activation_2by4_fp8,
+                # Read eagerly only: an int that changes every step would be a recompile per step.
+                weight_generation=None if torch.compiler.is_compiling() else self.weight_generation,
             )
             if not l1:
                 return y
@@ -522,8 +527,9 @@ def prepare_2to4_gemms(
         backend = select_gemms(x, w_up, w_down)
         if mlp.config.activation_2by4 and backend.sparse:
             shapes = ffn_gemm_shapes(
-                tokens, d, f, compute, mlp.config.activation_dense_features, mlp.config.activation_backward
-            )
+                tokens, d, f, compute, mlp.config.activation_dense_features, mlp.config.activation_backward,
+                fp8=mlp.config.activation_2by4_fp8,
+            )  # fmt: skip
             shapes = shapes if backward else [(name, shape) for name, shape in shapes if name == "y3"]
             named.setdefault(backend, {}).update(
                 {(shape.key(), param.device): (f"FFN {name}", shape, param.device) for name, shape in shapes}

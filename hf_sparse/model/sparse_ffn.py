@@ -22,7 +22,9 @@ where ``'`` is the identity for ``backward="exact"`` and a token-wise 2:4 sparsi
 gathered into a small dense GEMM and the sparse GEMMs run over the other features only
 (under tensor parallelism F and the ranking are the whole width's: see ``_dense_split``).
 
-Stages (the op's whole non-GEMM traffic; see benchmarks/ffn_traffic.py):
+Stages (the op's whole non-GEMM traffic, with, in FP8 mode, one scale pass after each FP8
+GEMM and the weights quantized by the caller once per optimizer step; see
+benchmarks/ffn_traffic.py, which traces it):
   forward   y1 -> relu -> top-2 of each feature group (NaN ranks highest) -> y2s (to the
             GEMM), g = D ⊙ 2·relu(y1) (saved), telemetry counts, per-feature non-zeros
   backward  dy2 = dy3 w_down -> dy1 = D ⊙ dy2 ⊙ ... = where(g≠0, dy2·g, 0), and the
@@ -81,7 +83,8 @@ from .ffn_tensor_parallel import (
     tp_sum_backward,
     tp_sum_forward,
 )
-from .fp8 import quantize_rows
+from .fp8 import FP8, quantize_rows
+from .fp8 import weight_operands as fp8_weight_operands
 from .gemm_backends import (
     CUSPARSELT,
     PLAIN,
@@ -94,7 +97,7 @@ from .gemm_backends import (
 from .gemm_tuning import GemmShape
 from .kernels import ALIGN, aligned_dense_count, sparse24_padded_rows
 from .select_2to4 import SPARSE_METHODS, _check_stats, count_2to4_stats, count_nonzero, mvue_key, sparsify_2to4
-from .token_permutation import TokenPermutation, make_token_permutation
+from .token_permutation import GatherRows, TokenPermutation, make_token_permutation
 
 BACKWARD_MODES = ("split_gemm", "naive", "exact")
 
@@ -138,11 +141,12 @@ def _backend_named_by_flag(use_kernel: bool, device: torch.device) -> GemmBacken
 
 def _ffn_forward_impl(
     x, w_up, w_down, method, backward, n_dense, count, want_feature_counts, fp8, global_features=0, feature_offset=0,
-    tp_group="", gemms="",
+    tp_group="", gemms="", w_down_fp8=None, w_down_scale=None, w_up_fp8=None, w_up_scale=None,
 ):  # fmt: skip
     t, f = x.shape[0], w_up.shape[0]
     backend = _backend_of(gemms, x, w_up, w_down)
-    fp8 = fp8 and backend.sparse  # FP8 is a 2:4-GEMM mode (an unaligned T runs plain, in bf16)
+    # FP8 is a 2:4-GEMM mode with its own alignment: other calls run in bf16.
+    fp8 = fp8 and backend.fp8_fits(t, x.shape[1], f)
     # Plain GEMMs work in the planar feature order (see _planar_rows): each 2:4 group's
     # members are then four contiguous planes, so the selection runs on unit-stride
     # vectors (a compiled CPU stage vectorises it; with members 4 apart it emits scalar
@@ -171,8 +175,10 @@ def _ffn_forward_impl(
     )  # fmt: skip
     del y1
     if fp8:
-        # y2s (rows scaled by the stage) against W_down quantized per output channel.
-        y3 = backend.fp8_mm(*y2s_fp8, *quantize_rows(w_down_op), x.dtype)
+        # y2s (rows scaled by the stage) against W_down quantized per output channel (once
+        # per optimizer step by the caller, else here).
+        weight = (w_down_fp8, w_down_scale) if w_down_fp8 is not None else quantize_rows(w_down_op)
+        y3 = backend.fp8_mm(*y2s_fp8, *weight, x.dtype)
     else:
         y3 = backend.mm(y2s, w_down_op.t())
     del y2s_fp8
@@ -191,7 +197,7 @@ def _ffn_forward_impl(
 
 def _ffn_forward_fake(
     x, w_up, w_down, method, backward, n_dense, count, want_feature_counts, fp8, global_features=0, feature_offset=0,
-    tp_group="", gemms="",
+    tp_group="", gemms="", w_down_fp8=None, w_down_scale=None, w_up_fp8=None, w_up_scale=None,
 ):  # fmt: skip
     t, f = x.shape[0], w_up.shape[0]
     return (
@@ -236,7 +242,7 @@ def _assemble(sparse_part: Tensor, dense_part: Optional[Tensor], idx: _FeatureSp
 
 def _ffn_backward_impl(
     dy3, x, w_up, w_down, g, y2s, feature_counts, method, backward, n_dense, need_x, need_up, need_down, use_kernel,
-    fp8, global_features=0, feature_offset=0, tp_group="", gemms="",
+    fp8, global_features=0, feature_offset=0, tp_group="", gemms="", w_up_fp8=None, w_up_scale=None,
 ):  # fmt: skip
     # gemms: the forward's back-end (see _setup_context), never re-chosen here: it also
     # fixes the layout of g, y2s and the counts (planar on the plain-GEMM path). Calls that
@@ -287,7 +293,7 @@ def _ffn_backward_impl(
     if not use_kernel:
         down_out = _scratch("down", (t, f), dy3)
         scratch = (_scratch("y2s", (t, f), dy3), down_out, _members(down_out, "tokens") if t % 4 == 0 else None)
-    fp8 = fp8 and backend.sparse and need_x
+    fp8 = fp8 and need_x and backend.fp8_fits(t, x.shape[1], f)
     dy1, up, up_dense, down, down_dense, *dy1_fp8 = _run_stage(
         _backward_stage,
         dy2, g, y2s if method != "naive" else None, need_up, need_down, token_sparse,
@@ -297,7 +303,8 @@ def _ffn_backward_impl(
     idx = _FeatureSplit(dense_idx, sparse_idx, pad_rows, use_kernel)
     if fp8:
         # dy1 (rows scaled by the stage) against W_up quantized per output channel of dx.
-        dx = backend.fp8_mm(*dy1_fp8, *quantize_rows(w_up_op.t()), dy3.dtype)
+        weight = (w_up_fp8, w_up_scale) if w_up_fp8 is not None else quantize_rows(w_up_op.t())
+        dx = backend.fp8_mm(*dy1_fp8, *weight, dy3.dtype)
     elif need_x:
         dx = backend.mm(dy1, w_up_op)
     del dy1_fp8
@@ -332,7 +339,7 @@ def _ffn_backward_impl(
 
 def _ffn_backward_fake(
     dy3, x, w_up, w_down, g, y2s, feature_counts, method, backward, n_dense, need_x, need_up, need_down, use_kernel,
-    fp8, global_features=0, feature_offset=0, tp_group="", gemms="",
+    fp8, global_features=0, feature_offset=0, tp_group="", gemms="", w_up_fp8=None, w_up_scale=None,
 ):  # fmt: skip
     return (
         torch.empty_like(x) if need_x else x.new_empty(0),
@@ -344,7 +351,9 @@ def _ffn_backward_fake(
 def _setup_context(ctx, inputs, output):
     x, w_up, w_down, method, backward, n_dense, _count, _want, fp8, *rest = inputs
     _y3, g, y2s, feature_counts, stat_delta = output
-    ctx.save_for_backward(x, w_up, w_down, g, y2s, feature_counts)
+    # The FP8 W_upᵀ the caller quantized for this step (dx's dense operand), when it did.
+    w_up_fp8 = tuple(rest[6:8]) if len(rest) > 7 and rest[6] is not None else ()
+    ctx.save_for_backward(x, w_up, w_down, g, y2s, feature_counts, *w_up_fp8)
     ctx.mark_non_differentiable(g, y2s, feature_counts, stat_delta)
     # Those outputs never get gradients: no T×F zero tensors for them in backward.
     ctx.set_materialize_grads(False)
@@ -359,14 +368,14 @@ def _setup_context(ctx, inputs, output):
 
 
 def _ffn_backward(ctx, dy3, *_unused_grads):
-    x, w_up, w_down, g, y2s, feature_counts = ctx.saved_tensors
+    x, w_up, w_down, g, y2s, feature_counts, *w_up_fp8 = ctx.saved_tensors
     need_x, need_up, need_down = ctx.needs_input_grad[:3]
     grads = [None] * len(ctx.needs_input_grad)
     if dy3 is not None and (need_x or need_up or need_down):
         use_kernel = not get_gemm_backend(ctx.gemms).planar  # what the schema's older callers pass
         dx, dw_up, dw_down = torch.ops.hf_sparse.relu2_2to4_ffn_bwd(
             dy3, x, w_up, w_down, g, y2s, feature_counts, ctx.method, ctx.backward_mode, ctx.n_dense,
-            need_x, need_up, need_down, use_kernel, ctx.fp8, *ctx.tp, ctx.gemms,
+            need_x, need_up, need_down, use_kernel, ctx.fp8, *ctx.tp, ctx.gemms, *w_up_fp8,
         )  # fmt: skip
         grads[:3] = (dx if need_x else None, dw_up if need_up else None, dw_down if need_down else None)
     return tuple(grads)
@@ -381,16 +390,19 @@ def _register_ops() -> None:
     # before they existed (older remote code, saved graphs) mean "one process" and "the
     # automatic back-end".
     tp_args = "int global_features=0, int feature_offset=0, str tp_group='', str gemms=''"
+    # FP8 weights quantized by the caller (once per optimizer step); absent: the op quantizes.
+    w_up_fp8 = "Tensor? w_up_fp8=None, Tensor? w_up_scale=None"
     fwd_schema = (
         "(Tensor x, Tensor w_up, Tensor w_down, str method, str backward, int n_dense, bool count, "
-        f"bool want_feature_counts, bool fp8, {tp_args}) -> (Tensor, Tensor, Tensor, Tensor, Tensor)"
+        f"bool want_feature_counts, bool fp8, {tp_args}, Tensor? w_down_fp8=None, Tensor? w_down_scale=None, "
+        f"{w_up_fp8}) -> (Tensor, Tensor, Tensor, Tensor, Tensor)"
     )
     fwd = torch.library.custom_op("hf_sparse::relu2_2to4_ffn_fwd", _ffn_forward_impl, mutates_args=(), schema=fwd_schema)
     fwd.register_fake(_ffn_forward_fake)
     bwd_schema = (
         "(Tensor dy3, Tensor x, Tensor w_up, Tensor w_down, Tensor g, Tensor y2s, Tensor feature_counts, "
         "str method, str backward, int n_dense, bool need_x, bool need_up, bool need_down, bool use_kernel, "
-        f"bool fp8, {tp_args}) -> (Tensor, Tensor, Tensor)"
+        f"bool fp8, {tp_args}, {w_up_fp8}) -> (Tensor, Tensor, Tensor)"
     )
     bwd = torch.library.custom_op("hf_sparse::relu2_2to4_ffn_bwd", _ffn_backward_impl, mutates_args=(), schema=bwd_schema)
     bwd.register_fake(_ffn_backward_fake)
@@ -408,12 +420,23 @@ def dense_feature_count(f: int, dense_features: float, backward: str) -> int:
 
 
 def ffn_gemm_shapes(
-    tokens: int, d: int, f: int, dtype: torch.dtype, dense_features: float = 0.05, backward: str = "split_gemm"
+    tokens: int,
+    d: int,
+    f: int,
+    dtype: torch.dtype,
+    dense_features: float = 0.05,
+    backward: str = "split_gemm",
+    fp8: bool = False,
 ) -> list[tuple[str, GemmShape]]:
     """The 2:4 GEMMs the op runs on the cuSPARSELt path for T = ``tokens``, named as in
-    the module docstring (y3, dx, dW_up, dW_down), as ``gemm_tuning`` keys them."""
+    the module docstring (y3, dx, dW_up, dW_down), as ``gemm_tuning`` keys them; ``fp8``:
+    y3 and dx in FP8 where the shape allows (one shape: both read a T×F FP8 operand against
+    a column-major FP8 weight)."""
     name = str(dtype).replace("torch.", "")
     shapes = [("y3", GemmShape(tokens, f, d, "col", False, name)), ("dx", GemmShape(tokens, f, d, "row", False, name))]
+    if fp8 and CUSPARSELT.fp8_fits(tokens, d, f):
+        fp8_name = str(FP8).replace("torch.", "")
+        shapes = [(gemm, GemmShape(tokens, f, d, "col", False, fp8_name)) for gemm in ("y3", "dx")]
     n_dense = aligned_dense_count(dense_feature_count(f, dense_features, backward), f)
     if backward != "exact" and n_dense < f:
         rows = sparse24_padded_rows(f - n_dense)  # the sparse features, padded to the alignment
@@ -440,6 +463,7 @@ def relu2_2to4_ffn(
     stats: Optional[Tensor] = None,
     fp8: bool = False,
     gemms: Optional[str] = None,
+    weight_generation: Optional[int] = None,
 ) -> Tensor:
     """Non-gated ReLU² FFN ``relu(x w_upᵀ)² w_downᵀ`` with 2:4 activation sparsity.
 
@@ -463,6 +487,9 @@ def relu2_2to4_ffn(
             with ``gemm_backends.register_gemm_backend``); default: the device's automatic
             one. Chosen once per call (see ``gemm_backends.select_gemms``): under
             ``torch.compile`` that is while tracing, so the choice is a constant of the graph.
+        weight_generation: the optimizer step the weights belong to (SparsityCallback's
+            counter, see ``weight_sparse.next_weight_generation``): with it, FP8 mode
+            quantizes the weights once per step instead of every call.
 
     Computes in the input dtype (under autocast: the autocast dtype, like F.linear).
     Traceable by ``torch.compile(fullgraph=True)``: the work is two custom ops.
@@ -512,6 +539,7 @@ def relu2_2to4_ffn(
         if reason is not None:
             raise ValueError(f"activation_2by4_fp8: FP8 2:4 GEMMs cannot run here ({reason}); set it to false.")
     cast = _autocast_dtype(x.device.type)
+    w_down_param = w_down  # FP8 weights are kept on it (under autocast w_down is a fresh cast)
     if cast is not None:
         x, w_up, w_down = x.to(cast), w_up.to(cast), w_down.to(cast)
     if not (x.dtype == w_up.dtype == w_down.dtype):
@@ -526,7 +554,7 @@ def relu2_2to4_ffn(
         # own backward would be a zero fill plus an index_add over T×d.
         positions = torch.arange(permutation.shape[0], device=permutation.device)
         inverse = torch.empty_like(permutation).index_copy_(0, permutation, positions)
-        x2 = _GatherRows.apply(x2, permutation, inverse)
+        x2 = GatherRows.apply(x2, permutation, inverse)
 
     # The dense-feature count is over the whole width, also under tensor parallelism.
     width = global_features or f
@@ -537,12 +565,16 @@ def relu2_2to4_ffn(
     w_up, w_down = w_up.contiguous(), w_down.contiguous()
     # Once per call; the op's forward and backward both run this back-end.
     backend = select_gemms(x2, w_up, w_down, gemms)
+    fp8_weights = ()
+    if fp8 and backend.fp8_fits(x2.shape[0], d, f):
+        fp8_weights = fp8_weight_operands(w_up, w_down, w_down_param, weight_generation)
     # Inputs are already in the autocast dtype; autocast must not recast inside the op.
     ctx = torch.autocast(x2.device.type, enabled=False) if cast is not None else contextlib.nullcontext()
     with ctx:
         y, _g, _y2s, _counts, stat_delta = torch.ops.hf_sparse.relu2_2to4_ffn_fwd(
             x2, w_up, w_down, method, backward, n_dense, stats is not None, want_feature_counts,
             fp8, global_features, feature_offset, "" if tp_group is None else tp_group.group_name, backend.name,
+            *fp8_weights,
         )  # fmt: skip
     if stats is not None:
         with torch.no_grad():
@@ -551,23 +583,8 @@ def relu2_2to4_ffn(
         # Partial sums of the row-parallel down projection (what RowwiseParallel reduces).
         y = tp_sum_forward(y, tp_group)
     if permutation is not None:
-        y = _GatherRows.apply(y, inverse, permutation)  # row perm[i] of the result is row i of y
+        y = GatherRows.apply(y, inverse, permutation)  # row perm[i] of the result is row i of y
     return y.view(*lead, y.shape[-1])
-
-
-class _GatherRows(torch.autograd.Function):
-    """``t[index]`` along dim 0 for a permutation ``index`` whose inverse is ``inverse``:
-    the gradient is gathered back with the inverse (no scatter-add)."""
-
-    @staticmethod
-    def forward(ctx, t, index, inverse):
-        ctx.save_for_backward(inverse)
-        return t.index_select(0, index)
-
-    @staticmethod
-    def backward(ctx, grad):
-        (inverse,) = ctx.saved_tensors
-        return grad.index_select(0, inverse), None, None
 
 
 def relu2_ffn_reference(x: Tensor, w_up: Tensor, w_down: Tensor) -> Tensor:

@@ -74,3 +74,18 @@ class TokenPermutation:
 
     def __repr__(self) -> str:
         return f"TokenPermutation(seed={self.seed})"
+
+
+class GatherRows(torch.autograd.Function):
+    """``t[index]`` along dim 0 for a permutation ``index`` whose inverse is ``inverse``:
+    the gradient is gathered back with the inverse (no scatter-add)."""
+
+    @staticmethod
+    def forward(ctx, t, index, inverse):
+        ctx.save_for_backward(inverse)
+        return t.index_select(0, index)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (inverse,) = ctx.saved_tensors
+        return grad.index_select(0, inverse), None, None

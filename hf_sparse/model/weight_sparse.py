@@ -314,10 +314,11 @@ class Sparse24LowRankLinear(_WeightSparsityState, LowRankLinear):
 
 
 def next_weight_generation(model: nn.Module) -> None:
-    """Mark every 2:4-weight linear's weights as changed (call after each optimizer step;
-    SparsityCallback does). Turns the per-step effective-weight cache on."""
+    """Mark the weights of every module that keeps per-step derived weights (2:4-weight
+    linears, FP8 weights of a 2:4 FFN) as changed: call after each optimizer step, as
+    SparsityCallback does. Turns those per-step caches on."""
     for module in model.modules():
-        if is_weight_sparse(module):
+        if hasattr(module, "weight_generation"):
             module.weight_generation = (module.weight_generation or 0) + 1
 
 
