@@ -41,7 +41,7 @@ from .model.modeling_sparse_llama import (
 from .training.telemetry import sparsity_metrics
 from .training.callbacks import SparsityCallback
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"  # the package version (pyproject.toml reads it from here)
 
 AutoConfig.register(SparseLlamaConfig.model_type, SparseLlamaConfig, exist_ok=True)
 AutoModel.register(SparseLlamaConfig, SparseLlamaModel, exist_ok=True)

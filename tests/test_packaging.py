@@ -25,6 +25,10 @@ def test_pip_install_gives_package_scripts_and_module_entry_points(tmp_path):
     assert build.returncode == 0, build.stderr[-3000:]
     installed = {p.name for p in target.iterdir()}
     assert {"hf_sparse", "train_hf.py", "bin"} <= installed
+    # One version, written once (hf_sparse/__init__.py), is the installed distribution's.
+    import hf_sparse
+
+    assert f"hf_sparse-{hf_sparse.__version__}.dist-info" in installed, sorted(installed)
     assert (target / "hf_sparse" / "training" / "metrics" / "next_token_accuracy" / "next_token_accuracy.py").exists()
     assert {"hf-sparse-train", "hf-sparse-report", "hf-sparse-export", "hf-sparse-eval"} <= {
         p.name for p in (target / "bin").iterdir()

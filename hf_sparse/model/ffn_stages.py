@@ -14,13 +14,13 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 from typing import Callable, Optional
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .env_knobs import env_value
 from .fp8 import apply_scales, quantize_rows
 from .select_2to4 import (
     _INT_OF_SIZE,
@@ -29,7 +29,6 @@ from .select_2to4 import (
     _keep_top2_,
     _mvue_select,
     _nan_to_inf,
-    _rank_keys,
     _third_largest_of_4,
     _u8,
     _win_counts,
@@ -51,9 +50,9 @@ def stage_compilation_enabled(device_type: str) -> bool:
     on CUDA only: there the eager stages cost several memory passes each, while on CPU
     the C++ compile takes longer than a short run saves (see the README).
     """
-    if os.environ.get(DISABLE_COMPILE_ENV, "").strip().lower() not in ("", "0", "false", "no", "off"):
+    if env_value(DISABLE_COMPILE_ENV):
         return False
-    mode = os.environ.get(COMPILE_STAGES_ENV, "auto").strip().lower()
+    mode = env_value(COMPILE_STAGES_ENV)
     if mode in ("1", "true", "yes", "on", "always"):
         return True
     if mode in ("0", "false", "no", "off", "never"):
@@ -278,7 +277,7 @@ def _token_sparse_operand(
     if torch.compiler.is_compiling() and out_members is not None and not tail:
         # Member by member into views of ``out``: one fused loop (see _planar_forward_by_members).
         members = _members(z, "tokens")
-        keys = members if nonneg else [_rank_keys(m.abs()) for m in members]
+        keys = members if nonneg else [_nan_to_inf(m.abs()) for m in members]
         wins = _win_counts(*keys)
         for m, w, dst in zip(members, wins, out_members):
             kept = torch.where(w >= 2, m, 0.0)

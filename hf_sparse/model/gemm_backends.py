@@ -36,12 +36,12 @@ from __future__ import annotations
 
 import functools
 import logging
-import os
 from typing import Optional
 
 import torch
 from torch import Tensor
 
+from .env_knobs import env_value
 from .ffn_stages import _fp8_scale_stage, _run_stage
 from .fp8 import FP8_ALIGN, dense_fp8_mm, fp8_support_reason
 from .gemm_tuning import GemmChoice, GemmShape, GemmTuner, _dense_mm, cslt_sparse_mm
@@ -268,7 +268,7 @@ def automatic_gemm_backend(device) -> GemmBackend:
 
 def kernel_disabled() -> bool:
     """True when ``HF_SPARSE_DISABLE_2TO4_KERNEL`` is set to a truthy value."""
-    return os.environ.get(DISABLE_ENV, "").strip().lower() not in ("", "0", "false", "no", "off")
+    return env_value(DISABLE_ENV)
 
 
 @functools.lru_cache(maxsize=None)

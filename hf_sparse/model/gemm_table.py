@@ -35,6 +35,8 @@ import secrets
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
+from .env_knobs import env_value
+
 logger = logging.getLogger(__name__)
 
 TABLE_PATH_ENV = "HF_SPARSE_GEMM_TABLE"
@@ -108,7 +110,7 @@ def _say_once(path: str, what: str, message: str, *args) -> None:
 
 
 def table_path() -> str:
-    explicit = os.environ.get(TABLE_PATH_ENV)
+    explicit = env_value(TABLE_PATH_ENV)
     if explicit:
         return explicit
     from huggingface_hub import constants

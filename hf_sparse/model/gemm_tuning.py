@@ -44,7 +44,6 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 import threading
 import time
 from dataclasses import asdict, dataclass
@@ -54,6 +53,7 @@ import torch
 from torch import Tensor
 from torch._subclasses.fake_tensor import FakeTensor
 
+from .env_knobs import env_value
 from .ffn_stages import _fp8_scale_stage, _run_stage
 from .fp8 import FP8
 
@@ -172,18 +172,11 @@ def _default_timer(kind: str, config: Optional[CsltConfig], run: Callable[[], ob
 
 
 def gemm_mode() -> str:
-    mode = os.environ.get(GEMMS_ENV, "auto").strip().lower() or "auto"
-    if mode not in GEMM_MODES:
-        raise ValueError(f"{GEMMS_ENV}={mode!r} is not valid; choose one of {', '.join(map(repr, GEMM_MODES))}.")
-    return mode
+    return env_value(GEMMS_ENV)
 
 
 def tune_budget_s() -> float:
-    raw = os.environ.get(TUNE_SECONDS_ENV, "").strip()
-    try:
-        return float(raw) if raw else DEFAULT_TUNE_SECONDS
-    except ValueError:
-        raise ValueError(f"{TUNE_SECONDS_ENV}={raw!r} is not a number of seconds.") from None
+    return env_value(TUNE_SECONDS_ENV)
 
 
 def _random_operands(shape: GemmShape, device, gen: torch.Generator) -> tuple[Tensor, Tensor]:

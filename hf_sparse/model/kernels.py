@@ -15,14 +15,13 @@ This file is shipped as HF remote code: it imports only torch.
 
 from __future__ import annotations
 
-import functools
 import logging
-import os
 from typing import Optional
 
 import torch
 from torch import Tensor
 
+from .env_knobs import env_value
 from .gemm_tuning import CsltConfig, cslt_sparse_mm
 
 logger = logging.getLogger(__name__)
@@ -37,19 +36,9 @@ ALIGN = 16
 MIN_CAPABILITY = (8, 0)
 
 
-@functools.lru_cache(maxsize=None)
-def _warn_bad_alg_id(raw: str) -> None:
-    logger.warning("Ignoring %s=%r (not an integer); using alg_id 0", ALG_ID_ENV, raw)
-
-
 def cusparselt_alg_id() -> int:
-    """cuSPARSELt algorithm id to use (``HF_SPARSE_CSLT_ALG_ID``, default 0)."""
-    raw = os.environ.get(ALG_ID_ENV, "").strip()
-    try:
-        return int(raw) if raw else 0
-    except ValueError:
-        _warn_bad_alg_id(raw)
-        return 0
+    """cuSPARSELt algorithm id each shape tries first (``HF_SPARSE_CSLT_ALG_ID``, default 0)."""
+    return env_value(ALG_ID_ENV)
 
 
 def cusparselt_available() -> bool:

@@ -47,21 +47,17 @@ def _u8(t: Tensor) -> Tensor:
     return t.view(torch.uint8)
 
 
-def _rank_keys(v: Tensor) -> Tensor:
-    """``v`` with NaN replaced by +inf (for ranking only; the values themselves are kept)."""
-    return _nan_to_inf(v)
-
-
 def _nan_to_inf(v: Tensor) -> Tensor:
-    """``v`` with NaN replaced by +inf, out of place. Compiled as a compare-and-select:
+    """``v`` with NaN replaced by +inf, out of place (the ranking key of every 2:4 choice:
+    NaN ranks highest). Compiled as a compare-and-select:
     CPU inductor lowers nan_to_num to a scalar isnan loop per vector."""
     if torch.compiler.is_compiling():
         return torch.where(v != v, math.inf, v)
     return torch.nan_to_num(v, nan=math.inf, posinf=math.inf, neginf=-math.inf)
 
 
-def _rank_keys_(v: Tensor) -> Tensor:
-    """In-place :func:`_rank_keys` for a tensor the caller owns."""
+def _nan_to_inf_(v: Tensor) -> Tensor:
+    """In-place :func:`_nan_to_inf` for a tensor the caller owns."""
     return v.nan_to_num_(nan=math.inf, posinf=math.inf, neginf=-math.inf)
 
 
@@ -137,7 +133,7 @@ def _keep_top2_(groups: Tensor, dim: int, by_magnitude: bool) -> Tensor:
     would split it into several.
     """
     # |values| is a fresh tensor: its NaN -> +inf replacement can go in place.
-    keys = (_rank_keys_(groups.abs()) if by_magnitude else groups).unbind(dim)
+    keys = (_nan_to_inf_(groups.abs()) if by_magnitude else groups).unbind(dim)
     wins = _win_counts(*keys)
     if torch.compiler.is_compiling():
         # Select per member and stack the values (a stacked bool mask gets written out).
@@ -151,7 +147,7 @@ def _keep_top2_(groups: Tensor, dim: int, by_magnitude: bool) -> Tensor:
 
 def _group_keep(groups: Tensor, dim: int) -> Tensor:
     """Bool top-2 keep mask of ``groups`` (magnitudes, NaN allowed) along ``dim`` (size 4)."""
-    keys = _rank_keys(groups).unbind(dim)
+    keys = _nan_to_inf(groups).unbind(dim)
     return torch.stack(_top2_of_4(*keys), dim)
 
 
@@ -265,7 +261,7 @@ def _select_generic(v: Tensor, method: str) -> tuple[Tensor, Tensor]:
     dmat = keep.to(v.dtype)
     if method == "naive":
         return torch.where(keep, v, 0.0), dmat
-    thresh = _third_largest_of_4(*_rank_keys(mag).unbind(-1)).unsqueeze(-1)
+    thresh = _third_largest_of_4(*_nan_to_inf(mag).unbind(-1)).unsqueeze(-1)
     return torch.where(keep, (mag - thresh).clamp(min=0) * v.sign(), 0.0), dmat
 
 

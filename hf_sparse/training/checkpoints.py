@@ -233,6 +233,9 @@ def model_card(
             lines.append("- FP8: forward and input-gradient 2:4 GEMMs in row-wise scaled FP8 e4m3 (sm90 GPUs)")
     else:
         lines.append("- no 2:4 activation sparsity")
+    environment = getattr(config, "hf_sparse_environment", None)
+    if environment:
+        lines.append("- trained with " + ", ".join(f"`{k}={v}`" for k, v in sorted(environment.items())))
     if config.weight_2by4:
         tail = config.sparse_dense_finetune_steps
         lines += [

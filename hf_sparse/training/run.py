@@ -36,6 +36,7 @@ import traceback
 import transformers
 from transformers import AutoModelForCausalLM, Trainer, default_data_collator, set_seed
 
+from ..model.env_knobs import code_selecting_settings
 from ..report import NotARunError, write_report
 from .auto_switch import SWITCH_STEP_KEY, switch_step_reached
 from .callbacks import EvalPerplexityCallback, ModelCardCallback, SparsityCallback
@@ -256,6 +257,7 @@ def build_trainer(run, signals: StopSignals | None) -> tuple[Trainer, Parts]:
     tokenizer.model_max_length = data_args.max_length
     model = AutoModelForCausalLM.from_config(run.model_config)
     _log_model(run.model_config, model, args.world_size)
+    record_environment(model.config)
 
     parts = Parts(model, NumericsGuardCallback(script_args.nonfinite_policy), PreemptionCallback(signals), None)
     optimizers, extra_callbacks = (None, None), [parts.guard, parts.preemption]
@@ -283,6 +285,14 @@ def build_trainer(run, signals: StopSignals | None) -> tuple[Trainer, Parts]:
         optimizers=optimizers,
     )  # fmt: skip
     return trainer, parts
+
+
+def record_environment(config) -> None:
+    """Keep the HF_SPARSE_* switches that change which code computes the forward (set in this
+    process) in the model's config, so config.json and the card say how it was trained."""
+    settings = code_selecting_settings()
+    if settings:
+        config.hf_sparse_environment = settings
 
 
 def finish(trainer: Trainer, run, parts: Parts, train_result) -> dict:

@@ -11,7 +11,8 @@ import tempfile
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
-from .data_args import MIN_EMBEDDED_VOCAB_SIZE, DataArguments
+from ..model.env_knobs import env_value
+from .data_args import MIN_EMBEDDED_VOCAB_SIZE
 from .embedded_corpus import embedded_corpus, embedded_corpus_fingerprint
 
 logger = logging.getLogger(__name__)
@@ -27,7 +28,7 @@ _NO_MAX_LENGTH = int(1e30)
 
 def cache_root() -> str:
     """Where hf_sparse caches derived artifacts: $HF_SPARSE_CACHE or ~/.cache/hf_sparse."""
-    return os.environ.get("HF_SPARSE_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "hf_sparse")
+    return env_value("HF_SPARSE_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "hf_sparse")
 
 
 def _train_embedded_tokenizer(vocab_size: int) -> PreTrainedTokenizerFast:
@@ -187,11 +188,6 @@ def load_tokenizer(tokenizer_name: str | None, vocab_size: int) -> PreTrainedTok
             tokenizer_name, len(tokenizer), vocab_size, vocab_size,
         )
     return tokenizer
-
-
-def tokenizer_from_args(args: DataArguments, model_vocab_size: int) -> PreTrainedTokenizerFast:
-    """`load_tokenizer` with the DataArguments' rule: tokenizer_vocab_size or the model's."""
-    return load_tokenizer(args.tokenizer_name, args.tokenizer_vocab_size or model_vocab_size)
 
 
 def tokenizer_fingerprint(tokenizer) -> str:
