@@ -532,15 +532,29 @@ def build_loro_optimizer_and_scheduler(model, training_args, script_args):
     )
     scheduler = None
     if script_args.scheduler == "cosine_restart":
-        scheduler = get_cosine_restart_schedule(
-            optimizer,
-            num_warmup_steps=training_args.get_warmup_steps(training_args.max_steps),
-            num_training_steps=training_args.max_steps,
-            min_lr_ratio=script_args.min_lr_ratio,
-            restart_every=script_args.cosine_restart_freq or script_args.loro_refresh_freq,
-            restart_warmup_steps=script_args.cosine_restart_warmup,
-        )
+        warmup = training_args.get_warmup_steps(training_args.max_steps)
+        scheduler = run_cosine_restart_schedule(optimizer, script_args, warmup, training_args.max_steps)
     return optimizer, scheduler
+
+
+def uses_run_cosine_restart(script_args) -> bool:
+    """Whether train_hf.py gives the Trainer the LORO cosine_restart schedule (it ignores
+    lr_scheduler_type and lr_scheduler_kwargs then)."""
+    return (getattr(script_args, "optimizer", None), getattr(script_args, "scheduler", None)) == (
+        "loro_adamw", "cosine_restart")  # fmt: skip
+
+
+def run_cosine_restart_schedule(optimizer, script_args, num_warmup_steps: int, num_training_steps: int):
+    """The cosine_restart schedule of a run's keys: what the Trainer gets for `loro_adamw`,
+    and what resume_check replays to tell the learning rate a resumed run gets."""
+    return get_cosine_restart_schedule(
+        optimizer,
+        num_warmup_steps=num_warmup_steps,
+        num_training_steps=num_training_steps,
+        min_lr_ratio=script_args.min_lr_ratio,
+        restart_every=script_args.cosine_restart_freq or script_args.loro_refresh_freq,
+        restart_warmup_steps=script_args.cosine_restart_warmup,
+    )
 
 
 __all__ = [
@@ -549,6 +563,8 @@ __all__ = [
     "build_loro_optimizer_and_scheduler",
     "get_cosine_restart_schedule",
     "loro_exact_update",
+    "run_cosine_restart_schedule",
+    "uses_run_cosine_restart",
     "LORO_TYPES",
     "LORO_REFRESH_CHOICES",
 ]

@@ -6,29 +6,29 @@ ones a resumed run uses and logs one warning per difference that bends the traje
 schedule and the batch geometry. `final_step_eval` tells `train_hf.py` whether the
 Trainer already evaluated the last step, so the final evaluation is not run twice.
 
-Where the checkpoint's settings come from:
-- `trainer_state.json` (JSON): `global_step`, `max_steps`, `train_batch_size`.
+Where the checkpoint's settings come from (its training_args.bin, a pickle, is not read):
+- `trainer_state.json`: `global_step`, `max_steps`, `train_batch_size`.
 - `scheduler.pt`: the schedule's base learning rates and last value, read with
   `weights_only=True` exactly as the Trainer itself reads it on resume.
-- `training_args.bin` (a pickled `TrainingArguments`) for the rest: the learning rate,
-  scheduler type, warm-up, gradient accumulation and world size. Unpickling it normally
-  could run arbitrary code, and `weights_only=True` refuses it, so it is read with an inert
-  unpickler that builds stand-ins for every class it names and calls nothing.
+- `run_config.json`, the resolved run JSON each checkpoint carries (run_record.py), for the
+  rest: the learning rate, scheduler type, warm-up, gradient accumulation and world size.
+  A checkpoint without one (written before hf_sparse kept it) or with an unreadable one
+  still resumes; one line says that those settings are not compared.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import io
 import json
 import logging
 import math
 import os
-import pickle
 import re
-import zipfile
 
 import torch
+
+from .loro import run_cosine_restart_schedule, uses_run_cosine_restart
+from .run_record import RUN_CONFIG_NAME, UnreadableRunConfig, read_run_config
 
 logger = logging.getLogger(__name__)
 
@@ -62,62 +62,53 @@ class RunSettings:
 # --- reading a checkpoint -------------------------------------------------------------------
 
 
-class _StandIn:
-    """What the inert unpickler builds for any class a pickle names: it keeps the
-    constructor arguments and the state, and runs none of the named code."""
-
-    _qualname = "?"
-
-    def __init__(self, *args, **kwargs):
-        self._args = args
-
-    def __setstate__(self, state):
-        if isinstance(state, tuple) and len(state) == 2:  # (dict, slots) from __reduce_ex__
-            state = {**(state[0] or {}), **(state[1] or {})}
-        if isinstance(state, dict):
-            self.__dict__.update(state)
+# The recorded settings read, with the JSON types each must have (bool is no number here).
+_NUMBER, _INT = (int, float), (int,)
+_RUN_KEYS = {
+    "max_steps": _INT, "learning_rate": _NUMBER, "lr_scheduler_type": (str,), "warmup_steps": _NUMBER,
+    "lr_scheduler_kwargs": (dict, str), "per_device_train_batch_size": _INT, "gradient_accumulation_steps": _INT,
+}  # fmt: skip
+_LAUNCH_KEYS = {"world_size": _INT, "n_gpu": _INT}
+_NOT_COMPARED = (
+    "its learning rate, schedule, warm-up and gradient accumulation are not compared with this run's (comparison "
+    "skipped; max_steps, the batch size and the world size still are, from trainer_state.json and the RNG files)"
+)
 
 
-class _InertUnpickler(pickle.Unpickler):
-    def find_class(self, module, name):
-        return type(name, (_StandIn,), {"_qualname": f"{module}.{name}"})
-
-    def persistent_load(self, pid):
-        return None  # tensor storages: none of the settings read here is a tensor
-
-
-def _plain(value):
-    """Enum stand-ins (SchedulerType('cosine')) to their value; anything else as is."""
-    if isinstance(value, _StandIn):
-        args = value.__dict__.get("_args", ())
-        return args[0] if len(args) == 1 else None
-    return value
+def _typed(section: dict, types: dict, where: str) -> dict:
+    out = {}
+    for key, allowed in types.items():
+        value = section.get(key)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, allowed)):
+            raise UnreadableRunConfig(f"{where}.{key} is {value!r}")
+        out[key] = value
+    return out
 
 
-def _read_training_args(path: str) -> dict:
-    """The fields of a `torch.save`d TrainingArguments, without executing the pickle."""
+def _recorded_settings(checkpoint: str) -> tuple[dict, dict]:
+    """(run keys, launch facts) from the checkpoint's run_config.json; both empty, after one
+    line that says so, where the checkpoint has none or an unreadable one."""
+    path = os.path.join(checkpoint, RUN_CONFIG_NAME)
     try:
-        with zipfile.ZipFile(path) as archive:
-            name = next(n for n in archive.namelist() if n.endswith("/data.pkl"))
-            obj = _InertUnpickler(io.BytesIO(archive.read(name))).load()
-    except Exception as err:  # noqa: BLE001 - a foreign or legacy file just gives less to compare
-        logger.debug("could not read %s: %s", path, err)
-        return {}
-    if not (isinstance(obj, _StandIn) and obj._qualname.endswith("TrainingArguments")):
-        return {}
-    return vars(obj)
+        record = read_run_config(checkpoint)
+        if record is not None:
+            return _typed(record.get("run", {}), _RUN_KEYS, "run"), _typed(record.get("launch", {}), _LAUNCH_KEYS, "launch")
+        logger.warning("resume: %s has no %s (written before hf_sparse kept the run's settings in each checkpoint): "
+                       "%s", checkpoint, RUN_CONFIG_NAME, _NOT_COMPARED)  # fmt: skip
+    except UnreadableRunConfig as err:
+        logger.warning("resume: %s is unreadable (%s): %s", path, err, _NOT_COMPARED)
+    return {}, {}
 
 
-def _world_size(checkpoint: str, fields: dict) -> int | None:
-    state = fields.get("distributed_state")
-    if isinstance(state, _StandIn) and isinstance(getattr(state, "num_processes", None), int):
-        return state.num_processes
-    # The Trainer writes rng_state.pth in a single process, rng_state_<rank>.pth per rank otherwise.
+def _world_size(checkpoint: str, recorded: int | None) -> int | None:
+    # The Trainer writes rng_state.pth in a single process, rng_state_<rank>.pth per rank
+    # otherwise. Each witness gives a lower bound: on node-local disks a checkpoint folder
+    # holds only its node's ranks' files, and a folder assembled by hand may hold more.
     names = os.listdir(checkpoint)
     ranks = [int(m.group(1)) for n in names if (m := _RNG_RE.match(n))]
-    if ranks:
-        return max(ranks) + 1
-    return 1 if "rng_state.pth" in names else None
+    from_files = max(ranks) + 1 if ranks else (1 if "rng_state.pth" in names else None)
+    witnesses = [count for count in (recorded, from_files) if count is not None]
+    return max(witnesses) if witnesses else None
 
 
 def checkpoint_settings(checkpoint: str) -> tuple[RunSettings, int | None]:
@@ -127,24 +118,20 @@ def checkpoint_settings(checkpoint: str) -> tuple[RunSettings, int | None]:
             state = json.load(handle)
     except (OSError, json.JSONDecodeError):
         state = {}
-    fields = _read_training_args(os.path.join(checkpoint, "training_args.bin"))
+    fields, launch = _recorded_settings(checkpoint) if os.path.isdir(checkpoint) else ({}, {})
     per_device = fields.get("per_device_train_batch_size")
     # trainer_state.json's train_batch_size is per process (times n_gpu under DataParallel).
     if state.get("train_batch_size") is not None:
-        per_device = state["train_batch_size"] // max(1, fields.get("_n_gpu") or 1)
-    # transformers 5 folds the warm-up ratio into warmup_steps (< 1 means a ratio); 4.x had both.
-    warmup = fields.get("warmup_steps")
-    if not warmup and fields.get("warmup_ratio"):
-        warmup = fields["warmup_ratio"]
+        per_device = state["train_batch_size"] // max(1, launch.get("n_gpu") or 1)
     settings = RunSettings(
         max_steps=state.get("max_steps") or fields.get("max_steps"),
         learning_rate=fields.get("learning_rate"),
-        lr_scheduler_type=_plain(fields.get("lr_scheduler_type")),
-        warmup_steps=warmup,
-        lr_scheduler_kwargs=fields.get("lr_scheduler_kwargs") if "lr_scheduler_type" in fields else None,
+        lr_scheduler_type=fields.get("lr_scheduler_type"),
+        warmup_steps=fields.get("warmup_steps"),
+        lr_scheduler_kwargs=fields.get("lr_scheduler_kwargs") if fields.get("lr_scheduler_type") else None,
         per_device_train_batch_size=per_device,
         gradient_accumulation_steps=fields.get("gradient_accumulation_steps"),
-        world_size=_world_size(checkpoint, fields) if os.path.isdir(checkpoint) else None,
+        world_size=_world_size(checkpoint, launch.get("world_size")) if os.path.isdir(checkpoint) else None,
     )
     return settings, state.get("global_step")
 
@@ -167,22 +154,10 @@ def current_settings(args) -> RunSettings:
 # --- the learning rate a resumed run actually gets ------------------------------------------
 
 
-def _uses_loro_schedule(script_args) -> bool:
-    return (getattr(script_args, "optimizer", None), getattr(script_args, "scheduler", None)) == (
-        "loro_adamw", "cosine_restart")  # fmt: skip
-
-
 def _build_scheduler(optimizer, settings: RunSettings, script_args):
     """The scheduler `train_hf.py` would give the Trainer for `settings`."""
-    if _uses_loro_schedule(script_args):
-        from .loro import get_cosine_restart_schedule
-
-        return get_cosine_restart_schedule(
-            optimizer, num_warmup_steps=settings.num_warmup_steps(), num_training_steps=settings.max_steps,
-            min_lr_ratio=script_args.min_lr_ratio,
-            restart_every=script_args.cosine_restart_freq or script_args.loro_refresh_freq,
-            restart_warmup_steps=script_args.cosine_restart_warmup,
-        )  # fmt: skip
+    if uses_run_cosine_restart(script_args):
+        return run_cosine_restart_schedule(optimizer, script_args, settings.num_warmup_steps(), settings.max_steps)
     from transformers import get_scheduler
 
     return get_scheduler(
@@ -272,7 +247,7 @@ def resume_warnings(
     saved_scheduler = saved_scheduler or {}
     where = f"since {checkpoint}" + (f" (step {step})" if step is not None else "")
     messages = []
-    loro = _uses_loro_schedule(script_args)
+    loro = uses_run_cosine_restart(script_args)
     schedule = "LORO cosine_restart" if loro else new.lr_scheduler_type or old.lr_scheduler_type
 
     if _differs(old.learning_rate, new.learning_rate):

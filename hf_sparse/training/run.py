@@ -65,6 +65,7 @@ from .resume_check import final_step_eval, warn_on_resume_changes
 from .resume_target import check_resume_target, nothing_to_train_message
 from .run_args import ConfigError, LaunchError
 from .run_config import parse_run_config
+from .run_record import RunRecordCallback, resolved_run_config
 from .tokenizer import load_tokenizer
 
 logger = logging.getLogger("train_hf")
@@ -280,8 +281,9 @@ def build_trainer(run, signals: StopSignals | None) -> tuple[Trainer, Parts]:
         model=model, args=args, train_dataset=train_dataset, eval_dataset=eval_dataset, processing_class=tokenizer,
         data_collator=default_data_collator, compute_metrics=build_compute_metrics(),
         preprocess_logits_for_metrics=preprocess_logits_for_metrics,
+        # RunRecordCallback last: it sees the save decisions of the callbacks before it.
         callbacks=[sparsity, EvalPerplexityCallback(), ModelCardCallback(dataset_name=data_args.dataset_name),
-                   *extra_callbacks],
+                   *extra_callbacks, RunRecordCallback(resolved_run_config(run))],
         optimizers=optimizers,
     )  # fmt: skip
     return trainer, parts
