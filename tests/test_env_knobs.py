@@ -86,3 +86,17 @@ def test_code_selecting_switches_are_recorded_in_config_json_and_the_card(monkey
     plain = tiny_config()
     record_environment(plain)
     assert not hasattr(plain, "hf_sparse_environment") and "- trained with `" not in model_card(plain, [])
+
+
+def test_a_saved_config_with_the_record_is_still_a_model_json(monkeypatch, tmp_path):
+    """A trained checkpoint's config.json used as the next run's model_config: the record
+    describes the old run, so it is dropped (the new run records its own), never an error."""
+    from hf_sparse.training.run import record_environment
+    from hf_sparse.training.run_config import load_model_config
+
+    monkeypatch.setenv("HF_SPARSE_DISABLE_2TO4_KERNEL", "1")
+    config = tiny_config()
+    record_environment(config)
+    config.save_pretrained(tmp_path)
+    loaded = load_model_config(str(tmp_path / "config.json"), {})
+    assert not hasattr(loaded, "hf_sparse_environment")

@@ -169,7 +169,12 @@ OPTIMIZER_CHOICES = ("adamw", "loro_adamw")
 SCHEDULER_CHOICES = ("trainer", "cosine_restart")
 
 
-MODEL_JSON_DROPPED_KEYS = ("architectures", "transformers_version", "_name_or_path", "auto_map", "dtype", "torch_dtype")
+# A saved config.json used as a model JSON: what describes the saved run, not the new one
+# (hf_sparse_environment: the switches that run was computed with; the new run records its own).
+MODEL_JSON_DROPPED_KEYS = (
+    "architectures", "transformers_version", "_name_or_path", "auto_map", "dtype", "torch_dtype",
+    "hf_sparse_environment",
+)  # fmt: skip
 
 
 @dataclass
