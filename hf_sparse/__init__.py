@@ -39,7 +39,7 @@ from .model.modeling_sparse_llama import (
     set_training_step,
 )
 from .training.telemetry import sparsity_metrics
-from .training.callbacks import SparsityCallback
+from .training.callbacks import SparsityCallback, add_callbacks
 
 __version__ = "0.2.0"  # the package version (pyproject.toml reads it from here)
 
@@ -62,6 +62,7 @@ __all__ = [
     "SparseLlamaModel",
     "SparseLlamaPreTrainedModel",
     "SparsityCallback",
+    "add_callbacks",
     "prepare_2to4_gemms",
     "set_training_step",
     "sparsity_metrics",

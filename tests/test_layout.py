@@ -3,6 +3,7 @@ itself; every module stays one concern (<= 600 lines); the README's architecture
 the code's; the public names survive the move; a checkpoint written before it still loads."""
 
 import ast
+import glob
 import os
 import re
 import sys
@@ -81,6 +82,19 @@ def test_no_module_does_five_jobs():
                 if count > MAX_MODULE_LINES:
                     long[os.path.relpath(path, REPO_ROOT)] = count
     assert long == {}
+
+
+def test_no_module_walks_the_call_stack():
+    """Code finds what it works with from what it is given, not from its callers' frames
+    (the callbacks' place in the Trainer included: hf_sparse/training/callbacks.py)."""
+    sources = glob.glob(os.path.join(PACKAGE, "**", "*.py"), recursive=True)
+    assert len(sources) > 20
+    walking = {}
+    for path in sources:
+        with open(path, encoding="utf-8") as handle:
+            text = handle.read()
+        walking.update({os.path.relpath(path, REPO_ROOT): w for w in ("_getframe", "currentframe", "f_back") if w in text})
+    assert walking == {}
 
 
 def readme_tree() -> set[str]:

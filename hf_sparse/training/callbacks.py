@@ -1,16 +1,46 @@
-"""`SparsityCallback`: drives the 2:4 dense warm-up from the Trainer's optimizer step and
-merges sparsity telemetry into every logging backend."""
+"""The project's Trainer callbacks (`SparsityCallback`: the 2:4 dense warm-up driven by the
+Trainer's optimizer step, sparsity telemetry merged into every logging backend;
+`EvalPerplexityCallback`; `ModelCardCallback`) and where the Trainer runs them.
 
+Callback order. The Trainer calls `on_log` on its callbacks in list order, and the reporting
+integrations (wandb, TensorBoard, ...) send `logs` on in their own `on_log`; a callback that
+adds keys to the row (a "log-row" callback, `_FirstCallback` below) must run before them or
+its keys reach the console only. `Trainer(callbacks=[...])` and `trainer.add_callback` put a
+callback behind them (DefaultFlowCallback, the integrations, the given callbacks, the
+printer). A merge that does not depend on the order is not possible with the stock Trainer:
+`Trainer.log` builds the row and hands it straight to the callbacks, and it hands a callback
+neither itself nor its `CallbackHandler`. So:
+
+- `add_callbacks(trainer, *callbacks)` (what train_hf.py does, and the documented way in a
+  script; `hf_sparse.add_callbacks`) adds callbacks as `trainer.add_callback` does, with the
+  log-row ones at the front of the callback list, ahead of DefaultFlowCallback and the
+  integrations. Nothing is looked up.
+- A log-row callback attached by hand (`Trainer(callbacks=[...])`, `trainer.add_callback`,
+  `trainer.callback_handler.callbacks.insert(0, ...)`) puts itself at the front at
+  `on_init_end` and `on_train_begin`. The handler that holds it is found through the garbage
+  collector's referrer graph (handler -> its list -> the callback), about once per Trainer:
+  a handler met before is remembered (weakly) and searched first, and the one calling is
+  told apart by the objects it passes (model, optimizer, dataloaders, ...). No stack frames.
+- At every `on_log` a log-row callback checks that no reporting integration runs before it
+  in the handler calling it, and raises naming the fix otherwise: a callback list changed
+  after training began cannot be repaired for the row under way.
+
+Log-row callbacks therefore run before DefaultFlowCallback too: `evaluation_due` says from
+`args` and `state`, as DefaultFlowCallback decides, whether the Trainer evaluates after this
+step or epoch.
+"""
+
+import gc
 import logging
 import math
 import os
-import sys
+import weakref
 
 import torch
 from transformers import TrainerCallback
 from transformers.integrations import INTEGRATION_TO_CALLBACK
 from transformers.trainer_callback import CallbackHandler
-from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, IntervalStrategy
 
 from ..model.modeling_sparse_llama import ensure_activation_stats, prepare_2to4_gemms, set_training_step
 from ..model.weight_sparse import next_weight_generation
@@ -25,29 +55,100 @@ _REPORTING_CALLBACK_TYPES = tuple(
 )
 
 _ORDER_HELP = (
-    "{name} must run before the reporting integrations (wandb, TensorBoard, ...) "
-    "or its metrics reach the console only. Insert it first: "
-    "trainer.callback_handler.callbacks.insert(0, {name}())."
+    "{name} runs after the reporting integration {reporter} at this logging step, so its metrics "
+    "would reach the console only; it must run before the reporting integrations (wandb, "
+    "TensorBoard, ...). Add it with hf_sparse.add_callbacks(trainer, {name}(...)) (or "
+    "trainer.callback_handler.callbacks.insert(0, {name}(...))) before training, and do not "
+    "move an integration ahead of it once training has begun."
 )
 
+# What CallbackHandler.call_event hands every callback from the handler's own attributes.
+_HANDLER_OBJECTS = ("model", "processing_class", "optimizer", "lr_scheduler", "train_dataloader", "eval_dataloader")
+# The handlers met so far (weakly: a Trainer and its callbacks go when dropped).
+_met_handlers: "weakref.WeakSet[CallbackHandler]" = weakref.WeakSet()
 
-def _calling_handler():
-    """The `CallbackHandler` that is calling the current callback event, if any.
 
-    `CallbackHandler.call_event` does not hand callbacks a reference to itself, and the
-    order it calls them in decides whether our metrics reach wandb/TensorBoard (they run
-    before callbacks passed in `Trainer(callbacks=...)`), so we look a few frames up for
-    `call_event`.
-    """
-    frame = sys._getframe(1)
-    for _ in range(6):
-        if frame is None:
-            return None
-        candidate = frame.f_locals.get("self")
-        if isinstance(candidate, CallbackHandler):
-            return candidate
-        frame = frame.f_back
-    return None
+def _holds(handler, callback) -> bool:
+    return any(cb is callback for cb in handler.callbacks)
+
+
+def _handlers_holding(callback) -> list:
+    """Every `CallbackHandler` whose callback list holds `callback`: the lists that refer to
+    it, then the handlers that refer to one of those lists (directly, or through their
+    `__dict__` once Python has made one)."""
+    lists = [r for r in gc.get_referrers(callback) if type(r) is list]
+    handlers, attribute_dicts = [], []
+    for owner in gc.get_referrers(*lists) if lists else ():
+        if isinstance(owner, CallbackHandler):
+            handlers.append(owner)
+        elif type(owner) is dict and any(owner.get("callbacks") is held for held in lists):
+            attribute_dicts.append(owner)
+    if attribute_dicts:
+        handlers += [o for o in gc.get_referrers(*attribute_dicts) if isinstance(o, CallbackHandler)]
+    unique = {id(h): h for h in handlers}.values()
+    return [h for h in unique if _holds(h, callback)]
+
+
+def _ahead_of(handler, callback) -> list:
+    """The callbacks `handler` calls before `callback`."""
+    return handler.callbacks[: next(i for i, cb in enumerate(handler.callbacks) if cb is callback)]
+
+
+def _passed_by(handler, kwargs: dict) -> bool:
+    return all(getattr(handler, name, None) is kwargs[name] for name in _HANDLER_OBJECTS if name in kwargs)
+
+
+def _handlers_calling(callback, kwargs: dict, look: bool = True) -> list:
+    """The handlers that hold `callback` and pass it the objects in `kwargs` (those of the
+    event under way: the calling one). A handler met before answers without a look-up;
+    else (`look`, or no handler met holds it) the handlers holding it are looked up. A
+    handler that passes other objects (a custom one) counts when no other does."""
+    met = [h for h in _met_handlers if _holds(h, callback)]
+    calling = [h for h in met if _passed_by(h, kwargs)]
+    if calling or (met and not look):
+        return calling or met
+    found = _handlers_holding(callback)
+    _met_handlers.update(found)
+    return [h for h in found if _passed_by(h, kwargs)] or found
+
+
+def _put_first(handler, *callbacks) -> None:
+    """`callbacks` at the front of `handler`'s list, in this order. A new list: a handler
+    iterating the old one during an event calls no callback twice."""
+    rest = [cb for cb in handler.callbacks if not any(cb is first for first in callbacks)]
+    handler.callbacks = list(callbacks) + rest
+    _met_handlers.add(handler)
+
+
+def add_callbacks(trainer, *callbacks) -> None:
+    """Add `callbacks` (instances or classes) to `trainer` as `trainer.add_callback` does,
+    except that hf_sparse's log-row callbacks (`SparsityCallback`, `EvalPerplexityCallback`,
+    `LoroCallback`, `LmEvalCallback`, ...) go to the front of its callback list, in the order
+    given, where their metrics reach every reporting integration in the row with `loss`."""
+    handler = trainer.callback_handler
+    first = []
+    for callback in callbacks:
+        callback = callback() if isinstance(callback, type) else callback
+        if isinstance(callback, _FirstCallback):
+            first.append(callback)
+        elif not _holds(handler, callback):
+            handler.add_callback(callback)
+    _put_first(handler, *first)
+
+
+def evaluation_due(event: str, args, state) -> bool:
+    """Whether DefaultFlowCallback sets `should_evaluate` at `event` ("on_step_end" or
+    "on_epoch_end"), decided from `args` and `state` as it decides (steps: every `eval_steps`
+    and at `max_steps`; epoch: each epoch end; neither before `eval_delay`)."""
+    if event == "on_step_end":
+        return (
+            args.eval_strategy == IntervalStrategy.STEPS
+            and (state.global_step % state.eval_steps == 0 or state.global_step >= state.max_steps)
+            and args.eval_delay <= state.global_step
+        )
+    if event == "on_epoch_end":
+        return args.eval_strategy == IntervalStrategy.EPOCH and args.eval_delay <= state.epoch
+    raise ValueError(f"evaluation_due: no evaluation is decided at {event!r}")
 
 
 def merge_into_log_row(state, logs: dict, metrics: dict) -> None:
@@ -59,30 +160,27 @@ def merge_into_log_row(state, logs: dict, metrics: dict) -> None:
 
 
 class _FirstCallback(TrainerCallback):
-    """A callback that adds keys to `logs` and so must run before the reporting
-    integrations; it moves itself to the front of the handler the first time it is
-    called, and refuses to log silently to the console only."""
+    """A log-row callback: it adds keys to `logs`, so it runs before the reporting
+    integrations. Attached by hand, it moves itself to the front of the handler that calls
+    it at init end and train begin; at each log it refuses to log to the console only."""
 
-    def _move_first(self):
-        handler = _calling_handler()
-        if handler is None or (handler.callbacks and handler.callbacks[0] is self):
-            return
-        # A new list: call_event keeps iterating the old one, so no callback runs twice.
-        handler.callbacks = [self] + [cb for cb in handler.callbacks if cb is not self]
+    def _move_first(self, kwargs: dict) -> None:
+        for handler in _handlers_calling(self, kwargs):
+            # Only other log-row callbacks ahead of it: already in place.
+            if not all(isinstance(cb, _FirstCallback) for cb in _ahead_of(handler, self)):
+                _put_first(handler, self)
 
-    def _check_order(self):
-        handler = _calling_handler()
-        if handler is None:
-            return
-        position = next(i for i, cb in enumerate(handler.callbacks) if cb is self)
-        if any(isinstance(cb, _REPORTING_CALLBACK_TYPES) for cb in handler.callbacks[:position]):
-            raise RuntimeError(_ORDER_HELP.format(name=type(self).__name__))
+    def _check_order(self, kwargs: dict) -> None:
+        for handler in _handlers_calling(self, kwargs, look=False):
+            reporters = [cb for cb in _ahead_of(handler, self) if isinstance(cb, _REPORTING_CALLBACK_TYPES)]
+            if reporters:
+                raise RuntimeError(_ORDER_HELP.format(name=type(self).__name__, reporter=type(reporters[0]).__name__))
 
     def on_init_end(self, args, state, control, **kwargs):
-        self._move_first()
+        self._move_first(kwargs)
 
     def on_train_begin(self, args, state, control, **kwargs):
-        self._move_first()
+        self._move_first(kwargs)
 
 
 def _block_length(train_dataloader) -> int | None:
@@ -117,7 +215,7 @@ class EvalPerplexityCallback(_FirstCallback):
     """Adds `eval_perplexity = exp(eval_loss)` to every evaluation log row."""
 
     def on_log(self, args, state, control, logs=None, **kwargs):
-        self._check_order()
+        self._check_order(kwargs)
         if logs and "eval_loss" in logs and "eval_perplexity" not in logs:
             loss = float(logs["eval_loss"])
             merge_into_log_row(state, logs, {"eval_perplexity": math.exp(loss) if loss < 700 else float("inf")})
@@ -128,10 +226,12 @@ class SparsityCallback(_FirstCallback):
     training logging step, merges `sparsity_metrics` into the Trainer's `logs` and the
     matching `state.log_history` row.
 
-    Attach it any documented way: `Trainer(callbacks=[SparsityCallback()])`,
-    `trainer.add_callback(...)` or at index 0 of `trainer.callback_handler.callbacks`. It
-    moves itself ahead of the reporting integrations the first time the handler calls it;
-    if that is not possible it raises instead of silently logging to the console only.
+    Attach it with `hf_sparse.add_callbacks(trainer, SparsityCallback())` (placed where it
+    must run) or any way transformers offers: `Trainer(callbacks=[SparsityCallback()])`,
+    `trainer.add_callback(...)` or at index 0 of `trainer.callback_handler.callbacks`; then it
+    moves itself ahead of the reporting integrations at init end and train begin. If one
+    runs before it at a logging step all the same, it raises instead of silently logging to
+    the console only.
 
     `flip_rate=True` (run key `flip_rate`) adds the 2:4 weight-mask flip rates
     (`flip_rate/layer_{i}/<matrix>[_in|_out]`, `flip_rate/mean`, `/max`, `/total`): the
@@ -158,7 +258,7 @@ class SparsityCallback(_FirstCallback):
         self.sequence_length = sequence_length
 
     def on_train_begin(self, args, state, control, model=None, **kwargs):
-        self._move_first()
+        self._move_first(kwargs)
         # Stat tensors exist before the first (possibly compiled) forward, on the device the
         # inputs come on: creating them inside a compiled forward would cost a recompile.
         ensure_activation_stats(model, args.device)
@@ -187,7 +287,7 @@ class SparsityCallback(_FirstCallback):
         next_weight_generation(model)
 
     def on_log(self, args, state, control, logs=None, model=None, **kwargs):
-        self._check_order()
+        self._check_order(kwargs)
         # Only training rows carry the metrics; eval and end-of-training summary rows
         # would see an empty activation window.
         if logs is None or model is None or "loss" not in logs:
@@ -231,4 +331,4 @@ class ModelCardCallback(TrainerCallback):
             write_model_card(folder, model.config, state.log_history, args, self.card_dataset)
 
 
-__all__ = ["EvalPerplexityCallback", "ModelCardCallback", "SparsityCallback"]
+__all__ = ["EvalPerplexityCallback", "ModelCardCallback", "SparsityCallback", "add_callbacks", "evaluation_due"]

@@ -15,7 +15,6 @@ wait in the broadcast of its scores; every rank then logs the same row. Sharded 
 (FSDP, ZeRO-3) are refused up front. lm-eval is imported only here and only when used.
 """
 
-import copy
 import difflib
 import functools
 import importlib
@@ -27,9 +26,8 @@ from contextlib import contextmanager
 
 import numpy as np
 import torch
-from transformers.trainer_callback import DefaultFlowCallback
 
-from .callbacks import _FirstCallback, merge_into_log_row
+from .callbacks import _FirstCallback, evaluation_due, merge_into_log_row
 
 logger = logging.getLogger(__name__)
 
@@ -356,10 +354,8 @@ class LmEvalCallback(_FirstCallback):
 
     def _evaluation_coming(self, event: str, args, state, control) -> bool:
         """Will the Trainer evaluate after this step (or epoch)? This callback runs first
-        (see _FirstCallback), before DefaultFlowCallback has decided: ask it, on a copy."""
-        probe = copy.deepcopy(control)
-        getattr(DefaultFlowCallback(), event)(args, state, probe)
-        return probe.should_evaluate
+        (see _FirstCallback), before DefaultFlowCallback has decided: decide as it does."""
+        return bool(control.should_evaluate) or evaluation_due(event, args, state)
 
     def on_step_end(self, args, state, control, **kwargs):
         due = self._due(state, control) if self.steps else self._evaluation_coming("on_step_end", args, state, control)
@@ -372,7 +368,7 @@ class LmEvalCallback(_FirstCallback):
             control.should_log = True
 
     def on_log(self, args, state, control, logs=None, model=None, processing_class=None, **kwargs):
-        self._check_order()
+        self._check_order(kwargs)
         if logs is None or model is None or self.last_step == state.global_step or lm_eval_metrics(logs):
             return
         training_row = "loss" in logs

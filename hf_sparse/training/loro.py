@@ -505,7 +505,7 @@ class LoroCallback(_FirstCallback):
     logging step, from the optimizer's own counters (restored on resume)."""
 
     def on_log(self, args, state, control, logs=None, optimizer=None, **kwargs):
-        self._check_order()
+        self._check_order(kwargs)
         optimizer = getattr(optimizer, "optimizer", optimizer)  # accelerate wraps it
         if logs is None or "loss" not in logs or not isinstance(optimizer, LOROAdamW):
             return

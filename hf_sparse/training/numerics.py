@@ -19,7 +19,7 @@ import torch
 from transformers import TrainerCallback
 
 from ..model.modeling_sparse_llama import STAT_FIRST_NONFINITE_STEP, STAT_NONFINITE, sparse_mlps
-from .callbacks import _calling_handler, _FirstCallback, merge_into_log_row
+from .callbacks import _FirstCallback, _handlers_calling, _holds, _put_first, merge_into_log_row
 from .checkpoints import last_complete_checkpoint
 
 logger = logging.getLogger(__name__)
@@ -70,7 +70,7 @@ class _SkippedStepsLog(_FirstCallback):
         self.guard = guard
 
     def on_log(self, args, state, control, logs=None, **kwargs):
-        self._check_order()
+        self._check_order(kwargs)
         if self.guard.policy == "skip" and logs is not None and "loss" in logs:
             merge_into_log_row(state, logs, {"numerics/skipped_steps": float(len(self.guard.skipped))})
 
@@ -89,17 +89,16 @@ class NumericsGuardCallback(TrainerCallback):
         self.log_callback = _SkippedStepsLog(self)
 
     def on_init_end(self, args, state, control, **kwargs):
-        self._attach_log_callback()
+        self._attach_log_callback(kwargs)
 
     def on_train_begin(self, args, state, control, **kwargs):
-        self._attach_log_callback()  # for a guard added with trainer.add_callback
+        self._attach_log_callback(kwargs)  # for a guard added with trainer.add_callback
 
-    def _attach_log_callback(self):
-        # The companion goes to the front of the handler that holds this guard (a new
-        # list: the handler keeps iterating the old one during this event).
-        handler = _calling_handler()
-        if handler is not None and self.log_callback not in handler.callbacks:
-            handler.callbacks = [self.log_callback] + list(handler.callbacks)
+    def _attach_log_callback(self, kwargs: dict):
+        # The companion goes to the front of the handler that calls this guard.
+        for handler in _handlers_calling(self, kwargs):
+            if not _holds(handler, self.log_callback):
+                _put_first(handler, self.log_callback)
 
     # --- "skip": drop the update of a step whose gradients are not finite -------------------
     def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):

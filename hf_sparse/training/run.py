@@ -39,7 +39,7 @@ from transformers import AutoModelForCausalLM, Trainer, default_data_collator, s
 from ..model.env_knobs import code_selecting_settings
 from ..report import NotARunError, write_report
 from .auto_switch import SWITCH_STEP_KEY, switch_step_reached
-from .callbacks import EvalPerplexityCallback, ModelCardCallback, SparsityCallback
+from .callbacks import EvalPerplexityCallback, ModelCardCallback, SparsityCallback, add_callbacks
 from .checkpoints import (
     apply_umask_permissions,
     checkpoint_step,
@@ -280,12 +280,13 @@ def build_trainer(run, signals: StopSignals | None) -> tuple[Trainer, Parts]:
     trainer = Trainer(
         model=model, args=args, train_dataset=train_dataset, eval_dataset=eval_dataset, processing_class=tokenizer,
         data_collator=default_data_collator, compute_metrics=build_compute_metrics(),
-        preprocess_logits_for_metrics=preprocess_logits_for_metrics,
-        # RunRecordCallback last: it sees the save decisions of the callbacks before it.
-        callbacks=[sparsity, EvalPerplexityCallback(), ModelCardCallback(dataset_name=data_args.dataset_name),
-                   *extra_callbacks, RunRecordCallback(resolved_run_config(run))],
-        optimizers=optimizers,
+        preprocess_logits_for_metrics=preprocess_logits_for_metrics, optimizers=optimizers,
     )  # fmt: skip
+    # The log-row callbacks go ahead of the reporting integrations (report_to), the others
+    # after the Trainer's own, in this order (the numerics guard before the preemption stop).
+    # RunRecordCallback last: it sees the save decisions of the callbacks before it.
+    add_callbacks(trainer, sparsity, EvalPerplexityCallback(), ModelCardCallback(dataset_name=data_args.dataset_name),
+                  *extra_callbacks, RunRecordCallback(resolved_run_config(run)))  # fmt: skip
     return trainer, parts
 
 
