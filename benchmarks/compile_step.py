@@ -74,7 +74,9 @@ def main(argv=None):
     measured = interleaved_step_times(step, ("compiled", "eager"), args.blocks, args.steps_per_block)
     times, ratios = measured["times"], measured["ratios"]  # ratios: eager / compiled
     print(f"machine: {describe_machine(torch.device('cpu'))}")
-    print(f"torch {torch.__version__}, mode {args.mode}, batch {args.batch}x{args.seq}, stages compiled: {args.compile_stages}")
+    print(
+        f"torch {torch.__version__}, mode {args.mode}, batch {args.batch}x{args.seq}, stages compiled: {args.compile_stages}"
+    )
     for name, ts in times.items():
         print(f"{name:>8}: median {statistics.median(ts) * 1e3:.0f} ms/step (n={len(ts)})")
     print("per-block eager/compiled:", " ".join(f"{r:.2f}" for r in ratios))

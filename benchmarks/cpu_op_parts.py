@@ -80,8 +80,10 @@ def main(argv=None):
     g = torch.empty(t, f)  # a real backward factor for the backward stages
     sparse_ffn._forward_stage(y1.clone(), None, "naive", True, True, True, y2s_out, g)
     opts = {"emulate_precision_casts": True}
-    compiled = {s: torch.compile(s, fullgraph=True, options=opts) for s in (
-        sparse_ffn._forward_stage, sparse_ffn._backward_stage, sparse_ffn._up_operand_stage)}
+    compiled = {
+        s: torch.compile(s, fullgraph=True, options=opts)
+        for s in (sparse_ffn._forward_stage, sparse_ffn._backward_stage, sparse_ffn._up_operand_stage)
+    }
     y1_copy = torch.empty(t, f)
 
     def forward(stage, members=True):
@@ -90,6 +92,7 @@ def main(argv=None):
             y1_copy.copy_(y1)
             extra = (planar(y2s_out), planar(g_out)) if members else ()
             stage(y1_copy, None, "naive", True, True, True, y2s_out, g_out, *extra)
+
         return run
 
     def backward(stage):
@@ -97,12 +100,14 @@ def main(argv=None):
             y1_copy.copy_(dy2)  # the eager stage makes dy1 in place on dy2
             stage(y1_copy, g, None, True, True, True, dense_idx, None, 0, False, dense_mask, dy1_out, down_out,
                   tokens(down_out))  # fmt: skip
+
         return run
 
     def up(stage):
         def run():
             y1_copy.copy_(dy2)
             stage(y1_copy, dense_idx, dense_mask, up_out, tokens(up_out))
+
         return run
 
     rows += [

@@ -124,7 +124,9 @@ class CusparseltOps:
         """(alg id, split_k, split_k_mode) the library picks by its own timing (unverified)."""
         binding = getattr(torch._C, "_cusparselt", None)
         if hasattr(binding, "mm_search"):
-            alg_id, split_k, split_k_mode, _max_alg_id = binding.mm_search(packed, b, None, None, None, transpose_result)
+            alg_id, split_k, split_k_mode, _max_alg_id = binding.mm_search(
+                packed, b, None, None, None, transpose_result
+            )
             return int(alg_id), int(split_k), int(split_k_mode)
         return int(torch._cslt_sparse_mm_search(packed, b, transpose_result=transpose_result)), 1, -1
 
@@ -313,14 +315,16 @@ def first_look(gemms, ops, args, device, dtype, timer, alg_id):
             check += f"; dense itself off by {dense_err:.1e}"
         times = median_ms(fns, timer, args.warmup, args.repeats)
         rows.append((gemm, times["dense"], times.get("sparse"), times["compress"], check, ok))
-        del a, b, packed, ref
+        a = b = packed = ref = None  # freed before the next GEMM's operands
     return rows
 
 
 def print_first_look(rows, alg_id):
     print(f"\n[1/3] sparse vs dense GEMMs, alg id {alg_id} (what the op uses now), median ms")
-    header = (f"{'GEMM':<22} {'m':>6} {'k':>6} {'n':>5} {'B':<14} {'dense':>8} {'sparse':>8} {'x':>6} "
-              f"{'compress':>8} {'x incl.':>7}  check vs fp32")
+    header = (
+        f"{'GEMM':<22} {'m':>6} {'k':>6} {'n':>5} {'B':<14} {'dense':>8} {'sparse':>8} {'x':>6} "
+        f"{'compress':>8} {'x incl.':>7}  check vs fp32"
+    )
     print(header)
     print("-" * len(header))
     with_compress = []
@@ -395,9 +399,11 @@ def time_alg_ids(tuning: Tuning, ops, args, device, dtype, timer, seed):
 def print_tuning_detail(tuning: Tuning, args):
     gemm = tuning.gemm
     print(f"{gemm.label} (m={gemm.m}, k={gemm.k}, n={gemm.n}):")
-    print(f"  verified ({args.verify_repeats} draws x {len(LAYOUTS)} layouts): "
-          f"{id_ranges(tuning.passed) or 'none'}"
-          + (f"; worst error {max(tuning.worst_err[a] for a in tuning.passed):.1e}" if tuning.passed else ""))
+    print(
+        f"  verified ({args.verify_repeats} draws x {len(LAYOUTS)} layouts): "
+        f"{id_ranges(tuning.passed) or 'none'}"
+        + (f"; worst error {max(tuning.worst_err[a] for a in tuning.passed):.1e}" if tuning.passed else "")
+    )
     for alg, why in sorted(tuning.wrong.items()):
         print(f"  REJECTED alg id {alg}: {why}")
     if tuning.unsupported:
@@ -465,15 +471,19 @@ def print_final(tunings, single, shape_name, configured_id, device_name, tag) ->
     alg, slowdown = single
     if alg is None:
         print("  no alg id passed the check on all four GEMMs: the op (one id for all) has no safe choice")
-        print(f"{tag}go/no-go: no cuSPARSELt alg id is correct for all four GEMMs at {shape_name} "
-              f"-> NO-GO on {device_name}")
+        print(
+            f"{tag}go/no-go: no cuSPARSELt alg id is correct for all four GEMMs at {shape_name} "
+            f"-> NO-GO on {device_name}"
+        )
         return None
     if set(per_gemm_best.values()) == {alg}:
         print(f"  alg id {alg} is the fastest verified id for every GEMM")
     else:
         kept = f" (kept: within {KEEP_CONFIGURED_WITHIN:.0%} of the best single id)" if alg == configured_id else ""
-        print(f"  no id is fastest everywhere; alg id {alg} is verified on all four and takes "
-              f"{(slowdown - 1) * 100:.1f}% longer than each GEMM's own best (geo-mean){kept}")
+        print(
+            f"  no id is fastest everywhere; alg id {alg} is verified on all four and takes "
+            f"{(slowdown - 1) * 100:.1f}% longer than each GEMM's own best (geo-mean){kept}"
+        )
     if alg == configured_id:
         print(f"  -> keep {ALG_ID_ENV}={alg} (what the op uses now)")
     else:
@@ -483,12 +493,16 @@ def print_final(tunings, single, shape_name, configured_id, device_name, tag) ->
     per_gemm, weighted = speedups(tunings, lambda t: alg)
     for t, both in zip(tunings, per_gemm):
         sparse = t.sparse_ms[alg]
-        print(f"  {t.gemm.label:<22} {t.dense_ms:9.3f} {sparse:9.3f} {t.dense_ms / sparse:5.2f}x "
-              f"{t.compress_ms:9.3f} {both:6.2f}x")
+        print(
+            f"  {t.gemm.label:<22} {t.dense_ms:9.3f} {sparse:9.3f} {t.dense_ms / sparse:5.2f}x "
+            f"{t.compress_ms:9.3f} {both:6.2f}x"
+        )
     speedup = geo_mean(per_gemm)
     decision = "GO" if speedup > 1.0 else "NO-GO"
-    print(f"{tag}go/no-go: sparse GEMMs {speedup:.2f}x dense (geo-mean of 4 GEMMs at {shape_name}, verified alg id "
-          f"{alg}, compress included; time-weighted {weighted:.2f}x) -> {decision} on {device_name}")
+    print(
+        f"{tag}go/no-go: sparse GEMMs {speedup:.2f}x dense (geo-mean of 4 GEMMs at {shape_name}, verified alg id "
+        f"{alg}, compress included; time-weighted {weighted:.2f}x) -> {decision} on {device_name}"
+    )
     return alg
 
 
@@ -501,8 +515,11 @@ def main(argv=None) -> int:
     parser.add_argument("--verify-repeats", type=int, default=5, help="fresh random draws per alg id check")
     parser.add_argument("--max-alg-id", type=int, default=None, help="try ids [0, this); default: 64 or torch's count")
     parser.add_argument("--write-alg-id", metavar="PATH", help="write the recommended alg id to PATH (emptied if none)")
-    parser.add_argument("--cpu-smoke", action="store_true",
-                        help="tiny shapes, emulated sparse ops on CPU: checks this script, measures nothing")
+    parser.add_argument(
+        "--cpu-smoke",
+        action="store_true",
+        help="tiny shapes, emulated sparse ops on CPU: checks this script, measures nothing",
+    )
     args = parser.parse_args(argv)
     sys.stdout.reconfigure(line_buffering=True)  # keep printed lines if a timeout kills the run
 
@@ -517,9 +534,11 @@ def main(argv=None) -> int:
 
     if args.cpu_smoke:
         device, ops = torch.device("cpu"), EmulatedOps()
-        print("CPU SMOKE: the sparse ops are EMULATED (dense matmul on the 2:4-pruned A, planted faults in "
-              f"alg ids {EmulatedOps.FLAKY_ID} and {EmulatedOps.BAD_TRANSPOSE_ID}); every time below comes from "
-              "that emulation and is NOT a measurement")
+        print(
+            "CPU SMOKE: the sparse ops are EMULATED (dense matmul on the 2:4-pruned A, planted faults in "
+            f"alg ids {EmulatedOps.FLAKY_ID} and {EmulatedOps.BAD_TRANSPOSE_ID}); every time below comes from "
+            "that emulation and is NOT a measurement"
+        )
         print(f"GEMM plan at the real {args.shape} shape (d={d}, F={f}, T={args.tokens}):")
         for gemm in ffn_gemms(d, f, args.tokens):
             print(f"  {gemm.label:<22} m={gemm.m} k={gemm.k} n={gemm.n} B={gemm.b_name}")
@@ -548,9 +567,11 @@ def main(argv=None) -> int:
     tag = "[EMULATED, not a measurement] " if ops.emulated else ""
     cusparselt = None if ops.emulated else torch.backends.cusparselt.version()
     print(f"device: {device_name}; torch {torch.__version__}, CUDA {torch.version.cuda}, cuSPARSELt {cusparselt}")
-    print(f"shape {shape_name}: d={d}, F={f}, T={args.tokens}, F_s={sparse_feature_rows(f)} (F minus the densest "
-          f"{DENSE_FEATURE_FRACTION:.0%}, to a multiple of {ALIGN}), bf16; median of {args.repeats} after "
-          f"{args.warmup} warm-up; alg ids [0, {max_alg_id}); error limit {REL_ERR_LIMIT:g} vs fp32")
+    print(
+        f"shape {shape_name}: d={d}, F={f}, T={args.tokens}, F_s={sparse_feature_rows(f)} (F minus the densest "
+        f"{DENSE_FEATURE_FRACTION:.0%}, to a multiple of {ALIGN}), bf16; median of {args.repeats} after "
+        f"{args.warmup} warm-up; alg ids [0, {max_alg_id}); error limit {REL_ERR_LIMIT:g} vs fp32"
+    )
     if args.write_alg_id:
         open(args.write_alg_id, "w").close()  # a stale id from an earlier run must not survive a failure
 
@@ -562,13 +583,17 @@ def main(argv=None) -> int:
             provisional = geo_mean(with_compress)
             decision = "GO" if provisional > 1.0 and not wrong else "NO-GO"
             note = f"; WRONG results on {', '.join(wrong)}" if wrong else ""
-            print(f"{tag}provisional go/no-go (alg id {configured_id}, before tuning): {provisional:.2f}x dense, "
-                  f"compress included{note} -> {decision}")
+            print(
+                f"{tag}provisional go/no-go (alg id {configured_id}, before tuning): {provisional:.2f}x dense, "
+                f"compress included{note} -> {decision}"
+            )
         else:
             print(f"{tag}provisional go/no-go: alg id {configured_id} does not run on every GEMM -> see the tuning")
 
-        print(f"\n[2/3] alg-id tuning: ids [0, {max_alg_id}), {args.verify_repeats} fresh draws x "
-              f"{len(LAYOUTS)} layouts each ({', '.join(label for label, *_ in LAYOUTS)})")
+        print(
+            f"\n[2/3] alg-id tuning: ids [0, {max_alg_id}), {args.verify_repeats} fresh draws x "
+            f"{len(LAYOUTS)} layouts each ({', '.join(label for label, *_ in LAYOUTS)})"
+        )
         tunings = []
         for index, gemm in enumerate(gemms):
             tuning = verify_alg_ids(gemm, ops, args, device, dtype, range(max_alg_id), seed=2000 + 100 * index)
@@ -587,8 +612,10 @@ def main(argv=None) -> int:
             recommended = print_final(tunings, single, shape_name, configured_id, device_name, tag)
     except GpuLost as exc:
         print(f"ABORTED: {exc}")
-        print("A crashing alg id cannot be skipped in-process: rerun with --max-alg-id at or below it. A "
-              "provisional verdict above (untuned alg id) still holds.")
+        print(
+            "A crashing alg id cannot be skipped in-process: rerun with --max-alg-id at or below it. A "
+            "provisional verdict above (untuned alg id) still holds."
+        )
         return 3
     except RuntimeError:
         # e.g. cuSPARSELt refusing this GPU or shape: say so in the verdict's words, then show where.

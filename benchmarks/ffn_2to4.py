@@ -37,7 +37,6 @@ from hf_sparse.model.sparse_ffn import relu2_2to4_ffn, relu2_ffn_reference  # no
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, "fp64": torch.float64}
 
 
-
 class Timer:
     def __init__(self, device: torch.device):
         self.cuda = device.type == "cuda"
@@ -126,8 +125,15 @@ def bench_shape(d, f, args, device, dtype, timer):
 
     def sparse(x, wu, wd):
         return relu2_2to4_ffn(
-            x, wu, wd, method=args.method, backward=args.backward, dense_features=args.dense_features,
-            permutation=perm, stats=stats, fp8=args.fp8,
+            x,
+            wu,
+            wd,
+            method=args.method,
+            backward=args.backward,
+            dense_features=args.dense_features,
+            permutation=perm,
+            stats=stats,
+            fp8=args.fp8,
         )
 
     # name -> (function, environment for its forward and backward); with --fp8 the dense
@@ -197,7 +203,11 @@ def path_label(kernel_ok: bool, named_shapes, device) -> str:
     if not kernel_ok:
         return "plain-GEMM path"
     alg = kernels.cusparselt_alg_id()
-    sparse = [name for name, shape in named_shapes if CUSPARSELT.tuner.choice_for(shape, device, alg, read_only=True).use_sparse()]
+    sparse = [
+        name
+        for name, shape in named_shapes
+        if CUSPARSELT.tuner.choice_for(shape, device, alg, read_only=True).use_sparse()
+    ]
     if not sparse:
         return "cuSPARSELt path, every GEMM dense by verdict"
     return f"cuSPARSELt path, {len(sparse)} of {len(named_shapes)} GEMMs sparse ({', '.join(sparse)})"
@@ -280,8 +290,7 @@ def main(argv=None):
             if variant == "sparse" and gpu:
                 label = "sparse24" if kernel_ok else "sparse(ref)"
             print(
-                f"{name + f' {d}x{f}':>12} {label:>10} {fw:9.2f} {bw:9.2f} {both:9.2f} "
-                f"{rf:7.3f} {rb:7.3f} {rboth:7.3f}"
+                f"{name + f' {d}x{f}':>12} {label:>10} {fw:9.2f} {bw:9.2f} {both:9.2f} {rf:7.3f} {rb:7.3f} {rboth:7.3f}"
             )
     print(
         "ratios are sparse/dense time, median of per-repeat ratios (< 1 means faster than dense); "

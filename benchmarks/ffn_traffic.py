@@ -396,7 +396,9 @@ class TracedCusparseltGemms(CusparseltGemms):
         return None
 
     def verdict(self, a, b, transpose_result=False, name=""):
-        return GemmChoice(kernels.cusparselt_alg_id(), 0.0, 0.0, 1.0, "traffic model: every 2:4 GEMM sparse", forced=True)
+        return GemmChoice(
+            kernels.cusparselt_alg_id(), 0.0, 0.0, 1.0, "traffic model: every 2:4 GEMM sparse", forced=True
+        )
 
 
 TRACED_GEMMS = TracedCusparseltGemms()
@@ -523,7 +525,9 @@ def print_assumptions(args, sets) -> None:
     print(f"  HBM bandwidth            {args.bandwidth_tbs:g} TB/s, datasheet peak, for every non-GEMM kernel "
           "(--bandwidth-tbs; a kernel at efficiency e costs 1/e passes: see the sensitivity table)")  # fmt: skip
     print(f"  dense bf16 GEMM          {args.dense_tflops:g} TFLOPS effective (--dense-tflops)")
-    print(f"  dense FP8 GEMM           {args.fp8_dense_factor:g}x the bf16 rate (--fp8-dense-factor; datasheet FP8/bf16 peak)")
+    print(
+        f"  dense FP8 GEMM           {args.fp8_dense_factor:g}x the bf16 rate (--fp8-dense-factor; datasheet FP8/bf16 peak)"
+    )
     print(f"  launch overhead          {args.launch_us:g} us per kernel, every kernel (--launch-us)")
     print("  kernel time              max(bytes / bandwidth, flops / throughput) + launch; non-GEMMs: flops = 0")
     print("  2:4 GEMM speed-ups       over the dense GEMM of the same precision, two published sets:")
@@ -632,7 +636,9 @@ def print_sensitivity(label: str, grid, even, measured_passes: float) -> None:
 
 def print_breakdown(label: str, ks: list[Kernel], hw: Machine, pass_bytes: int) -> None:
     print(f"\n2:4 op kernels at {label} (traced; model times; passes = bytes / one T×F bf16 tensor)")
-    header = f"{'phase':<5} {'kind':<11} {'MB read':>9} {'MB written':>10} {'passes':>7} {'us':>8}  kernel [operand shapes]"
+    header = (
+        f"{'phase':<5} {'kind':<11} {'MB read':>9} {'MB written':>10} {'passes':>7} {'us':>8}  kernel [operand shapes]"
+    )
     print(header)
     print("-" * len(header))
     for k in ks:
@@ -719,7 +725,9 @@ def cpu_loop_nest_traffic(code: str) -> list[tuple[str, int, int, int]]:
                     written.add(target)
                     line = line.replace(target, "", 1)
                 read.update(re.findall(_PTR, line))
-            nests.append((kernel_name, index, sum(sizes.get(p, 0) for p in read), sum(sizes.get(p, 0) for p in written)))
+            nests.append(
+                (kernel_name, index, sum(sizes.get(p, 0) for p in read), sum(sizes.get(p, 0) for p in written))
+            )
     return nests
 
 

@@ -145,7 +145,6 @@ def run_variant(shape, variant, layers, repeats, device, dtype, cpu_peak):
     return dict(params=params, state=state, median=statistics.median(times), best=min(times), peak=peak)
 
 
-
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")

@@ -136,7 +136,7 @@ def one_run(launcher: str, target: str, hang_after: float, keep: str | None = No
         row["left_holding_a_group"] = {
             rank: bool(record and (any(record["holders"].values()) or any("gloo" in t for t in record["threads"])))
             for rank, record in records.items()
-        }  # fmt: skip
+        }
         row["sigkilled_by_launcher"] = "forcefully exiting" in text
         row.update(_outputs(os.path.join(folder, "run"), text))
         row["traceback_lines"] = sum(1 for line in text.splitlines() if line.startswith("Traceback"))
@@ -191,8 +191,12 @@ def main(argv=None) -> None:
     parser.add_argument("--runs", type=int, default=20)
     parser.add_argument("--launcher", choices=("torchrun", "accelerate"), default="torchrun")
     parser.add_argument("--target", choices=("launcher", "rank0", "rank1"), default="launcher")
-    parser.add_argument("--hang_after", type=float, default=60.0,
-                        help="seconds after the signal at which a rank still alive counts as hung")
+    parser.add_argument(
+        "--hang_after",
+        type=float,
+        default=60.0,
+        help="seconds after the signal at which a rank still alive counts as hung",
+    )
     parser.add_argument("--json", help="write the rows here")
     parser.add_argument("--keep", help="copy each run's folder here (debugging)")
     args = parser.parse_args(argv)

@@ -30,10 +30,16 @@ VARIANTS = {
     "2:4, no permutation": {"activation_2by4": True, "permute_2by4": False},
     "weight 2:4 (MLP, S-STE)": {"activation_2by4": False, "weight_2by4": True, "flip_rate": True},
     "weight 2:4 + dense tail": {
-        "activation_2by4": False, "weight_2by4": True, "flip_rate": True, "sparse_dense_finetune_steps": 50,
+        "activation_2by4": False,
+        "weight_2by4": True,
+        "flip_rate": True,
+        "sparse_dense_finetune_steps": 50,
     },
     "weight 2:4 + dense tail, masked decay": {
-        "activation_2by4": False, "weight_2by4": True, "flip_rate": True, "sparse_dense_finetune_steps": 50,
+        "activation_2by4": False,
+        "weight_2by4": True,
+        "flip_rate": True,
+        "sparse_dense_finetune_steps": 50,
         "weight_masked_decay": 0.05,
     },
     "weight + activation 2:4": {"activation_2by4": True, "weight_2by4": True, "flip_rate": True},
@@ -50,9 +56,15 @@ LONG_VARIANTS = {
     "2:4, soft-threshold": {"activation_2by4": True, "activation_sparse_method": "soft_threshold"},
     "2:4 recipe + L1 0.01": {"activation_2by4": True, "activation_l1": 0.01},
     "2:4 recipe + L1 0.1": {"activation_2by4": True, "activation_l1": 0.1},
-    **{f"weight 2:4, decay {decay}{', dense tail' if tail else ''}": {
-        **_WEIGHT, "weight_masked_decay": decay, "sparse_dense_finetune_steps": tail}
-       for decay in (0.0, 0.05, 0.2) for tail in (0, 100)},
+    **{
+        f"weight 2:4, decay {decay}{', dense tail' if tail else ''}": {
+            **_WEIGHT,
+            "weight_masked_decay": decay,
+            "sparse_dense_finetune_steps": tail,
+        }
+        for decay in (0.0, 0.05, 0.2)
+        for tail in (0, 100)
+    },
     "weight + activation 2:4": {"activation_2by4": True, "weight_2by4": True, "flip_rate": True},
 }
 # --emulated-cusparselt: the cuSPARSELt path on CPU (tests/cslt_emulator.py, bf16 autocast),
@@ -61,7 +73,6 @@ EMULATED_VARIANTS = {
     "2:4 recipe, bf16, emulated cuSPARSELt": {"activation_2by4": True, "bf16": True},
     "2:4 recipe, FP8, emulated cuSPARSELt": {"activation_2by4": True, "activation_2by4_fp8": True, "bf16": True},
 }
-
 
 
 def last_logged(run_dir: str, key: str) -> float:
@@ -83,8 +94,11 @@ def main() -> None:
         "--emulated-cusparselt", action="store_true",
         help="run the cuSPARSELt path on CPU through the test emulator (bf16): the FP8 rows",
     )  # fmt: skip
-    parser.add_argument("--long", action="store_true",
-                        help="the long grid (LONG_VARIANTS): default 1000 steps, seeds 42,43, mean and spread per row")
+    parser.add_argument(
+        "--long",
+        action="store_true",
+        help="the long grid (LONG_VARIANTS): default 1000 steps, seeds 42,43, mean and spread per row",
+    )
     parser.add_argument("--seeds", default=None, help="comma-separated training seeds (default 42; 42,43 with --long)")
     parser.add_argument("--batch_size", type=int, default=None, help="per_device_train_batch_size override")
     args = parser.parse_args()
@@ -110,24 +124,45 @@ def main() -> None:
         for seed in seeds:
             suffix = f"_seed{seed}" if len(seeds) > 1 else ""
             run_dir = os.path.join(args.out, "".join(c if c.isalnum() else "_" for c in name) + suffix)
-            argv = [args.config, "--output_dir", run_dir, "--overwrite_output_dir", "true",
-                    "--max_steps", str(args.max_steps), "--activation_dense_warmup_steps", str(args.warmup),
-                    "--eval_strategy", "no", "--save_strategy", "no", "--report_to", "[]",
-                    "--disable_tqdm", "true", "--max_eval_samples", "256", "--seed", str(seed)]
+            argv = [
+                args.config,
+                "--output_dir",
+                run_dir,
+                "--overwrite_output_dir",
+                "true",
+                "--max_steps",
+                str(args.max_steps),
+                "--activation_dense_warmup_steps",
+                str(args.warmup),
+                "--eval_strategy",
+                "no",
+                "--save_strategy",
+                "no",
+                "--report_to",
+                "[]",
+                "--disable_tqdm",
+                "true",
+                "--max_eval_samples",
+                "256",
+                "--seed",
+                str(seed),
+            ]
             if args.batch_size:
                 argv += ["--per_device_train_batch_size", str(args.batch_size)]
             for key, value in variants[name].items():
                 argv += [f"--{key}", json.dumps(value)]
             start = time.perf_counter()
             metrics = train_hf.main(argv)
-            runs.append({
-                "eval_loss": metrics["eval_loss"],
-                "sparsity": last_logged(run_dir, "sparsity_relu/mean_across_layers"),
-                "drop_24": last_logged(run_dir, "sparsity_24/mean_across_layers"),
-                "flips": last_logged(run_dir, "flip_rate/mean"),
-                "switch": metrics.get("activation_switch_step"),
-                "seconds": time.perf_counter() - start,
-            })
+            runs.append(
+                {
+                    "eval_loss": metrics["eval_loss"],
+                    "sparsity": last_logged(run_dir, "sparsity_relu/mean_across_layers"),
+                    "drop_24": last_logged(run_dir, "sparsity_24/mean_across_layers"),
+                    "flips": last_logged(run_dir, "flip_rate/mean"),
+                    "switch": metrics.get("activation_switch_step"),
+                    "seconds": time.perf_counter() - start,
+                }
+            )
         results.append((name, runs))
         with open(os.path.join(args.out, "results.json"), "w") as handle:  # partial results survive a stop
             json.dump({"max_steps": args.max_steps, "seeds": seeds, "rows": results}, handle, indent=1)
@@ -142,10 +177,14 @@ def _mean(values):
 
 def print_table(results, args, seeds) -> None:
     dense_loss = _mean([r["eval_loss"] for r in results[0][1]])
-    print(f"\nmachine: {describe_machine()}, {args.max_steps} steps, warm-up {args.warmup}, seeds {seeds}, "
-          f"config {os.path.relpath(args.config, REPO_ROOT)}")
-    print("| variant | eval loss (mean) | spread | vs first row | mean ReLU² sparsity | 2:4 drop | "
-          "2:4 from step | last flip rate | wall s |")
+    print(
+        f"\nmachine: {describe_machine()}, {args.max_steps} steps, warm-up {args.warmup}, seeds {seeds}, "
+        f"config {os.path.relpath(args.config, REPO_ROOT)}"
+    )
+    print(
+        "| variant | eval loss (mean) | spread | vs first row | mean ReLU² sparsity | 2:4 drop | "
+        "2:4 from step | last flip rate | wall s |"
+    )
     print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for name, runs in results:
         losses = [r["eval_loss"] for r in runs]
@@ -153,10 +192,12 @@ def print_table(results, args, seeds) -> None:
         spread = max(losses) - min(losses)
         drop, flips = _mean([r["drop_24"] for r in runs]), _mean([r["flips"] for r in runs])
         switches = sorted({r["switch"] for r in runs if r["switch"] is not None})
-        print(f"| {name} | {loss:.4f} | {spread:.4f} | {100 * (loss / dense_loss - 1):+.2f}% | "
-              f"{_mean([r['sparsity'] for r in runs]):.3f} | {'–' if drop != drop else f'{drop:.4f}'} | "
-              f"{', '.join(map(str, switches)) or '–'} | {'–' if flips != flips else f'{flips:.2e}'} | "
-              f"{_mean([r['seconds'] for r in runs]):.0f} |")
+        print(
+            f"| {name} | {loss:.4f} | {spread:.4f} | {100 * (loss / dense_loss - 1):+.2f}% | "
+            f"{_mean([r['sparsity'] for r in runs]):.3f} | {'–' if drop != drop else f'{drop:.4f}'} | "
+            f"{', '.join(map(str, switches)) or '–'} | {'–' if flips != flips else f'{flips:.2e}'} | "
+            f"{_mean([r['seconds'] for r in runs]):.0f} |"
+        )
 
 
 if __name__ == "__main__":

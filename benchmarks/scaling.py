@@ -30,7 +30,6 @@ REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO_ROOT)
 
 
-
 def _train_hf_tokens_per_second(workdir: str, processes: int, args) -> float:
     config = {
         "model_config": os.path.join(REPO_ROOT, "configs", "llama_tiny.json"),
@@ -53,10 +52,19 @@ def _train_hf_tokens_per_second(workdir: str, processes: int, args) -> float:
     with open(path, "w") as handle:
         json.dump(config, handle)
     env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
-    launcher = [sys.executable] if processes == 1 else [
-        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(processes)]
-    subprocess.run(launcher + [os.path.join(REPO_ROOT, "train_hf.py"), path], cwd=REPO_ROOT, env=env, check=True,
-                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    launcher = (
+        [sys.executable]
+        if processes == 1
+        else [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(processes)]
+    )
+    subprocess.run(
+        launcher + [os.path.join(REPO_ROOT, "train_hf.py"), path],
+        cwd=REPO_ROOT,
+        env=env,
+        check=True,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     with open(os.path.join(config["output_dir"], "all_results.json")) as handle:
         results = json.load(handle)
     return results["train_samples_per_second"] * args.max_length
@@ -64,8 +72,10 @@ def _train_hf_tokens_per_second(workdir: str, processes: int, args) -> float:
 
 def run_cpu(args) -> None:
     print(f"machine: {describe_machine('cpu')}; torch {torch.__version__}")
-    print(f"train_hf.py, configs/llama_tiny.json relu2{' +2:4' if args.two_by_four else ''}, "
-          f"{args.steps} steps, global batch {args.global_batch} x {args.max_length} tokens, 1 thread/process")
+    print(
+        f"train_hf.py, configs/llama_tiny.json relu2{' +2:4' if args.two_by_four else ''}, "
+        f"{args.steps} steps, global batch {args.global_batch} x {args.max_length} tokens, 1 thread/process"
+    )
     workdir = tempfile.mkdtemp(prefix="hf_sparse_scaling_")
     try:
         rates = {n: [] for n in (1, 2)}
@@ -77,8 +87,10 @@ def run_cpu(args) -> None:
         shutil.rmtree(workdir, ignore_errors=True)
     best = {n: max(values) for n, values in rates.items()}
     for n in (1, 2):
-        print(f"  {n} process{'es' if n > 1 else '  '}: {best[n]:10.0f} tokens/s  (runs: "
-              f"{', '.join(f'{v:.0f}' for v in rates[n])})")
+        print(
+            f"  {n} process{'es' if n > 1 else '  '}: {best[n]:10.0f} tokens/s  (runs: "
+            f"{', '.join(f'{v:.0f}' for v in rates[n])})"
+        )
     print(f"  2-process speed-up: {best[2] / best[1]:.2f}x")
 
 
@@ -93,13 +105,16 @@ def run_gpu(args) -> None:
     sizes.pop("model_type", None)
     if args.layers:
         sizes["num_hidden_layers"] = args.layers
-    print(f"{args.model} relu2 ({sizes['num_hidden_layers']} layers), batch {args.batch} x {args.seq}, "
-          f"{args.steps} timed steps, AdamW")
+    print(
+        f"{args.model} relu2 ({sizes['num_hidden_layers']} layers), batch {args.batch} x {args.seq}, "
+        f"{args.steps} timed steps, AdamW"
+    )
     results = {}
     for label, two_by_four in (("dense relu2", False), ("2:4 recipe", True)):
         torch.manual_seed(0)
-        config = SparseLlamaConfig(**{**sizes, "squ_relu": "relu2", "activation_2by4": two_by_four,
-                                      "activation_dense_warmup_steps": 0})
+        config = SparseLlamaConfig(
+            **{**sizes, "squ_relu": "relu2", "activation_2by4": two_by_four, "activation_dense_warmup_steps": 0}
+        )
         model = SparseLlamaForCausalLM(config).to(device=device, dtype=dtype).train()
         set_training_step(model, 1)  # past the warm-up: the sparse path runs
         optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
@@ -122,7 +137,7 @@ def run_gpu(args) -> None:
         seconds = (time.perf_counter() - start) / args.steps
         results[label] = args.batch * args.seq / seconds
         print(f"  {label:12s}: {results[label]:10.0f} tokens/s  ({seconds * 1e3:.1f} ms/step)")
-        del model, optimizer
+        model = optimizer = None  # freed before the next variant is built
         if device == "cuda":
             torch.cuda.empty_cache()
     print(f"  2:4 / dense: {results['2:4 recipe'] / results['dense relu2']:.2f}x")

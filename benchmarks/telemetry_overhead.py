@@ -25,7 +25,6 @@ from hf_sparse import SparseLlamaConfig, SparseLlamaForCausalLM, set_training_st
 from hf_sparse.model.modeling_sparse_llama import sparse_mlps  # noqa: E402
 
 
-
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--layers", type=int, default=2)
@@ -35,16 +34,28 @@ def main():
     parser.add_argument("--log_every", type=int, default=10)
     parser.add_argument("--rounds", type=int, default=6)
     parser.add_argument("--two_by_four", action="store_true", help="2:4 recipe active (past warm-up)")
-    parser.add_argument("--step_pairs", type=int, default=0,
-                        help="measure the parts instead: N forward+backward pairs, counters on/off, and one read")
+    parser.add_argument(
+        "--step_pairs",
+        type=int,
+        default=0,
+        help="measure the parts instead: N forward+backward pairs, counters on/off, and one read",
+    )
     args = parser.parse_args()
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
 
     torch.manual_seed(0)
-    config = SparseLlamaConfig(hidden_size=768, intermediate_size=2048, num_hidden_layers=args.layers,
-                               num_attention_heads=12, vocab_size=args.vocab, max_position_embeddings=1024,
-                               squ_relu="relu2", activation_2by4=args.two_by_four, activation_dense_warmup_steps=0)
+    config = SparseLlamaConfig(
+        hidden_size=768,
+        intermediate_size=2048,
+        num_hidden_layers=args.layers,
+        num_attention_heads=12,
+        vocab_size=args.vocab,
+        max_position_embeddings=1024,
+        squ_relu="relu2",
+        activation_2by4=args.two_by_four,
+        activation_dense_warmup_steps=0,
+    )
     model = SparseLlamaForCausalLM(config).to(device=device, dtype=dtype).train()
     set_training_step(model, 1)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
@@ -90,16 +101,18 @@ def main():
             fwd_bwd(True), fwd_bwd(False)
         times = {True: [], False: []}
         for i in range(args.step_pairs):
-            for telemetry in ((True, False) if i % 2 == 0 else (False, True)):
+            for telemetry in (True, False) if i % 2 == 0 else (False, True):
                 times[telemetry].append(fwd_bwd(telemetry))
         start = time.perf_counter()
         for _ in range(10):
             sparsity_metrics(model)
         read_ms = (time.perf_counter() - start) / 10 * 1e3
         on_s, off_s = statistics.median(times[True]), statistics.median(times[False])
-        print(f"machine: {describe_machine(device)}; 2:4 {'on' if args.two_by_four else 'off'}; "
-              f"{args.step_pairs} forward+backward pairs: counters on {on_s * 1e3:.1f} ms, off {off_s * 1e3:.1f} ms "
-              f"({100 * (on_s / off_s - 1):+.2f}%); sparsity_metrics() read {read_ms:.1f} ms")
+        print(
+            f"machine: {describe_machine(device)}; 2:4 {'on' if args.two_by_four else 'off'}; "
+            f"{args.step_pairs} forward+backward pairs: counters on {on_s * 1e3:.1f} ms, off {off_s * 1e3:.1f} ms "
+            f"({100 * (on_s / off_s - 1):+.2f}%); sparsity_metrics() read {read_ms:.1f} ms"
+        )
         return
 
     block(True), block(False)  # warm-up: allocator, stat tensors, permutation caches
@@ -113,16 +126,20 @@ def main():
             reads[telemetry].append(read_time)
     # Medians of single steps: a background hiccup on a shared 2-core machine moves one
     # step, not the estimate (whole-block means swung by +-15% between rounds here).
-    per_step = {
-        t: statistics.median(steps[t]) + statistics.median(reads[t]) / args.log_every for t in (True, False)
-    }
-    print(f"machine: {describe_machine(device)}; device {device} {dtype}; layers {args.layers}, batch {args.batch}x{args.seq}, "
-          f"2:4 {'on' if args.two_by_four else 'off'}; {args.rounds} rounds of {args.log_every} steps each way")
-    print(f"telemetry off: {1 / per_step[False]:.3f} steps/s   on: {1 / per_step[True]:.3f} steps/s   "
-          f"overhead: {100 * (per_step[True] / per_step[False] - 1):+.2f}%")
-    print(f"  median step on {1e3 * statistics.median(steps[True]):.1f} ms, off {1e3 * statistics.median(steps[False]):.1f} ms; "
-          f"logging read on {1e3 * statistics.median(reads[True]):.1f} ms, off {1e3 * statistics.median(reads[False]):.1f} ms "
-          f"(once per {args.log_every} steps)")
+    per_step = {t: statistics.median(steps[t]) + statistics.median(reads[t]) / args.log_every for t in (True, False)}
+    print(
+        f"machine: {describe_machine(device)}; device {device} {dtype}; layers {args.layers}, batch {args.batch}x{args.seq}, "
+        f"2:4 {'on' if args.two_by_four else 'off'}; {args.rounds} rounds of {args.log_every} steps each way"
+    )
+    print(
+        f"telemetry off: {1 / per_step[False]:.3f} steps/s   on: {1 / per_step[True]:.3f} steps/s   "
+        f"overhead: {100 * (per_step[True] / per_step[False] - 1):+.2f}%"
+    )
+    print(
+        f"  median step on {1e3 * statistics.median(steps[True]):.1f} ms, off {1e3 * statistics.median(steps[False]):.1f} ms; "
+        f"logging read on {1e3 * statistics.median(reads[True]):.1f} ms, off {1e3 * statistics.median(reads[False]):.1f} ms "
+        f"(once per {args.log_every} steps)"
+    )
 
 
 if __name__ == "__main__":

@@ -97,8 +97,10 @@ def _run(args) -> None:
         print(f"machine: {describe_machine()}; 2 processes (gloo), 1 torch thread each; torch {torch.__version__}")
         print(f"shape d={d}, F={f} (F/2={f // 2} per rank), float32, method={args.method}, split_gemm, permuted")
         mvue_columns = " mvue draws ms | draws / op |" if args.method == "mvue" else ""
-        print("| tokens | op fwd+bwd ms | ranking ms | all-reduces ms | gather alone ms | net ms | "
-              "ranking / op | gather / op | net / op |" + mvue_columns)
+        print(
+            "| tokens | op fwd+bwd ms | ranking ms | all-reduces ms | gather alone ms | net ms | "
+            "ranking / op | gather / op | net / op |" + mvue_columns
+        )
     for tokens in args.tokens:
         g = torch.Generator().manual_seed(0)
         x = torch.randn(tokens, d, generator=g)
@@ -139,8 +141,10 @@ def _run(args) -> None:
         if rank == 0:
             op_m, rank_m, gather_m = _median_ms(op_ms), _median_ms(rank_ms), _median_ms(gather_ms)
             reduce_m, net_m = _median_ms(reduce_ms), _median_ms(net_ms)
-            line = (f"| {tokens} | {op_m:.1f} | {rank_m:.2f} | {reduce_m:.2f} | {gather_m:.2f} | {net_m:+.2f} | "
-                    f"{rank_m / op_m:.2%} | {gather_m / op_m:.2%} | {net_m / op_m:+.2%} |")
+            line = (
+                f"| {tokens} | {op_m:.1f} | {rank_m:.2f} | {reduce_m:.2f} | {gather_m:.2f} | {net_m:+.2f} | "
+                f"{rank_m / op_m:.2%} | {gather_m / op_m:.2%} | {net_m / op_m:+.2%} |"
+            )
             if args.method == "mvue":
                 draw_m = _median_ms(draw_ms)
                 line += f" {draw_m:.2f} | {draw_m / op_m:.2%} |"
@@ -161,8 +165,16 @@ def main() -> None:
     if "LOCAL_RANK" not in os.environ:
         # Not under torchrun yet: start the 2 ranks, one thread each (2 vCPUs on this machine).
         env = dict(os.environ, OMP_NUM_THREADS="1")
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-               os.path.abspath(__file__), *sys.argv[1:]]
+        cmd = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node",
+            "2",
+            os.path.abspath(__file__),
+            *sys.argv[1:],
+        ]
         sys.exit(subprocess.call(cmd, env=env))
     _run(args)
 

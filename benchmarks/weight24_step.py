@@ -47,7 +47,9 @@ def main(argv=None):
     sparse = SparseLlamaForCausalLM(sparse_cfg).train()
     sparse.load_state_dict(dense.state_dict(), strict=False)  # same start (scales fixed on step 1)
     set_training_step(sparse, 1, 1000)
-    runs = {name: (m, torch.optim.AdamW(m.parameters(), lr=1e-3)) for name, m in (("dense", dense), ("weight24", sparse))}
+    runs = {
+        name: (m, torch.optim.AdamW(m.parameters(), lr=1e-3)) for name, m in (("dense", dense), ("weight24", sparse))
+    }
     ids = torch.randint(0, model_cfg["vocab_size"], (args.batch, args.seq))
 
     def step(name):

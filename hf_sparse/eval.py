@@ -86,7 +86,9 @@ def evaluate_folder(
     try:
         manager = build_task_manager(tasks, include_path)
     except ValueError as err:
-        raise EvalError(str(err).replace("lm_eval_tasks: ", "--tasks: ").replace("lm_eval_include_path", "--include_path"))
+        raise EvalError(
+            str(err).replace("lm_eval_tasks: ", "--tasks: ").replace("lm_eval_include_path", "--include_path")
+        )
     import torch
     from lm_eval import simple_evaluate
 

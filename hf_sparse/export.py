@@ -106,9 +106,7 @@ def final_activation_2by4(config: SparseLlamaConfig) -> bool:
 
     Mirrors `SparseLlamaMLP.training_step`'s rule at step None: on, unless the run ended in
     a dense tail that covered activations too (`activation_dense_finetune`)."""
-    return bool(config.activation_2by4) and not (
-        config.activation_dense_finetune and config.in_dense_tail(None, None)
-    )
+    return bool(config.activation_2by4) and not (config.activation_dense_finetune and config.in_dense_tail(None, None))
 
 
 def stock_architecture(config: SparseLlamaConfig, target: str | None = None) -> tuple[str | None, str]:
@@ -242,7 +240,9 @@ def _stock_config(config: SparseLlamaConfig, model_type: str):
     config_class, _ = STOCK_ARCHITECTURES[model_type]
     source = config.to_dict()
     skip = {"architectures", "transformers_version", "model_type"}
-    values = {f.name: source[f.name] for f in dataclasses.fields(config_class) if f.name in source and f.name not in skip}
+    values = {
+        f.name: source[f.name] for f in dataclasses.fields(config_class) if f.name in source and f.name not in skip
+    }
     values["intermediate_size"] = config.ffn_width
     if model_type == "arcee":
         # sparse_llama's non-gated MLP uses ACT2FN[squ_relu] (hidden_act is the SwiGLU one).
@@ -328,8 +328,12 @@ def _model_card(source: SparseLlamaConfig, info: dict, run_dir: str, title: str)
             "Architecture `sparse_llama`: load with `AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True)`; "
             "the model code ships with the weights, `hf_sparse` need not be installed."
         )
-    lines += [f"Why this architecture: {info['why']}.", "", "Serving: no serving stack accelerates 2:4 weights today "
-              "(vLLM 0.33 removed its 2:4 path); the 2:4 zeros are stored dense and run as dense GEMMs."]
+    lines += [
+        f"Why this architecture: {info['why']}.",
+        "",
+        "Serving: no serving stack accelerates 2:4 weights today "
+        "(vLLM 0.33 removed its 2:4 path); the 2:4 zeros are stored dense and run as dense GEMMs.",
+    ]
     lines += [
         "",
         "## Model",
@@ -356,10 +360,14 @@ def _model_card(source: SparseLlamaConfig, info: dict, run_dir: str, title: str)
     elif source.activation_2by4:
         lines.append("- trained with 2:4 activations, dense in the final (dense-tail) forward")
     eval_row = _eval_row(run_dir)
-    metrics = {k: v for k, v in eval_row.items() if k.startswith("eval_") and not k.endswith(("_runtime", "_per_second"))}
+    metrics = {
+        k: v for k, v in eval_row.items() if k.startswith("eval_") and not k.endswith(("_runtime", "_per_second"))
+    }
     if metrics:
         lines += ["", "## Evaluation (training run)", "", "| metric | value |", "| --- | --- |"]
-        lines += [f"| {k} | {v:.4f} |" if isinstance(v, float) else f"| {k} | {v} |" for k, v in sorted(metrics.items())]
+        lines += [
+            f"| {k} | {v:.4f} |" if isinstance(v, float) else f"| {k} | {v} |" for k, v in sorted(metrics.items())
+        ]
         lines.append(f"\n(at optimizer step {eval_row.get('step')})")
     return "\n".join(lines) + "\n"
 
@@ -399,11 +407,15 @@ def export_model(run_dir: str, out_dir: str, dense: bool = False, target: str | 
     except (TypeError, ValueError) as err:
         raise ExportError(f"RUN_DIR {run_dir!r} has an invalid sparse_llama config.json: {err}") from None
     if target is not None and target not in STOCK_ARCHITECTURES:
-        raise ExportError(f"--target {target!r} is not valid; choose one of {', '.join(map(repr, STOCK_ARCHITECTURES))}.")
+        raise ExportError(
+            f"--target {target!r} is not valid; choose one of {', '.join(map(repr, STOCK_ARCHITECTURES))}."
+        )
     stock, reason = stock_architecture(config, target)
     if (dense or target) and stock is None:
         flag = f"--target {target}" if target else "--dense"
-        raise ExportError(f"{flag}: this model has no such stock transformers architecture: it has {reason} ({STOCK_RULE}).")
+        raise ExportError(
+            f"{flag}: this model has no such stock transformers architecture: it has {reason} ({STOCK_RULE})."
+        )
 
     model = _load(run_dir)
     config = model.config

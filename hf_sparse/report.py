@@ -174,8 +174,9 @@ def _plot_activation_sparsity(plt, run_dir: str, series: dict, summary: list, sw
     layers = series["layers"]
     edges, matrix = _binned(steps, series["per_layer"], MAX_HEATMAP_COLUMNS)
     fig, ax = plt.subplots(figsize=HEATMAP_SIZE)
-    image = ax.pcolormesh(edges, [i - 0.5 for i in range(len(layers) + 1)], matrix, vmin=0.0, vmax=1.0,
-                          cmap="viridis", shading="flat")
+    image = ax.pcolormesh(
+        edges, [i - 0.5 for i in range(len(layers) + 1)], matrix, vmin=0.0, vmax=1.0, cmap="viridis", shading="flat"
+    )
     positions, labels = layer_ticks(layers)
     ax.set_yticks(positions)
     ax.set_yticklabels(labels)

@@ -102,7 +102,7 @@ def host_sync_calls(monkeypatch, fn) -> list:
         torch.ones(1).item()  # proves the wrappers were live
     finally:
         monkeypatch.undo()
-    assert calls[len(step_calls):] == ["item"]
+    assert calls[len(step_calls) :] == ["item"]
     return step_calls
 
 

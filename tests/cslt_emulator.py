@@ -347,7 +347,9 @@ def _sparse_mm(
         out = out.to(out_dtype if fp8 else dense_b.dtype)
         out = out.t().contiguous() if transpose_result else out.contiguous()
     out = _maybe_non_differentiable("_cslt_sparse_mm", out, compressed_a, dense_b, bias)
-    call = MmCall(m, k, n, layout, bool(transpose_result), dense_b.dtype, alg_id, bias is not None, split_k, split_k_mode)
+    call = MmCall(
+        m, k, n, layout, bool(transpose_result), dense_b.dtype, alg_id, bias is not None, split_k, split_k_mode
+    )
     return out, call
 
 

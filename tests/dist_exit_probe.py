@@ -86,7 +86,11 @@ def group_holders() -> dict[str, list[str]]:
                 held = [name for name, value in attributes.items() if _holds_group(value, ProcessGroup)]
             except Exception:
                 continue
-            owner = obj.__name__ if isinstance(obj, types.ModuleType) else f"{type(obj).__module__}.{type(obj).__qualname__}"
+            owner = (
+                obj.__name__
+                if isinstance(obj, types.ModuleType)
+                else f"{type(obj).__module__}.{type(obj).__qualname__}"
+            )
             found["attributes"] += [f"{owner}.{name}" for name in held]
     import torch.distributed.distributed_c10d as c10d
 
@@ -146,9 +150,13 @@ if __name__ == "__main__":
     finally:
         ended = time.monotonic()
         # Threads first: the gc walk below must not change what teardown would have met.
-        record = {"threads": live_thread_names(), "holders": group_holders(), "switch_steps": switch_steps,
-                  "exit_code": exit_code,
-                  "signal": first_signal[0][0] if first_signal else None,
-                  "seconds_after_signal": round(ended - first_signal[0][1], 3) if first_signal else None}
+        record = {
+            "threads": live_thread_names(),
+            "holders": group_holders(),
+            "switch_steps": switch_steps,
+            "exit_code": exit_code,
+            "signal": first_signal[0][0] if first_signal else None,
+            "seconds_after_signal": round(ended - first_signal[0][1], 3) if first_signal else None,
+        }
         with open(os.path.join(out_dir, f"exit_rank{os.environ.get('RANK', '0')}.json"), "w") as out:
             json.dump(record, out)

@@ -29,6 +29,7 @@ def main(out_path):
                 act = torch.relu(output.detach()) ** 2
                 counts[layer_idx, 0] += (act == 0).sum()
                 counts[layer_idx, 1] += act.numel()
+
         return hook
 
     for i, layer in enumerate(model.model.layers):

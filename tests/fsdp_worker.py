@@ -55,8 +55,13 @@ def main(out_path, variant):
     config = tiny_config(activation_2by4=True, activation_dense_warmup_steps=0, **extra)
     model, reference, expected = model_and_reference(config, world)
 
-    wrapped = FSDP(model, auto_wrap_policy=ModuleWrapPolicy({SparseLlamaDecoderLayer}), use_orig_params=True,
-                   sharding_strategy=ShardingStrategy.FULL_SHARD, device_id=torch.device("cpu"))
+    wrapped = FSDP(
+        model,
+        auto_wrap_policy=ModuleWrapPolicy({SparseLlamaDecoderLayer}),
+        use_orig_params=True,
+        sharding_strategy=ShardingStrategy.FULL_SHARD,
+        device_id=torch.device("cpu"),
+    )
     set_training_step(wrapped, 1)
     ids = _batch(rank, config.vocab_size)
     wrapped(input_ids=ids, labels=ids).loss.backward()
@@ -72,8 +77,15 @@ def main(out_path, variant):
 
     if rank == 0:
         with open(out_path, "w") as handle:
-            json.dump({"expected": expected, "got": got, "grad_errors": grad_errors,
-                       "sharded": min(shard_numels) < max(p.numel() for p in reference.parameters())}, handle)
+            json.dump(
+                {
+                    "expected": expected,
+                    "got": got,
+                    "grad_errors": grad_errors,
+                    "sharded": min(shard_numels) < max(p.numel() for p in reference.parameters()),
+                },
+                handle,
+            )
     del wrapped
     dist.barrier()
     dist.destroy_process_group()

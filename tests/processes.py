@@ -13,6 +13,7 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
+import sys
 import threading
 import time
 
@@ -20,6 +21,10 @@ import pytest
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TAIL = 12000  # characters of output a failure shows
+
+
+# torchrun with two local processes; append the script and its arguments.
+TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
 
 
 def descendants(pid: int) -> list[int]:
@@ -171,7 +176,9 @@ class Launched:
         alive = sorted(self.tree())
         self.kill_tree(dump_stacks=True)
         # faulthandler ends each dump with a list of loaded extension modules: noise here.
-        output = "\n".join(line for line in self.output.splitlines() if not line.startswith(("Extension modules:", ", ")))
+        output = "\n".join(
+            line for line in self.output.splitlines() if not line.startswith(("Extension modules:", ", "))
+        )
         pytest.fail(
             f"{' '.join(self.cmd[:6])} ...: {why}; killed it (and {len(alive)} processes below it: {alive}). "
             f"Output (last {TAIL} characters; Python stacks of the killed processes at the end):\n{output[-TAIL:]}",

@@ -46,11 +46,38 @@ def _quickstart_overrides(tmp_path, max_steps):
     step 1, a checkpoint and an eval at step 2."""
     train, valid = _data_files(tmp_path)
     return [
-        "--model_config", TINY_MODEL, "--train_files", json.dumps([train]), "--validation_files", json.dumps([valid]),
-        "--max_length", "32", "--max_steps", str(max_steps), "--per_device_train_batch_size", "2",
-        "--per_device_eval_batch_size", "4", "--max_eval_samples", "8", "--activation_dense_warmup_steps", "1",
-        "--logging_steps", "1", "--eval_steps", "2", "--save_steps", "2", "--warmup_steps", "0",
-        "--report_to", "[]", "--disable_tqdm", "true", "--output_dir", str(tmp_path / "run"),
+        "--model_config",
+        TINY_MODEL,
+        "--train_files",
+        json.dumps([train]),
+        "--validation_files",
+        json.dumps([valid]),
+        "--max_length",
+        "32",
+        "--max_steps",
+        str(max_steps),
+        "--per_device_train_batch_size",
+        "2",
+        "--per_device_eval_batch_size",
+        "4",
+        "--max_eval_samples",
+        "8",
+        "--activation_dense_warmup_steps",
+        "1",
+        "--logging_steps",
+        "1",
+        "--eval_steps",
+        "2",
+        "--save_steps",
+        "2",
+        "--warmup_steps",
+        "0",
+        "--report_to",
+        "[]",
+        "--disable_tqdm",
+        "true",
+        "--output_dir",
+        str(tmp_path / "run"),
     ]
 
 
@@ -63,8 +90,17 @@ def _launch(accelerate_args, train_args, timeout=300, probe_dir=None):
     env = dict(os.environ, OMP_NUM_THREADS="1")
     script = [os.path.join(REPO_ROOT, "tests", "dist_exit_probe.py"), str(probe_dir)] if probe_dir else [
         os.path.join(REPO_ROOT, "train_hf.py")]  # fmt: skip
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", *accelerate_args, "--main_process_port", "0",
-           *script, QUICKSTART, *train_args]
+    cmd = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        *accelerate_args,
+        "--main_process_port",
+        "0",
+        *script,
+        QUICKSTART,
+        *train_args,
+    ]
     proc = processes.run(cmd, cwd=REPO_ROOT, env=env, timeout=timeout)
     assert proc.returncode == 0, proc.stderr[-4000:]
     return proc
@@ -172,9 +208,14 @@ def test_fsdp2_fully_shard_telemetry_and_gradients(tmp_path):
     every gradient equal the unwrapped model's, dense and low-rank."""
     out = tmp_path / "result.json"
     proc = processes.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-         os.path.join(REPO_ROOT, "tests", "fsdp2_worker.py"), str(out)],
-        cwd=REPO_ROOT, env=dict(os.environ, OMP_NUM_THREADS="1"), timeout=300,
+        [
+            *processes.TORCHRUN,
+            os.path.join(REPO_ROOT, "tests", "fsdp2_worker.py"),
+            str(out),
+        ],
+        cwd=REPO_ROOT,
+        env=dict(os.environ, OMP_NUM_THREADS="1"),
+        timeout=300,
     )
     assert proc.returncode == 0, proc.stderr[-4000:]
     results = json.loads(out.read_text())
@@ -250,7 +291,10 @@ def test_single_process_accelerate_launch_warns(monkeypatch, tmp_path, caplog):
     assert "ONE process" in caplog.text and "--cpu" in caplog.text
 
     # One process asked for, or a real multi-process launch: no warning.
-    for launch_args in (["--num_processes", "1"], ["--config_file", _accelerate_yaml("ddp.yaml"), "--num_processes", "2"]):
+    for launch_args in (
+        ["--num_processes", "1"],
+        ["--config_file", _accelerate_yaml("ddp.yaml"), "--num_processes", "2"],
+    ):
         caplog.clear()
         env = _launched_env(monkeypatch, tmp_path, launch_args)
         with caplog.at_level(logging.WARNING, logger="hf_sparse.training.launch_checks"):
@@ -301,8 +345,10 @@ def test_shipped_accelerate_yamls():
     a final model the Trainer can write, DeepSpeed batch values filled from the run JSON."""
     from accelerate.commands.config.config_args import load_config_from_file
 
-    configs = {name: load_config_from_file(_accelerate_yaml(name))
-               for name in ("ddp.yaml", "fsdp.yaml", "fsdp2.yaml", "deepspeed_zero2.yaml")}
+    configs = {
+        name: load_config_from_file(_accelerate_yaml(name))
+        for name in ("ddp.yaml", "fsdp.yaml", "fsdp2.yaml", "deepspeed_zero2.yaml")
+    }
     assert {name: config.mixed_precision for name, config in configs.items()} == dict.fromkeys(configs, "no")
     for name, version in (("fsdp.yaml", 1), ("fsdp2.yaml", 2)):
         fsdp = configs[name].fsdp_config

@@ -105,6 +105,7 @@ def test_with_2to4_exact_backward_matches_autograd_of_the_penalised_masked_ffn()
             sparse = a * top2_mask_reference(a.detach())
             penalties.append(sparse.mean())
             return mlp.down_proj(sparse)
+
         return forward
 
     for layer in reference.model.layers:
@@ -121,7 +122,9 @@ def test_with_2to4_exact_backward_matches_autograd_of_the_penalised_masked_ffn()
 
 def test_with_2to4_in_a_trainer_run(tmp_path):
     torch.manual_seed(0)
-    model = SparseLlamaForCausalLM(tiny_config(activation_l1=0.1, activation_2by4=True, activation_dense_warmup_steps=2))
+    model = SparseLlamaForCausalLM(
+        tiny_config(activation_l1=0.1, activation_2by4=True, activation_dense_warmup_steps=2)
+    )
     args = tiny_training_args(tmp_path / "run", max_steps=4, logging_steps=2)
     trainer = Trainer(model=model, args=args, train_dataset=RandomTokens(64), callbacks=[SparsityCallback()])
     trainer.train()

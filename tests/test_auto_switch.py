@@ -51,8 +51,13 @@ def _mlps_sparse(model):
 
 
 def test_switch_is_logged_and_2to4_starts_at_the_next_step(tmp_path):
-    trainer, model = _train(tmp_path, "run", activation_auto_switch_max_drop=1.0, activation_auto_switch_window=2,
-                            activation_dense_warmup_steps=100)
+    trainer, model = _train(
+        tmp_path,
+        "run",
+        activation_auto_switch_max_drop=1.0,
+        activation_auto_switch_window=2,
+        activation_dense_warmup_steps=100,
+    )
     rows = [r for r in trainer.state.log_history if "loss" in r]
     assert [r.get(SWITCH_STEP_KEY) for r in rows] == [None, 2, None, None, None, None]
     assert all(0.0 < r[DROP_KEY] < 1.0 for r in rows)
@@ -64,16 +69,28 @@ def test_switch_is_logged_and_2to4_starts_at_the_next_step(tmp_path):
 
 
 def test_cap_switches_when_the_threshold_is_never_met(tmp_path):
-    trainer, model = _train(tmp_path, "run", max_steps=4, activation_auto_switch_max_drop=1e-9,
-                            activation_auto_switch_window=1, activation_dense_warmup_steps=3)
+    trainer, model = _train(
+        tmp_path,
+        "run",
+        max_steps=4,
+        activation_auto_switch_max_drop=1e-9,
+        activation_auto_switch_window=1,
+        activation_dense_warmup_steps=3,
+    )
     rows = [r for r in trainer.state.log_history if "loss" in r]
     assert [r.get(SWITCH_STEP_KEY) for r in rows] == [None, None, 3, None]
     assert model.config.activation_switch_step == 3
 
 
 def test_no_switch_before_the_window_fills(tmp_path):
-    trainer, model = _train(tmp_path, "run", max_steps=3, activation_auto_switch_max_drop=1.0,
-                            activation_auto_switch_window=4, activation_dense_warmup_steps=100)
+    trainer, model = _train(
+        tmp_path,
+        "run",
+        max_steps=3,
+        activation_auto_switch_max_drop=1.0,
+        activation_auto_switch_window=4,
+        activation_dense_warmup_steps=100,
+    )
     assert not any(SWITCH_STEP_KEY in r for r in trainer.state.log_history)
     assert model.config.activation_switch_step is None
     assert _mlps_sparse(model) == [False, False]
@@ -119,8 +136,12 @@ def test_report_marks_the_auto_switch_step(tmp_path):
 
     from hf_sparse.report import _dense_to_sparse_step
 
-    config = {"activation_2by4": True, "activation_dense_warmup_steps": 100, "activation_auto_switch": True,
-              "activation_switch_step": 40}
+    config = {
+        "activation_2by4": True,
+        "activation_dense_warmup_steps": 100,
+        "activation_auto_switch": True,
+        "activation_switch_step": 40,
+    }
     (tmp_path / "config.json").write_text(json.dumps(config))
     assert _dense_to_sparse_step(str(tmp_path)) == 40
     config["activation_auto_switch"] = False
@@ -128,11 +149,15 @@ def test_report_marks_the_auto_switch_step(tmp_path):
     assert _dense_to_sparse_step(str(tmp_path)) == 100
 
 
-@pytest.mark.parametrize("overrides", [
-    dict(activation_2by4=True, activation_auto_switch=True, activation_dense_warmup_steps=100),
-    dict(activation_l1=0.1),
-    dict(activation_l1=0.1, activation_2by4=True, activation_dense_warmup_steps=0),
-], ids=["auto_switch", "activation_l1", "activation_l1_2by4"])
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        dict(activation_2by4=True, activation_auto_switch=True, activation_dense_warmup_steps=100),
+        dict(activation_l1=0.1),
+        dict(activation_l1=0.1, activation_2by4=True, activation_dense_warmup_steps=0),
+    ],
+    ids=["auto_switch", "activation_l1", "activation_l1_2by4"],
+)
 def test_no_host_sync_outside_logging_steps(tmp_path, monkeypatch, overrides):
     from transformers import TrainerControl, TrainerState
 
@@ -168,11 +193,31 @@ def test_train_hf_writes_the_switch_step_only_once_2to4_started(tmp_path):
 
     import train_hf
 
-    base = [os.path.join(os.path.dirname(__file__), "..", "configs", "quickstart.json"),
-            "--model_config", os.path.join(os.path.dirname(__file__), "..", "configs", "llama_tiny.json"),
-            "--max_length", "32", "--max_steps", "4", "--per_device_train_batch_size", "4", "--logging_steps", "1",
-            "--eval_strategy", "no", "--save_strategy", "no", "--report_to", "[]", "--disable_tqdm", "true",
-            "--activation_auto_switch", "true", "--activation_auto_switch_max_drop", "1.0"]
+    base = [
+        os.path.join(os.path.dirname(__file__), "..", "configs", "quickstart.json"),
+        "--model_config",
+        os.path.join(os.path.dirname(__file__), "..", "configs", "llama_tiny.json"),
+        "--max_length",
+        "32",
+        "--max_steps",
+        "4",
+        "--per_device_train_batch_size",
+        "4",
+        "--logging_steps",
+        "1",
+        "--eval_strategy",
+        "no",
+        "--save_strategy",
+        "no",
+        "--report_to",
+        "[]",
+        "--disable_tqdm",
+        "true",
+        "--activation_auto_switch",
+        "true",
+        "--activation_auto_switch_max_drop",
+        "1.0",
+    ]
     for name, window, expected in (("switched", 2, 2), ("dense", 9, None)):
         out = tmp_path / name
         train_hf.main(base + ["--output_dir", str(out), "--activation_auto_switch_window", str(window)])
@@ -187,13 +232,30 @@ def test_report_plots_the_pooled_curve_and_the_threshold(tmp_path, monkeypatch):
 
     from hf_sparse import report
 
-    history = [{"step": s, "loss": 5.0, "sparsity_relu/layer_0": 0.5, "sparsity_relu/mean_across_layers": 0.5,
-                "sparsity_24/layer_0": d, "sparsity_24/mean_across_layers": d, DROP_KEY: d}
-               for s, d in ((10, 0.2), (20, 0.1), (30, 0.09))]
+    history = [
+        {
+            "step": s,
+            "loss": 5.0,
+            "sparsity_relu/layer_0": 0.5,
+            "sparsity_relu/mean_across_layers": 0.5,
+            "sparsity_24/layer_0": d,
+            "sparsity_24/mean_across_layers": d,
+            DROP_KEY: d,
+        }
+        for s, d in ((10, 0.2), (20, 0.1), (30, 0.09))
+    ]
     (tmp_path / "trainer_state.json").write_text(json.dumps({"log_history": history}))
-    (tmp_path / "config.json").write_text(json.dumps({
-        "activation_2by4": True, "activation_dense_warmup_steps": 100, "activation_auto_switch": True,
-        "activation_auto_switch_max_drop": 0.12, "activation_switch_step": 30}))
+    (tmp_path / "config.json").write_text(
+        json.dumps(
+            {
+                "activation_2by4": True,
+                "activation_dense_warmup_steps": 100,
+                "activation_auto_switch": True,
+                "activation_auto_switch_max_drop": 0.12,
+                "activation_switch_step": 30,
+            }
+        )
+    )
     lines = []
     import matplotlib.axes
 

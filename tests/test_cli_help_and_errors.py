@@ -69,7 +69,7 @@ def test_help_lists_every_key_and_exits_0(tmp_path, monkeypatch, capsys, where):
     # Types, defaults and the help strings of the dataclasses (model defaults: SparseLlamaConfig's).
     assert "  activation_dense_warmup_steps (int, default 1000)" in out
     assert "  train_files (str | list[str], default null)" in out
-    assert "  optimizer (str, default \"adamw\")" in out
+    assert '  optimizer (str, default "adamw")' in out
     assert "  max_steps (int, default -1)" in out
     help_text = next(f for f in dataclasses.fields(ScriptArguments) if f.name == "nonfinite_policy").metadata["help"]
     assert " ".join(help_text.split()) in " ".join(out.split())
@@ -83,7 +83,9 @@ def test_help_from_a_shell_exits_0():
     env = dict(os.environ, WANDB_MODE="offline")
     proc = processes.run([sys.executable, TRAIN_HF, "--help"], cwd=REPO_ROOT, env=env, timeout=120)
     assert proc.returncode == 0, proc.stderr[-2000:]
-    assert proc.stdout.startswith("usage: train_hf.py CONFIG.json") and "\nweight 2:4:\n" in proc.stdout, proc.stdout[:300]
+    assert proc.stdout.startswith("usage: train_hf.py CONFIG.json") and "\nweight 2:4:\n" in proc.stdout, proc.stdout[
+        :300
+    ]
     assert "WANDB offline mode" not in proc.stdout + proc.stderr
 
 
@@ -133,23 +135,38 @@ BAD_VALUES = {
     "negative_lr": (dict(learning_rate=-0.001), r"learning_rate: -0.001 is negative; use a positive value"),
     "max_steps_0": (dict(max_steps=0), r"max_steps: 0 is not valid; use a positive number .* -1 .*num_train_epochs"),
     "max_steps_-2": (dict(max_steps=-2), r"max_steps: -2 is not valid"),
-    "kv_heads": ("kv_heads", r"num_key_value_heads: 3 in model_config .* does not divide num_attention_heads=4 .*"
-                             r"use one of 1, 2, 4\."),
+    "kv_heads": (
+        "kv_heads",
+        r"num_key_value_heads: 3 in model_config .* does not divide num_attention_heads=4 .*"
+        r"use one of 1, 2, 4\.",
+    ),
     "heads": ("heads", r"num_attention_heads: 6 in model_config .* does not divide hidden_size=32 .*such as 4 or 8"),
-    "trainer_cross_check": (dict(load_best_model_at_end=True, eval_strategy="steps", save_strategy="no"),
-                            r"load_best_model_at_end requires the save and eval strategy to match"),
+    "trainer_cross_check": (
+        dict(load_best_model_at_end=True, eval_strategy="steps", save_strategy="no"),
+        r"load_best_model_at_end requires the save and eval strategy to match",
+    ),
     # These three used to fail with a traceback once the data (and the model) were built.
     "seed_-1": (dict(seed=-1), r"seed: -1 is not valid; use an integer from 0 to 4294967295"),
-    "data_seed_2**32": (dict(data_seed=2**32), r"data_seed: 4294967296 is not valid; use an integer from 0 to 4294967295"),
+    "data_seed_2**32": (
+        dict(data_seed=2**32),
+        r"data_seed: 4294967296 is not valid; use an integer from 0 to 4294967295",
+    ),
     "empty_output_dir": (dict(output_dir=""), r"output_dir: '' is empty; give the folder the run writes to"),
-    "empty_tokenizer_folder": ("tokenizer_folder", r"tokenizer_name: '.*no_tokenizer' is a folder without a tokenizer "
-                                                   r"in it \(none of tokenizer\.json, .*\); give a folder"),
+    "empty_tokenizer_folder": (
+        "tokenizer_folder",
+        r"tokenizer_name: '.*no_tokenizer' is a folder without a tokenizer "
+        r"in it \(none of tokenizer\.json, .*\); give a folder",
+    ),
     "tokenizer_file": ("tokenizer_file", r"tokenizer_name: '.*tokenizer\.json' is a file; give the folder that holds"),
-    "warmup_ratio": (dict(warmup_ratio=0.1), r"warmup_ratio: transformers 5 removed this key; give the ratio as "
-                                             r"warmup_steps below 1"),
-    "loro_negative_decay": (dict(optimizer="loro_adamw", loro_scope="all", loro_attn_rank=4, loro_mlp_rank=4,
-                                 weight_decay=-0.1),
-                            r"weight_decay: -0.1 is negative, which optimizer='loro_adamw' refuses"),
+    "warmup_ratio": (
+        dict(warmup_ratio=0.1),
+        r"warmup_ratio: transformers 5 removed this key; give the ratio as "
+        r"warmup_steps below 1",
+    ),
+    "loro_negative_decay": (
+        dict(optimizer="loro_adamw", loro_scope="all", loro_attn_rank=4, loro_mlp_rank=4, weight_decay=-0.1),
+        r"weight_decay: -0.1 is negative, which optimizer='loro_adamw' refuses",
+    ),
 }
 
 
@@ -172,8 +189,9 @@ def test_bad_value_is_one_line_naming_the_key(tmp_path, monkeypatch, capsys, ove
 
 
 def test_max_steps_minus_1_and_logging_steps_0_without_step_logging_are_fine(tmp_path):
-    run = parse_run_config([_write_config(tmp_path, max_steps=-1, num_train_epochs=1,
-                                          logging_steps=0, logging_strategy="epoch")])
+    run = parse_run_config(
+        [_write_config(tmp_path, max_steps=-1, num_train_epochs=1, logging_steps=0, logging_strategy="epoch")]
+    )
     assert run.training_args.max_steps == -1
 
 
@@ -257,10 +275,16 @@ def empty_caches(tmp_path, monkeypatch):
 
 
 HUB_CASES = {
-    "tokenizer": (dict(tokenizer_name="someone/uncached-tokenizer"), "tokenizer_name: 'someone/uncached-tokenizer'",
-                  "set tokenizer_name to a local tokenizer directory"),
-    "dataset": (dict(dataset_name="someone/uncached-corpus", dataset_config_name="en"),
-                "dataset_name: 'someone/uncached-corpus'", "train on local files with train_files"),
+    "tokenizer": (
+        dict(tokenizer_name="someone/uncached-tokenizer"),
+        "tokenizer_name: 'someone/uncached-tokenizer'",
+        "set tokenizer_name to a local tokenizer directory",
+    ),
+    "dataset": (
+        dict(dataset_name="someone/uncached-corpus", dataset_config_name="en"),
+        "dataset_name: 'someone/uncached-corpus'",
+        "train on local files with train_files",
+    ),
 }
 
 
@@ -271,7 +295,8 @@ def test_hub_resource_offline_and_not_cached(empty_caches, monkeypatch, capsys, 
     start = time.perf_counter()
     code = run_train_hf_script(monkeypatch, _write_config(tmp_path, **overrides))
     assert_one_line_error(
-        code, capsys,
+        code,
+        capsys,
         re.escape(named) + r" is a Hugging Face Hub repo, the hub is unreachable \(offline mode: HF_HUB_OFFLINE=1\), "
         r"and the local cache .* has no copy of it; download it once .*HF_HUB_OFFLINE=1.*, or " + alternative,
     )
@@ -293,7 +318,8 @@ def test_hub_resource_unreachable_hub_probed_once(empty_caches, monkeypatch, cap
     monkeypatch.setattr(hub_access, "hub_reachable", lambda *a, **k: probes.append(1) or False)
     code = run_train_hf_script(monkeypatch, _write_config(tmp_path, **overrides))
     assert_one_line_error(
-        code, capsys,
+        code,
+        capsys,
         re.escape(named) + r" is a Hugging Face Hub repo, the hub \(https://.*\) is unreachable "
         r"\(no answer within 3 s\), "
         r".*then HF_HUB_OFFLINE=1 uses the cached copy.*, or " + alternative,
@@ -338,8 +364,9 @@ def test_cached_hub_resources_pass_offline(empty_caches, monkeypatch):
     _cache_tiny_tokenizer(tmp_path / "hub_cache", "someone/tiny-tokenizer")
     # datasets' prepared copy: <cache>/<org>___<name, CamelCase to snake_case>/<config>/<version>/<hash>
     (tmp_path / "datasets_cache" / "someone___tiny_corpus" / "en" / "0.0.0" / "abc123").mkdir(parents=True)
-    args = DataArguments(tokenizer_name="someone/tiny-tokenizer", dataset_name="someone/TinyCorpus",
-                         dataset_config_name="en")
+    args = DataArguments(
+        tokenizer_name="someone/tiny-tokenizer", dataset_name="someone/TinyCorpus", dataset_config_name="en"
+    )
     check_hub_resources(args)
     tokenizer = load_tokenizer("someone/tiny-tokenizer", 16)  # the real one (the fixture guards train_hf's)
     assert tokenizer("alpha beta").input_ids == [2, 3]

@@ -122,9 +122,7 @@ def _train(tmp_path, config, compile_backend=None, **extra_args):
 
 # silu alone; the 2:4 modes also cover their dense warm-up (plain relu2 / low-rank relu2 MLP)
 # and the switch to sparse; the low-rank run adds gradient checkpointing.
-@pytest.mark.parametrize(
-    "mode,checkpointing", [("silu", False), ("relu2_2by4", False), ("lowrank_2by4", True)]
-)
+@pytest.mark.parametrize("mode,checkpointing", [("silu", False), ("relu2_2by4", False), ("lowrank_2by4", True)])
 def test_trainer_torch_compile_matches_eager(tmp_path, mode, checkpointing):
     warmup = 2
     config = tiny_config(activation_dense_warmup_steps=warmup, **MODES[mode])
@@ -178,14 +176,18 @@ def test_run_json_accepts_torch_compile(tmp_path):
     from hf_sparse.training.run_config import parse_run_config
 
     path = tmp_path / "run.json"
-    path.write_text(json.dumps({
-        "model_config": os.path.join(os.path.dirname(os.path.dirname(__file__)), "configs", "llama_tiny.json"),
-        "squ_relu": "relu2",
-        "activation_2by4": True,
-        "output_dir": str(tmp_path / "run"),
-        "max_length": 32,
-        "torch_compile": True,
-        "report_to": [],
-    }))
+    path.write_text(
+        json.dumps(
+            {
+                "model_config": os.path.join(os.path.dirname(os.path.dirname(__file__)), "configs", "llama_tiny.json"),
+                "squ_relu": "relu2",
+                "activation_2by4": True,
+                "output_dir": str(tmp_path / "run"),
+                "max_length": 32,
+                "torch_compile": True,
+                "report_to": [],
+            }
+        )
+    )
     args = parse_run_config([str(path)]).training_args
     assert args.torch_compile and args.torch_compile_backend == "inductor"

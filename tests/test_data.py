@@ -202,7 +202,9 @@ def test_embedded_tokenizer_default_cache_location(tok, tmp_path, monkeypatch):
     monkeypatch.delenv("HF_SPARSE_CACHE")
     monkeypatch.setenv("HOME", str(tmp_path))
     trained = []
-    monkeypatch.setattr(tokenizer_module, "_train_embedded_tokenizer", lambda vocab_size: trained.append(vocab_size) or tok)
+    monkeypatch.setattr(
+        tokenizer_module, "_train_embedded_tokenizer", lambda vocab_size: trained.append(vocab_size) or tok
+    )
     first = tokenizer_module.load_tokenizer(None, VOCAB)
     second = tokenizer_module.load_tokenizer(None, VOCAB)
     assert trained == [VOCAB]  # the second call found the cache
@@ -326,10 +328,14 @@ def test_cache_not_stale_across_max_length_and_tokenizer(tok, tmp_path):
     train = _write_jsonl(tmp_path / "train.jsonl", docs)
     val = _write_jsonl(tmp_path / "val.jsonl", docs[:5])
     for max_length in (8, 16, 8):
-        train_ds, _ = D.build_datasets(data_args.DataArguments(train_files=train, validation_files=val, max_length=max_length), tok)
+        train_ds, _ = D.build_datasets(
+            data_args.DataArguments(train_files=train, validation_files=val, max_length=max_length), tok
+        )
         assert _ids(train_ds) == _expected_blocks(tok, docs, max_length)
     other = _small_tokenizer(docs)
-    train_ds, _ = D.build_datasets(data_args.DataArguments(train_files=train, validation_files=val, max_length=8), other)
+    train_ds, _ = D.build_datasets(
+        data_args.DataArguments(train_files=train, validation_files=val, max_length=8), other
+    )
     assert _ids(train_ds) == _expected_blocks(other, docs, 8) != _expected_blocks(tok, docs, 8)
 
 
@@ -363,7 +369,9 @@ def test_streaming_matches_map_style(tok, tmp_path):
     assert _ids(s_val) == _ids(map_val)
     assert all(row["labels"] == row["input_ids"] for row in s_train)
 
-    shuffled, capped = D.build_datasets(data_args.DataArguments(**base, streaming=True, max_eval_samples=3), tok, seed=7)
+    shuffled, capped = D.build_datasets(
+        data_args.DataArguments(**base, streaming=True, max_eval_samples=3), tok, seed=7
+    )
     shuffled_ids = _ids(shuffled)
     assert shuffled_ids != _ids(map_train)  # shuffled...
     assert sorted(shuffled_ids) == sorted(_ids(map_train))  # ...but the same blocks
@@ -510,15 +518,36 @@ def _bad_cases(tmp_path):
         "max_eval": (dict(max_eval_samples=0), "max_eval_samples", "at least 1"),
         "vocab": (dict(tokenizer_vocab_size=100), "tokenizer_vocab_size", "258"),
         "mixed": (dict(train_files=[good, f"{p}/lines.txt"]), "train_files", "mixes file formats"),
-        "utf16": (dict(train_files=f"{p}/utf16.jsonl"), "train_files", "utf16.jsonl': it is UTF-16 text (byte-order mark)"),
+        "utf16": (
+            dict(train_files=f"{p}/utf16.jsonl"),
+            "train_files",
+            "utf16.jsonl': it is UTF-16 text (byte-order mark)",
+        ),
         "binary": (dict(train_files=f"{p}/binary.txt"), "train_files", "not UTF-8 text (byte 0xff at offset 10"),
         "latin1_gz": (dict(train_files=f"{p}/latin1.txt.gz"), "train_files", "not UTF-8 text (byte 0xe9 at offset 3"),
     }
 
 
-CASES = ["missing", "missing_glob", "empty", "empty_parquet", "blank", "extension", "directory",
-         "both_sources", "validation_only", "max_length", "split_pct", "max_eval", "vocab", "mixed",
-         "utf16", "binary", "latin1_gz", "split_pct_100"]
+CASES = [
+    "missing",
+    "missing_glob",
+    "empty",
+    "empty_parquet",
+    "blank",
+    "extension",
+    "directory",
+    "both_sources",
+    "validation_only",
+    "max_length",
+    "split_pct",
+    "max_eval",
+    "vocab",
+    "mixed",
+    "utf16",
+    "binary",
+    "latin1_gz",
+    "split_pct_100",
+]
 
 
 @pytest.mark.parametrize("case", CASES)
@@ -553,7 +582,9 @@ def test_validate_data_args_accepts_good_inputs(tmp_path):
     data_args.validate_data_args(data_args.DataArguments())
     data_args.validate_data_args(data_args.DataArguments(train_files=[good, other], validation_files=good))
     data_args.validate_data_args(data_args.DataArguments(train_files=str(tmp_path / "*.json*")))
-    data_args.validate_data_args(data_args.DataArguments(dataset_name="allenai/c4", dataset_config_name="en", validation_files=good))
+    data_args.validate_data_args(
+        data_args.DataArguments(dataset_name="allenai/c4", dataset_config_name="en", validation_files=good)
+    )
 
 
 @pytest.mark.parametrize("streaming", [False, True])
@@ -585,8 +616,12 @@ def test_dataset_name_without_validation_split_is_hash_split(tok, tmp_path):
 
 def test_validation_split_percentage_zero_means_no_validation_split(tok, tmp_path):
     path = _write_jsonl(tmp_path / "docs.jsonl", [f"document number {i} " * 20 for i in range(40)])
-    whole, _ = D.build_datasets(data_args.DataArguments(train_files=path, max_length=16, validation_split_percentage=1), tok)
-    train, val = D.build_datasets(data_args.DataArguments(train_files=path, max_length=16, validation_split_percentage=0), tok)
+    whole, _ = D.build_datasets(
+        data_args.DataArguments(train_files=path, max_length=16, validation_split_percentage=1), tok
+    )
+    train, val = D.build_datasets(
+        data_args.DataArguments(train_files=path, max_length=16, validation_split_percentage=0), tok
+    )
     assert val is None and len(train) >= len(whole)  # every document trains
     _, embedded_val = D.build_datasets(data_args.DataArguments(max_length=64, validation_split_percentage=0), tok)
     assert embedded_val is None

@@ -7,7 +7,6 @@ deadlocked ranks at exit; a surviving gloo thread aborted them)."""
 import json
 import os
 import signal
-import sys
 import time
 
 import pytest
@@ -18,7 +17,7 @@ from tests import processes
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PROBE = os.path.join(REPO_ROOT, "tests", "dist_exit_probe.py")
-TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+TORCHRUN = processes.TORCHRUN
 ENV = dict(os.environ, OMP_NUM_THREADS="1")
 # From a stop signal to every rank gone: within torch elastic's 30 s SIGKILL, with a margin.
 EXIT_BUDGET_S = 25
@@ -84,11 +83,24 @@ def test_uninterrupted_run_ends_cleanly(reference_run):
 MODES = {
     # 2:4 activations (auto switch after 2 rows below a threshold every row meets) and 2:4
     # weights (S-STE on the MLP) together, with the flip rate.
-    "relu2_2by4": {"activation_2by4": True, "activation_dense_warmup_steps": 100, "activation_auto_switch": True,
-                   "activation_auto_switch_max_drop": 1.0, "activation_auto_switch_window": 2,
-                   "weight_2by4": True, "flip_rate": True},
-    "low_rank": {"loro_scope": "all", "loro_attn_rank": 8, "loro_mlp_rank": 8, "optimizer": "loro_adamw",
-                 "loro_freq": 2, "activation_2by4": True, "activation_dense_warmup_steps": 1},
+    "relu2_2by4": {
+        "activation_2by4": True,
+        "activation_dense_warmup_steps": 100,
+        "activation_auto_switch": True,
+        "activation_auto_switch_max_drop": 1.0,
+        "activation_auto_switch_window": 2,
+        "weight_2by4": True,
+        "flip_rate": True,
+    },
+    "low_rank": {
+        "loro_scope": "all",
+        "loro_attn_rank": 8,
+        "loro_mlp_rank": 8,
+        "optimizer": "loro_adamw",
+        "loro_freq": 2,
+        "activation_2by4": True,
+        "activation_dense_warmup_steps": 1,
+    },
 }
 
 
@@ -152,9 +164,15 @@ def test_fsdp_full_shard_telemetry_and_2to4_gradients(tmp_path, variant):
     out = tmp_path / "result.json"
     env = dict(os.environ, OMP_NUM_THREADS="1")
     proc = processes.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-         os.path.join(REPO_ROOT, "tests", "fsdp_worker.py"), str(out), variant],
-        cwd=REPO_ROOT, env=env, timeout=150,
+        [
+            *processes.TORCHRUN,
+            os.path.join(REPO_ROOT, "tests", "fsdp_worker.py"),
+            str(out),
+            variant,
+        ],
+        cwd=REPO_ROOT,
+        env=env,
+        timeout=150,
     )
     assert proc.returncode == 0, proc.stderr[-4000:]
     result = json.loads(out.read_text())
@@ -270,7 +288,12 @@ def test_a_stop_signal_stops_every_rank_after_the_same_step(tmp_path, reference_
     assert text.count(f"stopped by {name}") == 1  # said once, by rank 0
     assert not (run_dir / "model.safetensors").exists()
     marker = read_preemption_marker(str(run_dir))
-    assert (marker["signal"], marker["exit_code"], marker["step"], marker["checkpoint"]) == (name, code, step, checkpoint)
+    assert (marker["signal"], marker["exit_code"], marker["step"], marker["checkpoint"]) == (
+        name,
+        code,
+        step,
+        checkpoint,
+    )
     assert marker["resume_command"].endswith("--resume_from_checkpoint true (with the same launcher: torchrun / "
                                              "accelerate launch ...)")  # fmt: skip
     if target != "launcher":
@@ -305,8 +328,11 @@ def test_a_killed_rank_ends_the_group_fast_and_restarts_resume(tmp_path, referen
             time.sleep(0.05)
         code = launched.wait(240)
     if code != 0:  # every attempt's story: the launcher's lines and each rank's first error
-        story = [line for line in launched.output.splitlines()
-                 if any(k in line for k in ("auto:", "Sending process", "failed (exitcode", "Error", "world_size="))]
+        story = [
+            line
+            for line in launched.output.splitlines()
+            if any(k in line for k in ("auto:", "Sending process", "failed (exitcode", "Error", "world_size="))
+        ]
         pytest.fail("\n".join(story)[-8000:] + "\n--- last output:\n" + launched.output[-4000:])
     resumed = [line for line in launched.output.splitlines() if "resume_from_checkpoint=auto: resuming from" in line]
     assert resumed, launched.output[-4000:]

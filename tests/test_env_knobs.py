@@ -31,7 +31,9 @@ def test_each_kind_parses_and_defaults(monkeypatch):
 
 def test_bad_values_name_the_switch_and_what_is_valid(monkeypatch, caplog):
     monkeypatch.setenv("HF_SPARSE_2TO4_GEMMS", "fastest")
-    with pytest.raises(ValueError, match=r"HF_SPARSE_2TO4_GEMMS='fastest' is not valid; choose one of 'auto', 'sparse'"):
+    with pytest.raises(
+        ValueError, match=r"HF_SPARSE_2TO4_GEMMS='fastest' is not valid; choose one of 'auto', 'sparse'"
+    ):
         env_value("HF_SPARSE_2TO4_GEMMS")
     monkeypatch.setenv("HF_SPARSE_TUNE_SECONDS", "soon")
     with pytest.raises(ValueError, match=r"HF_SPARSE_TUNE_SECONDS='soon' is not valid; not a number of seconds"):

@@ -75,8 +75,13 @@ def test_trainer_evaluate_reports_next_token_accuracy(tmp_path, compute_metrics)
 
     torch.manual_seed(0)
     config = LlamaConfig(
-        vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-        num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=32,
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        max_position_embeddings=32,
     )
     model = LlamaForCausalLM(config).eval()
     rng = np.random.default_rng(0)
@@ -94,8 +99,11 @@ def test_trainer_evaluate_reports_next_token_accuracy(tmp_path, compute_metrics)
         output_dir=str(tmp_path), per_device_eval_batch_size=4, use_cpu=True, report_to=[], disable_tqdm=True
     )
     trainer = Trainer(
-        model=model, args=args, eval_dataset=dataset,
-        compute_metrics=compute_metrics, preprocess_logits_for_metrics=E.preprocess_logits_for_metrics,
+        model=model,
+        args=args,
+        eval_dataset=dataset,
+        compute_metrics=compute_metrics,
+        preprocess_logits_for_metrics=E.preprocess_logits_for_metrics,
     )
     metrics = trainer.evaluate()
 

@@ -24,12 +24,18 @@ LOW_RANK = dict(loro_scope="all", loro_attn_rank=8, loro_mlp_rank=8)
 # name -> (config overrides, expected architecture of the export, dtype)
 CASES = {
     "silu_llama": (dict(squ_relu="silu", weight_2by4=True, tie_word_embeddings=True), "llama", torch.float32),
-    "relu2_arcee": (dict(weight_2by4=True, weight_2by4_scope="all", weight_sparse_method="ste"), "arcee", torch.float32),
+    "relu2_arcee": (
+        dict(weight_2by4=True, weight_2by4_scope="all", weight_sparse_method="ste"),
+        "arcee",
+        torch.float32,
+    ),
     # relu2 prefers llama: relu(gate)·up with gate = up (the 2:4 up_proj copied, 2:4 too).
     "relu2_llama": (dict(weight_2by4=True), "llama", torch.float32),
     "relu_arcee_bf16": (dict(squ_relu="relu", weight_2by4=True), "arcee", torch.bfloat16),
     "lowrank_act24": (
-        dict(weight_2by4=True, weight_2by4_scope="all", activation_2by4=True, activation_dense_warmup_steps=0, **LOW_RANK),
+        dict(
+            weight_2by4=True, weight_2by4_scope="all", activation_2by4=True, activation_dense_warmup_steps=0, **LOW_RANK
+        ),
         "sparse_llama",
         torch.float32,
     ),
@@ -231,7 +237,9 @@ def test_dense_flag(exports, tmp_path):
     assert "\n" not in message and "loro_scope" in message and "activation_2by4" in message and "arcee" in message
     assert not (tmp_path / "x").exists()
     out = export_model(str(cases["relu2_arcee"]["run"]), str(tmp_path / "y"), dense=True)
-    assert json.loads((tmp_path / "y" / "config.json").read_text())["model_type"] == "llama" and out == str(tmp_path / "y")
+    assert json.loads((tmp_path / "y" / "config.json").read_text())["model_type"] == "llama" and out == str(
+        tmp_path / "y"
+    )
 
 
 def test_errors_are_one_clear_line(exports, tmp_path):
@@ -298,7 +306,9 @@ def test_export_is_readable_by_another_user_and_its_tokenizer_config_has_no_load
     run = tmp_path / "run"
     shutil.copytree(cases["relu2_arcee"]["run"], run)
     tokenizer_config = json.loads((run / "tokenizer_config.json").read_text())
-    (run / "tokenizer_config.json").write_text(json.dumps({**tokenizer_config, "local_files_only": True, "is_local": True}))
+    (run / "tokenizer_config.json").write_text(
+        json.dumps({**tokenizer_config, "local_files_only": True, "is_local": True})
+    )
     out = tmp_path / "export"
     export_model(str(run), str(out))
     assert stat.S_IMODE(os.stat(out).st_mode) & 0o055 == 0o055  # group/other may list and enter

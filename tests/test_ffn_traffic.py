@@ -94,12 +94,14 @@ def test_the_last_two_lines_come_from_the_traced_op(traffic, hw, capsys):
     fp8_line = re.fullmatch(r"modelled fp8 2:4/fp8 dense fwd\+bwd at 7b: (\d+\.\d\d)", lines[-1])
     assert bf16 and fp8_line, lines[-2:]
     d, f = 4096, 16384
-    want_bf16 = traffic.summarize(traffic.trace_sparse_op(T, d, f), hw).total_s / traffic.summarize(
-        traffic.trace_dense_fused(T, d, f), hw
-    ).total_s
-    want_fp8 = traffic.summarize(traffic.trace_sparse_op(T, d, f, fp8_mode=True), hw).total_s / traffic.summarize(
-        traffic.trace_dense_fused(T, d, f, fp8_gemms=True), hw
-    ).total_s
+    want_bf16 = (
+        traffic.summarize(traffic.trace_sparse_op(T, d, f), hw).total_s
+        / traffic.summarize(traffic.trace_dense_fused(T, d, f), hw).total_s
+    )
+    want_fp8 = (
+        traffic.summarize(traffic.trace_sparse_op(T, d, f, fp8_mode=True), hw).total_s
+        / traffic.summarize(traffic.trace_dense_fused(T, d, f, fp8_gemms=True), hw).total_s
+    )
     assert float(bf16.group(1)) == pytest.approx(want_bf16, abs=0.005)
     assert float(fp8_line.group(1)) == pytest.approx(want_fp8, abs=0.005)
     # Both GEMM speed-up sets, cited, and a row per shape.

@@ -9,7 +9,6 @@ import pytest
 import torch
 
 from hf_sparse import SparseLlamaConfig
-from hf_sparse.model import kernels
 from hf_sparse.model.fp8 import FP8, FP8_MAX, quantize_rows
 from hf_sparse.model.sparse_ffn import BACKWARD_MODES, SPARSE_METHODS, make_token_permutation, relu2_2to4_ffn
 from hf_sparse.training.run_args import ConfigError

@@ -62,7 +62,9 @@ BAD = {
 
 
 @pytest.mark.parametrize("content", BAD)
-def test_a_bad_entry_is_ignored_with_one_warning_and_never_crashes(emulated_cusparselt_cuda_rules, timer, caplog, content):
+def test_a_bad_entry_is_ignored_with_one_warning_and_never_crashes(
+    emulated_cusparselt_cuda_rules, timer, caplog, content
+):
     """A hand-edited table once crashed the training step (a list where a table belongs:
     AttributeError; an alg_id "3": TypeError in the GEMM call). Now what does not check
     out is ignored (the shape is tuned anew), said once, and dropped when the file is

@@ -260,7 +260,9 @@ def test_tuning_budget_is_bounded_and_said(emulated_cusparselt_cuda_rules, timer
 TIMINGS_PER_SHAPE = 2 + NUM_ALG_IDS  # dense, compression, every alg id
 
 
-def test_one_budget_per_process_across_a_models_shapes_said_once(emulated_cusparselt_cuda_rules, timer, monkeypatch, caplog):
+def test_one_budget_per_process_across_a_models_shapes_said_once(
+    emulated_cusparselt_cuda_rules, timer, monkeypatch, caplog
+):
     """The budget is the process's, not each shape's: of the model's four FFN GEMM shapes
     the first is tuned whole, the second cut short (provisional), the last two find
     nothing left; one warning, and never more than one timing over."""
@@ -362,9 +364,7 @@ def test_op_takes_each_gemm_as_its_verdict_says(emulated_cusparselt_cuda_rules, 
 
 
 def quick_model():
-    config = tiny_config(
-        activation_2by4=True, activation_dense_warmup_steps=1, torch_dtype="bfloat16", vocab_size=64
-    )
+    config = tiny_config(activation_2by4=True, activation_dense_warmup_steps=1, torch_dtype="bfloat16", vocab_size=64)
     torch.manual_seed(0)
     return SparseLlamaForCausalLM(config).to(BF16).train()
 

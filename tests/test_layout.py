@@ -30,7 +30,9 @@ def forbidden_imports(source: str, folder_modules: set[str]) -> list[str]:
     bad = []
     for node in ast.walk(ast.parse(source)):
         if isinstance(node, ast.Import):
-            bad += [a.name for a in node.names if a.name.split(".")[0] not in ALLOWED_ROOTS | set(sys.stdlib_module_names)]
+            bad += [
+                a.name for a in node.names if a.name.split(".")[0] not in ALLOWED_ROOTS | set(sys.stdlib_module_names)
+            ]
         elif isinstance(node, ast.ImportFrom):
             if node.level == 0:
                 root = node.module.split(".")[0]
@@ -93,7 +95,9 @@ def test_no_module_walks_the_call_stack():
     for path in sources:
         with open(path, encoding="utf-8") as handle:
             text = handle.read()
-        walking.update({os.path.relpath(path, REPO_ROOT): w for w in ("_getframe", "currentframe", "f_back") if w in text})
+        walking.update(
+            {os.path.relpath(path, REPO_ROOT): w for w in ("_getframe", "currentframe", "f_back") if w in text}
+        )
     assert walking == {}
 
 
@@ -101,8 +105,8 @@ def readme_tree() -> set[str]:
     """Paths (relative to hf_sparse/) named in the README's architecture tree."""
     with open(os.path.join(REPO_ROOT, "README.md"), encoding="utf-8") as handle:
         text = handle.read()
-    section = text[text.index("## Architecture"):]
-    block = section[section.index("```\n") + 4:]
+    section = text[text.index("## Architecture") :]
+    block = section[section.index("```\n") + 4 :]
     block = block[: block.index("```")]
     paths, stack = set(), []
     for line in block.splitlines():
@@ -138,7 +142,13 @@ def test_public_names_survive_the_move():
     from hf_sparse.model import ffn_stages, gemm_backends, kernels
     from hf_sparse.training import tokenizer
 
-    for name in ("SparseLlamaConfig", "SparseLlamaForCausalLM", "SparsityCallback", "sparsity_metrics", "set_training_step"):
+    for name in (
+        "SparseLlamaConfig",
+        "SparseLlamaForCausalLM",
+        "SparsityCallback",
+        "sparsity_metrics",
+        "set_training_step",
+    ):
         assert hasattr(hf_sparse, name)
     for op in ("relu2_2to4_ffn_fwd", "relu2_2to4_ffn_bwd", "sparse24_mm"):
         assert hasattr(torch.ops.hf_sparse, op)

@@ -100,9 +100,11 @@ def test_scores_land_in_the_loss_rows_of_every_backend(finished_run):
         assert [e.step for e in tensorboard.Scalars(f"train/{key}")] == [2, 4], key
     # The final scores: all_results.json and the model card's model-index.
     results = json.loads((run / "all_results.json").read_text())
-    assert {k: results[k] for k in EXPECTED_KEYS} == {k: loss_rows[2][k] for k in EXPECTED_KEYS} == {
-        k: metrics[k] for k in EXPECTED_KEYS
-    }
+    assert (
+        {k: results[k] for k in EXPECTED_KEYS}
+        == {k: loss_rows[2][k] for k in EXPECTED_KEYS}
+        == {k: metrics[k] for k in EXPECTED_KEYS}
+    )
     from huggingface_hub import ModelCard
 
     index = ModelCard.load(str(run / "README.md")).data.eval_results
@@ -198,7 +200,9 @@ def test_shipped_task_data_comes_from_held_out_documents(tmp_path, monkeypatch):
     from hf_sparse.eval_tasks import TASKS_DIR, build_data
 
     validation = ["\n".join(f"    value_{d}_{i} = compute({i})" for i in range(40)) for d in range(4)]
-    monkeypatch.setattr(build_data, "embedded_corpus", lambda: (["    training_line = 'never used'\n" * 50], validation))
+    monkeypatch.setattr(
+        build_data, "embedded_corpus", lambda: (["    training_line = 'never used'\n" * 50], validation)
+    )
     monkeypatch.setattr(build_data, "embedded_corpus_fingerprint", lambda: "test")
     info = build_data.main(str(tmp_path))
     assert info["nextline_items"] > 0 and info["heldout_chunks"] > 0
@@ -219,12 +223,21 @@ BAD_LM_EVAL = [
     (dict(lm_eval_steps=-1), r"lm_eval_steps: -1 is not valid"),
     (dict(lm_eval_tasks=[]), r"lm_eval_tasks: \[\] is not valid"),
     (dict(lm_eval_include_path="/no/such/tasks"), r"lm_eval_include_path: '/no/such/tasks' does not exist"),
-    (dict(lm_eval_steps=None), r"lm_eval_tasks runs at each evaluation unless lm_eval_steps is set, and eval_strategy is 'no'"),
+    (
+        dict(lm_eval_steps=None),
+        r"lm_eval_tasks runs at each evaluation unless lm_eval_steps is set, and eval_strategy is 'no'",
+    ),
     (dict(lm_eval_tasks=None), r"lm_eval_limit is set but lm_eval_tasks is not"),
-    (dict(lm_eval_tasks=["hellaswagg"]), r"lm_eval_tasks: 'hellaswagg' is not an lm-eval task.*Did you mean 'hellaswag'"),
+    (
+        dict(lm_eval_tasks=["hellaswagg"]),
+        r"lm_eval_tasks: 'hellaswagg' is not an lm-eval task.*Did you mean 'hellaswag'",
+    ),
     # A hub task whose dataset is not cached, in offline mode (the tests run offline).
-    (dict(lm_eval_tasks=["hellaswag"]), r"task 'hellaswag' reads the hub dataset 'Rowan/hellaswag', the hub is unreachable "
-     r"\(offline mode: HF_HUB_OFFLINE=1\)"),
+    (
+        dict(lm_eval_tasks=["hellaswag"]),
+        r"task 'hellaswag' reads the hub dataset 'Rowan/hellaswag', the hub is unreachable "
+        r"\(offline mode: HF_HUB_OFFLINE=1\)",
+    ),
 ]
 
 

@@ -30,7 +30,8 @@ def _dense_reference(M, N, G, lr):
 # (out, in, r): the spec's case, other learning rates, and 2r > out / 2r > in, where the
 # projected gradient blocks are rank deficient.
 @pytest.mark.parametrize(
-    "seed,lr,out,inp,r", [(0, 0.1, 12, 9, 3), (1, 1.0, 12, 9, 3), (2, 1e-3, 12, 9, 3), (3, 0.3, 5, 9, 3), (4, 0.3, 4, 4, 3)]
+    "seed,lr,out,inp,r",
+    [(0, 0.1, 12, 9, 3), (1, 1.0, 12, 9, 3), (2, 1e-3, 12, 9, 3), (3, 0.3, 5, 9, 3), (4, 0.3, 4, 4, 3)],
 )
 def test_exact_update_is_best_rank_r_of_projected_step(seed, lr, out, inp, r):
     gen = torch.Generator().manual_seed(seed)
@@ -116,7 +117,9 @@ def test_lazy_step_closed_form(scaler, wd):
     before = {p: p.detach().clone() for p in model.parameters()}
     grads = _fresh_grads(model)
     lr, eps = 0.01, 1e-8
-    opt = LOROAdamW.from_model(model, lr=lr, eps=eps, weight_decay=wd, loro_freq=100, loro_lr_scaler=scaler, hidden_size=8)
+    opt = LOROAdamW.from_model(
+        model, lr=lr, eps=eps, weight_decay=wd, loro_freq=100, loro_lr_scaler=scaler, hidden_size=8
+    )
     opt.step()
     assert not opt.last_step_was_exact and opt.num_exact_steps == 0
     for layer in (model.a, model.b):

@@ -64,8 +64,17 @@ def test_loro_run_exact_steps_and_resume(tmp_path):
     assert "weight_sparsity/layer_0/attn_q_proj_in" in rows[1]
 
     resumed_dir = tmp_path / "resumed"
-    train_hf.main([_config(tmp_path, "resumed", max_steps=10, resume_from_checkpoint=str(tmp_path / "full" / "checkpoint-4"),
-                           output_dir=str(resumed_dir))])
+    train_hf.main(
+        [
+            _config(
+                tmp_path,
+                "resumed",
+                max_steps=10,
+                resume_from_checkpoint=str(tmp_path / "full" / "checkpoint-4"),
+                output_dir=str(resumed_dir),
+            )
+        ]
+    )
     resumed = _rows(resumed_dir)
     assert [s for s in range(5, 11) if resumed[s]["loro/last_step_exact"] == 1.0] == [6, 9]
     for step in range(5, 11):
@@ -81,8 +90,14 @@ def test_loro_optimizer_needs_low_rank_linears(tmp_path):
 
 @pytest.mark.parametrize("backward", ["exact", "split_gemm"])
 def test_low_rank_2to4_ffn_gradients_match_dense_masked_reference(backward):
-    config = tiny_config(activation_2by4=True, activation_dense_warmup_steps=0, loro_scope="mlp", loro_mlp_rank=8,
-                         activation_backward=backward, activation_dense_features=1.0)
+    config = tiny_config(
+        activation_2by4=True,
+        activation_dense_warmup_steps=0,
+        loro_scope="mlp",
+        loro_mlp_rank=8,
+        activation_backward=backward,
+        activation_dense_features=1.0,
+    )
     mlp = SparseLlamaForCausalLM(config).model.layers[0].mlp.double().train()
     set_training_step(mlp, 10)
     x = torch.randn(2, 8, 32, dtype=torch.float64, requires_grad=True)
@@ -93,8 +108,14 @@ def test_low_rank_2to4_ffn_gradients_match_dense_masked_reference(backward):
     got_x = x.grad.clone()
 
     # Reference: plain autograd over the factor products with the forward 2:4 mask held fixed.
-    up_in, up_out = mlp.up_proj.weight_in.detach().clone().requires_grad_(), mlp.up_proj.weight_out.detach().clone().requires_grad_()
-    dn_in, dn_out = mlp.down_proj.weight_in.detach().clone().requires_grad_(), mlp.down_proj.weight_out.detach().clone().requires_grad_()
+    up_in, up_out = (
+        mlp.up_proj.weight_in.detach().clone().requires_grad_(),
+        mlp.up_proj.weight_out.detach().clone().requires_grad_(),
+    )
+    dn_in, dn_out = (
+        mlp.down_proj.weight_in.detach().clone().requires_grad_(),
+        mlp.down_proj.weight_out.detach().clone().requires_grad_(),
+    )
     x_ref = x.detach().clone().requires_grad_()
     act = torch.relu(x_ref @ up_in @ up_out.T) ** 2
     groups = act.detach().reshape(-1, 4)
@@ -102,7 +123,11 @@ def test_low_rank_2to4_ffn_gradients_match_dense_masked_reference(backward):
     ref = (act * keep.reshape(act.shape)) @ dn_in @ dn_out.T
     torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-12)
     ref.backward(grad_out)
-    for name, ref_param in (("up_proj.weight_in", up_in), ("up_proj.weight_out", up_out),
-                            ("down_proj.weight_in", dn_in), ("down_proj.weight_out", dn_out)):
+    for name, ref_param in (
+        ("up_proj.weight_in", up_in),
+        ("up_proj.weight_out", up_out),
+        ("down_proj.weight_in", dn_in),
+        ("down_proj.weight_out", dn_out),
+    ):
         torch.testing.assert_close(got[name], ref_param.grad, rtol=1e-9, atol=1e-11)
     torch.testing.assert_close(got_x, x_ref.grad, rtol=1e-9, atol=1e-11)

@@ -14,11 +14,19 @@ HISTORY = [
 
 
 def test_card_loads_back_with_model_index_hyperparameters_and_versions(tmp_path):
-    args = TrainingArguments(output_dir=str(tmp_path), max_steps=10, learning_rate=3e-3, per_device_train_batch_size=4,
-                             gradient_accumulation_steps=2, use_cpu=True, report_to=[])
+    args = TrainingArguments(
+        output_dir=str(tmp_path),
+        max_steps=10,
+        learning_rate=3e-3,
+        per_device_train_batch_size=4,
+        gradient_accumulation_steps=2,
+        use_cpu=True,
+        report_to=[],
+    )
     (tmp_path / "sparsity_relu_heatmap.png").write_bytes(b"png")  # as written by python -m hf_sparse.report
-    path = write_model_card(str(tmp_path), tiny_config(activation_2by4=True, weight_2by4=True), HISTORY, args,
-                            "allenai/c4")
+    path = write_model_card(
+        str(tmp_path), tiny_config(activation_2by4=True, weight_2by4=True), HISTORY, args, "allenai/c4"
+    )
     card = ModelCard.load(path)
     data = card.data
     assert data.library_name == "transformers" and data.pipeline_tag == "text-generation"

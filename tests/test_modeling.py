@@ -8,7 +8,6 @@ import pytest
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
-import hf_sparse
 from hf_sparse import SparseLlamaConfig, SparseLlamaForCausalLM
 from tests.conftest import tiny_config
 from tests.conftest import WITHOUT_HF_SPARSE  # noqa: E402
@@ -125,7 +124,7 @@ def test_loads_in_a_process_without_hf_sparse(tmp_path, low_rank):
         import sys, torch
         from transformers import AutoModelForCausalLM
         model = AutoModelForCausalLM.from_pretrained({str(model_dir)!r}, trust_remote_code=True).eval()
-        ref = torch.load({str(tmp_path / 'expected.pt')!r})
+        ref = torch.load({str(tmp_path / "expected.pt")!r})
         with torch.no_grad():
             out = model(ref["ids"]).logits
         assert type(model).__name__ == "SparseLlamaForCausalLM"
@@ -140,7 +139,10 @@ def test_loads_in_a_process_without_hf_sparse(tmp_path, low_rank):
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     env["HF_MODULES_CACHE"] = str(tmp_path / "modules")
     result = processes.run(
-        [sys.executable, "-c", WITHOUT_HF_SPARSE + script], cwd=tmp_path, env=env, timeout=300,
+        [sys.executable, "-c", WITHOUT_HF_SPARSE + script],
+        cwd=tmp_path,
+        env=env,
+        timeout=300,
     )
     assert result.returncode == 0, result.stderr[-3000:]
     assert "REMOTE_OK" in result.stdout
@@ -171,8 +173,12 @@ def test_original_research_llama_json_loads():
 def test_recipe_sizes(name):
     from hf_sparse.training.run_config import load_model_config
 
-    sizes = {"llama_60m": (512, 1376, 8, 8), "llama_130m": (768, 2048, 12, 12),
-             "llama_350m": (1024, 2736, 24, 16), "llama_1b": (2048, 5461, 24, 32)}
+    sizes = {
+        "llama_60m": (512, 1376, 8, 8),
+        "llama_130m": (768, 2048, 12, 12),
+        "llama_350m": (1024, 2736, 24, 16),
+        "llama_1b": (2048, 5461, 24, 32),
+    }
     config = load_model_config(os.path.join("configs", f"{name}.json"), {})
     got = (config.hidden_size, config.intermediate_size, config.num_hidden_layers, config.num_attention_heads)
     assert got == sizes[name] and config.vocab_size == 32000

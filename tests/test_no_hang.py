@@ -21,7 +21,8 @@ def test_every_test_has_a_time_limit(pytestconfig):
 
 def test_a_test_over_the_limit_fails_with_its_stack(tmp_path):
     """The project's pytest.ini with a 3 s limit, on a test that sleeps for a minute."""
-    (tmp_path / "test_sleeps.py").write_text(textwrap.dedent("""
+    (tmp_path / "test_sleeps.py").write_text(
+        textwrap.dedent("""
         import time
 
         def test_sleeps_too_long():
@@ -29,7 +30,8 @@ def test_a_test_over_the_limit_fails_with_its_stack(tmp_path):
 
         def test_after_it_runs():
             pass
-    """))
+    """)
+    )
     ini = os.path.join(processes.REPO_ROOT, "pytest.ini")
     started = time.monotonic()
     proc = processes.run([sys.executable, "-m", "pytest", "-c", ini, "--rootdir", str(tmp_path), "-o", "timeout=3",

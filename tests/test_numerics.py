@@ -40,11 +40,24 @@ class InjectNaN(TrainerCallback):
 def _trainer(tmp_path, policy, squ_relu="relu2", report_to=()):
     torch.manual_seed(0)
     guard = NumericsGuardCallback(policy)
-    args = TrainingArguments(output_dir=str(tmp_path), max_steps=8, per_device_train_batch_size=4, logging_steps=2,
-                             save_strategy="steps", save_steps=2, report_to=list(report_to), use_cpu=True,
-                             disable_tqdm=True, learning_rate=1e-3)
-    trainer = Trainer(model=SparseLlamaForCausalLM(tiny_config(squ_relu=squ_relu)), args=args,
-                      train_dataset=RandomTokens(64), callbacks=[SparsityCallback(), guard, InjectNaN(at=3)])
+    args = TrainingArguments(
+        output_dir=str(tmp_path),
+        max_steps=8,
+        per_device_train_batch_size=4,
+        logging_steps=2,
+        save_strategy="steps",
+        save_steps=2,
+        report_to=list(report_to),
+        use_cpu=True,
+        disable_tqdm=True,
+        learning_rate=1e-3,
+    )
+    trainer = Trainer(
+        model=SparseLlamaForCausalLM(tiny_config(squ_relu=squ_relu)),
+        args=args,
+        train_dataset=RandomTokens(64),
+        callbacks=[SparsityCallback(), guard, InjectNaN(at=3)],
+    )
     return trainer, guard
 
 
@@ -95,9 +108,18 @@ def test_train_hf_stops_with_a_clear_message_and_no_final_model(tmp_path, monkey
         return model
 
     monkeypatch.setattr(AutoModelForCausalLM, "from_config", poisoned)
-    config = {"model_config": os.path.join(REPO_ROOT, "configs", "llama_tiny.json"), "max_length": 32,
-              "output_dir": str(tmp_path / "run"), "max_steps": 6, "per_device_train_batch_size": 4,
-              "logging_steps": 2, "save_steps": 2, "eval_strategy": "no", "report_to": [], "disable_tqdm": True}
+    config = {
+        "model_config": os.path.join(REPO_ROOT, "configs", "llama_tiny.json"),
+        "max_length": 32,
+        "output_dir": str(tmp_path / "run"),
+        "max_steps": 6,
+        "per_device_train_batch_size": 4,
+        "logging_steps": 2,
+        "save_steps": 2,
+        "eval_strategy": "no",
+        "report_to": [],
+        "disable_tqdm": True,
+    }
     path = tmp_path / "run.json"
     path.write_text(json.dumps(config))
     with pytest.raises(NonFiniteError, match=r"layer 1 .*Last good checkpoint: .*checkpoint-2"):

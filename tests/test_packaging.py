@@ -15,8 +15,9 @@ def test_pip_install_gives_package_scripts_and_module_entry_points(tmp_path):
     source.mkdir()
     for name in ("pyproject.toml", "README.md", "train_hf.py"):
         shutil.copy(os.path.join(REPO_ROOT, name), source / name)
-    shutil.copytree(os.path.join(REPO_ROOT, "hf_sparse"), source / "hf_sparse",
-                    ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copytree(
+        os.path.join(REPO_ROOT, "hf_sparse"), source / "hf_sparse", ignore=shutil.ignore_patterns("__pycache__")
+    )
     target = tmp_path / "site"
     build = processes.run(
         [sys.executable, "-m", "pip", "install", "--no-deps", "--no-build-isolation", "--no-index",
@@ -35,9 +36,13 @@ def test_pip_install_gives_package_scripts_and_module_entry_points(tmp_path):
     }
     # The offline lm-eval tasks travel with the package: YAMLs, data, and the loader they name.
     tasks = target / "hf_sparse" / "eval_tasks"
-    assert {"hf_sparse_nextline.yaml", "hf_sparse_heldout.yaml", "nextline.jsonl", "heldout.jsonl", "local_data.py"} <= {
-        p.name for p in tasks.iterdir()
-    }
+    assert {
+        "hf_sparse_nextline.yaml",
+        "hf_sparse_heldout.yaml",
+        "nextline.jsonl",
+        "heldout.jsonl",
+        "local_data.py",
+    } <= {p.name for p in tasks.iterdir()}
 
     # The console script calls train_hf.cli (whose error path tests/test_train_hf.py covers).
     assert "from train_hf import cli" in (target / "bin" / "hf-sparse-train").read_text()
@@ -54,7 +59,9 @@ def test_pip_install_gives_package_scripts_and_module_entry_points(tmp_path):
     )
     run = processes.run(
         [sys.executable, "-c", probe],
-        cwd=elsewhere, env=dict(os.environ, PYTHONPATH=str(target)), timeout=120,
+        cwd=elsewhere,
+        env=dict(os.environ, PYTHONPATH=str(target)),
+        timeout=120,
     )
     assert run.returncode == 2 and "is not a directory" in run.stderr, run.stderr[-2000:]
     assert all(line.startswith(str(target)) for line in run.stdout.splitlines()[-2:]), run.stdout

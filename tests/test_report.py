@@ -87,8 +87,14 @@ def test_report_refuses_a_run_without_sparsity_metrics(tmp_path):
 def _fake_flip_run(run_dir, with_activations):
     history = []
     for step in (10, 20, 30):
-        row = {"loss": 4.0, "step": step, "flip_rate/mean": 0.02 / step, "flip_rate/max": 0.05 / step,
-               "flip_rate/total": 0.025 / step, "flip_rate/layer_0/mlp_up_proj": 0.02 / step}
+        row = {
+            "loss": 4.0,
+            "step": step,
+            "flip_rate/mean": 0.02 / step,
+            "flip_rate/max": 0.05 / step,
+            "flip_rate/total": 0.025 / step,
+            "flip_rate/layer_0/mlp_up_proj": 0.02 / step,
+        }
         if with_activations:
             row.update({"sparsity_relu/layer_0": 0.6, "sparsity_relu/mean_across_layers": 0.6})
         history.append(row)

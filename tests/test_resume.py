@@ -179,8 +179,16 @@ def test_checkpoint_is_hub_ready_and_generates_without_hf_sparse(tmp_path):
     train_hf.main([_config(tmp_path, "hub", max_steps=2)])  # in this process; the loading below is not
     checkpoint = tmp_path / "hub" / "checkpoint-2"
     names = set(os.listdir(checkpoint))
-    assert {"config.json", "model.safetensors", "modeling_sparse_llama.py", "configuration_sparse_llama.py",
-            "sparse_ffn.py", "tokenizer.json", "tokenizer_config.json", "README.md"} <= names
+    assert {
+        "config.json",
+        "model.safetensors",
+        "modeling_sparse_llama.py",
+        "configuration_sparse_llama.py",
+        "sparse_ffn.py",
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "README.md",
+    } <= names
     card = (checkpoint / "README.md").read_text()
     assert "2:4 activation sparsity on the ReLU² output" in card and "warm-up: 10" in card
     assert "auto_map" in json.loads((checkpoint / "config.json").read_text())
@@ -202,8 +210,7 @@ def test_checkpoint_is_hub_ready_and_generates_without_hf_sparse(tmp_path):
     )
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     env["HF_MODULES_CACHE"] = str(tmp_path / "modules")
-    result = processes.run([sys.executable, "-c", WITHOUT_HF_SPARSE + script], cwd=tmp_path, env=env,
-                            timeout=300)
+    result = processes.run([sys.executable, "-c", WITHOUT_HF_SPARSE + script], cwd=tmp_path, env=env, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "GENERATED" in result.stdout
 
@@ -246,7 +253,9 @@ def test_auto_resume_picks_the_last_checkpoint_or_starts_or_stops(tmp_path):
         (folder / "config.json").write_text("{}")
         (folder / "trainer_state.json").write_text(json.dumps({"global_step": step}))
     (out / "checkpoint-12").mkdir()  # half-written: never picked
-    assert resolve_resume(args(10)) == str(out / "checkpoint-8") and not already_finished(str(out / "checkpoint-8"), args(10))
+    assert resolve_resume(args(10)) == str(out / "checkpoint-8") and not already_finished(
+        str(out / "checkpoint-8"), args(10)
+    )
     assert already_finished(resolve_resume(args(6)), args(6))  # past a lowered max_steps
     # The run finished at step 10 (final config.json and trainer_state.json in output_dir).
     (out / "trainer_state.json").write_text(json.dumps({"global_step": 10}))

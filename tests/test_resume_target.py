@@ -87,12 +87,18 @@ def test_a_runs_final_folder_is_refused_naming_its_last_checkpoint(tmp_path, mon
 def test_a_final_folder_without_checkpoints_and_a_save_only_model_checkpoint(tmp_path):
     lone = tmp_path / "lone"
     _checkpoint(lone, state_files=())
-    with pytest.raises(ConfigError, match=r"is a run's final folder, not a checkpoint: .*; it keeps no checkpoint-N "
-                                          r"folder, so that run cannot be resumed\.$"):
+    with pytest.raises(
+        ConfigError,
+        match=r"is a run's final folder, not a checkpoint: .*; it keeps no checkpoint-N "
+        r"folder, so that run cannot be resumed\.$",
+    ):
         check_resume_target(str(lone), SparseLlamaConfig(**{k: v for k, v in TINY.items() if k != "model_type"}))
     only_model = _checkpoint(tmp_path / "run" / "checkpoint-4", state_files=())
-    with pytest.raises(ConfigError, match=r"'.*checkpoint-4' cannot be resumed: it holds no optimizer, scheduler or "
-                                          r"RNG state .* as a checkpoint saved with save_only_model=true"):
+    with pytest.raises(
+        ConfigError,
+        match=r"'.*checkpoint-4' cannot be resumed: it holds no optimizer, scheduler or "
+        r"RNG state .* as a checkpoint saved with save_only_model=true",
+    ):
         train_hf.main([_run_json(tmp_path, output_dir=str(tmp_path / "new"), resume_from_checkpoint=only_model)])
     assert not (tmp_path / "new").exists()
 
@@ -134,8 +140,12 @@ def test_the_shape_check_comes_before_nothing_to_train(tmp_path, monkeypatch, ca
     other = _checkpoint(tmp_path / "big" / "checkpoint-4", squ_relu="silu")
     code = run_train_hf_script(monkeypatch, _run_json(tmp_path, resume_from_checkpoint=other, max_steps=2))
     # A gated FFN (gate/up/down at intermediate_size) against a non-gated one (up/down at 1.5x).
-    assert_one_line_error(code, capsys, r"holds a model with squ_relu='silu' but this run's model has "
-                                        r"squ_relu='relu2'; its weights do not fit")
+    assert_one_line_error(
+        code,
+        capsys,
+        r"holds a model with squ_relu='silu' but this run's model has "
+        r"squ_relu='relu2'; its weights do not fit",
+    )
     assert not (tmp_path / "run").exists()
 
 

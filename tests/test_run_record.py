@@ -14,17 +14,17 @@ from transformers.trainer_callback import TrainerState
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO_ROOT)
-import train_hf
-from hf_sparse.training import resume_check
-from hf_sparse.training.run_config import parse_run_config
-from hf_sparse.training.run_record import (
+import train_hf  # noqa: E402
+from hf_sparse.training import resume_check  # noqa: E402
+from hf_sparse.training.run_config import parse_run_config  # noqa: E402
+from hf_sparse.training.run_record import (  # noqa: E402
     RUN_CONFIG_NAME,
     dump_run_config,
     read_run_config,
     resolved_run_config,
 )
-from tests.test_resume_warnings import BASE as WARNINGS_BASE
-from tests.test_resume_warnings import _Recorder
+from tests.test_resume_warnings import BASE as WARNINGS_BASE  # noqa: E402
+from tests.test_resume_warnings import _Recorder  # noqa: E402
 
 # The resume-warnings run (4 cosine steps) with a checkpoint every 2 steps (checkpoint-2
 # periodic, checkpoint-4 the last), 2:4 activations after 2 dense steps and no evaluation.
@@ -111,7 +111,11 @@ def test_resume_check_reads_no_pickle():
             imported |= {alias.name.split(".")[0] for alias in node.names}
         elif isinstance(node, ast.ImportFrom) and node.module:
             imported.add(node.module.split(".")[0])
-        elif isinstance(node, ast.Constant) and isinstance(node.value, str) and node.value != ast.get_docstring(tree, clean=False):
+        elif (
+            isinstance(node, ast.Constant)
+            and isinstance(node.value, str)
+            and node.value != ast.get_docstring(tree, clean=False)
+        ):
             strings.append(node.value)
     assert not imported & {"pickle", "zipfile", "io"}, imported
     assert not [text for text in strings if "training_args.bin" in text]  # no file name to open
@@ -198,12 +202,14 @@ def test_a_checkpoint_without_the_json_resumes_with_one_line(trained, tmp_path):
     checkpoint = _checkpoint_copy(trained, tmp_path, step=2)  # as written before run_config.json existed
     os.remove(os.path.join(checkpoint, RUN_CONFIG_NAME))
     messages, state = _resume(trained, tmp_path, checkpoint)
-    assert messages == [(
-        f"resume: {checkpoint} has no {RUN_CONFIG_NAME} (written before hf_sparse kept the run's settings in each "
-        "checkpoint): its learning rate, schedule, warm-up and gradient accumulation are not compared with this "
-        "run's (comparison skipped; max_steps, the batch size and the world size still are, from "
-        "trainer_state.json and the RNG files)"
-    )]
+    assert messages == [
+        (
+            f"resume: {checkpoint} has no {RUN_CONFIG_NAME} (written before hf_sparse kept the run's settings in each "
+            "checkpoint): its learning rate, schedule, warm-up and gradient accumulation are not compared with this "
+            "run's (comparison skipped; max_steps, the batch size and the world size still are, from "
+            "trainer_state.json and the RNG files)"
+        )
+    ]
     assert state["global_step"] == 4
     # The resumed run's own checkpoint carries it again.
     assert read_run_config(str(tmp_path / "run" / "checkpoint-4"))["run"]["learning_rate"] == 0.003

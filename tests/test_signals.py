@@ -77,7 +77,8 @@ def test_before_training_one_line_and_nothing_written(tmp_path, monkeypatch, cap
         rng = random.Random(0)
         words = "alpha beta gamma delta epsilon zeta eta theta iota kappa lambda mu".split()
         (tmp_path / "train.jsonl").write_text(
-            "\n".join(json.dumps({"text": " ".join(rng.choices(words, k=60))}) for _ in range(400)))
+            "\n".join(json.dumps({"text": " ".join(rng.choices(words, k=60))}) for _ in range(400))
+        )
         overrides = {"train_files": [str(tmp_path / "train.jsonl")], "validation_split_percentage": 0}
         sent = _signal_when_called(monkeypatch, packing, "_tokenize")
     config = _run_json(tmp_path, **overrides)

@@ -581,7 +581,9 @@ def test_kernel_dispatch_is_off_on_cpu(monkeypatch):
     assert gemm_backends.select_gemms(x, w_up, w_down) is gemm_backends.PLAIN
     # Asked for by name where it cannot run: the plain GEMMs, said once.
     assert gemm_backends.select_gemms(x, w_up, w_down, "cusparselt") is gemm_backends.PLAIN
-    with pytest.raises(ValueError, match=r"gemms='cutlass' is not a registered GEMM back-end; choose one of \['cusparselt', 'plain'\]"):
+    with pytest.raises(
+        ValueError, match=r"gemms='cutlass' is not a registered GEMM back-end; choose one of \['cusparselt', 'plain'\]"
+    ):
         relu2_2to4_ffn(x, w_up, w_down, gemms="cutlass")
     monkeypatch.setenv(gemm_backends.DISABLE_ENV, "1")
     assert gemm_backends.kernel_disabled()

@@ -302,6 +302,7 @@ def _tp_halves_in_one_process(monkeypatch, x, w_up, w_down, dy, method, dense_fe
         n_dense = kernels.aligned_dense_count(n_dense, f)
     dense = torch.zeros(f, dtype=torch.bool).index_fill_(0, order[:n_dense], True)
     monkeypatch.setattr(sparse_ffn, "tp_group_size", lambda name: 2)
+
     def gathered_ranking(counts, n, width, offset, group):
         return dense[offset : offset + counts.shape[0]]
 
@@ -538,7 +539,10 @@ def test_older_callers_of_the_ops_get_the_automatic_back_end(emulated_cusparselt
     x, w_up, w_down, dy = make_inputs(t=48, d=32, f=64, seed=46)
     emu = emulated_cusparselt_wide
     fwd_args = (x, w_up, w_down, "naive", "split_gemm", 8, False, True, False)
-    bwd_args = lambda g, y2s, counts: (dy, x, w_up, w_down, g, y2s, counts, "naive", "split_gemm", 8, True, True, True)
+
+    def bwd_args(g, y2s, counts):
+        return (dy, x, w_up, w_down, g, y2s, counts, "naive", "split_gemm", 8, True, True, True)
+
     old_fwd = torch.ops.hf_sparse.relu2_2to4_ffn_fwd(*fwd_args)
     old_bwd = torch.ops.hf_sparse.relu2_2to4_ffn_bwd(*bwd_args(*old_fwd[1:4]), True, False)
     assert len(emu.mm_calls) == 4  # y3, dx, dW_up, dW_down through the emulated library

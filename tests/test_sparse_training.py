@@ -86,8 +86,6 @@ def test_warmup_switch_survives_resume(tmp_path):
         assert resumed.losses[step] == pytest.approx(full.losses[step], rel=1e-5)
 
 
-
-
 @pytest.mark.parametrize("activation_2by4", [False, True])
 def test_no_host_sync_in_forward_and_backward(monkeypatch, activation_2by4):
     """Wrap the syncing Tensor methods: a training step's forward+backward calls none of them.

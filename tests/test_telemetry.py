@@ -7,7 +7,6 @@ import pytest
 import torch
 from transformers import Trainer, TrainingArguments
 
-import hf_sparse
 from hf_sparse import SparseLlamaForCausalLM, SparsityCallback, sparsity_metrics
 from hf_sparse.model.modeling_sparse_llama import set_training_step
 from tests.conftest import tiny_config
@@ -30,7 +29,9 @@ def _mlp_inputs(model, ids):
     """The input of every layer's MLP for `ids` (captured with hooks, eval mode)."""
     captured, hooks = {}, []
     for i, layer in enumerate(model.model.layers):
-        hooks.append(layer.mlp.register_forward_hook(lambda m, args, out, i=i: captured.__setitem__(i, args[0].detach())))
+        hooks.append(
+            layer.mlp.register_forward_hook(lambda m, args, out, i=i: captured.__setitem__(i, args[0].detach()))
+        )
     was_training = model.training
     model.eval()
     with torch.no_grad():
@@ -97,7 +98,7 @@ def test_gradient_checkpointing_counts_once(reentrant):
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": reentrant})
         model(ids, labels=ids).loss.backward()
         # A recount would leave the fraction unchanged, so check the element count itself.
-        counted = [mlp.activation_stats[1].item() for mlp in (l.mlp for l in model.model.layers)]
+        counted = [mlp.activation_stats[1].item() for mlp in (layer.mlp for layer in model.model.layers)]
         assert counted == [ids.numel() * model.config.ffn_width] * model.config.num_hidden_layers
         values.append(sparsity_metrics(model))
     assert values[0] == values[1]
@@ -135,7 +136,9 @@ def test_stats_stay_out_of_checkpoints_and_start_at_zero(tmp_path):
     loaded = SparseLlamaForCausalLM.from_pretrained(tmp_path)
     metrics = sparsity_metrics(loaded)
     assert not any(key.startswith(("sparsity_relu", "sparsity_24")) for key in metrics)  # an empty window
-    assert all(m.activation_stats is None or not m.activation_stats.any() for m in (l.mlp for l in loaded.model.layers))
+    assert all(
+        m.activation_stats is None or not m.activation_stats.any() for m in (layer.mlp for layer in loaded.model.layers)
+    )
 
 
 def test_weight_sparsity_per_matrix():
@@ -330,10 +333,12 @@ def test_metric_callbacks_run_before_the_reporting_integrations(tmp_path):
     from transformers.integrations import TensorBoardCallback
 
     from hf_sparse.training.loro import LoroCallback
+
     args = TrainingArguments(output_dir=str(tmp_path), report_to=["tensorboard"], use_cpu=True, max_steps=1)
     ours = [SparsityCallback(), LoroCallback()]
-    trainer = Trainer(model=SparseLlamaForCausalLM(tiny_config()), args=args, train_dataset=RandomTokens(4),
-                      callbacks=ours)
+    trainer = Trainer(
+        model=SparseLlamaForCausalLM(tiny_config()), args=args, train_dataset=RandomTokens(4), callbacks=ours
+    )
     order = trainer.callback_handler.callbacks
     board = next(i for i, cb in enumerate(order) if isinstance(cb, TensorBoardCallback))
     assert all(order.index(cb) < board for cb in ours)
@@ -356,13 +361,12 @@ def test_activation_metrics_switch(tmp_path):
 
 def test_two_processes_log_the_pooled_fraction(tmp_path):
     import json
-    import sys
 
     out = tmp_path / "result.json"
     worker = os.path.join(os.path.dirname(__file__), "dist_telemetry_worker.py")
     env = dict(os.environ, OMP_NUM_THREADS="1")
     result = processes.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", worker, str(out)],
+        [*processes.TORCHRUN, worker, str(out)],
         cwd=os.path.dirname(os.path.dirname(worker)),
         env=env,
         timeout=150,

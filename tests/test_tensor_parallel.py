@@ -4,7 +4,6 @@ real on two CPU processes (torchrun, gloo) against the single-process model."""
 
 import json
 import os
-import sys
 
 import pytest
 import torch
@@ -96,9 +95,15 @@ def two_process_result(tmp_path_factory):
     out = work / "result.json"
     env = dict(os.environ, OMP_NUM_THREADS="1")
     proc = processes.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-         os.path.join(REPO_ROOT, "tests", "tp_worker.py"), str(out), str(work)],
-        cwd=REPO_ROOT, env=env, timeout=240,
+        [
+            *processes.TORCHRUN,
+            os.path.join(REPO_ROOT, "tests", "tp_worker.py"),
+            str(out),
+            str(work),
+        ],
+        cwd=REPO_ROOT,
+        env=env,
+        timeout=240,
     )
     assert proc.returncode == 0, proc.stderr[-4000:]
     return json.loads(out.read_text())

@@ -74,8 +74,12 @@ def test_embedded_default_end_to_end(tmp_path):
     # safetensors writes model.safetensors 0600: the final model and every checkpoint must
     # be readable by another uid (a serving container) like the files beside them.
     run = tmp_path / "run"
-    assert_readable_by_another_user(run / "model.safetensors", run / "config.json",
-                                    run / "checkpoint-4" / "model.safetensors", run / "checkpoint-4" / "optimizer.pt")
+    assert_readable_by_another_user(
+        run / "model.safetensors",
+        run / "config.json",
+        run / "checkpoint-4" / "model.safetensors",
+        run / "checkpoint-4" / "optimizer.pt",
+    )
     assert results["eval_loss"] < 7.0  # well below ln(512) = 6.24 + noise would be suspicious above
     assert (tmp_path / "run" / "sparsity_relu_heatmap.png").exists()
 
@@ -83,8 +87,10 @@ def test_embedded_default_end_to_end(tmp_path):
 def test_local_json_files_end_to_end(tmp_path):
     words = "alpha beta gamma delta epsilon zeta eta theta iota kappa lambda mu".split()
     rng = torch.Generator().manual_seed(0)
+
     def doc():
         return " ".join(words[i] for i in torch.randint(0, len(words), (60,), generator=rng).tolist())
+
     train = tmp_path / "train.jsonl"
     valid = tmp_path / "valid.json"
     train.write_text("\n".join(json.dumps({"text": doc()}) for _ in range(80)))
@@ -98,9 +104,19 @@ def test_cli_overrides_and_checkpoint_loads_without_hf_sparse(tmp_path):
     """A train_hf.py checkpoint loads with the Auto classes where hf_sparse is not importable."""
     config = _write_config(tmp_path, max_steps=2, eval_strategy="no", save_steps=2)
     proc = processes.run(
-        [sys.executable, os.path.join(REPO_ROOT, "train_hf.py"), config, "--activation_2by4", "true",
-         "--activation_dense_warmup_steps", "1", "--logging_steps", "1"],
-        cwd=REPO_ROOT, timeout=600,
+        [
+            sys.executable,
+            os.path.join(REPO_ROOT, "train_hf.py"),
+            config,
+            "--activation_2by4",
+            "true",
+            "--activation_dense_warmup_steps",
+            "1",
+            "--logging_steps",
+            "1",
+        ],
+        cwd=REPO_ROOT,
+        timeout=600,
     )
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert "model, tokenizer and config saved to" in proc.stderr
@@ -124,7 +140,7 @@ def test_cli_overrides_and_checkpoint_loads_without_hf_sparse(tmp_path):
         from transformers import AutoModelForCausalLM, AutoTokenizer
         model = AutoModelForCausalLM.from_pretrained({str(run_dir)!r}, trust_remote_code=True).eval()
         tok = AutoTokenizer.from_pretrained({str(run_dir)!r})
-        ref = torch.load({str(tmp_path / 'expected.pt')!r})
+        ref = torch.load({str(tmp_path / "expected.pt")!r})
         with torch.no_grad():
             torch.testing.assert_close(model(ref["ids"]).logits, ref["logits"], rtol=0, atol=0)
         assert len(tok) <= model.config.vocab_size
@@ -206,11 +222,17 @@ def test_a_typo_in_the_model_json_is_refused_with_the_closest_key(tmp_path):
     # PretrainedConfig keeps unknown keys as attributes: this built a model with the default
     # hidden_size (4096), silently.
     model = _tiny_model_json(tmp_path, hiden_size=32)
-    with pytest.raises(ConfigError, match=r"^unknown key 'hiden_size' in model_config '.*model\.json'\. Did you mean "
-                                          r"'hidden_size'\?$"):
+    with pytest.raises(
+        ConfigError,
+        match=r"^unknown key 'hiden_size' in model_config '.*model\.json'\. Did you mean "
+        r"'hidden_size'\?$",
+    ):
         train_hf.main([_bad(tmp_path, model_config=model)])
-    with pytest.raises(ConfigError, match=r"'max_steps' in model_config '.*model\.json' is a key of the run JSON, not "
-                                          r"of the model JSON; move it to the run JSON"):
+    with pytest.raises(
+        ConfigError,
+        match=r"'max_steps' in model_config '.*model\.json' is a key of the run JSON, not "
+        r"of the model JSON; move it to the run JSON",
+    ):
         train_hf.main([_bad(tmp_path, model_config=_tiny_model_json(tmp_path, max_steps=10))])
     assert not (tmp_path / "run").exists()
 
@@ -249,7 +271,7 @@ def test_a_model_json_given_as_the_run_json_says_where_it_goes(tmp_path):
         train_hf.main([TINY_MODEL, "--output_dir", str(tmp_path / "run")])
     message = str(err.value)
     assert message.startswith(f"{TINY_MODEL!r} is a model JSON (it has model_type, hidden_size"), message
-    assert "not a run JSON; name it as model_config in a run JSON (e.g. \"model_config\": " in message
+    assert 'not a run JSON; name it as model_config in a run JSON (e.g. "model_config": ' in message
     assert message.endswith(f"--model_config: train_hf.py configs/quickstart.json --model_config {TINY_MODEL}")
     assert "loro_type" not in message and not (tmp_path / "run").exists()
 
@@ -278,8 +300,10 @@ def test_settings_that_do_not_do_what_they_seem_warn_once_before_training(tmp_pa
     assert said.startswith("weight_decay=-0.1 is negative: the decay then pushes the weights away from zero")
     if not torch.cuda.is_available():
         (said,) = warnings_for(fp16=True)
-        assert said.startswith("fp16=True has no effect on CPU: accelerate autocasts to float16 only on GPUs, so this "
-                               "run trains in float32")
+        assert said.startswith(
+            "fp16=True has no effect on CPU: accelerate autocasts to float16 only on GPUs, so this "
+            "run trains in float32"
+        )
         assert warnings_for(bf16=True) == []  # bfloat16 autocast does run on CPU
 
 
@@ -311,8 +335,9 @@ def test_a_mostly_dense_schedule_warns_with_the_numbers(tmp_path, caplog):
 
     quick24 = os.path.join(REPO_ROOT, "configs", "quickstart_weight24.json")
     with caplog.at_level(logging.WARNING, logger="hf_sparse"):
-        parse_run_config([quick24, "--max_steps", "60", "--sparse_dense_finetune_steps", "50",
-                          "--output_dir", str(tmp_path / "w24")])
+        parse_run_config(
+            [quick24, "--max_steps", "60", "--sparse_dense_finetune_steps", "50", "--output_dir", str(tmp_path / "w24")]
+        )
     said = [r.getMessage() for r in caplog.records if "optimizer steps are sparse" in r.getMessage()]
     assert said == [
         "weight 2:4: only 10 of max_steps=60 optimizer steps are sparse (weight_2by4_start_step=0 dense first, "
@@ -327,7 +352,9 @@ def test_a_mostly_dense_schedule_warns_with_the_numbers(tmp_path, caplog):
 def test_no_validation_split_needs_evaluation_off(tmp_path):
     from hf_sparse.training.run_config import parse_run_config
 
-    with pytest.raises(ConfigError, match=r"eval_strategy='steps' needs validation data, but validation_split_percentage is 0"):
+    with pytest.raises(
+        ConfigError, match=r"eval_strategy='steps' needs validation data, but validation_split_percentage is 0"
+    ):
         train_hf.main([_bad(tmp_path, validation_split_percentage=0)])
     assert not (tmp_path / "run").exists()
     run = parse_run_config([_bad(tmp_path, validation_split_percentage=0, eval_strategy="no")])
@@ -358,8 +385,7 @@ def test_boundaries_that_are_valid(tmp_path):
 
 def test_bad_input_from_the_command_line_is_one_line(tmp_path):
     config = _bad(tmp_path, squ_relu="gelu")
-    proc = processes.run([sys.executable, os.path.join(REPO_ROOT, "train_hf.py"), config],
-                          cwd=REPO_ROOT, timeout=300)
+    proc = processes.run([sys.executable, os.path.join(REPO_ROOT, "train_hf.py"), config], cwd=REPO_ROOT, timeout=300)
     assert proc.returncode != 0
     last = proc.stderr.strip().splitlines()[-1]
     assert re.match(r"train_hf\.py: error: squ_relu='gelu' is not valid", last), proc.stderr[-2000:]
@@ -467,8 +493,15 @@ def test_push_to_hub_uploads_the_finished_folder_with_our_card(tmp_path, monkeyp
 
     def fake_upload_folder(repo_id, folder_path, **kwargs):
         card = os.path.join(folder_path, "README.md")
-        uploads.append({"repo_id": repo_id, "folder": folder_path, "names": set(os.listdir(folder_path)),
-                        "card": open(card).read() if os.path.exists(card) else "", **kwargs})
+        uploads.append(
+            {
+                "repo_id": repo_id,
+                "folder": folder_path,
+                "names": set(os.listdir(folder_path)),
+                "card": open(card).read() if os.path.exists(card) else "",
+                **kwargs,
+            }
+        )
 
     # Only these two are replaced: any other upload the Trainer tried would hit the offline hub.
     monkeypatch.setattr(Trainer, "init_hf_repo", fake_init_repo)
@@ -479,8 +512,15 @@ def test_push_to_hub_uploads_the_finished_folder_with_our_card(tmp_path, monkeyp
     upload = uploads[0]
     assert upload["repo_id"] == "someone/tiny-sparse-llama"
     assert os.path.abspath(upload["folder"]) == str(tmp_path / "run")
-    assert {"config.json", "model.safetensors", "modeling_sparse_llama.py", "configuration_sparse_llama.py",
-            "tokenizer.json", "README.md", "all_results.json"} <= upload["names"]
+    assert {
+        "config.json",
+        "model.safetensors",
+        "modeling_sparse_llama.py",
+        "configuration_sparse_llama.py",
+        "tokenizer.json",
+        "README.md",
+        "all_results.json",
+    } <= upload["names"]
     assert "checkpoint-*" in upload["ignore_patterns"]  # intermediate checkpoints stay local
     assert "FFN: non-gated relu2" in upload["card"]
     assert "| eval_perplexity |" in upload["card"] and "| eval_accuracy |" in upload["card"]  # final metrics

@@ -302,32 +302,54 @@ def _model_file(tmp_path, name):
 
 
 BAD_INPUTS = [
-    (dict(weight_2by4=True, squ_relu="silu", model_config="ODD"),
-     r"weight_2by4=True needs every targeted input width divisible by 4, but down_proj has input width 66"),
-    (dict(weight_2by4=True, loro_scope="mlp", loro_mlp_rank=6),
-     r"weight_2by4=True needs every targeted input width divisible by 4, but mlp weight_out has input width 6"),
-    (dict(weight_2by4=True, weight_2by4_scope="ffn"),
-     r"weight_2by4_scope='ffn' is not valid; choose one of 'mlp', 'attn', 'all'\."),
-    (dict(weight_2by4=True, weight_sparse_method="sr_ste"),
-     r"weight_sparse_method='sr_ste' is not valid; choose one of 's_ste', 'ste'\."),
-    (dict(weight_2by4=True, sparse_dense_finetune_steps=10),
-     r"sparse_dense_finetune_steps=10 is larger than max_steps=4; use sparse_dense_finetune_steps <= 4\."),
-    (dict(weight_2by4=True, weight_2by4_start_step=2, sparse_dense_finetune_steps=2),
-     r"weight_2by4_start_step=2 and sparse_dense_finetune_steps=2 leave no sparse step in max_steps=4"),
-    (dict(sparse_dense_finetune_steps=2, max_steps=-1, num_train_epochs=1),
-     r"sparse_dense_finetune_steps=2 needs max_steps > 0"),
+    (
+        dict(weight_2by4=True, squ_relu="silu", model_config="ODD"),
+        r"weight_2by4=True needs every targeted input width divisible by 4, but down_proj has input width 66",
+    ),
+    (
+        dict(weight_2by4=True, loro_scope="mlp", loro_mlp_rank=6),
+        r"weight_2by4=True needs every targeted input width divisible by 4, but mlp weight_out has input width 6",
+    ),
+    (
+        dict(weight_2by4=True, weight_2by4_scope="ffn"),
+        r"weight_2by4_scope='ffn' is not valid; choose one of 'mlp', 'attn', 'all'\.",
+    ),
+    (
+        dict(weight_2by4=True, weight_sparse_method="sr_ste"),
+        r"weight_sparse_method='sr_ste' is not valid; choose one of 's_ste', 'ste'\.",
+    ),
+    (
+        dict(weight_2by4=True, sparse_dense_finetune_steps=10),
+        r"sparse_dense_finetune_steps=10 is larger than max_steps=4; use sparse_dense_finetune_steps <= 4\.",
+    ),
+    (
+        dict(weight_2by4=True, weight_2by4_start_step=2, sparse_dense_finetune_steps=2),
+        r"weight_2by4_start_step=2 and sparse_dense_finetune_steps=2 leave no sparse step in max_steps=4",
+    ),
+    (
+        dict(sparse_dense_finetune_steps=2, max_steps=-1, num_train_epochs=1),
+        r"sparse_dense_finetune_steps=2 needs max_steps > 0",
+    ),
     (dict(weight_2by4_start_step=-1), r"weight_2by4_start_step=-1 must be >= 0\."),
     (dict(sparse_dense_finetune_steps=-3), r"sparse_dense_finetune_steps=-3 must be >= 0\."),
     (dict(weight_masked_decay=-0.1), r"weight_masked_decay=-0.1 must be >= 0\."),
     (dict(enable_2to4_sparse="yes"), r"enable_2to4_sparse: expected bool, got 'yes' \(str\)\."),
-    (dict(enable_2to4_sparse=True, weight_2by4=False),
-     r"enable_2to4_sparse=True conflicts with weight_2by4=False .*give one of them\."),
-    (dict(weight_2by4=True, attn_2by4=True, weight_2by4_scope="mlp"),
-     r"mlp_2by4=True, attn_2by4=True \(scope 'all'\) conflicts with weight_2by4_scope='mlp'"),
-    (dict(enable_2to4_sparse=True, mlp_2by4=False),
-     r"mlp_2by4=False and attn_2by4=False leave weight_2by4 with no matrix to sparsify"),
-    (dict(mlp_2by4=False, attn_2by4=False, model_config="W24"),
-     r"mlp_2by4=False and attn_2by4=False leave weight_2by4 with no matrix to sparsify"),
+    (
+        dict(enable_2to4_sparse=True, weight_2by4=False),
+        r"enable_2to4_sparse=True conflicts with weight_2by4=False .*give one of them\.",
+    ),
+    (
+        dict(weight_2by4=True, attn_2by4=True, weight_2by4_scope="mlp"),
+        r"mlp_2by4=True, attn_2by4=True \(scope 'all'\) conflicts with weight_2by4_scope='mlp'",
+    ),
+    (
+        dict(enable_2to4_sparse=True, mlp_2by4=False),
+        r"mlp_2by4=False and attn_2by4=False leave weight_2by4 with no matrix to sparsify",
+    ),
+    (
+        dict(mlp_2by4=False, attn_2by4=False, model_config="W24"),
+        r"mlp_2by4=False and attn_2by4=False leave weight_2by4 with no matrix to sparsify",
+    ),
     (dict(flip_rate="on"), r"flip_rate: expected bool, got 'on' \(str\)\."),
 ]
 

@@ -224,7 +224,9 @@ def test_activation_dense_tail():
 @pytest.mark.parametrize("low_rank", [False, True])
 def test_the_2to4_ffn_op_receives_the_effective_weights(low_rank):
     extra = dict(loro_scope="mlp", loro_mlp_rank=8) if low_rank else {}
-    config = tiny_config(weight_2by4=True, activation_2by4=True, activation_dense_warmup_steps=0, permute_2by4=False, **extra)
+    config = tiny_config(
+        weight_2by4=True, activation_2by4=True, activation_dense_warmup_steps=0, permute_2by4=False, **extra
+    )
     model = SparseLlamaForCausalLM(config).double().train()
     set_training_step(model, 3, 100)
     mlp = model.model.layers[0].mlp
@@ -239,7 +241,9 @@ def test_the_2to4_ffn_op_receives_the_effective_weights(low_rank):
 
 
 def test_no_host_sync_in_a_weight_2to4_training_step(monkeypatch):
-    model = SparseLlamaForCausalLM(tiny_config(weight_2by4=True, weight_2by4_scope="all", weight_grad_mvue=True, weight_masked_decay=1e-4))
+    model = SparseLlamaForCausalLM(
+        tiny_config(weight_2by4=True, weight_2by4_scope="all", weight_grad_mvue=True, weight_masked_decay=1e-4)
+    )
     model.train()
     set_training_step(model, 5, 100)
     ids = torch.randint(0, 128, (2, 16))

@@ -51,8 +51,10 @@ def _factors(linear):
     """(metric suffix, out x in view of the factor, its scale buffer) of a 2:4 linear."""
     if hasattr(linear, "weight_in"):
         # x -> x·weight_in: 2:4 along `in`, i.e. along dim 1 of weight_inᵀ.
-        return [("_in", linear.weight_in.detach().t(), linear.weight_in_2by4_scale),
-                ("_out", linear.weight_out.detach(), linear.weight_out_2by4_scale)]
+        return [
+            ("_in", linear.weight_in.detach().t(), linear.weight_in_2by4_scale),
+            ("_out", linear.weight_out.detach(), linear.weight_out_2by4_scale),
+        ]
     return [("", linear.weight.detach(), linear.weight_2by4_scale)]
 
 
@@ -66,8 +68,11 @@ def _sparse_linears(model):
 
 
 def _reference_masks(model):
-    return {key + suffix: _keep_mask(w).clone()
-            for key, linear in _sparse_linears(model) for suffix, w, _ in _factors(linear)}
+    return {
+        key + suffix: _keep_mask(w).clone()
+        for key, linear in _sparse_linears(model)
+        for suffix, w, _ in _factors(linear)
+    }
 
 
 def _reference_flips(before, after):
@@ -104,7 +109,7 @@ def test_weight_sparsity_is_the_zero_fraction_of_the_forward_weight(method):
     metrics = sparsity_metrics(model)
 
     for key, linear in _sparse_linears(model):
-        (_, w, scale), = _factors(linear)
+        ((_, w, scale),) = _factors(linear)
         effective = _effective(w, method, scale)
         # The reference really is what the forward multiplies by ...
         x = torch.randn(3, w.shape[1])
@@ -121,7 +126,6 @@ def test_weight_sparsity_is_the_zero_fraction_of_the_forward_weight(method):
     # Dense matrices keep the stored-weight semantics.
     assert metrics["weight_sparsity/layer_1/attn_k_proj"] == 0.25
     assert metrics["weight_sparsity/layer_0/attn_k_proj"] == 0.0
-
 
 
 def test_dense_phases_report_the_dense_master():
@@ -194,7 +198,8 @@ def test_flip_rate_equals_reference_from_saved_masks(low_rank):
     later = _reference_masks(model)
     for reset in (False, False, True):
         assert sparsity_metrics(model, flip_rate=True, reset=reset)["flip_rate/total"] == pytest.approx(
-            _reference_flips(after, later)["flip_rate/total"], abs=1e-15)
+            _reference_flips(after, later)["flip_rate/total"], abs=1e-15
+        )
     assert sparsity_metrics(model, flip_rate=True)["flip_rate/max"] == 0.0
 
     # The baseline is bit-packed on device and never part of the state dict.
@@ -319,21 +324,29 @@ def test_after_a_resume_the_first_flip_rate_is_against_the_restored_weights(tmp_
     from safetensors.torch import load_file
 
     config = tiny_config(weight_2by4=True)
-    args = tiny_training_args(tmp_path, max_steps=2, per_device_train_batch_size=2, save_strategy="steps",
-                              save_steps=1)
+    args = tiny_training_args(tmp_path, max_steps=2, per_device_train_batch_size=2, save_strategy="steps", save_steps=1)
     data = RandomTokens(16)
-    Trainer(model=SparseLlamaForCausalLM(config), args=args, train_dataset=data,
-            callbacks=[SparsityCallback(flip_rate=True)]).train()
+    Trainer(
+        model=SparseLlamaForCausalLM(config),
+        args=args,
+        train_dataset=data,
+        callbacks=[SparsityCallback(flip_rate=True)],
+    ).train()
 
     torch.manual_seed(123)  # a different init: only the restored weights can match
     recorder = _MaskRecorder()
-    trainer = Trainer(model=SparseLlamaForCausalLM(config), args=args, train_dataset=data,
-                      callbacks=[SparsityCallback(flip_rate=True), recorder])
+    trainer = Trainer(
+        model=SparseLlamaForCausalLM(config),
+        args=args,
+        train_dataset=data,
+        callbacks=[SparsityCallback(flip_rate=True), recorder],
+    )
     trainer.train(resume_from_checkpoint=str(tmp_path / "checkpoint-1"))
 
     restored = load_file(str(tmp_path / "checkpoint-1" / "model.safetensors"))
-    assert torch.equal(recorder.masks[0]["layer_1/mlp_down_proj"],
-                       _keep_mask(restored["model.layers.1.mlp.down_proj.weight"]))
+    assert torch.equal(
+        recorder.masks[0]["layer_1/mlp_down_proj"], _keep_mask(restored["model.layers.1.mlp.down_proj.weight"])
+    )
     row = [r for r in trainer.state.log_history if "loss" in r][-1]  # step 1's row came with the state
     assert row["step"] == 2 and len(recorder.masks) == 2
     for key, value in _reference_flips(recorder.masks[0], recorder.masks[1]).items():

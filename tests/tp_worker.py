@@ -95,8 +95,9 @@ def _check_mode(directory, overrides):
     for name, param in model.named_parameters():
         grad = param.grad
         if getattr(grad, "placements", None) != getattr(param, "placements", None):
-            bad_layouts.append(f"{name}: param {getattr(param, 'placements', None)}, "
-                               f"grad {getattr(grad, 'placements', None)}")
+            bad_layouts.append(
+                f"{name}: param {getattr(param, 'placements', None)}, grad {getattr(grad, 'placements', None)}"
+            )
         full = grad.full_tensor() if hasattr(grad, "full_tensor") else grad
         grad_errors[name] = _max_error(full, reference_params[name].grad)
     result["grad_errors"] = grad_errors
@@ -146,7 +147,6 @@ def _check_ops():
     import pytest
     from torch.distributed.device_mesh import init_device_mesh
 
-    from hf_sparse.model import kernels
     from tests.cslt_emulator import install
 
     mesh = init_device_mesh("cpu", (dist.get_world_size(),))

@@ -161,13 +161,9 @@ class SparseLlamaConfig(LlamaConfig):
         if self.activation_2by4 and self.mlp_bias:
             raise ValueError("activation_2by4=True does not support mlp_bias=True; set mlp_bias=False.")
         if not 0.0 <= self.activation_dense_features <= 1.0:
-            raise ValueError(
-                f"activation_dense_features={self.activation_dense_features!r} must be in [0, 1]."
-            )
+            raise ValueError(f"activation_dense_features={self.activation_dense_features!r} must be in [0, 1].")
         if self.activation_dense_warmup_steps < 0:
-            raise ValueError(
-                f"activation_dense_warmup_steps={self.activation_dense_warmup_steps!r} must be >= 0."
-            )
+            raise ValueError(f"activation_dense_warmup_steps={self.activation_dense_warmup_steps!r} must be >= 0.")
         if self.activation_l1 < 0:
             raise ValueError(f"activation_l1={self.activation_l1!r} must be >= 0.")
         if self.activation_l1 and self.squ_relu not in ("relu", "relu2"):
@@ -179,9 +175,7 @@ class SparseLlamaConfig(LlamaConfig):
                 f"activation_auto_switch_max_drop={self.activation_auto_switch_max_drop!r} must be in (0, 1]."
             )
         if self.activation_auto_switch_window < 1:
-            raise ValueError(
-                f"activation_auto_switch_window={self.activation_auto_switch_window!r} must be >= 1."
-            )
+            raise ValueError(f"activation_auto_switch_window={self.activation_auto_switch_window!r} must be >= 1.")
         if self.nongated_intermediate_size is not None:
             if self.nongated_intermediate_size <= 0 or self.nongated_intermediate_size % 4:
                 raise ValueError(
@@ -190,13 +184,19 @@ class SparseLlamaConfig(LlamaConfig):
                 )
         if self.loro_scope not in LORO_SCOPE_CHOICES:
             raise _choice_error("loro_scope", self.loro_scope, LORO_SCOPE_CHOICES)
-        if not any(self.loro_init == p or (p.endswith("_") and self.loro_init.startswith(p)) for p in LORO_INIT_PREFIXES):
+        if not any(
+            self.loro_init == p or (p.endswith("_") and self.loro_init.startswith(p)) for p in LORO_INIT_PREFIXES
+        ):
             raise _choice_error("loro_init", self.loro_init, ("xavier", "auto", "kaiming", "orth", "randn_<std>"))
         for key in ("loro_attn_rank", "loro_mlp_rank"):
             if getattr(self, key) <= 0:
                 raise ValueError(f"{key}={getattr(self, key)!r} must be a positive integer.")
         if self.loro_scope in ("all", "attn"):
-            attn_dims = (self.hidden_size, self.num_attention_heads * self.head_dim, self.num_key_value_heads * self.head_dim)
+            attn_dims = (
+                self.hidden_size,
+                self.num_attention_heads * self.head_dim,
+                self.num_key_value_heads * self.head_dim,
+            )
             if self.loro_attn_rank > min(attn_dims):
                 raise ValueError(
                     f"loro_attn_rank={self.loro_attn_rank} is larger than the smallest attention matrix side "

@@ -107,7 +107,9 @@ class GemmShape:
     @classmethod
     def of(cls, a: Tensor, b: Tensor, transpose_result: bool) -> "GemmShape":
         layout = "row" if b.is_contiguous() else "col"
-        return cls(a.shape[0], a.shape[1], b.shape[1], layout, bool(transpose_result), str(a.dtype).replace("torch.", ""))
+        return cls(
+            a.shape[0], a.shape[1], b.shape[1], layout, bool(transpose_result), str(a.dtype).replace("torch.", "")
+        )
 
     def key(self) -> str:
         return f"{self.m}x{self.k}x{self.n}:{self.b_layout}:{'t' if self.transpose_result else 'n'}:{self.dtype}"
@@ -399,7 +401,7 @@ class GemmTuner:
         key = self.table_key(device)
         prefix = key + "/"
         final = {
-            full_key[len(prefix):]: asdict(choice)
+            full_key[len(prefix) :]: asdict(choice)
             for full_key, choice in self.choices.items()
             if full_key.startswith(prefix) and choice.forced is None and not choice.provisional
         }
@@ -418,8 +420,12 @@ class GemmTuner:
         if mode == "sparse":
             ok, detail = verify_alg_id(shape, device, configured_alg)
             if not ok:
-                logger.warning("2:4 GEMM %s: alg id %d is wrong at this shape (%s); dense GEMM",
-                               shape.label(), configured_alg, detail)
+                logger.warning(
+                    "2:4 GEMM %s: alg id %d is wrong at this shape (%s); dense GEMM",
+                    shape.label(),
+                    configured_alg,
+                    detail,
+                )
                 return GemmChoice(-1, nan, nan, nan, f"alg id {configured_alg} wrong ({detail})", forced=False)
             return GemmChoice(configured_alg, nan, nan, nan, f"{GEMMS_ENV}=sparse", forced=True)
         started = self.clock()
@@ -447,7 +453,9 @@ class GemmTuner:
         if not correct:
             if cut_short:
                 return GemmChoice(-1, nan, nan, nan, BUDGET_SPENT, provisional=True)
-            return GemmChoice(-1, nan, nan, nan, f"no correct alg id (wrong: {_labels(wrong)}, refused: {_labels(refused)})")
+            return GemmChoice(
+                -1, nan, nan, nan, f"no correct alg id (wrong: {_labels(wrong)}, refused: {_labels(refused)})"
+            )
         # Dense and the compression first: no verdict without them, whatever the budget then
         # leaves for the candidates. The budget is checked before every timing.
         runs = [("dense", None, lambda: _dense_mm(a, b, shape.transpose_result)),

@@ -38,7 +38,7 @@ def parse_low_rank_init(init):
         return init, None
     if init.startswith("randn_"):
         try:
-            std = float(init[len("randn_"):])
+            std = float(init[len("randn_") :])
         except ValueError:
             raise _init_error(init) from None
         if not (std > 0 and math.isfinite(std)):
@@ -138,8 +138,7 @@ class LowRankLinear(nn.Module):
         super().__init__()
         if not (isinstance(rank, int) and 0 < rank <= min(in_features, out_features)):
             raise ValueError(
-                f"rank={rank!r} must be an int in [1, min(in_features, out_features)="
-                f"{min(in_features, out_features)}]."
+                f"rank={rank!r} must be an int in [1, min(in_features, out_features)={min(in_features, out_features)}]."
             )
         # Validate eagerly so a bad config fails at construction, not at first init.
         parse_low_rank_init(init)

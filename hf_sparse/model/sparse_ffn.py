@@ -360,7 +360,7 @@ def _setup_context(ctx, inputs, output):
     ctx.method, ctx.backward_mode, ctx.n_dense, ctx.fp8 = method, backward, n_dense, fp8
     # (global_features, feature_offset, tp_group), then the back-end's name; older callers
     # pass fewer (the schema's defaults fill them in).
-    tp = tuple(rest[:3]) + (0, 0, "")[len(rest[:3]):]
+    tp = tuple(rest[:3]) + (0, 0, "")[len(rest[:3]) :]
     ctx.tp = tp
     # The back-end the forward ran: the backward looks the same one up, since it also
     # fixes the feature order of g, y2s and the counts.
@@ -397,14 +397,18 @@ def _register_ops() -> None:
         f"bool want_feature_counts, bool fp8, {tp_args}, Tensor? w_down_fp8=None, Tensor? w_down_scale=None, "
         f"{w_up_fp8}) -> (Tensor, Tensor, Tensor, Tensor, Tensor)"
     )
-    fwd = torch.library.custom_op("hf_sparse::relu2_2to4_ffn_fwd", _ffn_forward_impl, mutates_args=(), schema=fwd_schema)
+    fwd = torch.library.custom_op(
+        "hf_sparse::relu2_2to4_ffn_fwd", _ffn_forward_impl, mutates_args=(), schema=fwd_schema
+    )
     fwd.register_fake(_ffn_forward_fake)
     bwd_schema = (
         "(Tensor dy3, Tensor x, Tensor w_up, Tensor w_down, Tensor g, Tensor y2s, Tensor feature_counts, "
         "str method, str backward, int n_dense, bool need_x, bool need_up, bool need_down, bool use_kernel, "
         f"bool fp8, {tp_args}, {w_up_fp8}) -> (Tensor, Tensor, Tensor)"
     )
-    bwd = torch.library.custom_op("hf_sparse::relu2_2to4_ffn_bwd", _ffn_backward_impl, mutates_args=(), schema=bwd_schema)
+    bwd = torch.library.custom_op(
+        "hf_sparse::relu2_2to4_ffn_bwd", _ffn_backward_impl, mutates_args=(), schema=bwd_schema
+    )
     bwd.register_fake(_ffn_backward_fake)
     fwd.register_autograd(_ffn_backward, setup_context=_setup_context)
 
@@ -524,9 +528,7 @@ def relu2_2to4_ffn(
         raise ValueError("w_up and w_down must be 2-D (F×d and d×F)")
     f, d = w_up.shape
     if x.shape[-1] != d or w_down.shape[1] != f:
-        raise ValueError(
-            f"shape mismatch: x {tuple(x.shape)}, w_up {tuple(w_up.shape)}, w_down {tuple(w_down.shape)}"
-        )
+        raise ValueError(f"shape mismatch: x {tuple(x.shape)}, w_up {tuple(w_up.shape)}, w_down {tuple(w_down.shape)}")
     if f % 4:
         raise ValueError(f"the FFN width F must be a multiple of 4, got {f}")
     if stats is not None:

@@ -252,7 +252,9 @@ class Sparse24Linear(_WeightSparsityState, nn.Linear):
     def weight_masks(self) -> dict[str, Tensor]:
         """Current 2:4 keep masks of the master weight(s) (flip-rate telemetry); from the
         per-step cache, so a logging step does not select the weights again."""
-        entry = _effective_weight(self.weight, self.weight_2by4_scale, self.weight_sparse_method, self.weight_generation)
+        entry = _effective_weight(
+            self.weight, self.weight_2by4_scale, self.weight_sparse_method, self.weight_generation
+        )
         return {"weight": entry.keep}
 
 
@@ -260,7 +262,9 @@ class Sparse24LowRankLinear(_WeightSparsityState, LowRankLinear):
     """Identical to `LowRankLinear` except that, while `sparse_weight_on`, each factor is
     2:4 along its own input dim: `weight_in` (in×r) along `in`, `weight_out` (out×r) along r."""
 
-    def __init__(self, in_features, out_features, rank, bias=False, method="s_ste", masked_decay=0.0, grad_mvue=False, **kw):
+    def __init__(
+        self, in_features, out_features, rank, bias=False, method="s_ste", masked_decay=0.0, grad_mvue=False, **kw
+    ):
         LowRankLinear.__init__(self, in_features, out_features, rank, bias=bias, **kw)
         self._init_weight_2by4(method, masked_decay, grad_mvue)
         self.register_buffer("weight_in_2by4_scale", torch.zeros((), dtype=torch.float32))

@@ -69,7 +69,10 @@ def update_switch(model, config, log_history: list[dict], global_step: int) -> i
         logger.info(
             "activation_auto_switch: the 2:4 rule would drop < %g of the non-zero activations for %d log rows; "
             "2:4 activations start after step %d (cap %d).",
-            config.activation_auto_switch_max_drop, config.activation_auto_switch_window, decided, cap,
+            config.activation_auto_switch_max_drop,
+            config.activation_auto_switch_window,
+            decided,
+            cap,
         )
     else:
         logger.info("activation_auto_switch: the threshold was not met by the cap; 2:4 activations started after "

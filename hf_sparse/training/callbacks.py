@@ -50,9 +50,7 @@ from .telemetry import snapshot_weight_masks, sparsity_metrics
 
 logger = logging.getLogger(__name__)
 
-_REPORTING_CALLBACK_TYPES = tuple(
-    cb for cb in INTEGRATION_TO_CALLBACK.values() if isinstance(cb, type)
-)
+_REPORTING_CALLBACK_TYPES = tuple(cb for cb in INTEGRATION_TO_CALLBACK.values() if isinstance(cb, type))
 
 _ORDER_HELP = (
     "{name} runs after the reporting integration {reporter} at this logging step, so its metrics "

@@ -61,9 +61,7 @@ def last_complete_checkpoint(output_dir: str) -> str | None:
     writing the next one leaves that one half-written; it is never picked)."""
     if not os.path.isdir(output_dir):
         return None
-    steps = sorted(
-        (int(m.group(1)), name) for name in os.listdir(output_dir) if (m := _CHECKPOINT_RE.match(name))
-    )
+    steps = sorted((int(m.group(1)), name) for name in os.listdir(output_dir) if (m := _CHECKPOINT_RE.match(name)))
     for _, name in reversed(steps):
         path = os.path.join(output_dir, name)
         if is_complete_checkpoint(path):
@@ -88,7 +86,7 @@ LM_EVAL_PREFIX = "lm_eval/"  # the in-loop lm-eval scores: lm_eval/<task>/<metri
 def latest_lm_eval(log_history: list[dict]) -> tuple[int | None, dict]:
     """(step, {"<task>/<metric>": value}) of the last row with lm-eval scores."""
     for row in reversed(log_history):
-        scores = {k[len(LM_EVAL_PREFIX):]: v for k, v in row.items() if k.startswith(LM_EVAL_PREFIX)}
+        scores = {k[len(LM_EVAL_PREFIX) :]: v for k, v in row.items() if k.startswith(LM_EVAL_PREFIX)}
         if scores:
             return row.get("step"), scores
     return None, {}
@@ -129,10 +127,14 @@ def _eval_results(metrics: dict, dataset_name: str | None, lm_eval_scores: dict 
 
     downstream = [
         EvalResult(
-            task_type="text-generation", task_name=f"lm-eval {key.split('/', 1)[0]}",
-            dataset_type=key.split("/", 1)[0], dataset_name=key.split("/", 1)[0],
-            metric_type=key.split("/", 1)[1], metric_name=key.split("/", 1)[1], metric_value=float(value),
-        )  # fmt: skip
+            task_type="text-generation",
+            task_name=f"lm-eval {key.split('/', 1)[0]}",
+            dataset_type=key.split("/", 1)[0],
+            dataset_name=key.split("/", 1)[0],
+            metric_type=key.split("/", 1)[1],
+            metric_name=key.split("/", 1)[1],
+            metric_value=float(value),
+        )
         for key, value in sorted((lm_eval_scores or {}).items())
     ]
     dataset = dataset_name or "evaluation split of the training data"
@@ -140,10 +142,14 @@ def _eval_results(metrics: dict, dataset_name: str | None, lm_eval_scores: dict 
               ("eval_accuracy", "accuracy", "Next-token accuracy"))  # fmt: skip
     return [
         EvalResult(
-            task_type="text-generation", task_name="Causal language modeling",
-            dataset_type=dataset_name or "local", dataset_name=dataset,
-            metric_type=metric_type, metric_name=metric_name, metric_value=float(metrics[key]),
-        )  # fmt: skip
+            task_type="text-generation",
+            task_name="Causal language modeling",
+            dataset_type=dataset_name or "local",
+            dataset_name=dataset,
+            metric_type=metric_type,
+            metric_name=metric_name,
+            metric_value=float(metrics[key]),
+        )
         for key, metric_type, metric_name in wanted
         if isinstance(metrics.get(key), (int, float))
     ] + downstream
@@ -193,7 +199,9 @@ def model_card(
     from huggingface_hub import ModelCard, ModelCardData
 
     eval_row = _latest_eval(log_history)
-    metrics = {k: v for k, v in eval_row.items() if k.startswith("eval_") and not k.endswith(("_runtime", "_per_second"))}
+    metrics = {
+        k: v for k, v in eval_row.items() if k.startswith("eval_") and not k.endswith(("_runtime", "_per_second"))
+    }
     title = base_model_dir_name or "sparse_llama model"
     tags = ["hf_sparse", "sparse_llama", "2:4-activation-sparsity" if config.activation_2by4 else "squared-relu"]
     if getattr(config, "weight_2by4", False):
@@ -247,14 +255,18 @@ def model_card(
     lines += ["", "## Evaluation", ""]
     if metrics:
         lines += ["| metric | value |", "| --- | --- |"]
-        lines += [f"| {k} | {v:.4f} |" if isinstance(v, float) else f"| {k} | {v} |" for k, v in sorted(metrics.items())]
+        lines += [
+            f"| {k} | {v:.4f} |" if isinstance(v, float) else f"| {k} | {v} |" for k, v in sorted(metrics.items())
+        ]
         lines.append(f"\n(at optimizer step {eval_row.get('step')})")
     elif not lm_eval_scores:
         lines.append("No evaluation has run yet.")
     if lm_eval_scores:
         lines += ["", f"lm-evaluation-harness (in the training loop, at optimizer step {lm_eval_step}):", "",
                   "| task | metric | value |", "| --- | --- | --- |"]  # fmt: skip
-        lines += [f"| {k.split('/', 1)[0]} | {k.split('/', 1)[1]} | {v:.4f} |" for k, v in sorted(lm_eval_scores.items())]
+        lines += [
+            f"| {k.split('/', 1)[0]} | {k.split('/', 1)[1]} | {v:.4f} |" for k, v in sorted(lm_eval_scores.items())
+        ]
     if training_args is not None:
         lines += ["", "## Training hyperparameters", ""]
         for key in CARD_HYPERPARAMETERS:

@@ -39,8 +39,12 @@ HELP_SECTIONS = (
     ("2:4 activations", ActivationSparsityArguments, None),
     ("weight 2:4", WeightSparsityArguments, None),
     ("low rank", LowRankArguments, None),
-    ("data", DataArguments, "Training data and tokenizer. With neither dataset_name nor train_files: the embedded "
-     "default corpus and a tokenizer trained on it locally (no network)."),
+    (
+        "data",
+        DataArguments,
+        "Training data and tokenizer. With neither dataset_name nor train_files: the embedded "
+        "default corpus and a tokenizer trained on it locally (no network).",
+    ),
     ("script", ScriptArguments, None),
     ("downstream evaluation (lm-eval)", DownstreamEvalArguments, None),
 )
@@ -50,10 +54,30 @@ HELP_SECTIONS = (
 # ones a run JSON usually sets; then what train_hf.py adds to that help, or says instead of
 # it where the script changes the key's meaning.
 TRAINER_HELP_KEYS = (
-    "output_dir", "max_steps", "num_train_epochs", "per_device_train_batch_size", "gradient_accumulation_steps",
-    "per_device_eval_batch_size", "learning_rate", "lr_scheduler_type", "warmup_steps", "weight_decay",
-    "max_grad_norm", "bf16", "logging_steps", "eval_strategy", "eval_steps", "save_strategy", "save_steps",
-    "report_to", "run_name", "seed", "resume_from_checkpoint", "push_to_hub", "use_cpu", "torch_compile",
+    "output_dir",
+    "max_steps",
+    "num_train_epochs",
+    "per_device_train_batch_size",
+    "gradient_accumulation_steps",
+    "per_device_eval_batch_size",
+    "learning_rate",
+    "lr_scheduler_type",
+    "warmup_steps",
+    "weight_decay",
+    "max_grad_norm",
+    "bf16",
+    "logging_steps",
+    "eval_strategy",
+    "eval_steps",
+    "save_strategy",
+    "save_steps",
+    "report_to",
+    "run_name",
+    "seed",
+    "resume_from_checkpoint",
+    "push_to_hub",
+    "use_cpu",
+    "torch_compile",
 )
 
 
@@ -168,8 +192,10 @@ def format_help(width: int = 100, prog: str = "train_hf.py") -> str:
             if not f.init:
                 continue
             if is_model:
-                default = "required" if f.name == "model_config" else (
-                    f"default {_default_label(getattr(SparseLlamaConfig, f.name, None))}"
+                default = (
+                    "required"
+                    if f.name == "model_config"
+                    else (f"default {_default_label(getattr(SparseLlamaConfig, f.name, None))}")
                 )
             else:
                 default = f"default {_default_label(_field_default(f))}"

@@ -51,7 +51,9 @@ def _warn_short_sparse_phase(config: SparseLlamaConfig, max_steps: int) -> None:
         phases.append(("weight 2:4", config.weight_2by4_start_step, "weight_2by4_start_step", tail))
     if config.activation_2by4:
         act_tail = tail if config.activation_dense_finetune else 0
-        phases.append(("2:4 activations", config.activation_dense_warmup_steps, "activation_dense_warmup_steps", act_tail))
+        phases.append(
+            ("2:4 activations", config.activation_dense_warmup_steps, "activation_dense_warmup_steps", act_tail)
+        )
     for what, start, start_key, end_tail in phases:
         sparse = max(0, max_steps - min(start, max_steps) - end_tail)
         if sparse < max(start, end_tail):
@@ -125,7 +127,9 @@ def check_trainer_values(data: dict) -> None:
         # numpy's seed range: set_seed (and the data shuffle) fail on anything outside it.
         seed = data.get(key)
         if seed is not None and not 0 <= seed <= _MAX_SEED:
-            raise ConfigError(f"{key}: {seed!r} is not valid; use an integer from 0 to {_MAX_SEED} (numpy's seed range).")
+            raise ConfigError(
+                f"{key}: {seed!r} is not valid; use an integer from 0 to {_MAX_SEED} (numpy's seed range)."
+            )
 
 
 def check_script_values(script_args: ScriptArguments, training_args: TrainingArguments, loro_scope: str | None) -> None:
@@ -140,13 +144,13 @@ def check_script_values(script_args: ScriptArguments, training_args: TrainingArg
             f"scheduler={script_args.scheduler!r} is not valid; choose one of {', '.join(map(repr, SCHEDULER_CHOICES))}."
         )
     if script_args.scheduler == "cosine_restart" and script_args.optimizer != "loro_adamw":
-        raise ConfigError("scheduler='cosine_restart' is available with optimizer='loro_adamw'; use lr_scheduler_type otherwise.")
+        raise ConfigError(
+            "scheduler='cosine_restart' is available with optimizer='loro_adamw'; use lr_scheduler_type otherwise."
+        )
     if script_args.scheduler == "cosine_restart" and training_args.max_steps <= 0:
         raise ConfigError("scheduler='cosine_restart' needs max_steps > 0 (the schedule's length).")
     if script_args.optimizer == "loro_adamw" and not loro_scope:
-        raise ConfigError(
-            "optimizer='loro_adamw' needs low-rank linears: set loro_scope to 'all', 'attn' or 'mlp'."
-        )
+        raise ConfigError("optimizer='loro_adamw' needs low-rank linears: set loro_scope to 'all', 'attn' or 'mlp'.")
     if script_args.optimizer == "loro_adamw" and training_args.weight_decay < 0:
         raise ConfigError(
             f"weight_decay: {training_args.weight_decay!r} is negative, which optimizer='loro_adamw' refuses; use 0 "
@@ -171,7 +175,9 @@ def check_output_dir_path(output_dir: str | None) -> None:
     """output_dir, or a folder above it, being a file would fail the first save (FileExistsError)."""
     if output_dir is not None and not output_dir.strip():
         # The Trainer would save into "" (os.makedirs("") fails) once data and model are built.
-        raise ConfigError(f"output_dir: {output_dir!r} is empty; give the folder the run writes to, e.g. \"outputs/my_run\".")
+        raise ConfigError(
+            f'output_dir: {output_dir!r} is empty; give the folder the run writes to, e.g. "outputs/my_run".'
+        )
     if not output_dir:
         return
     target = path = os.path.abspath(os.path.expanduser(output_dir))
@@ -258,14 +264,20 @@ def check_lm_eval_args(eval_args: DownstreamEvalArguments, training_args: Traini
     extra), that the run keeps the whole model on rank 0, and that every task is known."""
     tasks = eval_args.lm_eval_tasks
     if tasks is None:
-        extra = [k for k in ("lm_eval_include_path", "lm_eval_limit", "lm_eval_steps") if getattr(eval_args, k) is not None]
+        extra = [
+            k for k in ("lm_eval_include_path", "lm_eval_limit", "lm_eval_steps") if getattr(eval_args, k) is not None
+        ]
         if extra:
-            raise ConfigError(f"{extra[0]} is set but lm_eval_tasks is not; name the tasks, e.g. [\"hf_sparse_local\"].")
+            raise ConfigError(f'{extra[0]} is set but lm_eval_tasks is not; name the tasks, e.g. ["hf_sparse_local"].')
         return
     if not tasks or not all(isinstance(t, str) and t.strip() for t in tasks):
-        raise ConfigError(f"lm_eval_tasks: {tasks!r} is not valid; give a list of task names, e.g. [\"hf_sparse_local\"].")
-    for key, meaning in (("lm_eval_limit", "examples per task, or null for all"),
-                         ("lm_eval_steps", "optimizer steps between evaluations, or null for each evaluation")):
+        raise ConfigError(
+            f'lm_eval_tasks: {tasks!r} is not valid; give a list of task names, e.g. ["hf_sparse_local"].'
+        )
+    for key, meaning in (
+        ("lm_eval_limit", "examples per task, or null for all"),
+        ("lm_eval_steps", "optimizer steps between evaluations, or null for each evaluation"),
+    ):
         value = getattr(eval_args, key)
         if value is not None and value <= 0:
             raise ConfigError(f"{key}: {value!r} is not valid; use a positive integer ({meaning}).")

@@ -54,7 +54,9 @@ def _split_by_hash(dataset, text_column: str, percentage: float):
         val_idx = [train_idx.pop()]
     logger.info(
         "Held out %d of %d documents (%.2f%%, by content hash) for validation",
-        len(val_idx), len(flags), percentage,
+        len(val_idx),
+        len(flags),
+        percentage,
     )
     base = Hasher.hash((dataset._fingerprint, "hash-split", percentage, text_column))
     return (
@@ -95,7 +97,14 @@ def _tokenize_and_pack(dataset, tokenizer, text_column: str, max_length: int):
     # state can change by merely being used (stale or missed caches). These inputs are
     # exactly what decides the output.
     fingerprint = Hasher.hash(
-        (dataset._fingerprint, tokenizer_fingerprint(tokenizer), max_length, text_column, PACK_BATCH_DOCS, _PACK_VERSION)
+        (
+            dataset._fingerprint,
+            tokenizer_fingerprint(tokenizer),
+            max_length,
+            text_column,
+            PACK_BATCH_DOCS,
+            _PACK_VERSION,
+        )
     )
     return dataset.map(fn, new_fingerprint=fingerprint, desc=f"Tokenizing and packing ({max_length} tokens)", **common)
 
@@ -129,12 +138,16 @@ def build_datasets(args: DataArguments, tokenizer, *, seed: int = 42):
         else:
             loaded = datasets.load_dataset(args.dataset_name, args.dataset_config_name, streaming=args.streaming)
             if "train" not in loaded:
-                raise ValueError(f"data argument dataset_name: {args.dataset_name!r} has no 'train' split ({list(loaded)})")
+                raise ValueError(
+                    f"data argument dataset_name: {args.dataset_name!r} has no 'train' split ({list(loaded)})"
+                )
             docs_train, train_column = loaded["train"], args.text_column
             docs_val = loaded["validation"] if "validation" in loaded else None
             val_column = args.text_column
         if args.validation_files:
-            docs_val, val_column = _load_files("validation_files", args.validation_files, args.streaming, args.text_column)
+            docs_val, val_column = _load_files(
+                "validation_files", args.validation_files, args.streaming, args.text_column
+            )
         elif docs_val is None and args.validation_split_percentage > 0:
             docs_train, docs_val = _split_by_hash(docs_train, train_column, args.validation_split_percentage)
             val_column = train_column
@@ -156,7 +169,9 @@ def build_datasets(args: DataArguments, tokenizer, *, seed: int = 42):
     if val is not None and len(val) == 0:
         logger.warning("Validation data yields no full block of max_length=%d tokens: evaluation is empty", max_length)
     logger.info(
-        "Packed %d training and %s validation blocks of %d tokens", len(train), len(val) if val is not None else "no",
+        "Packed %d training and %s validation blocks of %d tokens",
+        len(train),
+        len(val) if val is not None else "no",
         max_length,
     )
     return train, val

@@ -34,56 +34,68 @@ class DataArguments:
 
     dataset_name: str | None = field(
         default=None,
-        metadata={"help": "`datasets` dataset to train on (hub id or local dataset dir), e.g. 'allenai/c4'. "
-                  "With neither this nor train_files, the embedded default corpus is used."},
+        metadata={
+            "help": "`datasets` dataset to train on (hub id or local dataset dir), e.g. 'allenai/c4'. "
+            "With neither this nor train_files, the embedded default corpus is used."
+        },
     )
     dataset_config_name: str | None = field(
         default=None, metadata={"help": "Configuration of dataset_name, e.g. 'en' for allenai/c4."}
     )
     train_files: list[str] | None = field(
         default=None,
-        metadata={"help": "Local training files or glob patterns, one path or a list (.json, .jsonl, .txt, "
-                  ".parquet, or .json.gz/.jsonl.gz/.txt.gz). .txt files hold one document per line."},
+        metadata={
+            "help": "Local training files or glob patterns, one path or a list (.json, .jsonl, .txt, "
+            ".parquet, or .json.gz/.jsonl.gz/.txt.gz). .txt files hold one document per line."
+        },
     )
     validation_files: list[str] | None = field(
         default=None,
-        metadata={"help": "Local validation files (same formats as train_files). Without them the "
-                  "validation set is the 'validation' split of dataset_name or a "
-                  "validation_split_percentage slice of the training documents."},
+        metadata={
+            "help": "Local validation files (same formats as train_files). Without them the "
+            "validation set is the 'validation' split of dataset_name or a "
+            "validation_split_percentage slice of the training documents."
+        },
     )
     tokenizer_name: str | None = field(
         default=None,
-        metadata={"help": "Tokenizer name or path for AutoTokenizer (the original recipe: 't5-base'). "
-                  "None: a byte-level BPE trained on the embedded corpus (no network needed)."},
+        metadata={
+            "help": "Tokenizer name or path for AutoTokenizer (the original recipe: 't5-base'). "
+            "None: a byte-level BPE trained on the embedded corpus (no network needed)."
+        },
     )
     max_length: int = field(default=256, metadata={"help": "Tokens per packed training block."})
     streaming: bool = field(
         default=False,
-        metadata={"help": "Stream and tokenize lazily (datasets.IterableDataset); the Trainer then "
-                  "needs max_steps."},
+        metadata={"help": "Stream and tokenize lazily (datasets.IterableDataset); the Trainer then needs max_steps."},
     )
     text_column: str = field(
         default="text", metadata={"help": "Column holding the document text (json/parquet/hub data)."}
     )
     validation_split_percentage: float = field(
         default=1.0,
-        metadata={"help": "Percent of training documents held out for validation when no validation "
-                  "files or split exist. Chosen by a hash of each document's text: stable "
-                  "across runs and processes, streaming or not. 0: no validation split (evaluation "
-                  "then needs validation_files, or eval_strategy 'no')."},
+        metadata={
+            "help": "Percent of training documents held out for validation when no validation "
+            "files or split exist. Chosen by a hash of each document's text: stable "
+            "across runs and processes, streaming or not. 0: no validation split (evaluation "
+            "then needs validation_files, or eval_strategy 'no')."
+        },
     )
     max_eval_samples: int | None = field(
         default=None, metadata={"help": "Keep at most this many validation blocks (the first ones)."}
     )
     tokenizer_vocab_size: int | None = field(
         default=None,
-        metadata={"help": "Vocabulary size of the embedded tokenizer (tokenizer_name unset). "
-                  "None: the model's vocab_size."},
+        metadata={
+            "help": "Vocabulary size of the embedded tokenizer (tokenizer_name unset). None: the model's vocab_size."
+        },
     )
     shuffle_buffer_size: int = field(
         default=10_000,
-        metadata={"help": "Streaming only: blocks held in the buffer that shuffles the training "
-                  "stream (0: no shuffling). Map-style datasets are shuffled by the Trainer."},
+        metadata={
+            "help": "Streaming only: blocks held in the buffer that shuffles the training "
+            "stream (0: no shuffling). Map-style datasets are shuffled by the Trainer."
+        },
     )
 
     def __post_init__(self):
@@ -170,8 +182,10 @@ def _resolve_files(key: str, paths: list[str]) -> list[str]:
                 size = os.path.getsize(match)
                 with open(match, "rb") as handle:
                     handle.read(1)
-                blank = size > 0 and SUPPORTED_EXTENSIONS[ext] in _TEXT_LIKE_BUILDERS and _only_whitespace(
-                    match, compressed=ext.endswith(".gz")
+                blank = (
+                    size > 0
+                    and SUPPORTED_EXTENSIONS[ext] in _TEXT_LIKE_BUILDERS
+                    and _only_whitespace(match, compressed=ext.endswith(".gz"))
                 )
             except (OSError, EOFError) as err:
                 raise _data_error(key, f"{match!r} is not readable ({err.__class__.__name__}: {err})") from None

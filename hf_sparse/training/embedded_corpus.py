@@ -86,7 +86,10 @@ def _embedded_corpus_cached() -> tuple[tuple[str, ...], tuple[str, ...], str]:
         digest.update(chosen[rel].encode("utf-8"))
     logger.info(
         "Embedded corpus: %d train / %d validation documents, %.1f MB from %s",
-        len(train), len(val), total / 1e6, root,
+        len(train),
+        len(val),
+        total / 1e6,
+        root,
     )
     return train, val, digest.hexdigest()
 

@@ -62,7 +62,7 @@ def build_compute_metrics():
             logger.warning("compute_metrics: every label is %d; accuracy is undefined", IGNORE_INDEX)
             return {"accuracy": float("nan")}
         # One row per sequence: the metric's fast input form (see the metric module).
-        rows = [(p[k].tolist(), l[k].tolist()) for p, l, k in zip(predictions, labels, keep)]
+        rows = [(p[k].tolist(), lab[k].tolist()) for p, lab, k in zip(predictions, labels, keep)]
         result = metric.compute(predictions=[r[0] for r in rows], references=[r[1] for r in rows])
         return {"accuracy": float(result["accuracy"])}
 

@@ -108,9 +108,13 @@ def _hub_resources(args: DataArguments):
         repo_id = _hub_repo_id("tokenizer_name", args.tokenizer_name)
         if repo_id is not None:
             yield _HubResource(
-                "tokenizer_name", repo_id, huggingface_hub.constants.HF_HUB_OFFLINE,
-                ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"), _tokenizer_cached(repo_id),
-                huggingface_hub.constants.HF_HUB_CACHE, "set tokenizer_name to a local tokenizer directory",
+                "tokenizer_name",
+                repo_id,
+                huggingface_hub.constants.HF_HUB_OFFLINE,
+                ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"),
+                _tokenizer_cached(repo_id),
+                huggingface_hub.constants.HF_HUB_CACHE,
+                "set tokenizer_name to a local tokenizer directory",
             )
     if args.dataset_name and not args.train_files:
         import datasets.config
@@ -122,8 +126,12 @@ def _hub_resources(args: DataArguments):
         repo_id = _hub_repo_id("dataset_name", args.dataset_name)
         if repo_id is not None:
             yield _HubResource(
-                "dataset_name", repo_id, datasets.config.HF_HUB_OFFLINE, ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"),
-                _dataset_cached(repo_id, args.dataset_config_name), " or ".join(_dataset_cache_dirs(repo_id)),
+                "dataset_name",
+                repo_id,
+                datasets.config.HF_HUB_OFFLINE,
+                ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"),
+                _dataset_cached(repo_id, args.dataset_config_name),
+                " or ".join(_dataset_cache_dirs(repo_id)),
                 "train on local files with train_files (and validation_files)",
             )
 

@@ -98,11 +98,13 @@ def check_launch_environment(data: dict, env=None) -> None:
     single_process_launcher = "ACCELERATE_USE_CPU" in env and "WORLD_SIZE" not in env and not mpi
     if single_process_launcher and "MASTER_ADDR" in env:
         gpus = torch.cuda.device_count()
-        why = "accelerate's CPU mode (--cpu or use_cpu: true) starts one process" if _env_true(
-            env, "ACCELERATE_USE_CPU"
-        ) else (
-            "without a config file accelerate starts several processes only on several GPUs, and this machine "
-            f"has {gpus or 'none'}"
+        why = (
+            "accelerate's CPU mode (--cpu or use_cpu: true) starts one process"
+            if _env_true(env, "ACCELERATE_USE_CPU")
+            else (
+                "without a config file accelerate starts several processes only on several GPUs, and this machine "
+                f"has {gpus or 'none'}"
+            )
         )
         logger.warning(
             "accelerate launch started ONE process (world_size 1) although --num_processes > 1 was asked for: %s. "

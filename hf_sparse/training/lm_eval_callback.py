@@ -389,7 +389,9 @@ class LmEvalCallback(_FirstCallback):
         stop signal cut the evaluation short (on every rank: rank 0 shares that too)."""
         tokenizer = self.tokenizer or processing_class
         if tokenizer is None:
-            raise RuntimeError("LmEvalCallback needs a tokenizer: pass tokenizer=... or the Trainer's processing_class.")
+            raise RuntimeError(
+                "LmEvalCallback needs a tokenizer: pass tokenizer=... or the Trainer's processing_class."
+            )
         # As the Trainer's autocast: accelerate ignores fp16 on CPU (float32 training there).
         fp16 = args.fp16 and args.device.type != "cpu"
         dtype = torch.bfloat16 if args.bf16 else torch.float16 if fp16 else None
@@ -418,7 +420,10 @@ class LmEvalCallback(_FirstCallback):
         """Scores of the final model: the last in-loop ones when they were taken at the
         final step, else a new evaluation logged as a row of its own (on every rank)."""
         state = trainer.state
-        best_is_not_last = trainer.args.load_best_model_at_end and state.best_global_step not in (None, state.global_step)
+        best_is_not_last = trainer.args.load_best_model_at_end and state.best_global_step not in (
+            None,
+            state.global_step,
+        )
         if self.last_step != state.global_step or best_is_not_last:
             metrics = self.evaluate(trainer.model, trainer.args, trainer.processing_class)
             if metrics is None:  # a stop signal during the final save: the run ends without them
@@ -428,4 +433,11 @@ class LmEvalCallback(_FirstCallback):
         return dict(self.metrics)
 
 
-__all__ = ["EvaluationStopped", "LmEvalCallback", "build_task_manager", "evaluate_model", "flatten_results", "require_lm_eval"]
+__all__ = [
+    "EvaluationStopped",
+    "LmEvalCallback",
+    "build_task_manager",
+    "evaluate_model",
+    "flatten_results",
+    "require_lm_eval",
+]

@@ -92,7 +92,9 @@ def _recorded_settings(checkpoint: str) -> tuple[dict, dict]:
     try:
         record = read_run_config(checkpoint)
         if record is not None:
-            return _typed(record.get("run", {}), _RUN_KEYS, "run"), _typed(record.get("launch", {}), _LAUNCH_KEYS, "launch")
+            return _typed(record.get("run", {}), _RUN_KEYS, "run"), _typed(
+                record.get("launch", {}), _LAUNCH_KEYS, "launch"
+            )
         logger.warning("resume: %s has no %s (written before hf_sparse kept the run's settings in each checkpoint): "
                        "%s", checkpoint, RUN_CONFIG_NAME, _NOT_COMPARED)  # fmt: skip
     except UnreadableRunConfig as err:

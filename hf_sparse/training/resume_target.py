@@ -100,7 +100,9 @@ def shape_differences(theirs: SparseLlamaConfig, ours: SparseLlamaConfig) -> lis
     keys = [key for key in a if key != "ffn_width" and a[key] != b[key]]
     if a["ffn_width"] != b["ffn_width"]:
         # The width comes from intermediate_size (or nongated_intermediate_size) and the FFN kind.
-        sizes = [k for k in ("intermediate_size", "nongated_intermediate_size") if getattr(theirs, k) != getattr(ours, k)]
+        sizes = [
+            k for k in ("intermediate_size", "nongated_intermediate_size") if getattr(theirs, k) != getattr(ours, k)
+        ]
         keys += sizes or ([] if "squ_relu" in keys else ["squ_relu"])
     return keys
 
@@ -163,4 +165,10 @@ def nothing_to_train_message(resume: str, step: int, max_steps: int, output_dir:
     return f"{head}; nothing is trained or written ({where}); raise max_steps above {step} to train further from it."
 
 
-__all__ = ["check_model_shapes", "check_resume_target", "nothing_to_train_message", "shape_differences", "training_state"]
+__all__ = [
+    "check_model_shapes",
+    "check_resume_target",
+    "nothing_to_train_message",
+    "shape_differences",
+    "training_state",
+]

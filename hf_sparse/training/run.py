@@ -91,7 +91,9 @@ def resolve_resume(args) -> str | None:
         resume = last_complete_checkpoint(args.output_dir)
         if args.process_index == 0 and finished is None:  # (a finished run without checkpoint: an error follows)
             if resume is None:
-                logger.info("resume_from_checkpoint=auto: no finished checkpoint in %s; starting a new run", args.output_dir)
+                logger.info(
+                    "resume_from_checkpoint=auto: no finished checkpoint in %s; starting a new run", args.output_dir
+                )
             else:
                 logger.info("resume_from_checkpoint=auto: resuming from %s", resume)
         return resume
@@ -101,7 +103,9 @@ def resolve_resume(args) -> str | None:
             raise ConfigError(f"resume_from_checkpoint: no finished checkpoint in {args.output_dir!r}.")
         logger.info("resuming from %s", resume)
     elif resume and not is_complete_checkpoint(resume):
-        what = "does not exist" if not os.path.exists(resume) else "is not a finished checkpoint (no trainer_state.json)"
+        what = (
+            "does not exist" if not os.path.exists(resume) else "is not a finished checkpoint (no trainer_state.json)"
+        )
         latest = last_complete_checkpoint(args.output_dir)
         hint = f"; the last finished one is {latest!r}" if latest else ""
         raise ConfigError(f"resume_from_checkpoint: {resume!r} {what}{hint}; or use true for the last finished one.")
@@ -203,7 +207,9 @@ def import_world_group_binders() -> None:
 
 def _load_tokenizer(run):
     data_args, model_config = run.data_args, run.model_config
-    tokenizer = load_tokenizer(data_args.tokenizer_name, vocab_size=data_args.tokenizer_vocab_size or model_config.vocab_size)
+    tokenizer = load_tokenizer(
+        data_args.tokenizer_name, vocab_size=data_args.tokenizer_vocab_size or model_config.vocab_size
+    )
     # The base vocabulary must fit the embedding; added special tokens beyond it (t5-base's
     # 100 sentinels over a 32000-row model, as in the original recipe) never occur in text.
     if tokenizer.vocab_size > model_config.vocab_size:
@@ -328,8 +334,13 @@ def finish(trainer: Trainer, run, parts: Parts, train_result) -> dict:
         # Trainer.push_to_hub would write its generic card over ours: upload the folder as is.
         from huggingface_hub import upload_folder
 
-        upload_folder(repo_id=trainer.hub_model_id, folder_path=args.output_dir, token=args.hub_token,
-                      commit_message="End of training", ignore_patterns=["checkpoint-*", "*.tmp", "runs/*"])
+        upload_folder(
+            repo_id=trainer.hub_model_id,
+            folder_path=args.output_dir,
+            token=args.hub_token,
+            commit_message="End of training",
+            ignore_patterns=["checkpoint-*", "*.tmp", "runs/*"],
+        )
     logger.info("model, tokenizer and config saved to %s", os.path.abspath(args.output_dir))
     logger.info("metrics: %s", os.path.abspath(os.path.join(args.output_dir, "all_results.json")))
     logger.info("log history: %s", os.path.abspath(os.path.join(args.output_dir, "trainer_state.json")))
@@ -409,7 +420,9 @@ class Preempted(Exception):
         self.checkpoint = os.path.join(args.output_dir, f"checkpoint-{self.step}")
         self.command = resume_command(argv)
         name = signal.Signals(self.signum).name
-        super().__init__(f"stopped by {name} after step {self.step}; {self.checkpoint} is complete. Resume with: {self.command}")
+        super().__init__(
+            f"stopped by {name} after step {self.step}; {self.checkpoint} is complete. Resume with: {self.command}"
+        )
         self.exit_code = EXIT_CODES[self.signum]
 
 
@@ -478,7 +491,9 @@ def _outcome_of_main(argv: list[str], signals: StopSignals, status: RunStatus) -
             signals.raise_now = False
         _barrier()
         if signals.received is not None:
-            logger.warning("%s arrived during the final save; the run finished it first.", signal.Signals(signals.received).name)
+            logger.warning(
+                "%s arrived during the final save; the run finished it first.", signal.Signals(signals.received).name
+            )
         return Outcome(0)
     except Preempted as stop:
         if status.rank0:
@@ -522,4 +537,3 @@ def release_process_groups() -> None:
         deepspeed_comm.destroy_process_group()
     else:
         dist.destroy_process_group()
-

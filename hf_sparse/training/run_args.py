@@ -131,7 +131,8 @@ class ScriptArguments:
     )
     cosine_restart_warmup: int = field(default=0, metadata={"help": "cosine_restart: re-warm-up length (steps)."})
     nonfinite_policy: str = field(
-        default="stop", metadata={"help": "stop | skip: what a non-finite loss/activation does (see hf_sparse.training.numerics)."}
+        default="stop",
+        metadata={"help": "stop | skip: what a non-finite loss/activation does (see hf_sparse.training.numerics)."},
     )
     overwrite_output_dir: bool = field(
         default=False, metadata={"help": "Allow writing into an output_dir that holds another run."}
@@ -147,10 +148,12 @@ class DownstreamEvalArguments:
 
     lm_eval_tasks: list[str] | None = field(
         default=None,
-        metadata={"help": "lm-eval task names (or groups/tags) evaluated in the loop, e.g. [\"hf_sparse_local\"] "
-                  "(the shipped offline tasks) or hub tasks such as [\"hellaswag\", \"arc_easy\"] (a list, or one "
-                  "comma-separated string); scores are logged as lm_eval/<task>/<metric> in the row with the loss, "
-                  "<metric> without lm-eval's ',none' filter suffix (acc,none -> acc)."},
+        metadata={
+            "help": 'lm-eval task names (or groups/tags) evaluated in the loop, e.g. ["hf_sparse_local"] '
+            '(the shipped offline tasks) or hub tasks such as ["hellaswag", "arc_easy"] (a list, or one '
+            "comma-separated string); scores are logged as lm_eval/<task>/<metric> in the row with the loss, "
+            "<metric> without lm-eval's ',none' filter suffix (acc,none -> acc)."
+        },
     )
     lm_eval_include_path: str | None = field(
         default=None, metadata={"help": "A folder of extra lm-eval task YAMLs (beside the shipped offline tasks)."}
@@ -187,9 +190,7 @@ class RunConfig:
     eval_args: DownstreamEvalArguments = field(default_factory=DownstreamEvalArguments)
 
 
-ARGUMENT_CLASSES = (
-    *MODEL_ARGUMENT_CLASSES, DataArguments, ScriptArguments, DownstreamEvalArguments, TrainingArguments
-)
+ARGUMENT_CLASSES = (*MODEL_ARGUMENT_CLASSES, DataArguments, ScriptArguments, DownstreamEvalArguments, TrainingArguments)
 
 
 # The original research script's weight-sparsity flags, accepted in the run JSON so its

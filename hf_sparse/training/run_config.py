@@ -192,9 +192,7 @@ def check_keys_and_types(data: dict) -> None:
         if key in PATH_LIST_FIELDS and isinstance(value, str):
             continue  # one path: DataArguments makes it a one-item list
         if not _value_fits(value, annotation):
-            raise ConfigError(
-                f"{key}: expected {_type_name(annotation)}, got {value!r} ({type(value).__name__})."
-            )
+            raise ConfigError(f"{key}: expected {_type_name(annotation)}, got {value!r} ({type(value).__name__}).")
 
 
 # Keys a model JSON may hold besides SparseLlamaConfig's fields (LlamaConfig's and
@@ -302,7 +300,7 @@ def refuse_model_json_as_run_json(path: str, data: dict) -> None:
         return
     raise ConfigError(
         f"{path!r} is a model JSON (it has {', '.join(found)}), not a run JSON; name it as model_config in a run "
-        f"JSON (e.g. \"model_config\": {json.dumps(path)} in a copy of configs/quickstart.json), or pass it with "
+        f'JSON (e.g. "model_config": {json.dumps(path)} in a copy of configs/quickstart.json), or pass it with '
         f"--model_config: train_hf.py configs/quickstart.json --model_config {path}"
     )
 

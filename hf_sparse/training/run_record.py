@@ -84,7 +84,7 @@ def read_run_config(folder: str) -> dict | None:
     except json.JSONDecodeError as err:
         raise UnreadableRunConfig(f"invalid JSON at line {err.lineno}, column {err.colno}: {err.msg}") from None
     if not isinstance(record, dict) or record.get("format") != RUN_CONFIG_FORMAT:
-        raise UnreadableRunConfig(f"not an hf_sparse run record (no \"format\": \"{RUN_CONFIG_FORMAT}\")")
+        raise UnreadableRunConfig(f'not an hf_sparse run record (no "format": "{RUN_CONFIG_FORMAT}")')
     if record.get("version") != RUN_CONFIG_VERSION:
         raise UnreadableRunConfig(
             f"version {record.get('version')!r}; this hf_sparse reads version {RUN_CONFIG_VERSION}"

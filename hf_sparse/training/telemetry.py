@@ -95,7 +95,8 @@ def _sparse_full(linear: nn.Module, factors, key: str) -> bool:
         _warned_sharded = True
         logger.warning(
             "2:4 weights are sharded on this rank (FSDP/DTensor; first: %s): their weight_sparsity "
-            "counts the stored dense-master shard's zeros and they get no flip_rate.", key
+            "counts the stored dense-master shard's zeros and they get no flip_rate.",
+            key,
         )
     return False
 
@@ -301,7 +302,7 @@ def sparsity_metrics(
         metrics["sparsity_24/mean_across_layers"] = sum(drop_fracs) / len(drop_fracs)
 
     n = len(count_names)
-    count_values, totals = values[offset:offset + n], values[offset + n:offset + 2 * n]
+    count_values, totals = values[offset : offset + n], values[offset + n : offset + 2 * n]
     flips, flipped, flip_entries = [], 0.0, 0.0
     for name, count, total in zip(count_names, count_values, totals):
         metrics[name] = count / total if total > 0 else 0.0

@@ -185,7 +185,10 @@ def load_tokenizer(tokenizer_name: str | None, vocab_size: int) -> PreTrainedTok
         # 100 extra sentinel tokens never come out of plain text.
         logger.warning(
             "Tokenizer %s has %d tokens, more than the model's vocab_size %d; ids >= %d must not occur",
-            tokenizer_name, len(tokenizer), vocab_size, vocab_size,
+            tokenizer_name,
+            len(tokenizer),
+            vocab_size,
+            vocab_size,
         )
     return tokenizer
 

@@ -52,9 +52,7 @@ class NextTokenAccuracy(evaluate.Metric):
             # int64: token ids of large vocabularies and -100 sentinels both fit, and numpy
             # int64 arrays from the Trainer encode without a cast.
             features=[
-                datasets.Features(
-                    {"predictions": datasets.Value("int64"), "references": datasets.Value("int64")}
-                ),
+                datasets.Features({"predictions": datasets.Value("int64"), "references": datasets.Value("int64")}),
                 datasets.Features(
                     {
                         "predictions": datasets.List(datasets.Value("int64")),
@@ -68,9 +66,7 @@ class NextTokenAccuracy(evaluate.Metric):
         predictions = _flat(predictions)
         references = _flat(references)
         if predictions.shape != references.shape:
-            raise ValueError(
-                f"predictions and references differ in length: {predictions.shape} vs {references.shape}"
-            )
+            raise ValueError(f"predictions and references differ in length: {predictions.shape} vs {references.shape}")
         if predictions.size == 0:
             return {"accuracy": float("nan")}
         return {"accuracy": float((predictions == references).mean())}
