@@ -13,8 +13,8 @@ and their codes live in hf_sparse/training/run.py; here they meet the terminal.
 import os
 import sys
 
-from hf_sparse.training.cli_help import format_help, wants_help
-from hf_sparse.training.preemption import StopSignals
+from hf_sparse.training.config.cli_help import format_help, wants_help
+from hf_sparse.training.callbacks.preemption import StopSignals
 from hf_sparse.training.run import main, release_process_groups, run_to_outcome
 
 __all__ = ["cli", "main"]

@@ -162,7 +162,7 @@ def _probe_records(folder: str) -> dict:
 
 
 def _outputs(run_dir: str, text: str) -> dict:
-    from hf_sparse.training.checkpoints import is_complete_checkpoint
+    from hf_sparse.training.callbacks.checkpoints import is_complete_checkpoint
 
     names = os.listdir(run_dir) if os.path.isdir(run_dir) else []
     checkpoints = sorted(n for n in names if n.startswith("checkpoint-"))

@@ -38,8 +38,8 @@ from .model.modeling_sparse_llama import (
     prepare_2to4_gemms,
     set_training_step,
 )
-from .training.telemetry import sparsity_metrics
-from .training.callbacks import SparsityCallback, add_callbacks
+from .training.callbacks.telemetry import sparsity_metrics
+from .training.callbacks.core import SparsityCallback, add_callbacks
 
 __version__ = "0.2.0"  # the package version (pyproject.toml reads it from here)
 

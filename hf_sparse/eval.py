@@ -20,7 +20,7 @@ import logging
 import os
 import sys
 
-from .training.checkpoints import last_complete_checkpoint
+from .training.callbacks.checkpoints import last_complete_checkpoint
 
 logger = logging.getLogger(__name__)
 
@@ -76,7 +76,7 @@ def evaluate_folder(
     log_samples: bool = False,
 ) -> dict:
     """lm-eval's full output (results, configs, and samples with `log_samples`) for `folder`."""
-    from .training.lm_eval_callback import build_task_manager, quiet_lm_eval, require_lm_eval
+    from .training.lm_eval_integration import build_task_manager, quiet_lm_eval, require_lm_eval
 
     try:
         require_lm_eval("hf-sparse-eval")
@@ -101,8 +101,8 @@ def evaluate_folder(
 
 
 def main(argv=None) -> int:
-    from .training.cli_help import tool_prog
-    from .training.lm_eval_callback import flatten_results, require_lm_eval, shipped_tasks_dir
+    from .training.config.cli_help import tool_prog
+    from .training.lm_eval_integration import flatten_results, require_lm_eval, shipped_tasks_dir
 
     parser = argparse.ArgumentParser(
         prog=tool_prog("hf-sparse-eval", "hf_sparse.eval"),

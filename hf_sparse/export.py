@@ -58,9 +58,14 @@ from transformers import ArceeConfig, ArceeForCausalLM, LlamaConfig, LlamaForCau
 from transformers.initialization import no_init_weights
 from transformers.utils import logging as transformers_logging
 
-from .training.checkpoints import apply_umask_permissions, architecture_lines, current_umask, last_complete_checkpoint
-from .training.cli_help import tool_prog
-from .training.tokenizer import LOADER_ARGUMENTS, TOKENIZER_FILES
+from .training.callbacks.checkpoints import (
+    apply_umask_permissions,
+    architecture_lines,
+    current_umask,
+    last_complete_checkpoint,
+)
+from .training.config.cli_help import tool_prog
+from .training.data.tokenizer import LOADER_ARGUMENTS, TOKENIZER_FILES
 from .model.configuration_sparse_llama import SparseLlamaConfig
 from .model.modeling_sparse_llama import SparseLlamaForCausalLM, set_training_step
 from .model.weight_sparse import is_weight_sparse

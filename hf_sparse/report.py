@@ -255,7 +255,7 @@ def _plot_flip_rate(plt, run_dir: str, flips: dict, summary: list) -> str:
 
 
 def main(argv=None) -> int:
-    from .training.cli_help import tool_prog
+    from .training.config.cli_help import tool_prog
 
     parser = argparse.ArgumentParser(
         prog=tool_prog("hf-sparse-report", "hf_sparse.report"), description=__doc__.splitlines()[0]

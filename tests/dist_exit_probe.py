@@ -105,7 +105,7 @@ if __name__ == "__main__":
     # Record what this rank's auto switch decided, to compare the ranks, and when the first
     # stop signal arrived (train_hf's own handlers take over when it starts; they are wrapped
     # below at install time, so the probe adds no handler of its own).
-    from hf_sparse.training import auto_switch, preemption
+    from hf_sparse.training.callbacks import auto_switch, preemption
 
     switch_steps, first_signal = [], []
     record_switch = auto_switch.set_switch_step

@@ -128,8 +128,8 @@ def test_accelerate_ddp_yaml_two_cpu_processes_preempted_and_resumed(tmp_path):
     exit (tests/dist_exit_probe.py runs train_hf's command line and records that), one
     complete checkpoint written by both ranks, the marker; accelerate launch itself exits 1.
     The same command again (resume_from_checkpoint "auto") resumes it to the end."""
-    from hf_sparse.training.checkpoints import last_complete_checkpoint
-    from hf_sparse.training.preemption import read_preemption_marker
+    from hf_sparse.training.callbacks.checkpoints import last_complete_checkpoint
+    from hf_sparse.training.callbacks.preemption import read_preemption_marker
     from tests.test_distributed import PROBE, _assert_nothing_holds_a_group, _records
 
     ddp = ["--config_file", _accelerate_yaml("ddp.yaml"), "--num_processes", "2"]
@@ -271,11 +271,11 @@ def _run_json(tmp_path, **overrides):
 def test_single_process_accelerate_launch_warns(monkeypatch, tmp_path, caplog):
     """`accelerate launch --num_processes 2` without a config file on a machine without
     several GPUs runs ONE process: train_hf.py says so and how to get two."""
-    from hf_sparse.training.launch_checks import check_launch_environment
-    from hf_sparse.training.run_config import parse_run_config
+    from hf_sparse.training.config.launch_checks import check_launch_environment
+    from hf_sparse.training.config.run_config import parse_run_config
 
     _launched_env(monkeypatch, tmp_path, ["--num_processes", "2"])
-    with caplog.at_level(logging.WARNING, logger="hf_sparse.training.launch_checks"):
+    with caplog.at_level(logging.WARNING, logger="hf_sparse.training.config.launch_checks"):
         run = parse_run_config([_run_json(tmp_path)])
     assert run.training_args.world_size == 1
     warning = " ".join(record.getMessage() for record in caplog.records if record.levelno == logging.WARNING)
@@ -286,7 +286,7 @@ def test_single_process_accelerate_launch_warns(monkeypatch, tmp_path, caplog):
     # --cpu runs one process whatever the machine has (DESIGN §4): the same warning.
     caplog.clear()
     env = _launched_env(monkeypatch, tmp_path, ["--cpu", "--num_processes", "2"])
-    with caplog.at_level(logging.WARNING, logger="hf_sparse.training.launch_checks"):
+    with caplog.at_level(logging.WARNING, logger="hf_sparse.training.config.launch_checks"):
         check_launch_environment({}, env)
     assert "ONE process" in caplog.text and "--cpu" in caplog.text
 
@@ -297,7 +297,7 @@ def test_single_process_accelerate_launch_warns(monkeypatch, tmp_path, caplog):
     ):
         caplog.clear()
         env = _launched_env(monkeypatch, tmp_path, launch_args)
-        with caplog.at_level(logging.WARNING, logger="hf_sparse.training.launch_checks"):
+        with caplog.at_level(logging.WARNING, logger="hf_sparse.training.config.launch_checks"):
             check_launch_environment({}, env)
         assert "ONE process" not in caplog.text, launch_args
 
@@ -307,9 +307,9 @@ def test_fsdp_yaml_without_gpu_fails_up_front_in_one_line(monkeypatch, tmp_path,
     """The FSDP configs need GPUs: one `train_hf.py: error:` line before data and model are
     built, instead of accelerate's error in every rank (FSDP1) or a silent fall-back to
     plain DDP on CPU (FSDP2)."""
-    import hf_sparse.training.launch_checks as launch_checks
-    import hf_sparse.training.run_args as run_args
-    import hf_sparse.training.run_config as run_config
+    import hf_sparse.training.config.launch_checks as launch_checks
+    import hf_sparse.training.config.run_args as run_args
+    import hf_sparse.training.config.run_config as run_config
 
     env = _launched_env(monkeypatch, tmp_path, ["--config_file", _accelerate_yaml(yaml_name), "--num_processes", "2"])
     assert env["ACCELERATE_USE_FSDP"] == "true" and env["FSDP_VERSION"] == version
@@ -326,9 +326,9 @@ def test_accelerate_mixed_precision_must_match_the_run_json(monkeypatch, tmp_pat
     """The run JSON decides precision: an accelerate bf16 (config or --mixed_precision) it does
     not ask for is refused up front (DeepSpeed would stop every rank on it; DDP would
     silently autocast); the shipped yamls leave precision to the run JSON."""
-    import hf_sparse.training.launch_checks as launch_checks
-    import hf_sparse.training.run_args as run_args
-    import hf_sparse.training.run_config as run_config
+    import hf_sparse.training.config.launch_checks as launch_checks
+    import hf_sparse.training.config.run_args as run_args
+    import hf_sparse.training.config.run_config as run_config
 
     ddp = ["--config_file", _accelerate_yaml("ddp.yaml"), "--num_processes", "2"]
     env = _launched_env(monkeypatch, tmp_path, [*ddp, "--mixed_precision", "bf16"])

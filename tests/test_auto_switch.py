@@ -8,8 +8,8 @@ import torch
 from transformers import Trainer
 
 from hf_sparse import SparseLlamaForCausalLM, SparsityCallback
-from hf_sparse.training.auto_switch import DROP_KEY, SWITCH_STEP_KEY, decide_switch_step
-from hf_sparse.training.telemetry import sparsity_metrics
+from hf_sparse.training.callbacks.auto_switch import DROP_KEY, SWITCH_STEP_KEY, decide_switch_step
+from hf_sparse.training.callbacks.telemetry import sparsity_metrics
 from tests.conftest import tiny_config, tiny_training_args
 from tests.test_telemetry import RandomTokens
 

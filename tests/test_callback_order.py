@@ -13,10 +13,10 @@ from transformers.integrations import TensorBoardCallback
 from transformers.trainer_callback import DefaultFlowCallback
 
 import hf_sparse
-import hf_sparse.training.callbacks as callbacks_module
+import hf_sparse.training.callbacks.core as callbacks_module
 from hf_sparse import SparseLlamaForCausalLM, SparsityCallback
-from hf_sparse.training.callbacks import _REPORTING_CALLBACK_TYPES, _FirstCallback, evaluation_due
-from hf_sparse.training.numerics import NumericsGuardCallback
+from hf_sparse.training.callbacks.core import _REPORTING_CALLBACK_TYPES, _FirstCallback, evaluation_due
+from hf_sparse.training.callbacks.numerics import NumericsGuardCallback
 from tests.conftest import tiny_config, tiny_training_args
 from tests.test_telemetry import RandomTokens, _expected_keys
 
@@ -179,7 +179,7 @@ def test_train_hf_places_its_callbacks_without_looking_them_up(tmp_path, monkeyp
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     from hf_sparse.training.run import build_trainer
-    from hf_sparse.training.run_config import parse_run_config
+    from hf_sparse.training.config.run_config import parse_run_config
     from tests.test_train_hf import _write_config
 
     def no_look_up(callback):

@@ -16,15 +16,15 @@ import time
 
 import pytest
 
-import hf_sparse.training.data as data_module
-import hf_sparse.training.hub_access as hub_access
-import hf_sparse.training.tokenizer as tokenizer_module
-from hf_sparse.training.data_args import DataArguments
-from hf_sparse.training.hub_access import check_hub_resources, hub_reachable
-from hf_sparse.training.tokenizer import load_tokenizer
-from hf_sparse.training.run_args import ALIASES, MODEL_ARGUMENT_CLASSES, ConfigError, ScriptArguments
-from hf_sparse.training.cli_help import HELP_SECTIONS, TRAINER_HELP_KEYS
-from hf_sparse.training.run_config import parse_run_config
+import hf_sparse.training.data.data as data_module
+import hf_sparse.training.data.hub_access as hub_access
+import hf_sparse.training.data.tokenizer as tokenizer_module
+from hf_sparse.training.data.data_args import DataArguments
+from hf_sparse.training.data.hub_access import check_hub_resources, hub_reachable
+from hf_sparse.training.data.tokenizer import load_tokenizer
+from hf_sparse.training.config.run_args import ALIASES, MODEL_ARGUMENT_CLASSES, ConfigError, ScriptArguments
+from hf_sparse.training.config.cli_help import HELP_SECTIONS, TRAINER_HELP_KEYS
+from hf_sparse.training.config.run_config import parse_run_config
 from tests.conftest import REPO_ROOT, assert_one_line_error, run_train_hf_script
 from tests.test_train_hf import _write_config
 from tests import processes  # noqa: E402

@@ -173,7 +173,7 @@ def test_run_json_accepts_torch_compile(tmp_path):
     """`"torch_compile": true` in the run JSON reaches TrainingArguments (the Trainer compiles)."""
     import json
 
-    from hf_sparse.training.run_config import parse_run_config
+    from hf_sparse.training.config.run_config import parse_run_config
 
     path = tmp_path / "run.json"
     path.write_text(

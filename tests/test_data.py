@@ -12,10 +12,10 @@ import time
 
 import pytest
 
-from hf_sparse.training import data as D
-from hf_sparse.training import data_args, packing
-from hf_sparse.training import embedded_corpus as corpus
-from hf_sparse.training import tokenizer as tokenizer_module
+from hf_sparse.training.data import data as D
+from hf_sparse.training.data import data_args, packing
+from hf_sparse import embedded_corpus as corpus
+from hf_sparse.training.data import tokenizer as tokenizer_module
 from tests import processes  # noqa: E402
 
 
@@ -445,8 +445,10 @@ def test_determinism_across_processes(tok, shared_cache):
     train_ds, _ = D.build_datasets(data_args.DataArguments(max_length=64), tok)
     code = (
         "import json, sys\n"
-        "from hf_sparse.training import data as D, data_args, embedded_corpus as corpus, evaluation\n"
-        "from hf_sparse.training import tokenizer as tokenizer_module\n"
+        "from hf_sparse import embedded_corpus as corpus\n"
+        "from hf_sparse.training import evaluation\n"
+        "from hf_sparse.training.data import data as D, data_args\n"
+        "from hf_sparse.training.data import tokenizer as tokenizer_module\n"
         "print(json.dumps(sorted(m for m in ('datasets', 'evaluate', 'wandb') if m in sys.modules)))\n"
         f"tok = tokenizer_module.load_tokenizer(None, {VOCAB})\n"
         "train, val = D.build_datasets(data_args.DataArguments(max_length=64), tok)\n"

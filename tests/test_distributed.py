@@ -11,8 +11,8 @@ import time
 
 import pytest
 
-from hf_sparse.training.checkpoints import is_complete_checkpoint, last_complete_checkpoint
-from hf_sparse.training.preemption import read_preemption_marker
+from hf_sparse.training.callbacks.checkpoints import is_complete_checkpoint, last_complete_checkpoint
+from hf_sparse.training.callbacks.preemption import read_preemption_marker
 from tests import processes
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -200,12 +200,12 @@ EXIT_PATHS = {
     "config_error": ({"train_files": ["TINY"], "validation_split_percentage": 0}, {},
                      "train_hf.py: error: training data yields no full block"),
     "nonfinite": ({"learning_rate": 1e30, "save_strategy": "no"}, {}, "train_hf.py: error: "),
-    "callback_error": ({"save_steps": 2}, {"EXIT_PROBE_RAISE_IN": "hf_sparse.training.callbacks:ModelCardCallback.on_save"},
+    "callback_error": ({"save_steps": 2}, {"EXIT_PROBE_RAISE_IN": "hf_sparse.training.callbacks.core:ModelCardCallback.on_save"},
                        "RuntimeError: injected by the exit probe into ModelCardCallback.on_save"),
     # The first in-loop evaluation (step 2) runs on rank 0 while rank 1 waits, and both log
     # its scores; the second (step 4) fails on rank 0 and both ranks learn it.
     "lm_eval_error": ({"lm_eval_tasks": ["hf_sparse_local"], "lm_eval_limit": 2, "lm_eval_steps": 2, "save_steps": 2},
-                      {"EXIT_PROBE_RAISE_IN": "hf_sparse.training.lm_eval_callback:evaluate_model",
+                      {"EXIT_PROBE_RAISE_IN": "hf_sparse.training.callbacks.lm_eval:evaluate_model",
                        "EXIT_PROBE_RAISE_AFTER": "1"},
                       "RuntimeError: lm-eval failed on rank 0: RuntimeError: injected by the exit probe"),
 }  # fmt: skip
@@ -346,8 +346,8 @@ def test_a_killed_rank_ends_the_group_fast_and_restarts_resume(tmp_path, referen
 def test_restarts_need_a_store_per_attempt():
     """torch elastic's shared rendezvous store breaks restarted groups (pytorch#135712): a
     restart that can happen is refused up front unless each attempt gets its own store."""
-    from hf_sparse.training.launch_checks import check_launch_environment
-    from hf_sparse.training.run_args import LaunchError
+    from hf_sparse.training.config.launch_checks import check_launch_environment
+    from hf_sparse.training.config.run_args import LaunchError
 
     worker = {"RANK": "0", "WORLD_SIZE": "2", "TORCHELASTIC_MAX_RESTARTS": "2", "TORCHELASTIC_USE_AGENT_STORE": "True"}
     with pytest.raises(LaunchError, match=r"max restarts 2.*TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1"):

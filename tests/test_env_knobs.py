@@ -69,7 +69,7 @@ def test_no_switch_is_read_outside_the_parser():
 
 def test_code_selecting_switches_are_recorded_in_config_json_and_the_card(monkeypatch, tmp_path):
     from hf_sparse import SparseLlamaConfig
-    from hf_sparse.training.checkpoints import model_card
+    from hf_sparse.training.callbacks.checkpoints import model_card
     from hf_sparse.training.run import record_environment
 
     for name in KNOBS:
@@ -94,7 +94,7 @@ def test_a_saved_config_with_the_record_is_still_a_model_json(monkeypatch, tmp_p
     """A trained checkpoint's config.json used as the next run's model_config: the record
     describes the old run, so it is dropped (the new run records its own), never an error."""
     from hf_sparse.training.run import record_environment
-    from hf_sparse.training.run_config import load_model_config
+    from hf_sparse.training.config.run_config import load_model_config
 
     monkeypatch.setenv("HF_SPARSE_DISABLE_2TO4_KERNEL", "1")
     config = tiny_config()

@@ -11,8 +11,8 @@ import torch
 from hf_sparse import SparseLlamaConfig
 from hf_sparse.model.fp8 import FP8, FP8_MAX, quantize_rows
 from hf_sparse.model.sparse_ffn import BACKWARD_MODES, SPARSE_METHODS, make_token_permutation, relu2_2to4_ffn
-from hf_sparse.training.run_args import ConfigError
-from hf_sparse.training.run_config import parse_run_config
+from hf_sparse.training.config.run_args import ConfigError
+from hf_sparse.training.config.run_config import parse_run_config
 from tests.cslt_emulator import emulated_cusparselt, emulated_cusparselt_cuda_rules  # noqa: F401  (fixtures)
 from tests.test_sparse_ffn import make_inputs, run_op
 

@@ -88,7 +88,7 @@ def test_no_module_does_five_jobs():
 
 def test_no_module_walks_the_call_stack():
     """Code finds what it works with from what it is given, not from its callers' frames
-    (the callbacks' place in the Trainer included: hf_sparse/training/callbacks.py)."""
+    (the callbacks' place in the Trainer included: hf_sparse/training/callbacks/core.py)."""
     sources = glob.glob(os.path.join(PACKAGE, "**", "*.py"), recursive=True)
     assert len(sources) > 20
     walking = {}
@@ -134,13 +134,82 @@ def test_readme_architecture_tree_matches_the_code():
             continue  # the metric's own files: the tree names its folder
         code |= {os.path.normpath(os.path.join(rel, f)).replace(os.sep, "/") for f in files if f.endswith(".py")}
     # Subpackage __init__ files carry only a docstring; the tree names the folders.
-    code -= {"model/__init__.py", "training/__init__.py"}
+    code -= set(DOCSTRING_ONLY_INITS)
     assert readme_tree() == code
+
+
+DOCSTRING_ONLY_INITS = [
+    "model/__init__.py",
+    "training/__init__.py",
+    "training/config/__init__.py",
+    "training/data/__init__.py",
+    "training/callbacks/__init__.py",
+]
+
+
+@pytest.mark.parametrize("init", DOCSTRING_ONLY_INITS)
+def test_subpackage_inits_hold_only_a_docstring_saying_what_the_room_holds(init):
+    with open(os.path.join(PACKAGE, init), encoding="utf-8") as handle:
+        body = ast.parse(handle.read()).body
+    assert len(body) == 1 and isinstance(body[0], ast.Expr) and isinstance(body[0].value.value, str)
+
+
+def rooms_import_graph() -> dict[str, set[str]]:
+    """Which room imports which (function-level imports included): a room is a folder of
+    hf_sparse/training/ (config, data, callbacks), another top-level folder (model,
+    eval_tasks) or a single module (training/run.py, report.py, ...)."""
+    modules = {}
+    for folder, dirs, files in os.walk(PACKAGE):
+        dirs[:] = [d for d in dirs if d not in ("__pycache__", "metrics")]
+        for name in files:
+            if name.endswith(".py"):
+                path = os.path.join(folder, name)
+                module = os.path.relpath(path, REPO_ROOT)[:-3].replace(os.sep, ".").removesuffix(".__init__")
+                modules[module] = path
+
+    def room(module):
+        parts = module.split(".")[1:]
+        if parts[:1] == ["training"] and parts[1:2] and parts[1] in ("config", "data", "callbacks"):
+            return "training." + parts[1]
+        return parts[0] if parts[:1] in (["model"], ["eval_tasks"]) else ".".join(parts) or "hf_sparse"
+
+    graph = {}
+    for module, path in modules.items():
+        package = module if path.endswith("__init__.py") else module.rsplit(".", 1)[0]
+        with open(path, encoding="utf-8") as handle:
+            tree = ast.parse(handle.read())
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom):
+                base = package.split(".")[: len(package.split(".")) - node.level + 1] if node.level else []
+                target = ".".join(base + ([node.module] if node.module else []))
+                targets = [target] + [f"{target}.{a.name}" for a in node.names]
+            elif isinstance(node, ast.Import):
+                targets = [a.name for a in node.names]
+            else:
+                continue
+            for target in targets:
+                if target in modules and room(target) != room(module):
+                    graph.setdefault(room(module), set()).add(room(target))
+    return graph
+
+
+def test_the_rooms_import_one_way():
+    graph = rooms_import_graph()
+    assert graph["training.run"] >= {"training.config", "training.data", "training.callbacks", "model"}
+
+    def reaches(start, goal, seen=()):
+        return any(n == goal or (n not in seen and reaches(n, goal, seen + (n,))) for n in graph.get(start, ()))
+
+    assert [room for room in graph if reaches(room, room)] == []  # no cycle
+    # The lm-eval integration imports no callback (the callback imports it), and the offline
+    # tasks import nothing from training/ (the corpus they are built from is hf_sparse/embedded_corpus.py).
+    assert "training.callbacks" not in graph["training.lm_eval_integration"]
+    assert not any(room.startswith("training") for room in graph["eval_tasks"])
 
 
 def test_public_names_survive_the_move():
     from hf_sparse.model import ffn_stages, gemm_backends, kernels
-    from hf_sparse.training import tokenizer
+    from hf_sparse.training.data import tokenizer
 
     for name in (
         "SparseLlamaConfig",

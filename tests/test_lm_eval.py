@@ -14,8 +14,9 @@ import pytest
 import torch
 
 import train_hf
-from hf_sparse.training.lm_eval_callback import LmEvalCallback, evaluate_model, flatten_results
-from hf_sparse.training.run_args import ConfigError
+from hf_sparse.training.callbacks.lm_eval import LmEvalCallback
+from hf_sparse.training.lm_eval_integration import evaluate_model, flatten_results
+from hf_sparse.training.config.run_args import ConfigError
 from tests.conftest import REPO_ROOT, help_as_invoked, tiny_config
 from tests import processes  # noqa: E402
 
@@ -153,7 +154,7 @@ def test_evaluation_forwards_are_not_counted_and_training_is_undisturbed():
     counts, the train mode and every random generator as they were."""
     from hf_sparse import SparseLlamaForCausalLM
     from hf_sparse.model.modeling_sparse_llama import ensure_activation_stats
-    from hf_sparse.training.tokenizer import load_tokenizer
+    from hf_sparse.training.data.tokenizer import load_tokenizer
 
     tokenizer = load_tokenizer(None, vocab_size=512)
     model = SparseLlamaForCausalLM(tiny_config(vocab_size=512, max_position_embeddings=64)).train()
@@ -173,7 +174,7 @@ def test_lm_eval_sees_sparse_llama_as_a_causal_lm(caplog):
     from lm_eval.models.huggingface import HFLM
 
     from hf_sparse import SparseLlamaForCausalLM
-    from hf_sparse.training.tokenizer import load_tokenizer
+    from hf_sparse.training.data.tokenizer import load_tokenizer
 
     model = SparseLlamaForCausalLM(tiny_config(vocab_size=512))
     with caplog.at_level("WARNING"):
@@ -256,8 +257,8 @@ def test_without_the_extra_one_line_and_the_quickstart_does_not_need_it(tmp_path
         "import sys\n"
         "sys.modules['lm_eval'] = None  # import lm_eval now raises ImportError\n"
         "import train_hf\n"
-        "from hf_sparse.training.run_args import ConfigError\n"
-        "from hf_sparse.training.run_config import parse_run_config\n"
+        "from hf_sparse.training.config.run_args import ConfigError\n"
+        "from hf_sparse.training.config.run_config import parse_run_config\n"
         "run = parse_run_config(['configs/quickstart.json', '--output_dir', sys.argv[2]])\n"
         "assert run.eval_args.lm_eval_tasks is None\n"
         "try:\n"
@@ -286,7 +287,7 @@ def test_without_the_extra_one_line_and_the_quickstart_does_not_need_it(tmp_path
 
 
 def test_tasks_from_the_command_line(tmp_path):
-    from hf_sparse.training.run_config import parse_run_config
+    from hf_sparse.training.config.run_config import parse_run_config
 
     run = parse_run_config([_run_json(tmp_path), "--lm_eval_tasks", "hf_sparse_nextline, hf_sparse_heldout"])
     assert run.eval_args.lm_eval_tasks == ["hf_sparse_nextline", "hf_sparse_heldout"]
@@ -309,7 +310,7 @@ def test_a_coming_evaluation_gets_a_loss_row():
 
 
 def test_callback_refuses_sharded_training(monkeypatch):
-    from hf_sparse.training.lm_eval_callback import sharded_training_reason
+    from hf_sparse.training.lm_eval_integration import sharded_training_reason
 
     monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
     assert sharded_training_reason(object()) == "FSDP"
@@ -324,7 +325,7 @@ def test_callback_refuses_sharded_training(monkeypatch):
 def _saved_tiny_model(folder):
     """A saved sparse_llama folder with the embedded tokenizer and a 64-token context."""
     from hf_sparse import SparseLlamaForCausalLM
-    from hf_sparse.training.tokenizer import load_tokenizer
+    from hf_sparse.training.data.tokenizer import load_tokenizer
 
     SparseLlamaForCausalLM(tiny_config(vocab_size=512, max_position_embeddings=64)).save_pretrained(folder)
     tokenizer = load_tokenizer(None, vocab_size=512)
@@ -338,10 +339,10 @@ def test_in_loop_evaluations_leave_out_lm_evals_per_item_and_per_task_chatter(ca
     loader: lm-eval warned per item ("Truncating N tokens from the left") and per task
     ("<task>: Custom kwargs can be passed ...", two lines) at every evaluation. The cut is
     said once, as a count; other warnings still pass."""
-    import hf_sparse.training.lm_eval_callback as callback_module
+    import hf_sparse.training.lm_eval_integration as callback_module
     from hf_sparse import SparseLlamaForCausalLM
-    from hf_sparse.training.lm_eval_callback import quiet_lm_eval
-    from hf_sparse.training.tokenizer import load_tokenizer
+    from hf_sparse.training.lm_eval_integration import quiet_lm_eval
+    from hf_sparse.training.data.tokenizer import load_tokenizer
 
     monkeypatch.setattr(callback_module, "_truncation_said", False)
     tokenizer = load_tokenizer(None, vocab_size=512)
@@ -383,7 +384,7 @@ def test_hf_sparse_eval_names_itself_and_git_stays_quiet(tmp_path, monkeypatch, 
 def test_fp16_on_cpu_evaluates_like_it_trains(monkeypatch):
     """accelerate ignores fp16 on CPU (the run trains in float32): lm-eval must not autocast
     to float16 there either; bf16 autocasts in both."""
-    import hf_sparse.training.lm_eval_callback as callback_module
+    import hf_sparse.training.callbacks.lm_eval as callback_module
     from tests.conftest import tiny_training_args
 
     seen = []

@@ -12,7 +12,7 @@ REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO_ROOT)
 import train_hf  # noqa: E402
 from hf_sparse import SparseLlamaForCausalLM, set_training_step  # noqa: E402
-from hf_sparse.training.run_args import ConfigError  # noqa: E402
+from hf_sparse.training.config.run_args import ConfigError  # noqa: E402
 from tests.conftest import tiny_config  # noqa: E402
 
 

@@ -4,7 +4,7 @@ hyperparameters actually used, framework versions and the report's figures."""
 from huggingface_hub import ModelCard
 from transformers import TrainingArguments
 
-from hf_sparse.training.checkpoints import write_model_card
+from hf_sparse.training.callbacks.checkpoints import write_model_card
 from tests.conftest import tiny_config
 
 HISTORY = [

@@ -159,7 +159,7 @@ def _save_tiny_tokenizer(folder):
 
 
 def test_original_research_llama_json_loads():
-    from hf_sparse.training.run_config import load_model_config
+    from hf_sparse.training.config.run_config import load_model_config
 
     path = os.path.join(os.path.dirname(__file__), "fixtures", "original_llama_60m.json")
     config = load_model_config(path, {"squ_relu": "relu2"})
@@ -171,7 +171,7 @@ def test_original_research_llama_json_loads():
 
 @pytest.mark.parametrize("name", ["llama_60m", "llama_130m", "llama_350m", "llama_1b"])
 def test_recipe_sizes(name):
-    from hf_sparse.training.run_config import load_model_config
+    from hf_sparse.training.config.run_config import load_model_config
 
     sizes = {
         "llama_60m": (512, 1376, 8, 8),
@@ -186,7 +186,7 @@ def test_recipe_sizes(name):
 
 def test_130m_parameter_count_meta():
     """The 130m SwiGLU model has the recipe's size (~134M with untied embeddings)."""
-    from hf_sparse.training.run_config import load_model_config
+    from hf_sparse.training.config.run_config import load_model_config
 
     config = load_model_config("configs/llama_130m.json", {})
     with torch.device("meta"):
@@ -199,7 +199,7 @@ def test_130m_parameter_count_meta():
 @pytest.mark.parametrize("squ_relu, millions", [("silu", 94.00), ("relu2", 91.64)])
 def test_130m_low_rank_parameter_count(squ_relu, millions):
     """LORO's 130m with r=256 on every decoder linear: 94.00M (SwiGLU, the paper's figure)."""
-    from hf_sparse.training.run_config import load_model_config
+    from hf_sparse.training.config.run_config import load_model_config
 
     config = load_model_config(
         "configs/llama_130m.json", dict(squ_relu=squ_relu, loro_scope="all", loro_attn_rank=256, loro_mlp_rank=256)

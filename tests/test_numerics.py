@@ -15,7 +15,7 @@ REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO_ROOT)
 import train_hf  # noqa: E402
 from hf_sparse import SparseLlamaForCausalLM, SparsityCallback  # noqa: E402
-from hf_sparse.training.numerics import NonFiniteError, NumericsGuardCallback  # noqa: E402
+from hf_sparse.training.callbacks.numerics import NonFiniteError, NumericsGuardCallback  # noqa: E402
 from tests.conftest import tiny_config  # noqa: E402
 from tests.test_telemetry import RandomTokens  # noqa: E402
 

@@ -31,6 +31,9 @@ def test_pip_install_gives_package_scripts_and_module_entry_points(tmp_path):
 
     assert f"hf_sparse-{hf_sparse.__version__}.dist-info" in installed, sorted(installed)
     assert (target / "hf_sparse" / "training" / "metrics" / "next_token_accuracy" / "next_token_accuracy.py").exists()
+    # The training rooms are subpackages: each must be listed in pyproject's packages.
+    for room in ("config", "data", "callbacks"):
+        assert (target / "hf_sparse" / "training" / room / "__init__.py").exists(), room
     assert {"hf-sparse-train", "hf-sparse-report", "hf-sparse-export", "hf-sparse-eval"} <= {
         p.name for p in (target / "bin").iterdir()
     }

@@ -8,8 +8,8 @@ import signal
 import pytest
 from transformers import TrainerControl, TrainerState
 
-from hf_sparse.training import preemption
-from hf_sparse.training.preemption import (
+from hf_sparse.training.callbacks import preemption
+from hf_sparse.training.callbacks.preemption import (
     PreemptionCallback,
     StopBeforeTraining,
     StopSignals,

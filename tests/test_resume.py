@@ -11,7 +11,7 @@ import time
 
 import pytest
 
-from hf_sparse.training.checkpoints import is_complete_checkpoint, last_complete_checkpoint
+from hf_sparse.training.callbacks.checkpoints import is_complete_checkpoint, last_complete_checkpoint
 from tests.conftest import WITHOUT_HF_SPARSE  # noqa: E402
 from tests import processes  # noqa: E402
 
@@ -165,7 +165,7 @@ def test_sigterm_stops_after_a_checkpoint_and_a_second_ctrl_c_at_once(tmp_path):
 
 def test_resuming_a_missing_checkpoint_is_one_line_and_writes_nothing(tmp_path):
     import train_hf
-    from hf_sparse.training.run_args import ConfigError
+    from hf_sparse.training.config.run_args import ConfigError
 
     missing = str(tmp_path / "run" / "checkpoint-999")
     with pytest.raises(ConfigError, match=r"resume_from_checkpoint: '.*checkpoint-999' does not exist; or use true"):
@@ -238,7 +238,7 @@ def test_auto_resume_picks_the_last_checkpoint_or_starts_or_stops(tmp_path):
     from transformers import TrainingArguments
 
     from hf_sparse.training.run import already_finished, resolve_resume
-    from hf_sparse.training.run_args import ConfigError
+    from hf_sparse.training.config.run_args import ConfigError
 
     out = tmp_path / "run"
 

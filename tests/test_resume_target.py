@@ -15,8 +15,8 @@ import torch
 
 import train_hf
 from hf_sparse import SparseLlamaConfig, SparseLlamaForCausalLM
-from hf_sparse.training.resume_target import check_resume_target, shape_differences, training_state
-from hf_sparse.training.run_args import ConfigError
+from hf_sparse.training.config.resume_target import check_resume_target, shape_differences, training_state
+from hf_sparse.training.config.run_args import ConfigError
 from tests.conftest import REPO_ROOT, assert_one_line_error, run_train_hf_script
 
 TINY_MODEL = os.path.join(REPO_ROOT, "configs", "llama_tiny.json")

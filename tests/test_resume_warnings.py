@@ -17,8 +17,8 @@ import torch
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO_ROOT)
 import train_hf  # noqa: E402
-from hf_sparse.training import resume_check  # noqa: E402
-from hf_sparse.training.run_config import parse_run_config  # noqa: E402
+from hf_sparse.training.config import resume_check  # noqa: E402
+from hf_sparse.training.config.run_config import parse_run_config  # noqa: E402
 
 
 def _tensorboard_available() -> bool:

@@ -15,9 +15,10 @@ import threading
 import pytest
 from transformers import Trainer
 
-from hf_sparse.training import packing, run, tokenizer
-from hf_sparse.training.checkpoints import is_complete_checkpoint
-from hf_sparse.training.preemption import read_preemption_marker
+from hf_sparse.training.data import packing, tokenizer
+from hf_sparse.training import run
+from hf_sparse.training.callbacks.checkpoints import is_complete_checkpoint
+from hf_sparse.training.callbacks.preemption import read_preemption_marker
 from tests.conftest import REPO_ROOT, run_train_hf_script
 
 STEPS = 8
@@ -112,7 +113,7 @@ def test_during_training_a_complete_checkpoint_and_the_resume_line(tmp_path, mon
         sent = _signal_when_called(monkeypatch, Trainer, "evaluate", signum)
     elif moment == "lm_eval":
         overrides = {"lm_eval_tasks": ["hf_sparse_heldout"], "lm_eval_limit": 4, "lm_eval_steps": 2}
-        from hf_sparse.training import lm_eval_callback
+        from hf_sparse.training.callbacks import lm_eval as lm_eval_callback
 
         sent = _signal_when_called(monkeypatch, lm_eval_callback, "evaluate_model")
     else:

@@ -13,7 +13,7 @@ import torch
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO_ROOT)
 import train_hf  # noqa: E402
-from hf_sparse.training.run_args import ConfigError  # noqa: E402
+from hf_sparse.training.config.run_args import ConfigError  # noqa: E402
 from tests.conftest import WITHOUT_HF_SPARSE, assert_readable_by_another_user  # noqa: E402
 from tests import processes  # noqa: E402
 
@@ -241,7 +241,7 @@ def test_a_typo_in_the_model_json_is_refused_with_the_closest_key(tmp_path):
     "name", sorted(n for n in os.listdir(os.path.join(REPO_ROOT, "configs")) if n.startswith("llama_")) + ["original"]
 )
 def test_every_shipped_model_json_and_the_original_research_one_load(name):
-    from hf_sparse.training.run_config import load_model_config
+    from hf_sparse.training.config.run_config import load_model_config
 
     path = (os.path.join(REPO_ROOT, "tests", "fixtures", "original_llama_60m.json") if name == "original"
             else os.path.join(REPO_ROOT, "configs", name))  # fmt: skip
@@ -253,7 +253,7 @@ def test_saved_config_files_load_as_model_json(tmp_path):
     """A config.json that save_pretrained wrote (this transformers, or transformers 4 with its
     inert legacy keys and generation settings) is a valid model JSON."""
     from hf_sparse import SparseLlamaConfig
-    from hf_sparse.training.run_config import load_model_config
+    from hf_sparse.training.config.run_config import load_model_config
 
     SparseLlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
                       vocab_size=512, squ_relu="relu2").save_pretrained(tmp_path / "saved")  # fmt: skip
@@ -277,7 +277,7 @@ def test_a_model_json_given_as_the_run_json_says_where_it_goes(tmp_path):
 
 
 def test_settings_that_do_not_do_what_they_seem_warn_once_before_training(tmp_path, caplog):
-    from hf_sparse.training.run_config import parse_run_config
+    from hf_sparse.training.config.run_config import parse_run_config
 
     def warnings_for(**overrides):
         caplog.clear()
@@ -331,7 +331,7 @@ def test_fp16_on_cpu_really_trains_in_float32(tmp_path):
 
 
 def test_a_mostly_dense_schedule_warns_with_the_numbers(tmp_path, caplog):
-    from hf_sparse.training.run_config import parse_run_config
+    from hf_sparse.training.config.run_config import parse_run_config
 
     quick24 = os.path.join(REPO_ROOT, "configs", "quickstart_weight24.json")
     with caplog.at_level(logging.WARNING, logger="hf_sparse"):
@@ -350,7 +350,7 @@ def test_a_mostly_dense_schedule_warns_with_the_numbers(tmp_path, caplog):
 
 
 def test_no_validation_split_needs_evaluation_off(tmp_path):
-    from hf_sparse.training.run_config import parse_run_config
+    from hf_sparse.training.config.run_config import parse_run_config
 
     with pytest.raises(
         ConfigError, match=r"eval_strategy='steps' needs validation data, but validation_split_percentage is 0"
@@ -369,8 +369,8 @@ def test_output_dir_that_cannot_be_written_is_one_line(tmp_path):
 
 
 def test_boundaries_that_are_valid(tmp_path):
-    from hf_sparse.training.config_checks import check_sparse_schedule
-    from hf_sparse.training.run_config import parse_run_config
+    from hf_sparse.training.config.config_checks import check_sparse_schedule
+    from hf_sparse.training.config.run_config import parse_run_config
     from tests.conftest import tiny_config
 
     # A block as long as the model's positions is fine (1024/1024 in the real recipes).
@@ -401,7 +401,7 @@ def test_malformed_json_names_line_and_column(tmp_path):
 
 
 def test_readme_has_the_two_lines_and_quickstart_parses():
-    from hf_sparse.training.run_config import parse_run_config
+    from hf_sparse.training.config.run_config import parse_run_config
 
     with open(os.path.join(REPO_ROOT, "README.md")) as handle:
         readme = handle.read()
@@ -467,7 +467,7 @@ def test_contradictory_low_rank_settings(tmp_path):
     "name", ["quickstart.json", "quickstart_lowrank.json", "c4_llama_130m_relu2.json", "c4_llama_130m_loro.json"]
 )
 def test_shipped_run_configs_parse(name, tmp_path):
-    from hf_sparse.training.run_config import parse_run_config
+    from hf_sparse.training.config.run_config import parse_run_config
 
     run = parse_run_config([os.path.join(REPO_ROOT, "configs", name), "--output_dir", str(tmp_path / "out")])
     if "loro" in name or "lowrank" in name:
@@ -529,7 +529,7 @@ def test_push_to_hub_uploads_the_finished_folder_with_our_card(tmp_path, monkeyp
 def test_push_to_hub_pushes_once_at_the_end_unless_told_otherwise(tmp_path):
     from transformers.trainer_utils import HubStrategy
 
-    from hf_sparse.training.run_config import parse_run_config
+    from hf_sparse.training.config.run_config import parse_run_config
 
     run = parse_run_config([_write_config(tmp_path, push_to_hub=True, hub_model_id="a/b")])
     assert run.training_args.hub_strategy == HubStrategy.END

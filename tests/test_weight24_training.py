@@ -10,9 +10,9 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, Trainer, TrainerCallback
 
-import hf_sparse.training.callbacks
+import hf_sparse.training.callbacks.core
 from hf_sparse import SparseLlamaForCausalLM, SparsityCallback, set_training_step
-from hf_sparse.training.run_config import parse_run_config
+from hf_sparse.training.config.run_config import parse_run_config
 from hf_sparse.model.weight_sparse import is_weight_sparse, sparse_weight_2to4, weight_2to4_scale
 from tests.conftest import REPO_ROOT, assert_one_line_error, run_train_hf_script, tiny_config, tiny_training_args
 from tests.test_telemetry import RandomTokens
@@ -210,13 +210,13 @@ def test_train_hf_start_step_and_dense_tail_end_to_end(tmp_path, monkeypatch):
     import train_hf
 
     seen = {}
-    original = hf_sparse.training.callbacks.set_training_step
+    original = hf_sparse.training.callbacks.core.set_training_step
 
     def recording(model, step, max_steps=None):
         original(model, step, max_steps)
         seen[step] = (_weight_on(model), max_steps)
 
-    monkeypatch.setattr(hf_sparse.training.callbacks, "set_training_step", recording)
+    monkeypatch.setattr(hf_sparse.training.callbacks.core, "set_training_step", recording)
     config = _write_run(
         tmp_path, max_steps=MAX_STEPS, logging_steps=1, flip_rate=True,
         enable_2to4_sparse=True, weight_2by4_start_step=2, sparse_dense_finetune_steps=2,

@@ -15,7 +15,7 @@ from transformers import Trainer, TrainerCallback, TrainerControl, TrainerState
 
 from hf_sparse import SparseLlamaForCausalLM, SparsityCallback, set_training_step, sparsity_metrics
 from hf_sparse.report import FLIP_RATE_NAME, write_report
-from hf_sparse.training.telemetry import PREVIOUS_MASKS_ATTR, snapshot_weight_masks
+from hf_sparse.training.callbacks.telemetry import PREVIOUS_MASKS_ATTR, snapshot_weight_masks
 from tests.conftest import callback_training_step, host_sync_calls, tiny_config, tiny_training_args
 from tests.test_telemetry import RandomTokens
 
@@ -219,7 +219,7 @@ def test_sharded_2by4_weight_falls_back_to_the_stored_weight(caplog):
     shard[:30] = 0
     linear.weight = torch.nn.Parameter(shard)
     snapshot_weight_masks(model)
-    with caplog.at_level("WARNING", logger="hf_sparse.training.telemetry"):
+    with caplog.at_level("WARNING", logger="hf_sparse.training.callbacks.telemetry"):
         metrics = sparsity_metrics(model, flip_rate=True)
     assert metrics["weight_sparsity/layer_0/mlp_up_proj"] == 0.3
     assert "flip_rate/layer_0/mlp_up_proj" not in metrics

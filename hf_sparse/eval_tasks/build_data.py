@@ -16,7 +16,7 @@ import os
 import random
 import sys
 
-from ..training.embedded_corpus import embedded_corpus, embedded_corpus_fingerprint
+from ..embedded_corpus import embedded_corpus, embedded_corpus_fingerprint
 from . import TASKS_DIR
 
 NEXTLINE_ITEMS = 300
@@ -100,7 +100,7 @@ def main(out_dir: str = TASKS_DIR) -> dict:
     _write_jsonl(os.path.join(out_dir, "nextline.jsonl"), nextline)
     _write_jsonl(os.path.join(out_dir, "heldout.jsonl"), heldout)
     info = {
-        "source": "validation documents of the embedded corpus (hf_sparse.training.embedded_corpus)",
+        "source": "validation documents of the embedded corpus (hf_sparse.embedded_corpus)",
         "python": sys.version.split()[0],
         "corpus_fingerprint": embedded_corpus_fingerprint(),
         "validation_documents": len(validation),

@@ -25,7 +25,7 @@ from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LambdaLR
 
 from ..model.lowrank import is_low_rank
-from .callbacks import _FirstCallback, merge_into_log_row
+from .callbacks.core import _FirstCallback, merge_into_log_row
 
 logger = logging.getLogger(__name__)
 

@@ -38,22 +38,22 @@ from transformers import AutoModelForCausalLM, Trainer, default_data_collator, s
 
 from ..model.env_knobs import code_selecting_settings
 from ..report import NotARunError, write_report
-from .auto_switch import SWITCH_STEP_KEY, switch_step_reached
-from .callbacks import EvalPerplexityCallback, ModelCardCallback, SparsityCallback, add_callbacks
-from .checkpoints import (
+from .callbacks.auto_switch import SWITCH_STEP_KEY, switch_step_reached
+from .callbacks.core import EvalPerplexityCallback, ModelCardCallback, SparsityCallback, add_callbacks
+from .callbacks.checkpoints import (
     apply_umask_permissions,
     checkpoint_step,
     is_complete_checkpoint,
     last_complete_checkpoint,
     write_model_card,
 )
-from .data import build_datasets
+from .data.data import build_datasets
 from .evaluation import build_compute_metrics, preprocess_logits_for_metrics
-from .launch_checks import check_hub_access
-from .lm_eval_callback import LmEvalCallback
+from .config.launch_checks import check_hub_access
+from .callbacks.lm_eval import LmEvalCallback
 from .loro import LoroCallback, build_loro_optimizer_and_scheduler
-from .numerics import NonFiniteError, NumericsGuardCallback
-from .preemption import (
+from .callbacks.numerics import NonFiniteError, NumericsGuardCallback
+from .callbacks.preemption import (
     EXIT_CODES,
     PreemptionCallback,
     StopBeforeTraining,
@@ -61,12 +61,12 @@ from .preemption import (
     clear_preemption_marker,
     write_preemption_marker,
 )
-from .resume_check import final_step_eval, warn_on_resume_changes
-from .resume_target import check_resume_target, nothing_to_train_message
-from .run_args import ConfigError, LaunchError
-from .run_config import parse_run_config
-from .run_record import RunRecordCallback, resolved_run_config
-from .tokenizer import load_tokenizer
+from .config.resume_check import final_step_eval, warn_on_resume_changes
+from .config.resume_target import check_resume_target, nothing_to_train_message
+from .config.run_args import ConfigError, LaunchError
+from .config.run_config import parse_run_config
+from .config.run_record import RunRecordCallback, resolved_run_config
+from .data.tokenizer import load_tokenizer
 
 logger = logging.getLogger("train_hf")
 

@@ -42,8 +42,8 @@ from transformers.integrations import INTEGRATION_TO_CALLBACK
 from transformers.trainer_callback import CallbackHandler
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, IntervalStrategy
 
-from ..model.modeling_sparse_llama import ensure_activation_stats, prepare_2to4_gemms, set_training_step
-from ..model.weight_sparse import next_weight_generation
+from ...model.modeling_sparse_llama import ensure_activation_stats, prepare_2to4_gemms, set_training_step
+from ...model.weight_sparse import next_weight_generation
 from .auto_switch import SWITCH_STEP_KEY, auto_switch_config, update_switch
 from .checkpoints import apply_umask_permissions, enable_cache_in_saved_config, write_model_card
 from .telemetry import snapshot_weight_masks, sparsity_metrics

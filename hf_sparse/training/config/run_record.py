@@ -12,8 +12,8 @@ launcher decided (not a run key). Keys are sorted, so two files diff line by lin
 
 `RunRecordCallback` writes it into `checkpoint-N` when the step's save is decided, before the
 Trainer writes anything there, so `trainer_state.json` (the completion marker, see
-checkpoints.py) always lands after it; `on_save` is the backstop for saves decided inside the
-Trainer (save_strategy "best"), which then get it right after the marker.
+callbacks/checkpoints.py) always lands after it; `on_save` is the backstop for saves decided
+inside the Trainer (save_strategy "best"), which then get it right after the marker.
 """
 
 from __future__ import annotations

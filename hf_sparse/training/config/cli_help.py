@@ -13,8 +13,8 @@ import typing
 
 from transformers import TrainingArguments
 
-from ..model.configuration_sparse_llama import SparseLlamaConfig
-from .data_args import PATH_LIST_FIELDS, DataArguments
+from ...model.configuration_sparse_llama import SparseLlamaConfig
+from ..data.data_args import PATH_LIST_FIELDS, DataArguments
 from .run_args import (
     ALIASES,
     MODEL_ARGUMENT_CLASSES,

@@ -14,7 +14,7 @@ uninterrupted run did (before or after the switch alike) without extra state to 
 
 import logging
 
-from ..model.modeling_sparse_llama import sparse_mlps
+from ...model.modeling_sparse_llama import sparse_mlps
 
 logger = logging.getLogger(__name__)
 

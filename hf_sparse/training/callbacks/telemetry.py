@@ -12,7 +12,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from ..model.modeling_sparse_llama import (
+from ...model.modeling_sparse_llama import (
     NUM_ACTIVATION_STATS,
     STAT_DROPPED_24,
     STAT_FORWARDS,
@@ -22,7 +22,7 @@ from ..model.modeling_sparse_llama import (
     WINDOW_STATS,
     sparse_mlps,
 )
-from ..model.select_2to4 import count_nonzero
+from ...model.select_2to4 import count_nonzero
 
 logger = logging.getLogger(__name__)
 

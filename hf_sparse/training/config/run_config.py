@@ -17,7 +17,7 @@ from huggingface_hub.errors import StrictDataclassError
 from transformers import HfArgumentParser
 from transformers.trainer_utils import HubStrategy
 
-from ..model.configuration_sparse_llama import SparseLlamaConfig
+from ...model.configuration_sparse_llama import SparseLlamaConfig
 from .cli_help import USAGE
 from .config_checks import (
     check_attention_heads,
@@ -30,7 +30,7 @@ from .config_checks import (
     check_trainer_values,
     warn_on_training_settings,
 )
-from .data_args import PATH_LIST_FIELDS, validate_data_args
+from ..data.data_args import PATH_LIST_FIELDS, validate_data_args
 from .launch_checks import check_launch_environment, check_reporting_integrations
 from .run_args import (
     ALIAS_KEYS,

@@ -16,8 +16,8 @@ import re
 
 from huggingface_hub.errors import StrictDataclassError
 
-from ..model.configuration_sparse_llama import SparseLlamaConfig
-from .checkpoints import _CHECKPOINT_RE, COMPLETION_MARKER, last_complete_checkpoint
+from ...model.configuration_sparse_llama import SparseLlamaConfig
+from ..callbacks.checkpoints import _CHECKPOINT_RE, COMPLETION_MARKER, last_complete_checkpoint
 from .run_args import ConfigError
 
 # What transformers 5.24's Trainer writes next to the weights of a checkpoint (unless

@@ -10,8 +10,8 @@ import tempfile
 import torch
 from transformers import TrainingArguments
 
-from ..model.configuration_sparse_llama import SparseLlamaConfig
-from ..model.gemm_backends import fp8_ineligibility_reason
+from ...model.configuration_sparse_llama import SparseLlamaConfig
+from ...model.gemm_backends import fp8_ineligibility_reason
 from .run_args import OPTIMIZER_CHOICES, SCHEDULER_CHOICES, ConfigError, DownstreamEvalArguments, ScriptArguments
 
 logger = logging.getLogger(__name__)
@@ -291,7 +291,7 @@ def check_lm_eval_args(eval_args: DownstreamEvalArguments, training_args: Traini
     if path is not None and not os.path.isdir(path):
         what = "is not a directory" if os.path.exists(path) else "does not exist"
         raise ConfigError(f"lm_eval_include_path: {path!r} {what}; give a folder of lm-eval task YAMLs.")
-    from .lm_eval_callback import build_task_manager, check_hub_datasets, require_lm_eval, sharded_training_reason
+    from ..lm_eval_integration import build_task_manager, check_hub_datasets, require_lm_eval, sharded_training_reason
 
     try:
         require_lm_eval()

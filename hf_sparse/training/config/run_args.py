@@ -7,8 +7,8 @@ from dataclasses import dataclass, field
 
 from transformers import TrainingArguments
 
-from ..model.configuration_sparse_llama import SparseLlamaConfig
-from .data_args import DataArguments
+from ...model.configuration_sparse_llama import SparseLlamaConfig
+from ..data.data_args import DataArguments
 
 
 class ConfigError(ValueError):
@@ -132,7 +132,9 @@ class ScriptArguments:
     cosine_restart_warmup: int = field(default=0, metadata={"help": "cosine_restart: re-warm-up length (steps)."})
     nonfinite_policy: str = field(
         default="stop",
-        metadata={"help": "stop | skip: what a non-finite loss/activation does (see hf_sparse.training.numerics)."},
+        metadata={
+            "help": "stop | skip: what a non-finite loss/activation does (see hf_sparse.training.callbacks.numerics)."
+        },
     )
     overwrite_output_dir: bool = field(
         default=False, metadata={"help": "Allow writing into an output_dir that holds another run."}

@@ -11,9 +11,9 @@ import tempfile
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
-from ..model.env_knobs import env_value
+from ...model.env_knobs import env_value
 from .data_args import MIN_EMBEDDED_VOCAB_SIZE
-from .embedded_corpus import embedded_corpus, embedded_corpus_fingerprint
+from ...embedded_corpus import embedded_corpus, embedded_corpus_fingerprint
 
 logger = logging.getLogger(__name__)
 

@@ -7,7 +7,7 @@ import tempfile
 
 import numpy as np
 
-from .embedded_corpus import embedded_corpus, embedded_corpus_fingerprint
+from ...embedded_corpus import embedded_corpus, embedded_corpus_fingerprint
 from .tokenizer import cache_root, tokenizer_fingerprint
 
 logger = logging.getLogger(__name__)

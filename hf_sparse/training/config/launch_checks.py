@@ -7,8 +7,8 @@ import os
 
 import torch
 
-from .data_args import DataArguments
-from .hub_access import check_hub_resources
+from ..data.data_args import DataArguments
+from ..data.hub_access import check_hub_resources
 from .run_args import ConfigError, LaunchError
 
 logger = logging.getLogger(__name__)

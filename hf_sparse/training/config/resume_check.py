@@ -27,7 +27,7 @@ import re
 
 import torch
 
-from .loro import run_cosine_restart_schedule, uses_run_cosine_restart
+from ..loro import run_cosine_restart_schedule, uses_run_cosine_restart
 from .run_record import RUN_CONFIG_NAME, UnreadableRunConfig, read_run_config
 
 logger = logging.getLogger(__name__)

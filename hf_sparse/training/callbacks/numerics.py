@@ -18,8 +18,8 @@ import logging
 import torch
 from transformers import TrainerCallback
 
-from ..model.modeling_sparse_llama import STAT_FIRST_NONFINITE_STEP, STAT_NONFINITE, sparse_mlps
-from .callbacks import _FirstCallback, _handlers_calling, _holds, _put_first, merge_into_log_row
+from ...model.modeling_sparse_llama import STAT_FIRST_NONFINITE_STEP, STAT_NONFINITE, sparse_mlps
+from .core import _FirstCallback, _handlers_calling, _holds, _put_first, merge_into_log_row
 from .checkpoints import last_complete_checkpoint
 
 logger = logging.getLogger(__name__)
