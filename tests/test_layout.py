@@ -210,6 +210,9 @@ def test_the_rooms_import_one_way():
 def test_public_names_survive_the_move():
     from hf_sparse.model import ffn_stages, gemm_backends, kernels
     from hf_sparse.training.data import tokenizer
+    from hf_sparse.training.preemption import PreemptionCallback  # the path the README names
+
+    assert PreemptionCallback.__module__ == "hf_sparse.training.callbacks.preemption"
 
     for name in (
         "SparseLlamaConfig",
