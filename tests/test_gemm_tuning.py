@@ -468,9 +468,9 @@ def test_compiled_2to4_weights_follow_verdicts_made_after_compiling(emulated_cus
     compiled = torch.compile(model)
     emu = emulated_cusparselt_cuda_rules
     with torch._inductor.config.patch(fx_graph_cache=False), torch._functorch.config.patch(enable_autograd_cache=False):
-        for step in range(3):
+        for step in range(2):
             emu.reset()
-            set_training_step(model, step, 3)
+            set_training_step(model, step, 2)
             next_weight_generation(model)
             compiled(input_ids=ids, labels=ids).loss.backward()
             weight_gemms = [c for c in emu.mm_calls if c.n == batch * seq and c.transpose_result]
