@@ -15,12 +15,14 @@ import os
 import re
 import sys
 
+from . import metric_keys as keys
+
 logger = logging.getLogger(__name__)
 
 HEATMAP_NAME = "sparsity_relu_heatmap.png"
 CURVES_NAME = "sparsity_over_steps.png"
 FLIP_RATE_NAME = "flip_rate.png"
-_LAYER_KEY = re.compile(r"^sparsity_relu/layer_(\d+)$")
+_LAYER_KEY = re.compile(rf"^{re.escape(keys.ACTIVATION_ZEROS)}/layer_(\d+)$")
 # The heatmap has at most this many step columns (longer runs are averaged into bins), so
 # its size does not grow with the number of log rows.
 MAX_HEATMAP_COLUMNS = 300
@@ -55,27 +57,29 @@ def sparsity_series(history: list[dict]) -> dict:
     """Steps, the per-layer ReLU² sparsity matrix and the mean curves, from training rows."""
     rows = [row for row in history if any(_LAYER_KEY.match(k) for k in row)]
     layers = sorted({int(m.group(1)) for row in rows for k in row if (m := _LAYER_KEY.match(k))})
+    nan = float("nan")
     return {
         "steps": [row.get("step") for row in rows],
         "layers": layers,
-        "per_layer": [[row.get(f"sparsity_relu/layer_{i}", float("nan")) for row in rows] for i in layers],
-        "mean": [row.get("sparsity_relu/mean_across_layers", float("nan")) for row in rows],
-        "drop_24": [row.get("sparsity_24/mean_across_layers", float("nan")) for row in rows],
-        "has_24": any("sparsity_24/mean_across_layers" in row for row in rows),
+        "per_layer": [[row.get(keys.layer_key(keys.ACTIVATION_ZEROS, i), nan) for row in rows] for i in layers],
+        "mean": [row.get(keys.mean_key(keys.ACTIVATION_ZEROS), nan) for row in rows],
+        "drop_24": [row.get(keys.mean_key(keys.DROP_24), nan) for row in rows],
+        "has_24": any(keys.mean_key(keys.DROP_24) in row for row in rows),
         # What activation_auto_switch reads (pooled over layers and ranks), where logged.
-        "pooled_drop": [row.get("activation_auto_switch/drop", float("nan")) for row in rows],
-        "has_pooled": any("activation_auto_switch/drop" in row for row in rows),
+        "pooled_drop": [row.get(keys.AUTO_SWITCH_DROP, nan) for row in rows],
+        "has_pooled": any(keys.AUTO_SWITCH_DROP in row for row in rows),
     }
 
 
 def flip_rate_series(history: list[dict]) -> dict:
     """Steps and the mean / max / total flip-rate curves, from training rows that have them."""
-    rows = [row for row in history if "flip_rate/mean" in row]
+    rows = [row for row in history if keys.FLIP_RATE_MEAN in row]
+    nan = float("nan")
     return {
         "steps": [row.get("step") for row in rows],
-        "mean": [row["flip_rate/mean"] for row in rows],
-        "max": [row.get("flip_rate/max", float("nan")) for row in rows],
-        "total": [row.get("flip_rate/total", float("nan")) for row in rows],
+        "mean": [row[keys.FLIP_RATE_MEAN] for row in rows],
+        "max": [row.get(keys.FLIP_RATE_MAX, nan) for row in rows],
+        "total": [row.get(keys.FLIP_RATE_TOTAL, nan) for row in rows],
     }
 
 
@@ -132,8 +136,8 @@ def _dense_to_sparse_step(run_dir: str):
     if not config.get("activation_2by4"):
         return None
     warmup = int(config.get("activation_dense_warmup_steps", 0))
-    if config.get("activation_auto_switch") and config.get("activation_switch_step") is not None:
-        return min(warmup, int(config["activation_switch_step"]))  # where the auto switch ended it
+    if config.get("activation_auto_switch") and config.get(keys.SWITCH_STEP) is not None:
+        return min(warmup, int(config[keys.SWITCH_STEP]))  # where the auto switch ended it
     return warmup
 
 

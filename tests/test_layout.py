@@ -182,7 +182,9 @@ def rooms_import_graph() -> dict[str, set[str]]:
             if isinstance(node, ast.ImportFrom):
                 base = package.split(".")[: len(package.split(".")) - node.level + 1] if node.level else []
                 target = ".".join(base + ([node.module] if node.module else []))
-                targets = [target] + [f"{target}.{a.name}" for a in node.names]
+                # `from package import module` imports the module (the package's __init__ runs
+                # for any of its modules anyway); `from module import name`, the module.
+                targets = [f"{target}.{a.name}" if f"{target}.{a.name}" in modules else target for a in node.names]
             elif isinstance(node, ast.Import):
                 targets = [a.name for a in node.names]
             else:
@@ -243,3 +245,50 @@ def test_checkpoint_written_before_the_layout_change_loads_and_computes_the_same
     with torch.no_grad():
         logits = model(expected["input_ids"]).logits
     torch.testing.assert_close(logits, expected["logits"], rtol=0, atol=1e-6)
+
+
+def _code_strings(path: str) -> list[str]:
+    """The string constants of a module's code (f-string parts included), docstrings left out."""
+    with open(path, encoding="utf-8") as handle:
+        tree = ast.parse(handle.read())
+    docstrings = {
+        id(node.body[0].value)
+        for node in ast.walk(tree)
+        if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef))
+        and node.body
+        and isinstance(node.body[0], ast.Expr)
+        and isinstance(node.body[0].value, ast.Constant)
+    }
+    return [
+        node.value
+        for node in ast.walk(tree)
+        if isinstance(node, ast.Constant) and isinstance(node.value, str) and id(node) not in docstrings
+    ]
+
+
+def test_metric_names_are_spelled_only_in_metric_keys():
+    """Telemetry, callbacks, auto switch, report and model card take the logged names from
+    hf_sparse/metric_keys.py; none spells a metric family or key itself."""
+    from hf_sparse import metric_keys
+
+    names = {v for k, v in vars(metric_keys).items() if k.isupper() and isinstance(v, str)}
+    names.discard(metric_keys.MEAN_ACROSS_LAYERS)
+    # Bare words that also name other things: the flip_rate run key, the lm_eval package, the
+    # config field the switch step is saved in. Their metric forms (with a "/") still count.
+    also_other_things = {metric_keys.FLIP_RATE, metric_keys.LM_EVAL, metric_keys.SWITCH_STEP}
+    sources = glob.glob(os.path.join(PACKAGE, "**", "*.py"), recursive=True)
+    spelled = {}
+    for path in sources:
+        if path.endswith("metric_keys.py"):
+            continue
+        found = sorted(
+            {
+                s
+                for s in _code_strings(path)
+                for name in names
+                if (s == name and name not in also_other_things) or s.startswith(name + "/")
+            }
+        )
+        if found:
+            spelled[os.path.relpath(path, REPO_ROOT)] = found
+    assert spelled == {}

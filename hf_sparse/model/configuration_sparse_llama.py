@@ -7,15 +7,19 @@ from huggingface_hub.dataclasses import strict
 from transformers import LlamaConfig
 from transformers.utils import logging
 
+from .lowrank import parse_low_rank_init
+from .select_2to4 import SPARSE_METHODS
+from .sparse_ffn import BACKWARD_MODES
+from .weight_sparse import WEIGHT_SPARSE_METHODS
+
 logger = logging.get_logger(__name__)
 
+# The choices of the keys whose modes live in another file are declared there, beside the
+# code that implements them (2:4 rules, backward modes, weight 2:4 methods, factor inits);
+# the ones below choose which modules modeling_sparse_llama builds.
 SQU_RELU_CHOICES = ("silu", "relu", "relu2")
-SPARSE_METHOD_CHOICES = ("naive", "mvue", "soft_threshold")
-ACTIVATION_BACKWARD_CHOICES = ("split_gemm", "naive", "exact")
 LORO_SCOPE_CHOICES = (None, "all", "attn", "mlp")
-LORO_INIT_PREFIXES = ("xavier", "auto", "kaiming", "orth", "randn_")
 WEIGHT_2BY4_SCOPE_CHOICES = ("mlp", "attn", "all")
-WEIGHT_SPARSE_METHOD_CHOICES = ("s_ste", "ste")
 
 # Non-gated FFN widths are rounded up to this multiple: it keeps the 4-feature groups of
 # the 2:4 mask whole and matches the alignment sparse GEMM kernels want.
@@ -39,15 +43,16 @@ class SparseLlamaConfig(LlamaConfig):
     r"""Identical to [`LlamaConfig`] except for the FFN and low-rank fields below.
 
     squ_relu (`str`, *optional*, defaults to `"silu"`):
-        `"silu"` is the stock gated SwiGLU FFN (gate/up/down). `"relu"` and `"relu2"` are
-        non-gated, `down(act(up(x)))`, with `act` = ReLU or Squared ReLU.
+        FFN activation: `"silu"` is the stock gated SwiGLU FFN (gate/up/down); `"relu"` and
+        `"relu2"` (Squared ReLU) are non-gated, `down(act(up(x)))`.
     nongated_intermediate_size (`int`, *optional*):
-        Width of the non-gated FFN. Default: `1.5 * intermediate_size` (same parameter
-        count as SwiGLU) rounded up to a multiple of 64.
+        Width of the non-gated FFN. Default (null): `1.5 * intermediate_size` (the parameter
+        count of SwiGLU) rounded up to a multiple of 64.
     activation_2by4 (`bool`, *optional*, defaults to `False`):
-        2:4-sparsify the ReLU² output before `down_proj` (only with `squ_relu="relu2"`).
+        2:4-sparsify the ReLU² output before `down_proj` (needs `squ_relu="relu2"`).
     activation_sparse_method (`str`, *optional*, defaults to `"naive"`):
-        `"naive"` (keep the 2 largest of 4), `"mvue"` or `"soft_threshold"`.
+        The forward 2:4 rule: `"naive"` (keep the 2 largest of each 4; the paper's), `"mvue"`
+        (unbiased stochastic) or `"soft_threshold"` (S-STE).
     activation_dense_warmup_steps (`int`, *optional*, defaults to 1000):
         Optimizer steps trained with the dense FFN before 2:4 sparsity switches on (with
         `activation_auto_switch`: the longest warm-up allowed).
@@ -57,41 +62,52 @@ class SparseLlamaConfig(LlamaConfig):
         ranks, stays below `activation_auto_switch_max_drop` for
         `activation_auto_switch_window` consecutive training log rows (`SparsityCallback`).
     activation_auto_switch_max_drop (`float`, *optional*, defaults to 0.12):
-        That threshold, a fraction in (0, 1]. On the quickstart model the share falls from
-        0.19 (step 10) to 0.11 (step 60) and levels off at 0.10: the default sits just above.
+        The auto switch's threshold: the fraction of non-zero activations 2:4 would drop, in
+        (0, 1]. On the quickstart model it falls from 0.19 (step 10) to 0.11 (step 60) and
+        levels off at 0.10: the default sits just above.
     activation_auto_switch_window (`int`, *optional*, defaults to 2):
-        How many consecutive training log rows must stay below it.
+        How many consecutive training log rows must stay below the auto switch's threshold.
     activation_switch_step (`int`, *optional*):
-        Set by the auto switch: the optimizer step at which 2:4 activations started.
+        Set by the auto switch (not a run key): the optimizer step at which 2:4 activations
+        started.
     activation_l1 (`float`, *optional*, defaults to 0.0):
         λ of an L1 penalty on the FFN activations: in training the loss gains λ·mean(a) for
         every MLP, a = the activation that reaches down_proj (`relu`/`relu2`, 2:4-sparsified
         once 2:4 is on; non-negative, so this is its mean absolute value): it pushes the
-        activations sparser.
+        activations sparser. Logged as `activation_l1/loss`.
     permute_2by4 (`bool`, *optional*, defaults to `True`):
-        Apply a fixed token permutation before the token-wise 2:4 of the backward pass.
+        Apply a fixed token permutation (drawn from the seed) before the token-wise 2:4 of
+        the backward pass.
     permute_2by4_seed (`int`, *optional*, defaults to 0):
-        Seed of that permutation; `train_hf.py` sets it from the training seed. It lives
-        in the config so a resumed or reloaded model uses the same permutation.
+        Seed of that permutation (not a run key: `train_hf.py` sets it from the training
+        seed). It lives in the config so a resumed or reloaded model uses the same
+        permutation.
     activation_backward (`str`, *optional*, defaults to `"split_gemm"`):
-        `"split_gemm"`, `"naive"` or `"exact"` (see `hf_sparse.model.sparse_ffn`).
+        The weight-gradient mode: `"split_gemm"` (the paper's), `"naive"` (feature-wise 2:4
+        on all features) or `"exact"` (the gradient of the masked forward); see
+        `hf_sparse.model.sparse_ffn`.
     activation_dense_features (`float`, *optional*, defaults to 0.05):
-        Fraction of densest features kept dense in the `split_gemm` weight gradients.
+        `split_gemm`: the fraction of densest features kept in a dense GEMM of the weight
+        gradients (1.0: the same as `exact`).
     activation_2by4_fp8 (`bool`, *optional*, defaults to `False`):
         Run the 2:4 FFN's forward and input-gradient GEMMs as row-wise scaled FP8 e4m3 2:4
-        GEMMs (the paper's fast path; sm90 GPUs with cuSPARSELt >= 0.6.2 only).
+        GEMMs (the paper's fast path); needs an sm90 GPU with cuSPARSELt >= 0.6.2 and is
+        refused before anything runs elsewhere.
     loro_scope (`str`, *optional*):
-        `None` (full rank), `"all"`, `"attn"` or `"mlp"`: which decoder linears are low-rank.
-    loro_attn_rank / loro_mlp_rank (`int`, *optional*, defaults to 256):
-        Ranks of the low-rank attention / FFN linears.
+        Which decoder linears are low-rank: null (full rank), `"all"`, `"attn"` or `"mlp"`.
+    loro_attn_rank (`int`, *optional*, defaults to 256):
+        Rank of the low-rank attention linears.
+    loro_mlp_rank (`int`, *optional*, defaults to 256):
+        Rank of the low-rank FFN linears.
     loro_init (`str`, *optional*, defaults to `"xavier"`):
         Factor initialisation: `xavier`, `auto`, `kaiming`, `orth` or `randn_<std>`.
     weight_2by4 (`bool`, *optional*, defaults to `False`):
         Train 2:4 sparse weights from dense masters (see `hf_sparse.model.weight_sparse`).
     weight_2by4_scope (`str`, *optional*, defaults to `"mlp"`):
-        Which decoder linears: `"mlp"` (gate/up/down), `"attn"` (q/k/v/o) or `"all"`.
+        The linears with 2:4 weights: `"mlp"` (gate/up/down), `"attn"` (q/k/v/o) or `"all"`.
     weight_sparse_method (`str`, *optional*, defaults to `"s_ste"`):
-        `"s_ste"` (soft threshold with a fixed per-matrix scale) or `"ste"` (hard top-2).
+        `"s_ste"` (shrunk by the third largest, with a fixed per-matrix scale) or `"ste"`
+        (hard top-2).
     weight_grad_mvue (`bool`, *optional*, defaults to `False`):
         MVUE 2:4 of the output gradient (along tokens) in the weight-gradient GEMM.
     weight_masked_decay (`float`, *optional*, defaults to 0.0):
@@ -99,10 +115,11 @@ class SparseLlamaConfig(LlamaConfig):
     weight_2by4_start_step (`int`, *optional*, defaults to 0):
         Optimizer steps trained with dense weights before the 2:4 weights switch on.
     sparse_dense_finetune_steps (`int`, *optional*, defaults to 0):
-        The last N optimizer steps run with dense weights (and dense activations too with
-        `activation_dense_finetune`). A model with a dense tail runs dense after training.
+        The last N optimizer steps run with dense weights (the dense tail; needs max_steps),
+        and dense activations too with `activation_dense_finetune`. A model with a dense
+        tail runs dense after training.
     activation_dense_finetune (`bool`, *optional*, defaults to `False`):
-        Also run the FFN densely (no 2:4 activations) during that tail.
+        Also run the FFN densely (no 2:4 activations) during the weights' dense tail.
     """
 
     model_type = "sparse_llama"
@@ -147,10 +164,10 @@ class SparseLlamaConfig(LlamaConfig):
         """
         if self.squ_relu not in SQU_RELU_CHOICES:
             raise _choice_error("squ_relu", self.squ_relu, SQU_RELU_CHOICES)
-        if self.activation_sparse_method not in SPARSE_METHOD_CHOICES:
-            raise _choice_error("activation_sparse_method", self.activation_sparse_method, SPARSE_METHOD_CHOICES)
-        if self.activation_backward not in ACTIVATION_BACKWARD_CHOICES:
-            raise _choice_error("activation_backward", self.activation_backward, ACTIVATION_BACKWARD_CHOICES)
+        if self.activation_sparse_method not in SPARSE_METHODS:
+            raise _choice_error("activation_sparse_method", self.activation_sparse_method, SPARSE_METHODS)
+        if self.activation_backward not in BACKWARD_MODES:
+            raise _choice_error("activation_backward", self.activation_backward, BACKWARD_MODES)
         if self.activation_2by4 and self.squ_relu != "relu2":
             raise ValueError(
                 f"activation_2by4=True requires squ_relu='relu2' (got squ_relu={self.squ_relu!r}); "
@@ -184,10 +201,7 @@ class SparseLlamaConfig(LlamaConfig):
                 )
         if self.loro_scope not in LORO_SCOPE_CHOICES:
             raise _choice_error("loro_scope", self.loro_scope, LORO_SCOPE_CHOICES)
-        if not any(
-            self.loro_init == p or (p.endswith("_") and self.loro_init.startswith(p)) for p in LORO_INIT_PREFIXES
-        ):
-            raise _choice_error("loro_init", self.loro_init, ("xavier", "auto", "kaiming", "orth", "randn_<std>"))
+        parse_low_rank_init(self.loro_init)  # raises naming loro_init and its choices
         for key in ("loro_attn_rank", "loro_mlp_rank"):
             if getattr(self, key) <= 0:
                 raise ValueError(f"{key}={getattr(self, key)!r} must be a positive integer.")
@@ -214,8 +228,8 @@ class SparseLlamaConfig(LlamaConfig):
     def _validate_weight_2by4(self):
         if self.weight_2by4_scope not in WEIGHT_2BY4_SCOPE_CHOICES:
             raise _choice_error("weight_2by4_scope", self.weight_2by4_scope, WEIGHT_2BY4_SCOPE_CHOICES)
-        if self.weight_sparse_method not in WEIGHT_SPARSE_METHOD_CHOICES:
-            raise _choice_error("weight_sparse_method", self.weight_sparse_method, WEIGHT_SPARSE_METHOD_CHOICES)
+        if self.weight_sparse_method not in WEIGHT_SPARSE_METHODS:
+            raise _choice_error("weight_sparse_method", self.weight_sparse_method, WEIGHT_SPARSE_METHODS)
         for key in ("weight_2by4_start_step", "sparse_dense_finetune_steps"):
             if getattr(self, key) < 0:
                 raise ValueError(f"{key}={getattr(self, key)!r} must be >= 0.")

@@ -25,13 +25,11 @@ from .lowrank import LowRankLinear
 from .select_2to4 import sparsify_2to4
 
 WEIGHT_SPARSE_METHODS = ("s_ste", "ste")
-WEIGHT_2BY4_SCOPES = ("mlp", "attn", "all")
 # Selection rule of sparse_ffn.sparsify_2to4 behind each method.
 _SELECTION = {"s_ste": "soft_threshold", "ste": "naive"}
 
 __all__ = [
     "WEIGHT_SPARSE_METHODS",
-    "WEIGHT_2BY4_SCOPES",
     "sparse_weight_2to4",
     "weight_2to4_scale",
     "sparse_linear",

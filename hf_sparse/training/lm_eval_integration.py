@@ -30,9 +30,11 @@ from contextlib import contextmanager
 import numpy as np
 import torch
 
+from .. import metric_keys as keys
+
 logger = logging.getLogger(__name__)
 
-METRIC_PREFIX = "lm_eval/"
+METRIC_PREFIX = keys.LM_EVAL + "/"
 EXTRA_NAME = "hf_sparse[eval]"
 MISSING_LM_EVAL = (
     "{key} needs lm-evaluation-harness, which is not installed; install the extra: "

@@ -24,6 +24,7 @@ import torch
 from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LambdaLR
 
+from .. import metric_keys as keys
 from ..model.lowrank import is_low_rank
 from .callbacks.core import _FirstCallback, merge_into_log_row
 
@@ -510,8 +511,8 @@ class LoroCallback(_FirstCallback):
         if logs is None or "loss" not in logs or not isinstance(optimizer, LOROAdamW):
             return
         metrics = {
-            "loro/exact_steps": float(optimizer.num_exact_steps),
-            "loro/last_step_exact": float(optimizer.last_step_was_exact),
+            keys.LORO_EXACT_STEPS: float(optimizer.num_exact_steps),
+            keys.LORO_LAST_STEP_EXACT: float(optimizer.last_step_was_exact),
         }
         merge_into_log_row(state, logs, metrics)
 

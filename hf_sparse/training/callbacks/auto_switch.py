@@ -14,12 +14,13 @@ uninterrupted run did (before or after the switch alike) without extra state to 
 
 import logging
 
+from ... import metric_keys as keys
 from ...model.modeling_sparse_llama import sparse_mlps
 
 logger = logging.getLogger(__name__)
 
-DROP_KEY = "activation_auto_switch/drop"
-SWITCH_STEP_KEY = "activation_switch_step"
+DROP_KEY = keys.AUTO_SWITCH_DROP
+SWITCH_STEP_KEY = keys.SWITCH_STEP
 
 
 def decide_switch_step(log_history: list[dict], max_drop: float, window: int, cap: int) -> int | None:

@@ -7,6 +7,8 @@ import stat
 
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
+from ... import metric_keys as keys
+
 _CHECKPOINT_RE = re.compile(rf"^{PREFIX_CHECKPOINT_DIR}-(\d+)$")
 # The Trainer writes trainer_state.json after the weights, optimizer and RNG states, so a
 # folder with a readable one was written to the end.
@@ -80,7 +82,7 @@ def _latest_eval(log_history: list[dict]) -> dict:
     return rows[-1] if rows else {}
 
 
-LM_EVAL_PREFIX = "lm_eval/"  # the in-loop lm-eval scores: lm_eval/<task>/<metric>
+LM_EVAL_PREFIX = keys.LM_EVAL + "/"  # the in-loop lm-eval scores: lm_eval/<task>/<metric>
 
 
 def latest_lm_eval(log_history: list[dict]) -> tuple[int | None, dict]:
@@ -138,7 +140,7 @@ def _eval_results(metrics: dict, dataset_name: str | None, lm_eval_scores: dict 
         for key, value in sorted((lm_eval_scores or {}).items())
     ]
     dataset = dataset_name or "evaluation split of the training data"
-    wanted = (("eval_loss", "loss", "Eval loss"), ("eval_perplexity", "perplexity", "Perplexity"),
+    wanted = (("eval_loss", "loss", "Eval loss"), (keys.EVAL_PERPLEXITY, "perplexity", "Perplexity"),
               ("eval_accuracy", "accuracy", "Next-token accuracy"))  # fmt: skip
     return [
         EvalResult(

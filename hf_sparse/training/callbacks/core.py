@@ -42,9 +42,11 @@ from transformers.integrations import INTEGRATION_TO_CALLBACK
 from transformers.trainer_callback import CallbackHandler
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, IntervalStrategy
 
+from ... import metric_keys as keys
 from ...model.modeling_sparse_llama import ensure_activation_stats, prepare_2to4_gemms, set_training_step
 from ...model.weight_sparse import next_weight_generation
-from .auto_switch import SWITCH_STEP_KEY, auto_switch_config, update_switch
+from ..evaluation import perplexity
+from .auto_switch import auto_switch_config, update_switch
 from .checkpoints import apply_umask_permissions, enable_cache_in_saved_config, write_model_card
 from .telemetry import snapshot_weight_masks, sparsity_metrics
 
@@ -214,9 +216,8 @@ class EvalPerplexityCallback(_FirstCallback):
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         self._check_order(kwargs)
-        if logs and "eval_loss" in logs and "eval_perplexity" not in logs:
-            loss = float(logs["eval_loss"])
-            merge_into_log_row(state, logs, {"eval_perplexity": math.exp(loss) if loss < 700 else float("inf")})
+        if logs and "eval_loss" in logs and keys.EVAL_PERPLEXITY not in logs:
+            merge_into_log_row(state, logs, {keys.EVAL_PERPLEXITY: perplexity(float(logs["eval_loss"]))})
 
 
 class SparsityCallback(_FirstCallback):
@@ -300,13 +301,13 @@ class SparsityCallback(_FirstCallback):
             pooled_drop=auto is not None,
         )
         if not self.activation_metrics:  # read for the auto switch only
-            metrics = {k: v for k, v in metrics.items() if not k.startswith(("sparsity_relu/", "sparsity_24/"))}
+            metrics = {k: v for k, v in metrics.items() if not keys.in_family(k, *keys.ACTIVATION_FAMILIES)}
         # Plain floats: TensorBoard drops tensors and numpy scalars.
         merge_into_log_row(state, logs, {k: float(v) for k, v in metrics.items() if math.isfinite(v)})
         if auto is not None and auto.activation_switch_step is None:
             switched = update_switch(model, auto, state.log_history, state.global_step)
             if switched is not None:
-                merge_into_log_row(state, logs, {SWITCH_STEP_KEY: switched})
+                merge_into_log_row(state, logs, {keys.SWITCH_STEP: switched})
                 set_training_step(model, state.global_step, state.max_steps)
 
 

@@ -18,6 +18,7 @@ import logging
 import torch
 from transformers import TrainerCallback
 
+from ... import metric_keys as keys
 from ...model.modeling_sparse_llama import STAT_FIRST_NONFINITE_STEP, STAT_NONFINITE, sparse_mlps
 from .core import _FirstCallback, _handlers_calling, _holds, _put_first, merge_into_log_row
 from .checkpoints import last_complete_checkpoint
@@ -72,7 +73,7 @@ class _SkippedStepsLog(_FirstCallback):
     def on_log(self, args, state, control, logs=None, **kwargs):
         self._check_order(kwargs)
         if self.guard.policy == "skip" and logs is not None and "loss" in logs:
-            merge_into_log_row(state, logs, {"numerics/skipped_steps": float(len(self.guard.skipped))})
+            merge_into_log_row(state, logs, {keys.SKIPPED_STEPS: float(len(self.guard.skipped))})
 
 
 class NumericsGuardCallback(TrainerCallback):

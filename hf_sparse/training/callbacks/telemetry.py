@@ -12,6 +12,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from ... import metric_keys as keys
 from ...model.modeling_sparse_llama import (
     NUM_ACTIVATION_STATS,
     STAT_DROPPED_24,
@@ -120,7 +121,7 @@ def _weight_zero_counts(model: nn.Module):
             weight = tensors[attr]
             if hasattr(weight, "to_local"):
                 weight = weight.to_local()
-            names.append(f"weight_sparsity/{key}{_FACTOR_SUFFIX[attr]}")
+            names.append(f"{keys.WEIGHT_ZEROS}/{key}{_FACTOR_SUFFIX[attr]}")
             zeros.append(weight.numel() - count_nonzero(weight))
             numels.append(weight.numel())
     return names, zeros, numels
@@ -151,7 +152,7 @@ def _current_masks(model: nn.Module):
         if not _sparse_full(linear, factors, key):
             continue
         for attr, mask in linear.weight_masks().items():
-            yield f"flip_rate/{key}{_FACTOR_SUFFIX[attr]}", linear, attr, _pack_bits(mask), mask.numel()
+            yield f"{keys.FLIP_RATE}/{key}{_FACTOR_SUFFIX[attr]}", linear, attr, _pack_bits(mask), mask.numel()
 
 
 def _store_mask(linear: nn.Module, attr: str, packed: torch.Tensor) -> None:
@@ -230,30 +231,15 @@ def sparsity_metrics(
     if not mlps:
         return {}
     device = next((p.device for p in model.parameters()), torch.device("cpu"))
-    parts, layout = [], []  # layout: (kind, key, n_rows)
-
-    if activations:
-        for layer_idx, mlp in mlps:
-            if mlp.squ_relu == "silu":
-                continue
-            stats = mlp.activation_stats
-            if stats is None:
-                stats = torch.zeros(NUM_ACTIVATION_STATS, dtype=torch.float64, device=device)
-            parts.append(stats.to(device))
-            layout.append(("activation", layer_idx, mlp.config.activation_2by4))
+    layout = _activation_layout(mlps) if activations else []
+    parts = [_activation_stats(mlp, device) for _, mlp, _ in layout]
     # Weight zeros and flip counts: one count per name, then the element counts, on device
     # too so that FSDP shards of different sizes pool correctly across ranks.
     count_names, counts, numels = [], [], []
-    if weights:
-        names, zeros, sizes = _weight_zero_counts(model)
-        count_names += names
-        counts += zeros
-        numels += sizes
-    if flip_rate:
-        names, changed, sizes = _flip_counts(model, update=reset)
-        count_names += names
-        counts += changed
-        numels += sizes
+    for wanted, read in ((weights, _weight_zero_counts), (flip_rate, lambda m: _flip_counts(m, update=reset))):
+        if wanted:
+            names, found, sizes = read(model)
+            count_names, counts, numels = count_names + names, counts + found, numels + sizes
     if counts:
         parts.append(torch.stack([c.to(device=device, dtype=torch.float64) for c in counts]))
         # Fills, not torch.tensor(list): a host->GPU copy of a list synchronises the stream.
@@ -271,49 +257,73 @@ def sparsity_metrics(
             if mlp.activation_stats is not None:
                 mlp.activation_stats[list(WINDOW_STATS)] = 0  # the guard owns the rest
 
+    offset = len(layout) * NUM_ACTIVATION_STATS
+    metrics = _activation_metrics(values[:offset], layout, pooled_drop)
+    metrics.update(_count_metrics(count_names, values[offset:]))
+    return metrics
+
+
+def _activation_layout(mlps) -> list:
+    """(layer_idx, mlp, has_2by4) of the MLPs with a ReLU/ReLU² activation to count."""
+    return [(idx, mlp, mlp.config.activation_2by4) for idx, mlp in mlps if mlp.squ_relu != "silu"]
+
+
+def _activation_stats(mlp, device) -> torch.Tensor:
+    stats = mlp.activation_stats
+    if stats is None:  # no training forward yet
+        return torch.zeros(NUM_ACTIVATION_STATS, dtype=torch.float64, device=device)
+    return stats.to(device)
+
+
+def _activation_metrics(values: list, layout: list, pooled_drop: bool) -> dict[str, float]:
+    """The activation metrics from the pooled stats of the layers in `layout`, one
+    `NUM_ACTIVATION_STATS` row each."""
     metrics: dict[str, float] = {}
-    relu_fracs, drop_fracs, offset = [], [], 0
+    relu_fracs, drop_fracs, l1_terms = [], [], []
     all_dropped = all_nonzeros = 0.0
-    l1_terms = []
-    for _, layer_idx, has_2by4 in layout:
-        zeros, total, dropped = (values[offset + k] for k in (STAT_ZEROS, STAT_TOTAL, STAT_DROPPED_24))
-        l1_sum, forwards = values[offset + STAT_L1], values[offset + STAT_FORWARDS]
-        offset += NUM_ACTIVATION_STATS
-        if forwards > 0:
-            l1_terms.append(l1_sum / forwards)  # this layer's mean term per training forward
+    for row, (layer_idx, _, has_2by4) in enumerate(layout):
+        stats = values[row * NUM_ACTIVATION_STATS : (row + 1) * NUM_ACTIVATION_STATS]
+        zeros, total, dropped = stats[STAT_ZEROS], stats[STAT_TOTAL], stats[STAT_DROPPED_24]
+        if stats[STAT_FORWARDS] > 0:
+            l1_terms.append(stats[STAT_L1] / stats[STAT_FORWARDS])  # this layer's mean term per training forward
         if total <= 0:  # no training forward in this window (e.g. an eval-only log row)
             continue
         relu_fracs.append(zeros / total)
-        metrics[f"sparsity_relu/layer_{layer_idx}"] = relu_fracs[-1]
+        metrics[keys.layer_key(keys.ACTIVATION_ZEROS, layer_idx)] = relu_fracs[-1]
         if has_2by4:
             nonzeros = total - zeros
             drop_fracs.append(dropped / nonzeros if nonzeros > 0 else 0.0)
-            metrics[f"sparsity_24/layer_{layer_idx}"] = drop_fracs[-1]
+            metrics[keys.layer_key(keys.DROP_24, layer_idx)] = drop_fracs[-1]
             all_dropped += dropped
             all_nonzeros += nonzeros
     if l1_terms:
         # What activation_l1 added to the loss per forward (all layers), pooled over ranks.
-        metrics["activation_l1/loss"] = sum(l1_terms)
+        metrics[keys.ACTIVATION_L1_LOSS] = sum(l1_terms)
     if pooled_drop and drop_fracs:
-        metrics["activation_auto_switch/drop"] = all_dropped / all_nonzeros if all_nonzeros > 0 else 0.0
+        metrics[keys.AUTO_SWITCH_DROP] = all_dropped / all_nonzeros if all_nonzeros > 0 else 0.0
     if relu_fracs:
-        metrics["sparsity_relu/mean_across_layers"] = sum(relu_fracs) / len(relu_fracs)
+        metrics[keys.mean_key(keys.ACTIVATION_ZEROS)] = sum(relu_fracs) / len(relu_fracs)
     if drop_fracs:
-        metrics["sparsity_24/mean_across_layers"] = sum(drop_fracs) / len(drop_fracs)
+        metrics[keys.mean_key(keys.DROP_24)] = sum(drop_fracs) / len(drop_fracs)
+    return metrics
 
+
+def _count_metrics(count_names: list, values: list) -> dict[str, float]:
+    """Weight-zero and flip fractions from the pooled counts (one per name, then one
+    element count per name), and the flip-rate summaries."""
     n = len(count_names)
-    count_values, totals = values[offset : offset + n], values[offset + n : offset + 2 * n]
+    metrics: dict[str, float] = {}
     flips, flipped, flip_entries = [], 0.0, 0.0
-    for name, count, total in zip(count_names, count_values, totals):
+    for name, count, total in zip(count_names, values[:n], values[n : 2 * n]):
         metrics[name] = count / total if total > 0 else 0.0
-        if name.startswith("flip_rate/"):
+        if keys.in_family(name, keys.FLIP_RATE):
             flips.append(metrics[name])
             flipped += count
             flip_entries += total
     if flips:
-        metrics["flip_rate/mean"] = sum(flips) / len(flips)
-        metrics["flip_rate/max"] = max(flips)
-        metrics["flip_rate/total"] = flipped / flip_entries if flip_entries > 0 else 0.0
+        metrics[keys.FLIP_RATE_MEAN] = sum(flips) / len(flips)
+        metrics[keys.FLIP_RATE_MAX] = max(flips)
+        metrics[keys.FLIP_RATE_TOTAL] = flipped / flip_entries if flip_entries > 0 else 0.0
     return metrics
 
 

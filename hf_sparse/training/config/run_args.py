@@ -3,6 +3,9 @@ activations, weight 2:4, low rank, script; data keys in `data_args`), the origin
 research flags accepted as aliases, and the parsed `RunConfig`.
 """
 
+import dataclasses
+import re
+import typing
 from dataclasses import dataclass, field
 
 from transformers import TrainingArguments
@@ -20,92 +23,83 @@ class LaunchError(ConfigError):
     machine without one, ...). Every rank finds the same, so only rank 0 reports it."""
 
 
-# The model keys come in one dataclass per `train_hf.py --help` section: the help is
-# generated from the classes (docstring, fields, help metadata), so a key appears there by
-# being declared. Every model key defaults to None: absent, it keeps the model JSON's value.
-def _model_key(help_text: str):
-    return field(default=None, metadata={"help": help_text})
+# The model keys of the run JSON are SparseLlamaConfig's fields: each one's type, default
+# and help come from the config class (its annotation, default and docstring entry), and
+# only the `--help` section a key sits in is said here. A run key defaults to None: absent,
+# it keeps the model JSON's value (--help shows SparseLlamaConfig's default).
+MODEL_KEY_SECTIONS = (
+    ("ModelArguments", "A model JSON, and the FFN type that overrides it.", ("squ_relu", "nongated_intermediate_size")),
+    (
+        "ActivationSparsityArguments",
+        "2:4 sparsity of the ReLU² activations (Haziza et al., arXiv 2503.16672).",
+        (
+            "activation_2by4", "activation_sparse_method", "activation_dense_warmup_steps", "activation_auto_switch",
+            "activation_auto_switch_max_drop", "activation_auto_switch_window", "activation_l1", "permute_2by4",
+            "activation_backward", "activation_dense_features", "activation_2by4_fp8",
+        ),
+    ),
+    (
+        "WeightSparsityArguments",
+        "2:4 sparse weights trained from dense masters (S-STE).",
+        (
+            "weight_2by4", "weight_2by4_scope", "weight_sparse_method", "weight_grad_mvue", "weight_masked_decay",
+            "weight_2by4_start_step", "sparse_dense_finetune_steps", "activation_dense_finetune",
+        ),
+    ),
+    (
+        "LowRankArguments",
+        "Low-rank (LORO) linears, W = weight_out · weight_inᵀ; train with optimizer loro_adamw.",
+        ("loro_scope", "loro_attn_rank", "loro_mlp_rank", "loro_init"),
+    ),
+)  # fmt: skip
+
+# SparseLlamaConfig fields the run sets, not the run JSON.
+MODEL_FIELDS_SET_BY_THE_RUN = ("activation_switch_step", "permute_2by4_seed")
+
+# A docstring entry of a config field: `name (`type`, ...):`, then its indented description.
+_FIELD_DOC_HEAD = re.compile(r"^    (\w+) \(`[^`]+`.*\):$")
 
 
-@dataclass
-class ModelArguments:
-    """A model JSON, and the FFN type that overrides it."""
-
-    model_config: str = _model_key(
-        "Model JSON (configs/llama_*.json, or the original research code's LLaMA JSON unchanged)."
-    )
-    squ_relu: str | None = _model_key(
-        "FFN activation: silu (gated SwiGLU) | relu | relu2 (Squared-ReLU; relu and relu2 are non-gated, "
-        "down(act(up(x))))."
-    )
-    nongated_intermediate_size: int | None = _model_key(
-        "Non-gated FFN width (null: 1.5 x intermediate_size rounded up to a multiple of 64)."
-    )
-
-
-@dataclass
-class ActivationSparsityArguments:
-    """2:4 sparsity of the ReLU² activations (Haziza et al., arXiv 2503.16672)."""
-
-    activation_2by4: bool | None = _model_key("2:4-sparsify the ReLU² output before down_proj (needs squ_relu relu2).")
-    activation_sparse_method: str | None = _model_key(
-        "naive (keep the 2 largest of each 4; the paper's) | mvue (unbiased stochastic) | soft_threshold (S-STE)."
-    )
-    activation_dense_warmup_steps: int | None = _model_key(
-        "Optimizer steps trained densely before the 2:4 activations switch on (with activation_auto_switch: "
-        "the most allowed)."
-    )
-    activation_auto_switch: bool | None = _model_key(
-        "Switch to 2:4 once the would-drop fraction (pooled over layers and ranks) stays below "
-        "activation_auto_switch_max_drop for activation_auto_switch_window training log rows."
-    )
-    activation_auto_switch_max_drop: float | None = _model_key(
-        "The auto switch's threshold: fraction of non-zero activations 2:4 would drop, in (0, 1]."
-    )
-    activation_auto_switch_window: int | None = _model_key("Consecutive training log rows below the threshold.")
-    activation_l1: float | None = _model_key(
-        "λ of an L1 penalty λ·mean(act) per MLP added to the training loss (relu/relu2; with 2:4 on, on the "
-        "2:4 activation); logged as activation_l1/loss."
-    )
-    permute_2by4: bool | None = _model_key("Fixed token permutation for the backward 2:4 (drawn from the seed).")
-    activation_backward: str | None = _model_key(
-        "split_gemm (the paper's) | naive (feature-wise 2:4 on all features) | exact (gradient of the masked forward)."
-    )
-    activation_dense_features: float | None = _model_key(
-        "split_gemm: fraction of the densest features kept in a dense GEMM (1.0: same as exact)."
-    )
-    activation_2by4_fp8: bool | None = _model_key(
-        "Forward and input-gradient 2:4 GEMMs in row-wise FP8 e4m3 (the paper's fast path); needs an sm90 "
-        "GPU with cuSPARSELt >= 0.6.2 and is refused before anything runs elsewhere."
-    )
+def config_field_docs(config_class=SparseLlamaConfig) -> dict[str, str]:
+    """Each field documented in `config_class`'s docstring (transformers' format) -> its
+    description on one line, without the Markdown code marks."""
+    docs, name, lines = {}, None, []
+    for line in (config_class.__doc__ or "").splitlines() + [""]:
+        head = _FIELD_DOC_HEAD.match(line)
+        if head or (name and not line.startswith("        ")):
+            if name:
+                docs[name] = " ".join(" ".join(lines).split()).replace("`", "")
+            name, lines = (head.group(1) if head else None), []
+        elif name:
+            lines.append(line)
+    return docs
 
 
-@dataclass
-class WeightSparsityArguments:
-    """2:4 sparse weights trained from dense masters (S-STE)."""
-
-    weight_2by4: bool | None = _model_key("2:4 sparse weights from dense masters.")
-    weight_2by4_scope: str | None = _model_key("mlp | attn | all: the linears with 2:4 weights.")
-    weight_sparse_method: str | None = _model_key("s_ste (shrunk by the third largest, scaled) | ste")
-    weight_grad_mvue: bool | None = _model_key("MVUE 2:4 output gradient in dW.")
-    weight_masked_decay: float | None = _model_key("Masked decay lambda (0: off).")
-    weight_2by4_start_step: int | None = _model_key("Optimizer steps trained densely before the 2:4 weights.")
-    sparse_dense_finetune_steps: int | None = _model_key(
-        "The last N optimizer steps train dense again (the dense tail; needs max_steps)."
-    )
-    activation_dense_finetune: bool | None = _model_key("Dense activations too during the dense tail.")
+def _run_key_type(annotation):
+    """A config field's annotation as a run key's: None allowed (absent keeps the model
+    JSON's value), and `float | int` (a strict-dataclass way to accept 0) as float."""
+    members = set(typing.get_args(annotation)) or {annotation}
+    if float in members:
+        members.discard(int)
+    members.discard(type(None))
+    (member,) = members
+    return member | None
 
 
-@dataclass
-class LowRankArguments:
-    """Low-rank (LORO) linears, W = weight_out · weight_inᵀ; train with optimizer loro_adamw."""
+def _model_argument_class(name: str, doc: str, keys: tuple) -> type:
+    # The class's own annotations (real types; get_type_hints would also resolve the parent's
+    # string annotations, which name modules this file does not import).
+    hints, docs = SparseLlamaConfig.__annotations__, config_field_docs()
+    fields = [(key, _run_key_type(hints[key]), field(default=None, metadata={"help": docs[key]})) for key in keys]
+    if name == "ModelArguments":
+        help_text = "Model JSON (configs/llama_*.json, or the original research code's LLaMA JSON unchanged)."
+        fields.insert(0, ("model_config", str, field(default=None, metadata={"help": help_text})))
+    return dataclasses.make_dataclass(name, fields, namespace={"__doc__": doc, "__module__": __name__})
 
-    loro_scope: str | None = _model_key("null (full rank) | all | attn | mlp: the decoder linears factorised.")
-    loro_attn_rank: int | None = _model_key("Rank of the low-rank attention linears.")
-    loro_mlp_rank: int | None = _model_key("Rank of the low-rank FFN linears.")
-    loro_init: str | None = _model_key("xavier | auto | kaiming | orth | randn_<std>")
 
-
+ModelArguments, ActivationSparsityArguments, WeightSparsityArguments, LowRankArguments = (
+    _model_argument_class(*section) for section in MODEL_KEY_SECTIONS
+)
 MODEL_ARGUMENT_CLASSES = (ModelArguments, ActivationSparsityArguments, WeightSparsityArguments, LowRankArguments)
 
 
