@@ -102,3 +102,23 @@ def test_a_saved_config_with_the_record_is_still_a_model_json(monkeypatch, tmp_p
     config.save_pretrained(tmp_path)
     loaded = load_model_config(str(tmp_path / "config.json"), {})
     assert not hasattr(loaded, "hf_sparse_environment")
+
+
+@pytest.mark.parametrize(
+    "name, value, message",
+    [
+        ("HF_SPARSE_2TO4_GEMMS", "fastest", r"HF_SPARSE_2TO4_GEMMS='fastest' is not valid; choose one of 'auto'"),
+        ("HF_SPARSE_DISABLE_2TO4_KERNEL", "maybe", r"HF_SPARSE_DISABLE_2TO4_KERNEL='maybe' is not valid; use one of"),
+        ("HF_SPARSE_TUNE_SECONDS", "a minute", r"HF_SPARSE_TUNE_SECONDS='a minute' is not valid"),
+    ],
+)
+def test_train_hf_refuses_a_bad_switch_before_anything_is_built(tmp_path, monkeypatch, capsys, name, value, message):
+    """A bad value is one line naming the switch at parse time (not a traceback at the first
+    forward, after the data and the model were built)."""
+    from tests.conftest import assert_one_line_error, run_train_hf_script
+    from tests.test_train_hf import _write_config
+
+    monkeypatch.setenv(name, value)
+    code = run_train_hf_script(monkeypatch, _write_config(tmp_path))
+    assert_one_line_error(code, capsys, message)
+    assert not (tmp_path / "run").exists()

@@ -95,10 +95,17 @@ def env_value(name: str):
     return raw  # a path, as given
 
 
+def check_environment() -> None:
+    """Parse every knob set in this process's environment now: a run refuses a bad value
+    before anything is built (the model would otherwise meet it at its first forward)."""
+    for name in KNOBS:
+        env_value(name)
+
+
 def code_selecting_settings() -> dict[str, str]:
     """The knobs that change which code computes the forward and are set in this process
     (name -> value as given), to be recorded with a run."""
     return {name: os.environ[name] for name, knob in KNOBS.items() if knob.selects_code and os.environ.get(name)}
 
 
-__all__ = ["KNOBS", "Knob", "env_value", "code_selecting_settings"]
+__all__ = ["KNOBS", "Knob", "env_value", "check_environment", "code_selecting_settings"]

@@ -18,6 +18,7 @@ from transformers import HfArgumentParser
 from transformers.trainer_utils import HubStrategy
 
 from ...model.configuration_sparse_llama import SparseLlamaConfig
+from ...model.env_knobs import check_environment
 from .cli_help import USAGE
 from .config_checks import (
     check_attention_heads,
@@ -321,6 +322,10 @@ def parse_run_config(argv: list[str]) -> RunConfig:
     if isinstance(data.get("lm_eval_tasks"), str):  # --lm_eval_tasks hellaswag,arc_easy
         data["lm_eval_tasks"] = [name.strip() for name in data["lm_eval_tasks"].split(",") if name.strip()]
     check_keys_and_types(data)
+    try:
+        check_environment()  # the HF_SPARSE_* switches, before anything is built
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
     check_trainer_values(data)
     # Before TrainingArguments: building them already sets up accelerate's distributed state.
     check_launch_environment(data)
