@@ -10,6 +10,9 @@ the names are the public contract of DESIGN.md (the research script's wandb keys
 ACTIVATION_ZEROS = "sparsity_relu"
 # Fraction of non-zero activations the 2:4 rule drops (or, while dense, would drop).
 DROP_24 = "sparsity_24"
+# Fraction of non-zero activations that keeping the N largest of each M consecutive features
+# would drop: sparsity_nm/<N>:<M>/layer_{i} and sparsity_nm/<N>:<M>/mean_across_layers.
+NM_DROP = "sparsity_nm"
 # Exact-zero fraction of the weights the forward uses: weight_sparsity/layer_{i}/<matrix>.
 WEIGHT_ZEROS = "weight_sparsity"
 # 2:4 weight-mask flip rate: flip_rate/layer_{i}/<matrix>, and the summaries below.
@@ -21,8 +24,12 @@ FLIP_RATE_TOTAL = "flip_rate/total"
 ACTIVATION_L1_LOSS = "activation_l1/loss"
 # The 2:4 drop pooled over layers and ranks: what the auto switch reads.
 AUTO_SWITCH_DROP = "activation_auto_switch/drop"
-# The optimizer step at which the auto switch turned 2:4 activations on (logged once).
+# The optimizer step at which the auto switch turned 2:4 activations on (logged once), and
+# why: "threshold" or "cap" (a string: TensorBoard keeps it as text).
 SWITCH_STEP = "activation_switch_step"
+SWITCH_REASON = "activation_switch_reason"
+# The optimizer step from which the FFN ran dense again (activation_dense_tail_steps).
+DENSE_TAIL_STEP = "activation_dense_tail_step"
 # Added to each evaluation row: exp(eval_loss).
 EVAL_PERPLEXITY = "eval_perplexity"
 # Steps the non-finite guard skipped (nonfinite_policy "skip").
@@ -35,7 +42,7 @@ LORO_LAST_STEP_EXACT = "loro/last_step_exact"
 
 MEAN_ACROSS_LAYERS = "mean_across_layers"
 # The per-layer activation families the activation-metrics switch covers.
-ACTIVATION_FAMILIES = (ACTIVATION_ZEROS, DROP_24)
+ACTIVATION_FAMILIES = (ACTIVATION_ZEROS, DROP_24, NM_DROP)
 
 
 def layer_key(family: str, layer_idx: int) -> str:
@@ -46,6 +53,11 @@ def layer_key(family: str, layer_idx: int) -> str:
 def mean_key(family: str) -> str:
     """`<family>/mean_across_layers`."""
     return f"{family}/{MEAN_ACROSS_LAYERS}"
+
+
+def nm_family(n: int, m: int) -> str:
+    """`sparsity_nm/<N>:<M>`: the family of one N:M pattern's would-drop fractions."""
+    return f"{NM_DROP}/{n}:{m}"
 
 
 def in_family(key: str, *families: str) -> bool:

@@ -23,6 +23,8 @@ HEATMAP_NAME = "sparsity_relu_heatmap.png"
 CURVES_NAME = "sparsity_over_steps.png"
 FLIP_RATE_NAME = "flip_rate.png"
 _LAYER_KEY = re.compile(rf"^{re.escape(keys.ACTIVATION_ZEROS)}/layer_(\d+)$")
+# sparsity_nm/<N>:<M>/mean_across_layers -> the pattern "<N>:<M>"
+_NM_MEAN_KEY = re.compile(rf"^{re.escape(keys.NM_DROP)}/(\d+:\d+)/{keys.MEAN_ACROSS_LAYERS}$")
 # The heatmap has at most this many step columns (longer runs are averaged into bins), so
 # its size does not grow with the number of log rows.
 MAX_HEATMAP_COLUMNS = 300
@@ -57,6 +59,8 @@ def sparsity_series(history: list[dict]) -> dict:
     """Steps, the per-layer ReLU² sparsity matrix and the mean curves, from training rows."""
     rows = [row for row in history if any(_LAYER_KEY.match(k) for k in row)]
     layers = sorted({int(m.group(1)) for row in rows for k in row if (m := _LAYER_KEY.match(k))})
+    found = {m.group(1) for row in rows for k in row if (m := _NM_MEAN_KEY.match(k))}
+    patterns = sorted(found, key=lambda pattern: int(pattern.split(":")[1]))  # 4:8 before 8:16
     nan = float("nan")
     return {
         "steps": [row.get("step") for row in rows],
@@ -68,6 +72,12 @@ def sparsity_series(history: list[dict]) -> dict:
         # What activation_auto_switch reads (pooled over layers and ranks), where logged.
         "pooled_drop": [row.get(keys.AUTO_SWITCH_DROP, nan) for row in rows],
         "has_pooled": any(keys.AUTO_SWITCH_DROP in row for row in rows),
+        # The N:M patterns' would-drop means (sparsity_nm/<N>:<M>/...), by pattern.
+        "drop_nm": {
+            pattern: [row.get(keys.mean_key(f"{keys.NM_DROP}/{pattern}"), nan) for row in rows] for pattern in patterns
+        },  # fmt: skip
+        # Why the auto switch switched ("threshold" / "cap"), from the row that logged it.
+        "switch_reason": next((row[keys.SWITCH_REASON] for row in history if keys.SWITCH_REASON in row), None),
     }
 
 
@@ -108,31 +118,40 @@ def write_report(run_dir: str) -> dict:
     summary = [f"run: {os.path.abspath(run_dir)}"]
     heatmap = curves = flip_png = None
     if series["steps"]:
-        switch = _dense_to_sparse_step(run_dir)
-        heatmap, curves = _plot_activation_sparsity(plt, run_dir, series, summary, switch)
+        phases = {"switch": _dense_to_sparse_step(run_dir), "tail": _dense_tail_step(run_dir)}
+        heatmap, curves = _plot_activation_sparsity(plt, run_dir, series, summary, phases)
     if flips["steps"]:
         flip_png = _plot_flip_rate(plt, run_dir, flips, summary)
     return {"heatmap": heatmap, "curves": curves, "flip_rate": flip_png, "summary": "\n".join(summary)}
 
 
-def _auto_switch_threshold(run_dir: str):
-    """activation_auto_switch_max_drop from RUN_DIR/config.json, or None."""
+def _model_config(run_dir: str) -> dict:
+    """RUN_DIR/config.json, or {} when it is missing or unreadable (the plots then mark no phase)."""
     try:
         with open(os.path.join(run_dir, "config.json"), encoding="utf-8") as handle:
             config = json.load(handle)
     except (OSError, json.JSONDecodeError):
-        return None
+        return {}
+    return config if isinstance(config, dict) else {}
+
+
+def _auto_switch_threshold(run_dir: str):
+    """activation_auto_switch_max_drop from RUN_DIR/config.json, or None."""
+    config = _model_config(run_dir)
     return config.get("activation_auto_switch_max_drop") if config.get("activation_auto_switch") else None
+
+
+def _dense_tail_step(run_dir: str):
+    """The optimizer step from which the FFN ran dense again (activation_dense_tail_steps),
+    from RUN_DIR/config.json; None when the run had no activation dense tail (or not yet)."""
+    step = _model_config(run_dir).get(keys.DENSE_TAIL_STEP)
+    return None if step is None else int(step)
 
 
 def _dense_to_sparse_step(run_dir: str):
     """The 2:4 run's dense warm-up length from RUN_DIR/config.json (the auto switch's step
     when it switched), or None (no 2:4)."""
-    try:
-        with open(os.path.join(run_dir, "config.json"), encoding="utf-8") as handle:
-            config = json.load(handle)
-    except (OSError, json.JSONDecodeError):
-        return None
+    config = _model_config(run_dir)
     if not config.get("activation_2by4"):
         return None
     warmup = int(config.get("activation_dense_warmup_steps", 0))
@@ -168,12 +187,22 @@ def layer_ticks(layers: list) -> tuple[list, list]:
     return positions, [str(layers[i]) for i in positions]
 
 
-def _plot_activation_sparsity(plt, run_dir: str, series: dict, summary: list, switch) -> tuple[str, str]:
+def _plot_activation_sparsity(plt, run_dir: str, series: dict, summary: list, phases: dict) -> tuple[str, str]:
     """The layer x step heatmap and the mean curves; appends their summary lines.
 
-    Both figures have a fixed size whatever the number of log rows; `switch` (the dense
-    warm-up length of a 2:4 run) shades the warm-up and marks the dense->sparse step.
+    Both figures have a fixed size whatever the number of log rows. `phases["switch"]` (the
+    dense warm-up length of a 2:4 run) shades the warm-up and marks the dense->sparse step;
+    `phases["tail"]` (the activation dense tail's first step) marks the sparse->dense step
+    and shades the tail.
     """
+    heatmap = _plot_heatmap(plt, run_dir, series, phases)
+    curves = _plot_curves(plt, run_dir, series, phases)
+    _summarise_activations(series, phases, summary)
+    summary += [f"heatmap: {heatmap}", f"curves:  {curves}"]
+    return heatmap, curves
+
+
+def _plot_heatmap(plt, run_dir: str, series: dict, phases: dict) -> str:
     steps = series["steps"]
     layers = series["layers"]
     edges, matrix = _binned(steps, series["per_layer"], MAX_HEATMAP_COLUMNS)
@@ -184,8 +213,11 @@ def _plot_activation_sparsity(plt, run_dir: str, series: dict, summary: list, sw
     positions, labels = layer_ticks(layers)
     ax.set_yticks(positions)
     ax.set_yticklabels(labels)
-    if switch is not None and edges[0] < switch < edges[-1]:
-        ax.axvline(switch, color="white", linestyle="--", linewidth=1.2, label=f"2:4 on (step {switch})")
+    marks = ((phases["switch"], "--", "2:4 on"), (phases["tail"], ":", "dense again"))
+    marks = [(step, style, what) for step, style, what in marks if step is not None and edges[0] < step < edges[-1]]
+    for step, style, what in marks:
+        ax.axvline(step, color="white", linestyle=style, linewidth=1.2, label=f"{what} (step {step})")
+    if marks:
         ax.legend(loc="upper right", fontsize="small")
     ax.set_xlabel("optimizer step")
     ax.set_ylabel("layer")
@@ -194,12 +226,18 @@ def _plot_activation_sparsity(plt, run_dir: str, series: dict, summary: list, sw
     heatmap = os.path.join(run_dir, HEATMAP_NAME)
     fig.savefig(heatmap, dpi=100)
     plt.close(fig)
+    return heatmap
 
+
+def _plot_curves(plt, run_dir: str, series: dict, phases: dict) -> str:
+    steps, switch, tail = series["steps"], phases["switch"], phases["tail"]
     fig, ax = plt.subplots(figsize=(7, 4))
     marker = "." if len(steps) <= 200 else None  # markers turn a long run into a smear
     ax.plot(steps, series["mean"], marker=marker, label="mean ReLU² sparsity")
     if series["has_24"]:
         ax.plot(steps, series["drop_24"], marker=marker, label="2:4 drop rate (of non-zeros)")
+    for pattern, values in series["drop_nm"].items():
+        ax.plot(steps, values, marker=marker, linestyle="--", label=f"{pattern} would-drop rate (of non-zeros)")
     if series["has_pooled"]:
         ax.plot(steps, series["pooled_drop"], marker=marker, label="2:4 drop rate, pooled (auto switch)")
         threshold = _auto_switch_threshold(run_dir)
@@ -209,7 +247,12 @@ def _plot_activation_sparsity(plt, run_dir: str, series: dict, summary: list, sw
         # During the warm-up the 2:4 rate is what the mask *would* drop: nothing is dropped yet.
         ax.axvspan(steps[0], min(switch, steps[-1]), color="grey", alpha=0.15, label="dense warm-up (would drop)")
         if switch <= steps[-1]:
-            ax.axvline(switch, color="black", linestyle="--", linewidth=1, label=f"2:4 on (step {switch})")
+            reason = f", {series['switch_reason']}" if series["switch_reason"] else ""
+            ax.axvline(switch, color="black", linestyle="--", linewidth=1, label=f"2:4 on (step {switch}{reason})")
+    if tail is not None and tail <= steps[-1]:
+        # The tail runs dense again: the 2:4 rate there is again what the mask *would* drop.
+        ax.axvspan(max(tail, steps[0]), steps[-1], color="tan", alpha=0.2, label="dense tail (would drop)")
+        ax.axvline(tail, color="brown", linestyle=":", linewidth=1, label=f"dense again (step {tail})")
     ax.set_xlabel("optimizer step")
     ax.set_ylabel("fraction")
     ax.set_title("ReLU² sparsity and 2:4 drop rate, mean over layers" if series["has_24"] else
@@ -220,7 +263,11 @@ def _plot_activation_sparsity(plt, run_dir: str, series: dict, summary: list, sw
     curves = os.path.join(run_dir, CURVES_NAME)
     fig.savefig(curves, dpi=100)
     plt.close(fig)
+    return curves
 
+
+def _summarise_activations(series: dict, phases: dict, summary: list) -> None:
+    steps = series["steps"]
     last = {i: series["per_layer"][n][-1] for n, i in enumerate(series["layers"])}
     summary += [
         f"logging steps with sparsity: {len(steps)} (step {steps[0]} .. {steps[-1]})",
@@ -229,8 +276,13 @@ def _plot_activation_sparsity(plt, run_dir: str, series: dict, summary: list, sw
     ]
     if series["has_24"]:
         summary.append(f"2:4 drop rate: last {series['drop_24'][-1]:.4f}")
-    summary += [f"heatmap: {heatmap}", f"curves:  {curves}"]
-    return heatmap, curves
+    for pattern, values in series["drop_nm"].items():
+        summary.append(f"{pattern} would-drop rate: last {values[-1]:.4f}")
+    if phases["switch"] is not None:
+        reason = f" (auto switch: {series['switch_reason']})" if series["switch_reason"] else ""
+        summary.append(f"2:4 activations from step {phases['switch']}{reason}")
+    if phases["tail"] is not None:
+        summary.append(f"dense again from step {phases['tail']} (activation dense tail)")
 
 
 def _plot_flip_rate(plt, run_dir: str, flips: dict, summary: list) -> str:

@@ -274,8 +274,10 @@ def test_metric_names_are_spelled_only_in_metric_keys():
     names = {v for k, v in vars(metric_keys).items() if k.isupper() and isinstance(v, str)}
     names.discard(metric_keys.MEAN_ACROSS_LAYERS)
     # Bare words that also name other things: the flip_rate run key, the lm_eval package, the
-    # config field the switch step is saved in. Their metric forms (with a "/") still count.
-    also_other_things = {metric_keys.FLIP_RATE, metric_keys.LM_EVAL, metric_keys.SWITCH_STEP}
+    # config fields the switch and tail steps are saved in. Their metric forms (with a "/")
+    # still count.
+    also_other_things = {metric_keys.FLIP_RATE, metric_keys.LM_EVAL, metric_keys.SWITCH_STEP,
+                         metric_keys.DENSE_TAIL_STEP}  # fmt: skip
     sources = glob.glob(os.path.join(PACKAGE, "**", "*.py"), recursive=True)
     spelled = {}
     for path in sources:

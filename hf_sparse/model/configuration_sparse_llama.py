@@ -70,6 +70,13 @@ class SparseLlamaConfig(LlamaConfig):
     activation_switch_step (`int`, *optional*):
         Set by the auto switch (not a run key): the optimizer step at which 2:4 activations
         started.
+    activation_dense_tail_steps (`int`, *optional*, defaults to 0):
+        The last N optimizer steps run the FFN densely again (exact dense ReLU², no mask;
+        needs max_steps), whatever the weights do; the telemetry still reports what 2:4
+        would drop. A model with an activation dense tail runs dense after training.
+    activation_dense_tail_step (`int`, *optional*):
+        Set by the run (not a run key) once the activation dense tail began: the optimizer
+        step from which the FFN ran dense again.
     activation_l1 (`float`, *optional*, defaults to 0.0):
         λ of an L1 penalty on the FFN activations: in training the loss gains λ·mean(a) for
         every MLP, a = the activation that reaches down_proj (`relu`/`relu2`, 2:4-sparsified
@@ -133,6 +140,8 @@ class SparseLlamaConfig(LlamaConfig):
     activation_auto_switch_max_drop: float | int = 0.12
     activation_auto_switch_window: int = 2
     activation_switch_step: int | None = None
+    activation_dense_tail_steps: int = 0
+    activation_dense_tail_step: int | None = None
     activation_l1: float | int = 0.0
     permute_2by4: bool = True
     permute_2by4_seed: int = 0
@@ -185,6 +194,12 @@ class SparseLlamaConfig(LlamaConfig):
             raise ValueError(f"activation_l1={self.activation_l1!r} must be >= 0.")
         if self.activation_l1 and self.squ_relu not in ("relu", "relu2"):
             raise ValueError(f"activation_l1 needs squ_relu 'relu' or 'relu2' (got {self.squ_relu!r}).")
+        if self.activation_dense_tail_steps < 0:
+            raise ValueError(f"activation_dense_tail_steps={self.activation_dense_tail_steps!r} must be >= 0.")
+        if self.activation_dense_tail_steps and not self.activation_2by4:
+            raise ValueError(
+                "activation_dense_tail_steps > 0 requires activation_2by4=True (the tail ends the 2:4 activations)."
+            )
         if self.activation_auto_switch and not self.activation_2by4:
             raise ValueError("activation_auto_switch=True requires activation_2by4=True (it decides when 2:4 starts).")
         if not 0.0 < self.activation_auto_switch_max_drop <= 1.0:
@@ -292,6 +307,25 @@ class SparseLlamaConfig(LlamaConfig):
         if step is None:
             return True
         return bool(max_steps) and max_steps > 0 and step >= max_steps - tail
+
+    def activation_dense_tail_start(self, max_steps: int | None) -> int | None:
+        """The optimizer step from which the FFN runs dense again (`activation_dense_tail_steps`
+        counted back from `max_steps`); None without a tail or a known run length."""
+        tail = self.activation_dense_tail_steps
+        if not tail or not max_steps or max_steps <= 0:
+            return None
+        return max(0, max_steps - tail)
+
+    def in_activation_dense_tail(self, step: int | None, max_steps: int | None) -> bool:
+        """Whether the FFN runs without its 2:4 mask at `step`: in its own dense tail, or in
+        the weights' with `activation_dense_finetune`. `step=None` (no trainer): as the run
+        ended, so dense when the run had a tail."""
+        if self.activation_dense_finetune and self.in_dense_tail(step, max_steps):
+            return True
+        if step is None:
+            return self.activation_dense_tail_steps > 0
+        start = self.activation_dense_tail_start(max_steps)
+        return start is not None and step >= start
 
     @property
     def base_model_tp_plan(self) -> dict[str, str]:

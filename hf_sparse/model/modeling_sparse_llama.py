@@ -200,7 +200,7 @@ class SparseLlamaMLP(nn.Module):
         self._sparse_2by4_on = (
             bool(config.activation_2by4)
             and (step is None or step >= config.activation_warmup_end())
-            and not (config.activation_dense_finetune and config.in_dense_tail(step, self.max_steps))
+            and not config.in_activation_dense_tail(step, self.max_steps)
         )
         if self.activation_stats is not None:
             # A fill from a Python scalar: one tiny kernel, no host sync.

@@ -38,7 +38,8 @@ from transformers import AutoModelForCausalLM, Trainer, default_data_collator, s
 
 from ..model.env_knobs import code_selecting_settings
 from ..report import NotARunError, write_report
-from .callbacks.auto_switch import SWITCH_STEP_KEY, switch_step_reached
+from .. import metric_keys as keys
+from .callbacks.auto_switch import switch_reason, switch_step_reached
 from .callbacks.core import EvalPerplexityCallback, ModelCardCallback, SparsityCallback, add_callbacks
 from .callbacks.checkpoints import (
     apply_umask_permissions,
@@ -309,8 +310,14 @@ def finish(trainer: Trainer, run, parts: Parts, train_result) -> dict:
     args = run.training_args
     metrics = dict(train_result.metrics)
     switch_step = switch_step_reached(parts.model.config, trainer.state.global_step)
+    config = parts.model.config
     if switch_step is not None:  # when 2:4 activations started: the fixed warm-up or the auto switch
-        metrics[SWITCH_STEP_KEY] = switch_step
+        metrics[keys.SWITCH_STEP] = switch_step
+        reason = switch_reason(config, trainer.state.log_history)
+        if reason is not None:  # the auto switch's: "threshold" or "cap"
+            metrics[keys.SWITCH_REASON] = reason
+    if config.activation_dense_tail_step is not None:  # from when the FFN ran dense again
+        metrics[keys.DENSE_TAIL_STEP] = config.activation_dense_tail_step
     if trainer.eval_dataset is not None:
         # Reuse the Trainer's own evaluation of the last step: a second one would log a
         # duplicate row (and a second TensorBoard events file).

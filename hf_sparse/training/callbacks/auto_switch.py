@@ -21,6 +21,8 @@ logger = logging.getLogger(__name__)
 
 DROP_KEY = keys.AUTO_SWITCH_DROP
 SWITCH_STEP_KEY = keys.SWITCH_STEP
+# The values of keys.SWITCH_REASON: what ended the warm-up.
+SWITCH_BY_THRESHOLD, SWITCH_BY_CAP = "threshold", "cap"
 
 
 def decide_switch_step(log_history: list[dict], max_drop: float, window: int, cap: int) -> int | None:
@@ -58,27 +60,37 @@ def update_switch(model, config, log_history: list[dict], global_step: int) -> i
     counts as the switch once reached); returns the step if it was set just now, to log it."""
     before = config.activation_switch_step
     cap = config.activation_dense_warmup_steps
-    decided = decide_switch_step(log_history, config.activation_auto_switch_max_drop,
-                                 config.activation_auto_switch_window, cap)  # fmt: skip
-    if decided is None and global_step >= cap:
-        decided = cap
+    by_threshold = decide_switch_step(log_history, config.activation_auto_switch_max_drop,
+                                      config.activation_auto_switch_window, cap)  # fmt: skip
+    decided = by_threshold if by_threshold is not None else (cap if global_step >= cap else None)
     if decided != before:
         set_switch_step(model, decided)
     if decided is None or before is not None:
         return None
-    if decided < cap:
+    if by_threshold is not None:
         logger.info(
-            "activation_auto_switch: the 2:4 rule would drop < %g of the non-zero activations for %d log rows; "
-            "2:4 activations start after step %d (cap %d).",
+            "activation_auto_switch (reason: threshold): the 2:4 rule would drop < %g of the non-zero activations "
+            "for %d log rows; 2:4 activations start after step %d (cap %d).",
             config.activation_auto_switch_max_drop,
             config.activation_auto_switch_window,
             decided,
             cap,
         )
     else:
-        logger.info("activation_auto_switch: the threshold was not met by the cap; 2:4 activations started after "
-                    "step %d (activation_dense_warmup_steps).", cap)  # fmt: skip
+        logger.info("activation_auto_switch (reason: cap): the threshold was not met by the cap; 2:4 activations "
+                    "started after step %d (activation_dense_warmup_steps).", cap)  # fmt: skip
     return decided
+
+
+def switch_reason(config, log_history: list[dict]) -> str | None:
+    """Why the auto switch switched: "threshold" (the pooled drop stayed below it for the
+    window, at or before the cap) or "cap" (activation_dense_warmup_steps came first); None
+    without the auto switch or before it switched."""
+    if not config.activation_auto_switch or config.activation_switch_step is None:
+        return None
+    decided = decide_switch_step(log_history, config.activation_auto_switch_max_drop,
+                                 config.activation_auto_switch_window, config.activation_dense_warmup_steps)  # fmt: skip
+    return SWITCH_BY_THRESHOLD if decided is not None else SWITCH_BY_CAP
 
 
 def switch_step_reached(config, global_step: int) -> int | None:
@@ -89,4 +101,4 @@ def switch_step_reached(config, global_step: int) -> int | None:
     return end if end <= global_step else None
 
 
-__all__ = ["decide_switch_step", "auto_switch_config", "update_switch", "switch_step_reached"]
+__all__ = ["decide_switch_step", "auto_switch_config", "update_switch", "switch_reason", "switch_step_reached"]

@@ -46,7 +46,8 @@ from ... import metric_keys as keys
 from ...model.modeling_sparse_llama import ensure_activation_stats, prepare_2to4_gemms, set_training_step
 from ...model.weight_sparse import next_weight_generation
 from ..evaluation import perplexity
-from .auto_switch import auto_switch_config, update_switch
+from .auto_switch import auto_switch_config, switch_reason, update_switch
+from .dense_tail import dense_tail_config, dense_tail_step_to_log, update_dense_tail
 from .checkpoints import apply_umask_permissions, enable_cache_in_saved_config, write_model_card
 from .telemetry import snapshot_weight_masks, sparsity_metrics
 
@@ -266,7 +267,7 @@ class SparsityCallback(_FirstCallback):
             # A fresh run starts undecided; a resumed one re-derives the switch from the
             # restored log rows, as the uninterrupted run decided it.
             update_switch(model, auto, state.log_history, state.global_step)
-        set_training_step(model, state.global_step, state.max_steps)
+        self._set_step(model, state)
         next_weight_generation(model)  # turns the per-step 2:4 weight cache on
         # The 2:4 GEMM verdicts (verified and timed per shape, with host syncs) are made
         # now, eagerly, not inside step 1 or while torch.compile traces it.
@@ -277,8 +278,15 @@ class SparsityCallback(_FirstCallback):
             snapshot_weight_masks(model)
 
     def on_step_begin(self, args, state, control, model=None, **kwargs):
+        self._set_step(model, state)
+
+    @staticmethod
+    def _set_step(model, state) -> None:
         # global_step = optimizer steps completed; restored by the Trainer on resume.
         set_training_step(model, state.global_step, state.max_steps)
+        tail = dense_tail_config(model)
+        if tail is not None:
+            update_dense_tail(model, tail, state.global_step, state.max_steps)
 
     def on_optimizer_step(self, args, state, control, model=None, **kwargs):
         # The weights just changed (a fused optimizer does not bump their versions): the
@@ -307,8 +315,16 @@ class SparsityCallback(_FirstCallback):
         if auto is not None and auto.activation_switch_step is None:
             switched = update_switch(model, auto, state.log_history, state.global_step)
             if switched is not None:
-                merge_into_log_row(state, logs, {keys.SWITCH_STEP: switched})
+                reason = switch_reason(auto, state.log_history)
+                merge_into_log_row(state, logs, {keys.SWITCH_STEP: switched, keys.SWITCH_REASON: reason})
                 set_training_step(model, state.global_step, state.max_steps)
+        tail = dense_tail_config(model)
+        if tail is not None:
+            # The row of the step the tail starts after says so (as the switch row does).
+            update_dense_tail(model, tail, state.global_step, state.max_steps)
+            tail_step = dense_tail_step_to_log(tail, state.log_history)
+            if tail_step is not None:
+                merge_into_log_row(state, logs, {keys.DENSE_TAIL_STEP: tail_step})
 
 
 class ModelCardCallback(TrainerCallback):

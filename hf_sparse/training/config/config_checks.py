@@ -38,6 +38,17 @@ def check_sparse_schedule(config: SparseLlamaConfig, max_steps: int) -> None:
             f"max_steps={max_steps} (dense before step {start} and from step {max_steps - tail} on); "
             "need weight_2by4_start_step + sparse_dense_finetune_steps < max_steps."
         )
+    act_tail = config.activation_dense_tail_steps
+    if act_tail > 0 and max_steps <= 0:
+        raise ConfigError(
+            f"activation_dense_tail_steps={act_tail} needs max_steps > 0: the activation dense tail is the last "
+            f"{act_tail} of max_steps optimizer steps."
+        )
+    if act_tail >= max_steps > 0:
+        raise ConfigError(
+            f"activation_dense_tail_steps={act_tail} leaves no 2:4 step in max_steps={max_steps}; use "
+            f"activation_dense_tail_steps < {max_steps}."
+        )
     _warn_short_sparse_phase(config, max_steps)
 
 
@@ -48,20 +59,32 @@ def _warn_short_sparse_phase(config: SparseLlamaConfig, max_steps: int) -> None:
     tail = config.sparse_dense_finetune_steps
     phases = []
     if config.weight_2by4:
-        phases.append(("weight 2:4", config.weight_2by4_start_step, "weight_2by4_start_step", tail))
-    if config.activation_2by4:
-        act_tail = tail if config.activation_dense_finetune else 0
         phases.append(
-            ("2:4 activations", config.activation_dense_warmup_steps, "activation_dense_warmup_steps", act_tail)
+            ("weight 2:4", config.weight_2by4_start_step, "weight_2by4_start_step", tail, "sparse_dense_finetune_steps")
         )
-    for what, start, start_key, end_tail in phases:
+    if config.activation_2by4:
+        weights_tail = tail if config.activation_dense_finetune else 0
+        act_tail, tail_key = max(
+            (weights_tail, "sparse_dense_finetune_steps"),
+            (config.activation_dense_tail_steps, "activation_dense_tail_steps"),
+        )
+        phases.append(
+            (
+                "2:4 activations",
+                config.activation_dense_warmup_steps,
+                "activation_dense_warmup_steps",
+                act_tail,
+                tail_key,
+            )
+        )
+    for what, start, start_key, end_tail, tail_key in phases:
         sparse = max(0, max_steps - min(start, max_steps) - end_tail)
         if sparse < max(start, end_tail):
             logger.warning(
                 "%s: only %d of max_steps=%d optimizer steps are sparse (%s=%d dense first%s); "
                 "shorten those too, or this run is mostly dense.",
                 what, sparse, max_steps, start_key, start,
-                f", sparse_dense_finetune_steps={end_tail} dense at the end" if end_tail else "",
+                f", {tail_key}={end_tail} dense at the end" if end_tail else "",
             )  # fmt: skip
 
 

@@ -35,7 +35,7 @@ MODEL_KEY_SECTIONS = (
         (
             "activation_2by4", "activation_sparse_method", "activation_dense_warmup_steps", "activation_auto_switch",
             "activation_auto_switch_max_drop", "activation_auto_switch_window", "activation_l1", "permute_2by4",
-            "activation_backward", "activation_dense_features", "activation_2by4_fp8",
+            "activation_backward", "activation_dense_features", "activation_2by4_fp8", "activation_dense_tail_steps",
         ),
     ),
     (
@@ -54,7 +54,7 @@ MODEL_KEY_SECTIONS = (
 )  # fmt: skip
 
 # SparseLlamaConfig fields the run sets, not the run JSON.
-MODEL_FIELDS_SET_BY_THE_RUN = ("activation_switch_step", "permute_2by4_seed")
+MODEL_FIELDS_SET_BY_THE_RUN = ("activation_switch_step", "activation_dense_tail_step", "permute_2by4_seed")
 
 # A docstring entry of a config field: `name (`type`, ...):`, then its indented description.
 _FIELD_DOC_HEAD = re.compile(r"^    (\w+) \(`[^`]+`.*\):$")
