@@ -300,7 +300,15 @@ def _eval_row(run_dir: str) -> dict:
 
 
 def _model_card(source: SparseLlamaConfig, info: dict, run_dir: str, title: str) -> str:
-    stock = info["architecture"] != "sparse_llama"
+    lines = _card_front_matter(info) + _card_introduction(info, run_dir, title)
+    lines += ["", "## Model", "", *architecture_lines(source)]
+    lines += ["", "## Sparsity", "", *_card_sparsity_lines(source, info)]
+    lines += _card_evaluation_lines(run_dir)
+    return "\n".join(lines) + "\n"
+
+
+def _card_front_matter(info: dict) -> list[str]:
+    """The card's YAML metadata: library, tags (architecture, which 2:4 the weights carry), pipeline."""
     lines = [
         "---",
         "library_name: transformers",
@@ -312,9 +320,12 @@ def _model_card(source: SparseLlamaConfig, info: dict, run_dir: str, title: str)
         lines.append("- 2:4-weight-sparsity")
     if info["activation_2by4"]:
         lines.append("- 2:4-activation-sparsity")
-    lines += [
-        "pipeline_tag: text-generation",
-        "---",
+    return lines + ["pipeline_tag: text-generation", "---"]
+
+
+def _card_introduction(info: dict, run_dir: str, title: str) -> list[str]:
+    """Title, provenance, how to load the architecture written and why it was chosen."""
+    lines = [
         "",
         f"# {title}",
         "",
@@ -322,7 +333,7 @@ def _model_card(source: SparseLlamaConfig, info: dict, run_dir: str, title: str)
         "(`python -m hf_sparse.export`): the weights are exactly those the trained model's forward used.",
         "",
     ]
-    if stock:
+    if info["architecture"] != "sparse_llama":
         cls = STOCK_ARCHITECTURES[info["architecture"]][1].__name__
         lines.append(
             f"Architecture `{info['architecture']}` (`{cls}`): loads with stock transformers, "
@@ -333,19 +344,17 @@ def _model_card(source: SparseLlamaConfig, info: dict, run_dir: str, title: str)
             "Architecture `sparse_llama`: load with `AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True)`; "
             "the model code ships with the weights, `hf_sparse` need not be installed."
         )
-    lines += [
+    return lines + [
         f"Why this architecture: {info['why']}.",
         "",
         "Serving: no serving stack accelerates 2:4 weights today "
         "(vLLM 0.33 removed its 2:4 path); the 2:4 zeros are stored dense and run as dense GEMMs.",
     ]
-    lines += [
-        "",
-        "## Model",
-        "",
-        *architecture_lines(source),
-    ]
-    lines += ["", "## Sparsity", ""]
+
+
+def _card_sparsity_lines(source: SparseLlamaConfig, info: dict) -> list[str]:
+    """Bullets on the sparsity the exported weights and forward have, and what training had."""
+    lines = []
     if info["weight_2by4"]:
         factors = " (each low-rank factor along its own input dim)" if source.loro_scope else ""
         lines.append(
@@ -364,17 +373,21 @@ def _model_card(source: SparseLlamaConfig, info: dict, run_dir: str, title: str)
         lines.append(f"- 2:4 activation sparsity on the ReLU² output (`{source.activation_sparse_method}`)")
     elif source.activation_2by4:
         lines.append("- trained with 2:4 activations, dense in the final (dense-tail) forward")
+    return lines
+
+
+def _card_evaluation_lines(run_dir: str) -> list[str]:
+    """The training run's last evaluation as a table (none when the run logged no evaluation)."""
     eval_row = _eval_row(run_dir)
     metrics = {
         k: v for k, v in eval_row.items() if k.startswith("eval_") and not k.endswith(("_runtime", "_per_second"))
     }
-    if metrics:
-        lines += ["", "## Evaluation (training run)", "", "| metric | value |", "| --- | --- |"]
-        lines += [
-            f"| {k} | {v:.4f} |" if isinstance(v, float) else f"| {k} | {v} |" for k, v in sorted(metrics.items())
-        ]
-        lines.append(f"\n(at optimizer step {eval_row.get('step')})")
-    return "\n".join(lines) + "\n"
+    if not metrics:
+        return []
+    lines = ["", "## Evaluation (training run)", "", "| metric | value |", "| --- | --- |"]
+    lines += [f"| {k} | {v:.4f} |" if isinstance(v, float) else f"| {k} | {v} |" for k, v in sorted(metrics.items())]
+    lines.append(f"\n(at optimizer step {eval_row.get('step')})")
+    return lines
 
 
 def _copy_tokenizer_file(source: str, target: str) -> None:
@@ -391,22 +404,9 @@ def _copy_tokenizer_file(source: str, target: str) -> None:
         handle.write(json.dumps(config, indent=2, sort_keys=True, ensure_ascii=False) + "\n")
 
 
-def export_model(run_dir: str, out_dir: str, dense: bool = False, target: str | None = None) -> str:
-    """Write the inference export of the sparse_llama model in `run_dir` to `out_dir`;
-    return `out_dir`.
-
-    The exported weights are those of the model's final forward (2:4 with the scale folded
-    in, or dense after a dense tail), so outputs equal the trained model's. The folder is a
-    stock model whenever the model allows it (full rank, no activation 2:4 in the final
-    forward): `llama` for silu and relu2, `arcee` for relu or when `target="arcee"`; else a
-    `sparse_llama` one with its code. `dense=True` (or a `target`) requires a stock
-    architecture and raises `ExportError` otherwise. Tokenizer files are copied; `out_dir`
-    must be new or empty, appears only once complete, and is readable like any folder
-    save_pretrained makes (the umask's permissions, not mkdtemp's private 0700).
-    """
-    raw = _check_run_dir(run_dir)
-    _check_out_dir(out_dir, run_dir)
-    # Decide from the config before paying for the weights.
+def _choose_architecture(raw: dict, run_dir: str, dense: bool, target: str | None) -> tuple[str | None, str]:
+    """`stock_architecture` of RUN_DIR's config.json (`raw`), after checking that the config
+    is valid and that `--dense` / `--target` can be honoured."""
     try:
         config = SparseLlamaConfig.from_dict(raw)
     except (TypeError, ValueError) as err:
@@ -421,25 +421,24 @@ def export_model(run_dir: str, out_dir: str, dense: bool = False, target: str | 
         raise ExportError(
             f"{flag}: this model has no such stock transformers architecture: it has {reason} ({STOCK_RULE})."
         )
+    return stock, reason
 
-    model = _load(run_dir)
-    config = model.config
+
+def _export_state_dict(model: SparseLlamaForCausalLM, stock: str | None) -> tuple[dict[str, torch.Tensor], list[str]]:
+    """`effective_state_dict` in the layout of the `stock` target (or sparse_llama), with
+    the names of the 2:4 tensors only when all of them really are 2:4."""
     state, sparse_names = effective_state_dict(model)
-    if stock == "llama" and config.squ_relu == "relu2":
+    if stock == "llama" and model.config.squ_relu == "relu2":
         _gate_from_up(state, sparse_names)
     # Labelled 2:4 only when the stored tensors are (a dense tail's masters are not).
     if not all(_is_2to4(name, state[name]) for name in sparse_names):
         logger.warning("the weights the final forward uses are not all 2:4; the export is labelled dense.")
         sparse_names = []
-    dtype = model.dtype
-    info = {
-        "architecture": stock or "sparse_llama",
-        "why": architecture_reason(config, stock or "sparse_llama", reason),
-        "weight_2by4": bool(sparse_names),  # stored weights are 2:4 (false after a dense tail)
-        "weight_2by4_tensors": sparse_names,
-        "activation_2by4": final_activation_2by4(config),
-        "dense_tail": config.in_dense_tail(None, None),
-    }
+    return state, sparse_names
+
+
+def _export_config(config: SparseLlamaConfig, stock: str | None, info: dict):
+    """(config, model class) of the exported model, the config carrying `hf_sparse_export`."""
     if stock:
         export_config = _stock_config(config, stock)
         model_class = STOCK_ARCHITECTURES[stock][1]
@@ -460,10 +459,11 @@ def export_model(run_dir: str, out_dir: str, dense: bool = False, target: str | 
         "activation_2by4": info["activation_2by4"],
         "architecture_reason": info["why"],
     }
-    target_model = _target_model(export_config, model_class, dtype)
-    target_model.generation_config = copy.deepcopy(model.generation_config)
-    _check_keys(state, target_model)
+    return export_config, model_class
 
+
+def _write_export(target_model, state: dict, config: SparseLlamaConfig, info: dict, run_dir: str, out_dir: str) -> None:
+    """Save the model, RUN_DIR's tokenizer files and the card to OUT_DIR, all or nothing."""
     parent = os.path.dirname(os.path.abspath(out_dir))
     os.makedirs(parent, exist_ok=True)
     # Written beside OUT_DIR and renamed at the end: a failed export leaves no half folder.
@@ -474,14 +474,7 @@ def export_model(run_dir: str, out_dir: str, dense: bool = False, target: str | 
         os.chmod(staging, 0o777 & ~current_umask())
         target_model.save_pretrained(staging, state_dict=state)
         apply_umask_permissions(staging)  # safetensors writes model.safetensors 0600
-        copied = []
-        for name in TOKENIZER_FILES:
-            path = os.path.join(run_dir, name)
-            if os.path.isfile(path):
-                _copy_tokenizer_file(path, os.path.join(staging, name))
-                copied.append(name)
-        if not copied:
-            logger.warning("%s has no tokenizer files: the export holds the model only.", run_dir)
+        _copy_tokenizer_files(run_dir, staging)
         with open(os.path.join(staging, "README.md"), "w", encoding="utf-8") as handle:
             handle.write(_model_card(config, info, run_dir, os.path.basename(os.path.abspath(out_dir))))
         if os.path.isdir(out_dir):
@@ -490,6 +483,54 @@ def export_model(run_dir: str, out_dir: str, dense: bool = False, target: str | 
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
+
+
+def _copy_tokenizer_files(run_dir: str, staging: str) -> None:
+    """Copy RUN_DIR's tokenizer files into `staging`; an export without them is only warned about."""
+    copied = []
+    for name in TOKENIZER_FILES:
+        path = os.path.join(run_dir, name)
+        if os.path.isfile(path):
+            _copy_tokenizer_file(path, os.path.join(staging, name))
+            copied.append(name)
+    if not copied:
+        logger.warning("%s has no tokenizer files: the export holds the model only.", run_dir)
+
+
+def export_model(run_dir: str, out_dir: str, dense: bool = False, target: str | None = None) -> str:
+    """Write the inference export of the sparse_llama model in `run_dir` to `out_dir`;
+    return `out_dir`.
+
+    The exported weights are those of the model's final forward (2:4 with the scale folded
+    in, or dense after a dense tail), so outputs equal the trained model's. The folder is a
+    stock model whenever the model allows it (full rank, no activation 2:4 in the final
+    forward): `llama` for silu and relu2, `arcee` for relu or when `target="arcee"`; else a
+    `sparse_llama` one with its code. `dense=True` (or a `target`) requires a stock
+    architecture and raises `ExportError` otherwise. Tokenizer files are copied; `out_dir`
+    must be new or empty, appears only once complete, and is readable like any folder
+    save_pretrained makes (the umask's permissions, not mkdtemp's private 0700).
+    """
+    raw = _check_run_dir(run_dir)
+    _check_out_dir(out_dir, run_dir)
+    # Decide from the config before paying for the weights.
+    stock, reason = _choose_architecture(raw, run_dir, dense, target)
+
+    model = _load(run_dir)
+    config = model.config
+    state, sparse_names = _export_state_dict(model, stock)
+    info = {
+        "architecture": stock or "sparse_llama",
+        "why": architecture_reason(config, stock or "sparse_llama", reason),
+        "weight_2by4": bool(sparse_names),  # stored weights are 2:4 (false after a dense tail)
+        "weight_2by4_tensors": sparse_names,
+        "activation_2by4": final_activation_2by4(config),
+        "dense_tail": config.in_dense_tail(None, None),
+    }
+    export_config, model_class = _export_config(config, stock, info)
+    target_model = _target_model(export_config, model_class, model.dtype)
+    target_model.generation_config = copy.deepcopy(model.generation_config)
+    _check_keys(state, target_model)
+    _write_export(target_model, state, config, info, run_dir, out_dir)
     what = f"{len(sparse_names)} 2:4 weight tensors" if sparse_names else "dense weights"
     if info["dense_tail"] and config.weight_2by4:
         what += " (the run ended in a dense tail: its final weights are dense)"

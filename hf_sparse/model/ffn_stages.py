@@ -142,7 +142,6 @@ def _forward_stage(
     ``mvue_key`` and the global index of each group (``group_offset``: this slice's first),
     integer ops only, so compiled and eager stages draw the same bits.
     """
-    t, f = y1.shape
     compiling = torch.compiler.is_compiling()
     # relu, with NaN mapped to +inf: it ranks highest (a NaN breaks pairwise duels, and a
     # group could keep 3 or 4), stays non-finite for the numerics guard, and every later
@@ -150,49 +149,11 @@ def _forward_stage(
     r = _nan_to_inf(y1.clamp(min=0)) if compiling else y1.clamp_(min=0).nan_to_num_(nan=math.inf, posinf=math.inf)
     if compiling and planar and method != "mvue" and y2s_members is not None and g_members is not None:
         return _planar_forward_by_members(r, method, count, want_feature_counts, y2s_out, g_out, y2s_members, g_members)
-    groups, dim = _feature_groups(r, planar)
-    relu_nnz = kept_nnz = feature_counts = None
     if method == "mvue":
-        y2 = r * r
-        u = keyed_uniforms(mvue_key, t, f // 4, group_offset).view((t, 1, f // 4) if planar else (t, f // 4, 1))
-        inv_p = _mvue_select(y2.view(groups.shape), u, dim).view(t, f)
-        kept = inv_p != 0
-        y2s = torch.where(kept, (y2.to(inv_p.dtype) * inv_p).to(y1.dtype), 0.0)
-        g = torch.where(kept, r * _inv_p_to(inv_p, y1.dtype) * 2.0, 0.0)
-        if count:
-            relu_nnz, kept_nnz = count_nonzero(r), count_nonzero(y2s)
+        y2s, g, relu_nnz, kept_nnz = _mvue_forward(y1, r, mvue_key, count, planar, group_offset)
     else:
-        # Rank on relu(y1) instead of y2 = relu(y1)²: same order (squaring is monotone on
-        # r >= 0), so y2 is never materialised unmasked. Only two r whose squares round to
-        # the same y2 are ranked by r rather than by index; the kept values are the same.
-        if count:
-            # zeros of y2 = zeros of relu(y1); the mask keeps min(2, nnz) per group. Counted
-            # before the S-STE shift, which also zeroes kept members tied with the threshold.
-            relu_nnz, dropped = _group_nonzero_counts(groups.unbind(dim))
-            kept_nnz = relu_nnz - dropped
-        thresh = None
-        if method == "soft_threshold":
-            thresh = _third_largest_of_4(*groups.unbind(dim)).unsqueeze(dim)
-        r = _keep_top2_(groups, dim, by_magnitude=False).view(t, f)
-        if compiling:
-            y2s = r * r
-        else:
-            y2s = torch.mul(r, r, out=y1.new_empty(t, f) if y2s_out is None else y2s_out)
-        if thresh is not None:
-            # Dropped members are 0 and kept ones >= t²: clamp(y·M - t², 0) == M ⊙ (y - t²).
-            # Inf - Inf (an infinite threshold) stays +inf: y2s is never NaN.
-            if compiling:
-                y2s = _nan_to_inf((y2s.view(groups.shape) - thresh * thresh).clamp(min=0).view(t, f))
-            else:
-                y2s.view(groups.shape).sub_(thresh * thresh).clamp_(min=0)
-                y2s.nan_to_num_(nan=math.inf, posinf=math.inf)
-        # g = D ⊙ 2·relu(y1) with D = M (r is masked)
-        if compiling:
-            g = r * 2.0
-            y2s = y2s if y2s_out is None else y2s_out.copy_(y2s)
-            g = g if g_out is None else g_out.copy_(g)
-        else:
-            g = torch.mul(r, 2.0, out=y1.new_empty(t, f) if g_out is None else g_out)
+        y2s, g, relu_nnz, kept_nnz = _top2_forward(y1, r, method, count, planar, y2s_out, g_out, compiling)
+    feature_counts = None
     if want_feature_counts:
         feature_counts = _col_nonzero_counts(y2s != 0)  # the dense-feature ranking's input
     if fp8:
@@ -201,6 +162,68 @@ def _forward_stage(
         y2s_q, y2s_scale = quantize_rows(y2s)
         return (y2s if method != "naive" else None, g, relu_nnz, kept_nnz, feature_counts, y2s_q, y2s_scale)
     return y2s, g, relu_nnz, kept_nnz, feature_counts
+
+
+def _mvue_forward(y1: Tensor, r: Tensor, mvue_key: Optional[Tensor], count: bool, planar: bool, group_offset: int):
+    """MVUE selection of the forward stage on r = relu(y1): (y2s, g, relu non-zeros, kept
+    non-zeros), both outputs fresh (the counts None unless ``count``)."""
+    t, f = r.shape
+    groups, dim = _feature_groups(r, planar)
+    relu_nnz = kept_nnz = None
+    y2 = r * r
+    u = keyed_uniforms(mvue_key, t, f // 4, group_offset).view((t, 1, f // 4) if planar else (t, f // 4, 1))
+    inv_p = _mvue_select(y2.view(groups.shape), u, dim).view(t, f)
+    kept = inv_p != 0
+    y2s = torch.where(kept, (y2.to(inv_p.dtype) * inv_p).to(y1.dtype), 0.0)
+    g = torch.where(kept, r * _inv_p_to(inv_p, y1.dtype) * 2.0, 0.0)
+    if count:
+        relu_nnz, kept_nnz = count_nonzero(r), count_nonzero(y2s)
+    return y2s, g, relu_nnz, kept_nnz
+
+
+def _top2_forward(
+    y1: Tensor, r: Tensor, method: str, count: bool, planar: bool,
+    y2s_out: Optional[Tensor], g_out: Optional[Tensor], compiling: bool,
+):  # fmt: skip
+    """Top-2 selection (naive / soft_threshold) of the forward stage on r = relu(y1):
+    (y2s, g, relu non-zeros, kept non-zeros). Eager: masks r in place and writes into
+    ``y2s_out`` / ``g_out`` (or fresh tensors); compiled: functional, copied into the
+    buffers at the end."""
+    t, f = r.shape
+    groups, dim = _feature_groups(r, planar)
+    relu_nnz = kept_nnz = None
+    # Rank on relu(y1) instead of y2 = relu(y1)²: same order (squaring is monotone on
+    # r >= 0), so y2 is never materialised unmasked. Only two r whose squares round to
+    # the same y2 are ranked by r rather than by index; the kept values are the same.
+    if count:
+        # zeros of y2 = zeros of relu(y1); the mask keeps min(2, nnz) per group. Counted
+        # before the S-STE shift, which also zeroes kept members tied with the threshold.
+        relu_nnz, dropped = _group_nonzero_counts(groups.unbind(dim))
+        kept_nnz = relu_nnz - dropped
+    thresh = None
+    if method == "soft_threshold":
+        thresh = _third_largest_of_4(*groups.unbind(dim)).unsqueeze(dim)
+    r = _keep_top2_(groups, dim, by_magnitude=False).view(t, f)
+    if compiling:
+        y2s = r * r
+    else:
+        y2s = torch.mul(r, r, out=y1.new_empty(t, f) if y2s_out is None else y2s_out)
+    if thresh is not None:
+        # Dropped members are 0 and kept ones >= t²: clamp(y·M - t², 0) == M ⊙ (y - t²).
+        # Inf - Inf (an infinite threshold) stays +inf: y2s is never NaN.
+        if compiling:
+            y2s = _nan_to_inf((y2s.view(groups.shape) - thresh * thresh).clamp(min=0).view(t, f))
+        else:
+            y2s.view(groups.shape).sub_(thresh * thresh).clamp_(min=0)
+            y2s.nan_to_num_(nan=math.inf, posinf=math.inf)
+    # g = D ⊙ 2·relu(y1) with D = M (r is masked)
+    if compiling:
+        g = r * 2.0
+        y2s = y2s if y2s_out is None else y2s_out.copy_(y2s)
+        g = g if g_out is None else g_out.copy_(g)
+    else:
+        g = torch.mul(r, 2.0, out=y1.new_empty(t, f) if g_out is None else g_out)
+    return y2s, g, relu_nnz, kept_nnz
 
 
 def _members(t: Tensor, layout: str) -> tuple[Tensor, ...]:

@@ -105,6 +105,77 @@ def _check_positive_int(key, value):
         raise ValueError(f"{key}={value!r} must be a positive int.")
 
 
+def _check_adamw_args(lr, betas, eps, weight_decay):
+    """AdamW's hyper-parameter ranges; a ValueError names the first argument out of range."""
+    if not (isinstance(lr, (int, float)) and lr >= 0):
+        raise ValueError(f"lr={lr!r} must be a non-negative float.")
+    if len(betas) != 2 or not all(0.0 <= b < 1.0 for b in betas):
+        raise ValueError(f"betas={betas!r} must be two floats in [0, 1).")
+    if not eps >= 0:
+        raise ValueError(f"eps={eps!r} must be >= 0.")
+    if not weight_decay >= 0:
+        raise ValueError(f"weight_decay={weight_decay!r} must be >= 0.")
+
+
+def _checked_loro_args(loro_type, loro_freq, loro_refresh, loro_refresh_freq, loro_lr_scaler, hidden_size):
+    """(loro_refresh, loro_lr_scaler) normalised ("none" -> None, a float scaler) after
+    checking every LORO argument."""
+    if loro_type not in LORO_TYPES:
+        raise ValueError(f"loro_type={loro_type!r} is not valid; choose one of {LORO_TYPES}.")
+    _check_positive_int("loro_freq", loro_freq)
+    if isinstance(loro_refresh, str) and loro_refresh.lower() in ("", "none"):
+        loro_refresh = None
+    if loro_refresh not in LORO_REFRESH_CHOICES:
+        raise ValueError(f"loro_refresh={loro_refresh!r} is not valid; choose one of {LORO_REFRESH_CHOICES}.")
+    if loro_refresh is not None:
+        _check_positive_int("loro_refresh_freq", loro_refresh_freq)
+    try:
+        loro_lr_scaler = float(loro_lr_scaler)
+    except (TypeError, ValueError):
+        raise ValueError(f"loro_lr_scaler={loro_lr_scaler!r} must be -1 or a positive float.") from None
+    if not (loro_lr_scaler == -1.0 or (loro_lr_scaler > 0 and math.isfinite(loro_lr_scaler))):
+        raise ValueError(f"loro_lr_scaler={loro_lr_scaler!r} must be -1 (rank / hidden_size) or a positive float.")
+    if hidden_size is not None:
+        _check_positive_int("hidden_size", hidden_size)
+    return loro_refresh, loro_lr_scaler
+
+
+def _split_param_groups(params_or_groups, pairs):
+    """The caller's param groups without the factors of `pairs` (tagged regular), plus one
+    low-rank group holding all the factors (when there are pairs)."""
+    factor_ids = {id(p) for pair in pairs for p in pair}
+    groups = list(params_or_groups)
+    if groups and not isinstance(groups[0], dict):
+        groups = [{"params": groups}]
+    regular_groups = []
+    for group in groups:
+        group = dict(group)
+        params = group["params"]
+        params = [params] if isinstance(params, torch.Tensor) else list(params)
+        group["params"] = [p for p in params if id(p) not in factor_ids]
+        group["loro_kind"] = _REGULAR
+        # A group left empty by moving the factors out is dropped, not kept empty.
+        if group["params"]:
+            regular_groups.append(group)
+    if not pairs:
+        return regular_groups
+    return regular_groups + [{"params": [p for pair in pairs for p in pair], "loro_kind": _LOW_RANK}]
+
+
+def _lazy_scales(pairs, loro_lr_scaler, hidden_size):
+    """{factor: lazy-step lr multiplier}: `loro_lr_scaler`, or when it is -1 rank / hidden_size
+    (rank / min(out, in) of each pair without a hidden_size); a pair's two factors share it."""
+    scales = {}
+    for M, N in pairs:
+        if loro_lr_scaler > 0:
+            scale = loro_lr_scaler
+        else:
+            width = hidden_size if hidden_size is not None else min(M.shape[0], N.shape[0])
+            scale = M.shape[1] / width
+        scales[M] = scales[N] = scale
+    return scales
+
+
 class LOROAdamW(Optimizer):
     """AdamW for regular parameters plus LORO updates for low-rank factor pairs.
 
@@ -151,51 +222,13 @@ class LOROAdamW(Optimizer):
         loro_type="loro",
         hidden_size=None,
     ):
-        if not (isinstance(lr, (int, float)) and lr >= 0):
-            raise ValueError(f"lr={lr!r} must be a non-negative float.")
-        if len(betas) != 2 or not all(0.0 <= b < 1.0 for b in betas):
-            raise ValueError(f"betas={betas!r} must be two floats in [0, 1).")
-        if not eps >= 0:
-            raise ValueError(f"eps={eps!r} must be >= 0.")
-        if not weight_decay >= 0:
-            raise ValueError(f"weight_decay={weight_decay!r} must be >= 0.")
-        if loro_type not in LORO_TYPES:
-            raise ValueError(f"loro_type={loro_type!r} is not valid; choose one of {LORO_TYPES}.")
-        _check_positive_int("loro_freq", loro_freq)
-        if isinstance(loro_refresh, str) and loro_refresh.lower() in ("", "none"):
-            loro_refresh = None
-        if loro_refresh not in LORO_REFRESH_CHOICES:
-            raise ValueError(f"loro_refresh={loro_refresh!r} is not valid; choose one of {LORO_REFRESH_CHOICES}.")
-        if loro_refresh is not None:
-            _check_positive_int("loro_refresh_freq", loro_refresh_freq)
-        try:
-            loro_lr_scaler = float(loro_lr_scaler)
-        except (TypeError, ValueError):
-            raise ValueError(f"loro_lr_scaler={loro_lr_scaler!r} must be -1 or a positive float.") from None
-        if not (loro_lr_scaler == -1.0 or (loro_lr_scaler > 0 and math.isfinite(loro_lr_scaler))):
-            raise ValueError(f"loro_lr_scaler={loro_lr_scaler!r} must be -1 (rank / hidden_size) or a positive float.")
-        if hidden_size is not None:
-            _check_positive_int("hidden_size", hidden_size)
+        _check_adamw_args(lr, betas, eps, weight_decay)
+        loro_refresh, loro_lr_scaler = _checked_loro_args(
+            loro_type, loro_freq, loro_refresh, loro_refresh_freq, loro_lr_scaler, hidden_size
+        )
 
         pairs = self._check_pairs(low_rank_pairs)
-        factor_ids = {id(p) for pair in pairs for p in pair}
-
-        groups = list(params_or_groups)
-        if groups and not isinstance(groups[0], dict):
-            groups = [{"params": groups}]
-        regular_groups = []
-        for group in groups:
-            group = dict(group)
-            params = group["params"]
-            params = [params] if isinstance(params, torch.Tensor) else list(params)
-            group["params"] = [p for p in params if id(p) not in factor_ids]
-            group["loro_kind"] = _REGULAR
-            # A group left empty by moving the factors out is dropped, not kept empty.
-            if group["params"]:
-                regular_groups.append(group)
-        all_groups = regular_groups
-        if pairs:
-            all_groups = all_groups + [{"params": [p for pair in pairs for p in pair], "loro_kind": _LOW_RANK}]
+        all_groups = _split_param_groups(params_or_groups, pairs)
 
         defaults = dict(
             lr=lr,
@@ -215,15 +248,7 @@ class LOROAdamW(Optimizer):
         self.loro_lr_scaler = loro_lr_scaler
         self.loro_type = loro_type
         self.hidden_size = hidden_size
-        # Lazy-step multiplier per factor; a pair's two factors share it.
-        self._lazy_scale = {}
-        for M, N in pairs:
-            if loro_lr_scaler > 0:
-                scale = loro_lr_scaler
-            else:
-                width = hidden_size if hidden_size is not None else min(M.shape[0], N.shape[0])
-                scale = M.shape[1] / width
-            self._lazy_scale[M] = self._lazy_scale[N] = scale
+        self._lazy_scale = _lazy_scales(pairs, loro_lr_scaler, hidden_size)
 
     @staticmethod
     def _check_pairs(low_rank_pairs):

@@ -198,28 +198,15 @@ def model_card(
     and sections on the architecture, sparsity settings, evaluation, training
     hyperparameters (from `training_args`, when given), framework versions and the
     report's figures (those present in `folder`)."""
-    from huggingface_hub import ModelCard, ModelCardData
+    from huggingface_hub import ModelCard
 
     eval_row = _latest_eval(log_history)
     metrics = {
         k: v for k, v in eval_row.items() if k.startswith("eval_") and not k.endswith(("_runtime", "_per_second"))
     }
     title = base_model_dir_name or "sparse_llama model"
-    tags = ["hf_sparse", "sparse_llama", "2:4-activation-sparsity" if config.activation_2by4 else "squared-relu"]
-    if getattr(config, "weight_2by4", False):
-        tags.append("2:4-weight-sparsity")
-    if config.loro_scope:
-        tags.append("low-rank")
     lm_eval_step, lm_eval_scores = latest_lm_eval(log_history)
-    results = _eval_results(metrics, dataset_name, lm_eval_scores)
-    card_data = ModelCardData(
-        library_name="transformers",
-        pipeline_tag="text-generation",
-        tags=tags,
-        datasets=[dataset_name] if dataset_name else None,
-        model_name=title if results else None,
-        eval_results=results or None,
-    )
+    card_data = _card_data(config, title, dataset_name, _eval_results(metrics, dataset_name, lm_eval_scores))
     lines = [
         f"# {title}",
         "",
@@ -231,9 +218,42 @@ def model_card(
         "",
         *architecture_lines(config),
     ]
-    lines += ["", "## Sparsity", ""]
+    lines += ["", "## Sparsity", "", *_sparsity_lines(config)]
+    lines += ["", "## Evaluation", "", *_evaluation_lines(metrics, eval_row.get("step"), lm_eval_step, lm_eval_scores)]
+    if training_args is not None:
+        lines += ["", "## Training hyperparameters", "", *_hyperparameter_lines(training_args)]
+    versions = _framework_versions()
+    if versions:
+        lines += ["", "## Framework versions", "", *versions]
+    figures = [(name, what) for name, what in REPORT_FIGURES if folder and os.path.isfile(os.path.join(folder, name))]
+    if figures:
+        lines += ["", "## Sparsity report", ""] + [f"![{what}]({name})" for name, what in figures]
+    return str(ModelCard(f"---\n{card_data.to_yaml()}\n---\n\n" + "\n".join(lines) + "\n"))
+
+
+def _card_data(config, title: str, dataset_name: str | None, results: list):
+    """The card's `ModelCardData`: tags from the sparsity settings; a model-index only with `results`."""
+    from huggingface_hub import ModelCardData
+
+    tags = ["hf_sparse", "sparse_llama", "2:4-activation-sparsity" if config.activation_2by4 else "squared-relu"]
+    if getattr(config, "weight_2by4", False):
+        tags.append("2:4-weight-sparsity")
+    if config.loro_scope:
+        tags.append("low-rank")
+    return ModelCardData(
+        library_name="transformers",
+        pipeline_tag="text-generation",
+        tags=tags,
+        datasets=[dataset_name] if dataset_name else None,
+        model_name=title if results else None,
+        eval_results=results or None,
+    )
+
+
+def _sparsity_lines(config) -> list[str]:
+    """Card bullets on the 2:4 activation and weight settings (and the environment switches)."""
     if config.activation_2by4:
-        lines += [
+        lines = [
             f"- 2:4 activation sparsity on the ReLU² output, selection `{config.activation_sparse_method}`",
             "- dense warm-up: " + _warmup_line(config),
             f"- backward: `{config.activation_backward}` (dense features {config.activation_dense_features}), "
@@ -242,7 +262,7 @@ def model_card(
         if config.activation_2by4_fp8:
             lines.append("- FP8: forward and input-gradient 2:4 GEMMs in row-wise scaled FP8 e4m3 (sm90 GPUs)")
     else:
-        lines.append("- no 2:4 activation sparsity")
+        lines = ["- no 2:4 activation sparsity"]
     environment = getattr(config, "hf_sparse_environment", None)
     if environment:
         lines.append("- trained with " + ", ".join(f"`{k}={v}`" for k, v in sorted(environment.items())))
@@ -254,13 +274,18 @@ def model_card(
             + (f", dense for the last {tail} steps (this model runs dense)" if tail else " (this model runs sparse)"),
             "- the stored weights are the dense masters; `python -m hf_sparse.export` writes the 2:4 weights themselves",
         ]
-    lines += ["", "## Evaluation", ""]
+    return lines
+
+
+def _evaluation_lines(metrics: dict, eval_step, lm_eval_step, lm_eval_scores: dict) -> list[str]:
+    """The last evaluation's metrics (at `eval_step`) and the last in-loop lm-eval scores, as tables."""
+    lines = []
     if metrics:
         lines += ["| metric | value |", "| --- | --- |"]
         lines += [
             f"| {k} | {v:.4f} |" if isinstance(v, float) else f"| {k} | {v} |" for k, v in sorted(metrics.items())
         ]
-        lines.append(f"\n(at optimizer step {eval_row.get('step')})")
+        lines.append(f"\n(at optimizer step {eval_step})")
     elif not lm_eval_scores:
         lines.append("No evaluation has run yet.")
     if lm_eval_scores:
@@ -269,25 +294,23 @@ def model_card(
         lines += [
             f"| {k.split('/', 1)[0]} | {k.split('/', 1)[1]} | {v:.4f} |" for k, v in sorted(lm_eval_scores.items())
         ]
-    if training_args is not None:
-        lines += ["", "## Training hyperparameters", ""]
-        for key in CARD_HYPERPARAMETERS:
-            value = getattr(training_args, key, None)
-            if value is None or (key in ("bf16", "fp16") and not value):
-                continue
-            if key == "num_train_epochs" and getattr(training_args, "max_steps", -1) > 0:
-                continue  # max_steps bounds the run; the epoch count the Trainer ignores would mislead
-            lines.append(f"- {key}: {getattr(value, 'value', value)}")
-        world = getattr(training_args, "world_size", 1) or 1
-        total = training_args.per_device_train_batch_size * training_args.gradient_accumulation_steps * world
-        lines.append(f"- total train batch size: {total} ({world} process{'es' if world > 1 else ''})")
-    versions = _framework_versions()
-    if versions:
-        lines += ["", "## Framework versions", "", *versions]
-    figures = [(name, what) for name, what in REPORT_FIGURES if folder and os.path.isfile(os.path.join(folder, name))]
-    if figures:
-        lines += ["", "## Sparsity report", ""] + [f"![{what}]({name})" for name, what in figures]
-    return str(ModelCard(f"---\n{card_data.to_yaml()}\n---\n\n" + "\n".join(lines) + "\n"))
+    return lines
+
+
+def _hyperparameter_lines(training_args) -> list[str]:
+    """Card bullets for `CARD_HYPERPARAMETERS` that are set, and the total train batch size."""
+    lines = []
+    for key in CARD_HYPERPARAMETERS:
+        value = getattr(training_args, key, None)
+        if value is None or (key in ("bf16", "fp16") and not value):
+            continue
+        if key == "num_train_epochs" and getattr(training_args, "max_steps", -1) > 0:
+            continue  # max_steps bounds the run; the epoch count the Trainer ignores would mislead
+        lines.append(f"- {key}: {getattr(value, 'value', value)}")
+    world = getattr(training_args, "world_size", 1) or 1
+    total = training_args.per_device_train_batch_size * training_args.gradient_accumulation_steps * world
+    lines.append(f"- total train batch size: {total} ({world} process{'es' if world > 1 else ''})")
+    return lines
 
 
 def _warmup_line(config) -> str:
