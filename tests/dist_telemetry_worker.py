@@ -14,14 +14,19 @@ from transformers import Trainer, TrainingArguments
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from hf_sparse import SparseLlamaForCausalLM, SparsityCallback  # noqa: E402
 from tests.conftest import tiny_config  # noqa: E402
+from hf_sparse.model.select_2to4 import NM_PATTERNS  # noqa: E402
+from tests.test_nm_telemetry import reference_would_drop  # noqa: E402
 from tests.test_telemetry import RandomTokens  # noqa: E402
 
 
 def main(out_path):
     torch.manual_seed(0)
-    config = tiny_config(squ_relu="relu2")
+    # 2:4 in its dense warm-up: the forward is the dense relu2 FFN, and 2:4 and the N:M
+    # patterns report what they would drop.
+    config = tiny_config(squ_relu="relu2", activation_2by4=True, activation_dense_warmup_steps=100)
     model = SparseLlamaForCausalLM(config)
-    counts = torch.zeros(config.num_hidden_layers, 2, dtype=torch.float64)
+    # per layer: zeros, elements, non-zeros, then what each of NM_PATTERNS would drop
+    counts = torch.zeros(config.num_hidden_layers, 3 + len(NM_PATTERNS), dtype=torch.float64)
 
     def count(layer_idx):
         def hook(module, args, output):
@@ -29,6 +34,9 @@ def main(out_path):
                 act = torch.relu(output.detach()) ** 2
                 counts[layer_idx, 0] += (act == 0).sum()
                 counts[layer_idx, 1] += act.numel()
+                counts[layer_idx, 2] += (act != 0).sum()
+                for k, (n, m) in enumerate(NM_PATTERNS):
+                    counts[layer_idx, 3 + k] += reference_would_drop(act, n, m)
 
         return hook
 
@@ -53,12 +61,19 @@ def main(out_path):
     dist.all_reduce(pooled_counts)
     gathered = [None] * dist.get_world_size()
     dist.all_gather_object(gathered, local)
+    gathered_nm = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered_nm, (counts[:, 3:] / counts[:, 2:3]).tolist())
     if dist.get_rank() == 0:
         row = next(r for r in trainer.state.log_history if "loss" in r)
         result = {
             "world_size": dist.get_world_size(),
             "logged": [row[f"sparsity_relu/layer_{i}"] for i in range(config.num_hidden_layers)],
             "pooled": (pooled_counts[:, 0] / pooled_counts[:, 1]).tolist(),
+            "logged_nm": [
+                [row[f"sparsity_nm/{n}:{m}/layer_{i}"] for n, m in NM_PATTERNS] for i in range(config.num_hidden_layers)
+            ],  # fmt: skip
+            "pooled_nm": (pooled_counts[:, 3:] / pooled_counts[:, 2:3]).tolist(),
+            "local_nm": gathered_nm,
             "local": gathered,
         }
         with open(out_path, "w") as handle:

@@ -244,8 +244,9 @@ def _expected_keys(config):
     keys = [f"sparsity_relu/layer_{i}" for i in range(config.num_hidden_layers)]
     keys.append("sparsity_relu/mean_across_layers")
     if config.activation_2by4:
-        keys += [f"sparsity_24/layer_{i}" for i in range(config.num_hidden_layers)]
-        keys.append("sparsity_24/mean_across_layers")
+        for family in ("sparsity_24", "sparsity_nm/4:8", "sparsity_nm/8:16"):  # N:M: on by default with 2:4
+            keys += [f"{family}/layer_{i}" for i in range(config.num_hidden_layers)]
+            keys.append(f"{family}/mean_across_layers")
     for i in range(config.num_hidden_layers):
         for name in ("attn_q_proj", "attn_k_proj", "attn_v_proj", "attn_o_proj", "mlp_up_proj", "mlp_down_proj"):
             keys.append(f"weight_sparsity/layer_{i}/{name}")
@@ -379,3 +380,8 @@ def test_two_processes_log_the_pooled_fraction(tmp_path):
     assert data["logged"] == pytest.approx(data["pooled"], abs=1e-12)
     # ... and the pooled value is not just rank 0's.
     assert any(abs(a - b) > 1e-6 for a, b in zip(data["logged"], rank0))
+    # The N:M would-drop fractions: pooled the same way (counts summed, then divided).
+    logged_nm, pooled_nm = (sum(data[key], []) for key in ("logged_nm", "pooled_nm"))  # layers x patterns, flat
+    nm_rank0, nm_rank1 = (sum(local, []) for local in data["local_nm"])
+    assert logged_nm == pytest.approx(pooled_nm, abs=1e-12)
+    assert nm_rank0 != nm_rank1 and any(abs(a - b) > 1e-6 for a, b in zip(logged_nm, nm_rank0))

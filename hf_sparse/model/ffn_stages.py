@@ -34,6 +34,7 @@ from .select_2to4 import (
     _win_counts,
     count_nonzero,
     keyed_uniforms,
+    nm_would_drop,
 )
 
 logger = logging.getLogger(__name__)
@@ -127,12 +128,15 @@ def _forward_stage(
     g_members: Optional[tuple[Tensor, ...]] = None,
     fp8: bool = False,
     group_offset: int = 0,
+    count_nm: bool = False,
 ):
-    """y1 (T×F) -> y2s, g = D ⊙ 2·relu(y1), [relu non-zeros, kept non-zeros], per-feature non-zeros
-    [, y2s as row-wise FP8 and its row scales when ``fp8`` (cuSPARSELt path only)].
+    """y1 (T×F) -> y2s, g = D ⊙ 2·relu(y1), [relu non-zeros, kept non-zeros], [N:M would-drop],
+    per-feature non-zeros [, y2s as row-wise FP8 and its row scales when ``fp8`` (cuSPARSELt
+    path only)].
 
-    The counts are 0-d int64 tensors (None when not asked for): telemetry comes out of
-    this pass instead of a second read of a T×F tensor. ``planar``: the feature groups lie
+    The counts are 0-d int64 tensors (None when not asked for), the N:M ones
+    (``count_nm``) one per ``NM_PATTERNS``: telemetry comes out of this pass instead of a
+    second read of a T×F tensor. ``planar``: the feature groups lie
     in the planar layout (see :func:`_feature_groups`). y2s and g are written into
     ``y2s_out`` / ``g_out`` when given (buffers the caller chose, see :func:`_scratch`) or
     returned fresh (MVUE, or when not given); ``*_members`` are those buffers' member views
@@ -147,8 +151,15 @@ def _forward_stage(
     # group could keep 3 or 4), stays non-finite for the numerics guard, and every later
     # selection can rank on the values themselves.
     r = _nan_to_inf(y1.clamp(min=0)) if compiling else y1.clamp_(min=0).nan_to_num_(nan=math.inf, posinf=math.inf)
+    nm_dropped = None
+    if count_nm:  # from r before any masking (the eager top-2 masks it in place)
+        groups, dim = _feature_groups(r, planar)
+        nm_dropped = nm_would_drop(groups.unbind(dim))
     if compiling and planar and method != "mvue" and y2s_members is not None and g_members is not None:
-        return _planar_forward_by_members(r, method, count, want_feature_counts, y2s_out, g_out, y2s_members, g_members)
+        y2s, g, relu_nnz, kept_nnz, feature_counts = _planar_forward_by_members(
+            r, method, count, want_feature_counts, y2s_out, g_out, y2s_members, g_members
+        )
+        return y2s, g, relu_nnz, kept_nnz, nm_dropped, feature_counts
     if method == "mvue":
         y2s, g, relu_nnz, kept_nnz = _mvue_forward(y1, r, mvue_key, count, planar, group_offset)
     else:
@@ -160,8 +171,8 @@ def _forward_stage(
         # Each token row's scale comes from the row this stage just made: no extra pass.
         # The bf16 y2s is kept only where the backward reads it (mvue, soft_threshold).
         y2s_q, y2s_scale = quantize_rows(y2s)
-        return (y2s if method != "naive" else None, g, relu_nnz, kept_nnz, feature_counts, y2s_q, y2s_scale)
-    return y2s, g, relu_nnz, kept_nnz, feature_counts
+        return (y2s if method != "naive" else None, g, relu_nnz, kept_nnz, nm_dropped, feature_counts, y2s_q, y2s_scale)
+    return y2s, g, relu_nnz, kept_nnz, nm_dropped, feature_counts
 
 
 def _mvue_forward(y1: Tensor, r: Tensor, mvue_key: Optional[Tensor], count: bool, planar: bool, group_offset: int):

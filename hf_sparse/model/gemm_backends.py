@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import math
 from typing import Optional
 
 import torch
@@ -43,7 +44,7 @@ from torch import Tensor
 
 from .env_knobs import env_value
 from .ffn_stages import _fp8_scale_stage, _run_stage
-from .fp8 import FP8_ALIGN, dense_fp8_mm, fp8_support_reason
+from .fp8 import FP8, FP8_ALIGN, dense_fp8_mm, fp8_support_reason
 from .gemm_tuning import GemmChoice, GemmShape, GemmTuner, _dense_mm, cslt_sparse_mm
 from .kernels import (
     ALIGN,
@@ -241,6 +242,39 @@ PLAIN = PlainGemms()
 CUSPARSELT = CusparseltGemms()
 _BACKENDS: dict[str, GemmBackend] = {PLAIN.name: PLAIN, CUSPARSELT.name: CUSPARSELT}
 _AUTOMATIC: dict[str, str] = {"cuda": CUSPARSELT.name}  # device type -> back-end name
+
+
+def dense_feature_count(f: int, dense_features: float, backward: str) -> int:
+    """How many of the F features the split backward keeps dense: ceil(dense_features·F)."""
+    # Round before ceil so that e.g. 0.05 * F landing a hair above an integer does not
+    # add a feature.
+    return min(f, math.ceil(round(dense_features * f, 6))) if backward == "split_gemm" else 0
+
+
+def ffn_gemm_shapes(
+    tokens: int,
+    d: int,
+    f: int,
+    dtype: torch.dtype,
+    dense_features: float = 0.05,
+    backward: str = "split_gemm",
+    fp8: bool = False,
+) -> list[tuple[str, GemmShape]]:
+    """The 2:4 GEMMs the op runs on the cuSPARSELt path for T = ``tokens``, named as in
+    the module docstring (y3, dx, dW_up, dW_down), as ``gemm_tuning`` keys them; ``fp8``:
+    y3 and dx in FP8 where the shape allows (one shape: both read a T×F FP8 operand against
+    a column-major FP8 weight). The tuner prepares these shapes before training."""
+    name = str(dtype).replace("torch.", "")
+    shapes = [("y3", GemmShape(tokens, f, d, "col", False, name)), ("dx", GemmShape(tokens, f, d, "row", False, name))]
+    if fp8 and CUSPARSELT.fp8_fits(tokens, d, f):
+        fp8_name = str(FP8).replace("torch.", "")
+        shapes = [(gemm, GemmShape(tokens, f, d, "col", False, fp8_name)) for gemm in ("y3", "dx")]
+    n_dense = aligned_dense_count(dense_feature_count(f, dense_features, backward), f)
+    if backward != "exact" and n_dense < f:
+        rows = sparse24_padded_rows(f - n_dense)  # the sparse features, padded to the alignment
+        shapes += [("dW_up", GemmShape(rows, tokens, d, "row", False, name)),
+                   ("dW_down", GemmShape(rows, tokens, d, "row", True, name))]  # fmt: skip
+    return shapes
 
 
 def register_gemm_backend(backend: GemmBackend, device_type: Optional[str] = None) -> None:

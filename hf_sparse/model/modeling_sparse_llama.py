@@ -35,7 +35,7 @@ from .ffn_tensor_parallel import _is_dtensor, tp_sum_backward, tp_sum_forward
 from .gemm_backends import select_gemms
 from .gemm_tuning import GemmShape
 from .lowrank import LowRankLinear, init_low_rank_, is_low_rank
-from .select_2to4 import count_2to4_stats, count_nonzero
+from .select_2to4 import NM_PATTERNS, count_2to4_stats, count_nonzero
 from .sparse_ffn import ffn_gemm_shapes, relu2_2to4_ffn
 from .token_permutation import TokenPermutation, make_token_permutation
 from .weight_sparse import Sparse24Linear, Sparse24LowRankLinear, is_weight_sparse
@@ -51,8 +51,11 @@ STAT_STEP = 5
 # `activation_l1`: the penalty this layer added to the loss, summed over the training
 # forwards of the telemetry window, and those forwards (reset at each log).
 STAT_L1, STAT_FORWARDS = 6, 7
-NUM_ACTIVATION_STATS = 8
-WINDOW_STATS = (STAT_ZEROS, STAT_TOTAL, STAT_DROPPED_24, STAT_L1, STAT_FORWARDS)
+# What each N:M pattern of NM_PATTERNS would drop (reset at each log), from this slot on.
+STAT_DROPPED_NM = 8
+NUM_ACTIVATION_STATS = STAT_DROPPED_NM + len(NM_PATTERNS)
+WINDOW_STATS = (STAT_ZEROS, STAT_TOTAL, STAT_DROPPED_24, STAT_L1, STAT_FORWARDS,
+                *range(STAT_DROPPED_NM, NUM_ACTIVATION_STATS))  # fmt: skip
 
 
 ATTENTION_LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj")
@@ -168,6 +171,9 @@ class SparseLlamaMLP(nn.Module):
         self.down_proj = _make_linear(config, width, hidden, bias, "mlp")
 
         self.track_activation_stats = True
+        # Also count what the N:M patterns of NM_PATTERNS would drop (2:4 MLPs only; the
+        # telemetry's switch, set by SparsityCallback).
+        self.count_nm_stats = bool(config.activation_2by4)
         self.l1_penalty: torch.Tensor | None = None  # this forward's `activation_l1` term
         # Plain attribute, not a buffer: it must never reach a checkpoint, never be
         # broadcast by DDP. Created lazily on the input's device, or up front by
@@ -256,6 +262,12 @@ class SparseLlamaMLP(nn.Module):
                 stats[STAT_FIRST_NONFINITE_STEP] = torch.where((first < 0) & (bad > 0), step, first)
         return output
 
+    def _nm_stats(self, stats):
+        """The N:M slots of the stat tensor (a view: counts added to it land in `stats`)."""
+        if stats is None or not self.count_nm_stats:
+            return None
+        return stats[STAT_DROPPED_NM:NUM_ACTIVATION_STATS]
+
     def _count_l1(self, stats) -> None:
         if stats is not None:
             with torch.no_grad():
@@ -289,6 +301,7 @@ class SparseLlamaMLP(nn.Module):
                 dense_features=self.config.activation_dense_features,
                 permutation=permutation,
                 stats=stats,
+                nm_stats=self._nm_stats(stats),
                 fp8=self.config.activation_2by4_fp8,
                 # Read eagerly only: an int that changes every step would be a recompile per step.
                 weight_generation=None if torch.compiler.is_compiling() else self.weight_generation,
@@ -315,7 +328,8 @@ class SparseLlamaMLP(nn.Module):
             with torch.no_grad():
                 if self.config.activation_2by4:
                     # Dense warm-up: count what the 2:4 mask *would* drop.
-                    count_2to4_stats(activation, stats, method=self.config.activation_sparse_method)
+                    count_2to4_stats(activation, stats, method=self.config.activation_sparse_method,
+                                     nm_stats=self._nm_stats(stats))  # fmt: skip
                 else:
                     stats[STAT_TOTAL] += activation.numel()
                     stats[STAT_ZEROS] += activation.numel() - count_nonzero(activation)
@@ -555,6 +569,12 @@ def prepare_2to4_gemms(
     return done
 
 
+def set_nm_counting(model: nn.Module, enabled: bool) -> None:
+    """Whether the 2:4 MLPs also count what the N:M patterns (NM_PATTERNS) would drop."""
+    for _, mlp in sparse_mlps(model):
+        mlp.count_nm_stats = bool(enabled and mlp.config.activation_2by4)
+
+
 def ensure_activation_stats(model: nn.Module, device=None) -> None:
     """Create every sparse MLP's stat tensor on `device` (default: the MLP's parameters'
     device) unless it is already there. Call before compiled training forwards: a stat
@@ -575,5 +595,6 @@ __all__ = [
     "sparse_mlps",
     "set_training_step",
     "ensure_activation_stats",
+    "set_nm_counting",
     "prepare_2to4_gemms",
 ]

@@ -22,6 +22,10 @@ from torch import Tensor
 from .token_permutation import _MASK31, hash31
 
 SPARSE_METHODS = ("naive", "mvue", "soft_threshold")
+# The N:M patterns whose would-drop the telemetry counts beside 2:4 (N kept of every M
+# consecutive features). Each M is twice the one before: the counts are pair sums of the
+# previous level's (see nm_would_drop).
+NM_PATTERNS = ((4, 8), (8, 16))
 
 
 # ----- Selection rules -----
@@ -86,6 +90,36 @@ def _group_nonzero_counts(members: tuple[Tensor, ...]) -> tuple[Tensor, Tensor]:
     # max(nnz_g - 2, 0) = (nnz_g >= 3) + (nnz_g == 4), without uint8 wrap-around
     dropped = count_nonzero(nnz_g > 2) + count_nonzero(nnz_g == 4)
     return nnz_g.sum(-1, dtype=torch.int32).sum(), dropped
+
+
+def _group_nonzero_flags(members: tuple[Tensor, ...]) -> Tensor:
+    """Non-zeros per 4-feature group, in :func:`_flags`' dtype, shaped like one member."""
+    return sum(_flags(m != 0) for m in members)
+
+
+def nm_would_drop(members: tuple[Tensor, ...]) -> Tensor:
+    """For each of ``NM_PATTERNS``: the non-zeros that keeping the N largest of every M
+    consecutive features would drop, as an int64 tensor of ``len(NM_PATTERNS)``.
+
+    ``members``: the four member views of the 4-feature groups, groups along the last dim
+    in feature order (planar or consecutive layout alike). Keeping the N largest drops
+    max(nnz - N, 0) non-zeros of a group of M (zeros rank lowest), so only the per-group
+    non-zero counts are needed: an M-group's count is the sum of its M/4 4-groups', built
+    level by level from pair sums. A last group with fewer than M features (F not a multiple
+    of M) keeps its N largest too. No host sync.
+    """
+    counts = _group_nonzero_flags(members)
+    if not torch.compiler.is_compiling():
+        counts = counts.to(torch.int16)  # sums of up to 16 flags, and no uint8 wrap-around below
+    dropped, width = [], 4
+    for n, m in NM_PATTERNS:
+        while width < m:
+            if counts.shape[-1] % 2:  # an odd group out: pair it with an empty one
+                counts = torch.nn.functional.pad(counts, (0, 1))
+            counts = counts.unflatten(-1, (-1, 2)).sum(-1, dtype=counts.dtype)
+            width *= 2
+        dropped.append((counts - n).clamp(min=0).sum(dtype=torch.int64))
+    return torch.stack(dropped)
 
 
 def _win_counts(a: Tensor, b: Tensor, c: Tensor, d: Tensor) -> tuple[Tensor, ...]:
@@ -290,14 +324,15 @@ def sparsify_2to4(y: Tensor, method: str = "naive", dim: int = -1) -> tuple[Tens
         return vals.view(yl.shape).movedim(-1, dim), dmat.view(yl.shape).movedim(-1, dim)
 
 
-def count_2to4_stats(y2: Tensor, stats: Tensor, method: str = "naive") -> None:
+def count_2to4_stats(y2: Tensor, stats: Tensor, method: str = "naive", nm_stats: Tensor | None = None) -> None:
     """Add the telemetry counts of ``y2`` (grouped along its last dim) to ``stats``.
 
     stats[0] += zeros of y2, stats[1] += numel, stats[2] += non-zeros a 2:4 mask would
     drop. Nothing is sparsified (dense warm-up). Every method keeps min(2, nnz) non-zeros
     per group (MVUE's probabilities sum to min(2, nnz) and systematic sampling draws
     exactly that many, up to float rounding), so the count is the same for all methods.
-    No host sync.
+    ``nm_stats`` (optional, one entry per ``NM_PATTERNS``) += what each N:M pattern would
+    drop (:func:`nm_would_drop`). No host sync.
     """
     _check_method(method)
     _check_stats(stats)
@@ -305,8 +340,11 @@ def count_2to4_stats(y2: Tensor, stats: Tensor, method: str = "naive") -> None:
     if n % 4:
         raise ValueError(f"last dim of y2 must be a multiple of 4, got {n}")
     with torch.no_grad():
-        nnz, dropped = _group_nonzero_counts(y2.detach().reshape(-1, n // 4, 4).unbind(-1))
+        members = y2.detach().reshape(-1, n // 4, 4).unbind(-1)
+        nnz, dropped = _group_nonzero_counts(members)
         _add_stats(stats, y2.numel(), nnz, dropped)
+        if nm_stats is not None:
+            nm_stats.add_(nm_would_drop(members))
 
 
 def _check_stats(stats: Tensor) -> None:

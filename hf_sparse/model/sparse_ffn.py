@@ -57,7 +57,6 @@ Shipped as HF remote code: imports only torch and same-folder modules.
 from __future__ import annotations
 
 import contextlib
-import math
 from typing import Optional
 
 import torch
@@ -83,20 +82,29 @@ from .ffn_tensor_parallel import (
     tp_sum_backward,
     tp_sum_forward,
 )
-from .fp8 import FP8, quantize_rows
+from .fp8 import quantize_rows
 from .fp8 import weight_operands as fp8_weight_operands
 from .gemm_backends import (
     CUSPARSELT,
     PLAIN,
     GemmBackend,
     automatic_gemm_backend,
+    dense_feature_count,
+    ffn_gemm_shapes,
     fp8_ineligibility_reason,
     get_gemm_backend,
     select_gemms,
 )
-from .gemm_tuning import GemmShape
-from .kernels import ALIGN, aligned_dense_count, sparse24_padded_rows
-from .select_2to4 import SPARSE_METHODS, _check_stats, count_2to4_stats, count_nonzero, mvue_key, sparsify_2to4
+from .kernels import ALIGN
+from .select_2to4 import (
+    NM_PATTERNS,
+    SPARSE_METHODS,
+    _check_stats,
+    count_2to4_stats,
+    count_nonzero,
+    mvue_key,
+    sparsify_2to4,
+)
 from .token_permutation import GatherRows, TokenPermutation, make_token_permutation
 
 BACKWARD_MODES = ("split_gemm", "naive", "exact")
@@ -110,6 +118,8 @@ __all__ = [
     "sparsify_2to4",
     "relu2_2to4_ffn",
     "relu2_ffn_reference",
+    "ffn_gemm_shapes",
+    "dense_feature_count",
     "count_2to4_stats",
     "count_nonzero",
     "make_token_permutation",
@@ -141,7 +151,7 @@ def _backend_named_by_flag(use_kernel: bool, device: torch.device) -> GemmBacken
 
 def _ffn_forward_impl(
     x, w_up, w_down, method, backward, n_dense, count, want_feature_counts, fp8, global_features=0, feature_offset=0,
-    tp_group="", gemms="", w_down_fp8=None, w_down_scale=None, w_up_fp8=None, w_up_scale=None,
+    tp_group="", gemms="", w_down_fp8=None, w_down_scale=None, w_up_fp8=None, w_up_scale=None, count_nm=False,
 ):  # fmt: skip
     t, f = x.shape[0], w_up.shape[0]
     backend = _backend_of(gemms, x, w_up, w_down)
@@ -169,9 +179,9 @@ def _ffn_forward_impl(
         y2s_out = _scratch("y2s", (t, f), x) if method == "naive" else x.new_empty(t, f)
         g_out = x.new_empty(t, f)
         members = (_members(y2s_out, "planar"), _members(g_out, "planar"))
-    y2s, g, relu_nnz, kept_nnz, feature_counts, *y2s_fp8 = _run_stage(
+    y2s, g, relu_nnz, kept_nnz, nm_dropped, feature_counts, *y2s_fp8 = _run_stage(
         _forward_stage, y1, key, method, count, want_feature_counts, planar, y2s_out, g_out, *members, fp8,
-        feature_offset // 4,
+        feature_offset // 4, count and count_nm,
     )  # fmt: skip
     del y1
     if fp8:
@@ -185,8 +195,10 @@ def _ffn_forward_impl(
     if count:
         numel = torch.full_like(relu_nnz, t * f)
         stat_delta = torch.stack((numel - relu_nnz, numel, relu_nnz - kept_nnz))
+        if count_nm:  # then what each N:M pattern would drop
+            stat_delta = torch.cat((stat_delta, nm_dropped))
     else:
-        stat_delta = torch.zeros(3, dtype=torch.int64, device=x.device)
+        stat_delta = torch.zeros(3 + len(NM_PATTERNS) * bool(count_nm), dtype=torch.int64, device=x.device)
     y2s_saved = y2s if method != "naive" else g.new_empty(0)
     if feature_counts is None:
         feature_counts = torch.empty(0, dtype=torch.int64, device=x.device)
@@ -197,7 +209,7 @@ def _ffn_forward_impl(
 
 def _ffn_forward_fake(
     x, w_up, w_down, method, backward, n_dense, count, want_feature_counts, fp8, global_features=0, feature_offset=0,
-    tp_group="", gemms="", w_down_fp8=None, w_down_scale=None, w_up_fp8=None, w_up_scale=None,
+    tp_group="", gemms="", w_down_fp8=None, w_down_scale=None, w_up_fp8=None, w_up_scale=None, count_nm=False,
 ):  # fmt: skip
     t, f = x.shape[0], w_up.shape[0]
     return (
@@ -205,7 +217,7 @@ def _ffn_forward_fake(
         x.new_empty(t, f),
         x.new_empty(t, f) if method != "naive" else x.new_empty(0),
         x.new_empty(f if want_feature_counts else 0, dtype=torch.int64),
-        x.new_empty(3, dtype=torch.int64),
+        x.new_empty(3 + len(NM_PATTERNS) * bool(count_nm), dtype=torch.int64),
     )
 
 
@@ -395,7 +407,7 @@ def _register_ops() -> None:
     fwd_schema = (
         "(Tensor x, Tensor w_up, Tensor w_down, str method, str backward, int n_dense, bool count, "
         f"bool want_feature_counts, bool fp8, {tp_args}, Tensor? w_down_fp8=None, Tensor? w_down_scale=None, "
-        f"{w_up_fp8}) -> (Tensor, Tensor, Tensor, Tensor, Tensor)"
+        f"{w_up_fp8}, bool count_nm=False) -> (Tensor, Tensor, Tensor, Tensor, Tensor)"
     )
     fwd = torch.library.custom_op(
         "hf_sparse::relu2_2to4_ffn_fwd", _ffn_forward_impl, mutates_args=(), schema=fwd_schema
@@ -414,39 +426,6 @@ def _register_ops() -> None:
 
 
 _register_ops()
-
-
-def dense_feature_count(f: int, dense_features: float, backward: str) -> int:
-    """How many of the F features the split backward keeps dense: ceil(dense_features·F)."""
-    # Round before ceil so that e.g. 0.05 * F landing a hair above an integer does not
-    # add a feature.
-    return min(f, math.ceil(round(dense_features * f, 6))) if backward == "split_gemm" else 0
-
-
-def ffn_gemm_shapes(
-    tokens: int,
-    d: int,
-    f: int,
-    dtype: torch.dtype,
-    dense_features: float = 0.05,
-    backward: str = "split_gemm",
-    fp8: bool = False,
-) -> list[tuple[str, GemmShape]]:
-    """The 2:4 GEMMs the op runs on the cuSPARSELt path for T = ``tokens``, named as in
-    the module docstring (y3, dx, dW_up, dW_down), as ``gemm_tuning`` keys them; ``fp8``:
-    y3 and dx in FP8 where the shape allows (one shape: both read a T×F FP8 operand against
-    a column-major FP8 weight)."""
-    name = str(dtype).replace("torch.", "")
-    shapes = [("y3", GemmShape(tokens, f, d, "col", False, name)), ("dx", GemmShape(tokens, f, d, "row", False, name))]
-    if fp8 and CUSPARSELT.fp8_fits(tokens, d, f):
-        fp8_name = str(FP8).replace("torch.", "")
-        shapes = [(gemm, GemmShape(tokens, f, d, "col", False, fp8_name)) for gemm in ("y3", "dx")]
-    n_dense = aligned_dense_count(dense_feature_count(f, dense_features, backward), f)
-    if backward != "exact" and n_dense < f:
-        rows = sparse24_padded_rows(f - n_dense)  # the sparse features, padded to the alignment
-        shapes += [("dW_up", GemmShape(rows, tokens, d, "row", False, name)),
-                   ("dW_down", GemmShape(rows, tokens, d, "row", True, name))]  # fmt: skip
-    return shapes
 
 
 def _autocast_dtype(device_type: str) -> Optional[torch.dtype]:
@@ -468,6 +447,7 @@ def relu2_2to4_ffn(
     fp8: bool = False,
     gemms: Optional[str] = None,
     weight_generation: Optional[int] = None,
+    nm_stats: Optional[Tensor] = None,
 ) -> Tensor:
     """Non-gated ReLU² FFN ``relu(x w_upᵀ)² w_downᵀ`` with 2:4 activation sparsity.
 
@@ -494,6 +474,9 @@ def relu2_2to4_ffn(
         weight_generation: the optimizer step the weights belong to (SparsityCallback's
             counter, see ``weight_sparse.next_weight_generation``): with it, FP8 mode
             quantizes the weights once per step instead of every call.
+        nm_stats: optional 1-D tensor of ``len(NM_PATTERNS)`` (with ``stats``) receiving
+            what keeping the N largest of every M consecutive features would drop, per
+            pattern (4:8, 8:16), from the same forward pass (``select_2to4.nm_would_drop``).
 
     Computes in the input dtype (under autocast: the autocast dtype, like F.linear).
     Traceable by ``torch.compile(fullgraph=True)``: the work is two custom ops.
@@ -533,6 +516,8 @@ def relu2_2to4_ffn(
         raise ValueError(f"the FFN width F must be a multiple of 4, got {f}")
     if stats is not None:
         _check_stats(stats)
+    if nm_stats is not None and (stats is None or nm_stats.shape != (len(NM_PATTERNS),)):
+        raise ValueError(f"nm_stats must be a 1-D tensor of {len(NM_PATTERNS)} counts, given with stats")
 
     if gemms is not None:
         get_gemm_backend(gemms)  # an unknown name fails here, naming the valid ones
@@ -576,11 +561,13 @@ def relu2_2to4_ffn(
         y, _g, _y2s, _counts, stat_delta = torch.ops.hf_sparse.relu2_2to4_ffn_fwd(
             x2, w_up, w_down, method, backward, n_dense, stats is not None, want_feature_counts,
             fp8, global_features, feature_offset, "" if tp_group is None else tp_group.group_name, backend.name,
-            *fp8_weights,
+            *fp8_weights, count_nm=nm_stats is not None,
         )  # fmt: skip
     if stats is not None:
         with torch.no_grad():
-            stats[:3].add_(stat_delta)
+            stats[:3].add_(stat_delta[:3])
+            if nm_stats is not None:
+                nm_stats.add_(stat_delta[3:])
     if tp_group is not None:
         # Partial sums of the row-parallel down projection (what RowwiseParallel reduces).
         y = tp_sum_forward(y, tp_group)

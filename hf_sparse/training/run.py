@@ -283,6 +283,7 @@ def build_trainer(run, signals: StopSignals | None) -> tuple[Trainer, Parts]:
     sparsity = SparsityCallback(
         activation_metrics=script_args.wandb_sparsityrelu, weight_metrics=script_args.weight_sparsity_metrics,
         flip_rate=script_args.flip_rate, sequence_length=data_args.max_length,
+        nm_metrics=script_args.nm_sparsity_metrics,
     )  # fmt: skip
     trainer = Trainer(
         model=model, args=args, train_dataset=train_dataset, eval_dataset=eval_dataset, processing_class=tokenizer,

@@ -8,6 +8,7 @@ import stat
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from ... import metric_keys as keys
+from .auto_switch import switch_reason
 
 _CHECKPOINT_RE = re.compile(rf"^{PREFIX_CHECKPOINT_DIR}-(\d+)$")
 # The Trainer writes trainer_state.json after the weights, optimizer and RNG states, so a
@@ -218,7 +219,7 @@ def model_card(
         "",
         *architecture_lines(config),
     ]
-    lines += ["", "## Sparsity", "", *_sparsity_lines(config)]
+    lines += ["", "## Sparsity", "", *_sparsity_lines(config, log_history)]
     lines += ["", "## Evaluation", "", *_evaluation_lines(metrics, eval_row.get("step"), lm_eval_step, lm_eval_scores)]
     if training_args is not None:
         lines += ["", "## Training hyperparameters", "", *_hyperparameter_lines(training_args)]
@@ -250,15 +251,17 @@ def _card_data(config, title: str, dataset_name: str | None, results: list):
     )
 
 
-def _sparsity_lines(config) -> list[str]:
+def _sparsity_lines(config, log_history: list[dict]) -> list[str]:
     """Card bullets on the 2:4 activation and weight settings (and the environment switches)."""
     if config.activation_2by4:
         lines = [
             f"- 2:4 activation sparsity on the ReLU² output, selection `{config.activation_sparse_method}`",
-            "- dense warm-up: " + _warmup_line(config),
+            "- dense warm-up: " + _warmup_line(config, log_history),
             f"- backward: `{config.activation_backward}` (dense features {config.activation_dense_features}), "
             f"token permutation {'on' if config.permute_2by4 else 'off'}",
         ]
+        if config.activation_dense_tail_steps:
+            lines.append("- activation dense tail: " + _dense_tail_line(config))
         if config.activation_2by4_fp8:
             lines.append("- FP8: forward and input-gradient 2:4 GEMMs in row-wise scaled FP8 e4m3 (sm90 GPUs)")
     else:
@@ -313,7 +316,7 @@ def _hyperparameter_lines(training_args) -> list[str]:
     return lines
 
 
-def _warmup_line(config) -> str:
+def _warmup_line(config, log_history: list[dict]) -> str:
     if not config.activation_auto_switch:
         return f"{config.activation_dense_warmup_steps} optimizer steps"
     rule = (f"automatic (2:4 once it would drop < {config.activation_auto_switch_max_drop} of the non-zero "
@@ -321,7 +324,15 @@ def _warmup_line(config) -> str:
             f"{config.activation_dense_warmup_steps} steps)")  # fmt: skip
     if config.activation_switch_step is None:
         return rule + ", not switched yet"
-    return rule + f", switched at step {config.activation_warmup_end()}"
+    reason = switch_reason(config, log_history)
+    return rule + f", switched at step {config.activation_warmup_end()}" + (f" (reason: {reason})" if reason else "")
+
+
+def _dense_tail_line(config) -> str:
+    tail = f"the last {config.activation_dense_tail_steps} optimizer steps run the dense FFN"
+    if config.activation_dense_tail_step is None:
+        return tail + ", not reached yet"
+    return tail + f"; dense again from step {config.activation_dense_tail_step} (this model runs dense)"
 
 
 def write_model_card(

@@ -43,7 +43,12 @@ from transformers.trainer_callback import CallbackHandler
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, IntervalStrategy
 
 from ... import metric_keys as keys
-from ...model.modeling_sparse_llama import ensure_activation_stats, prepare_2to4_gemms, set_training_step
+from ...model.modeling_sparse_llama import (
+    ensure_activation_stats,
+    prepare_2to4_gemms,
+    set_nm_counting,
+    set_training_step,
+)
 from ...model.weight_sparse import next_weight_generation
 from ..evaluation import perplexity
 from .auto_switch import auto_switch_config, switch_reason, update_switch
@@ -240,6 +245,10 @@ class SparsityCallback(_FirstCallback):
     the first log row already has a value, measured against that snapshot. They are kept
     bit-packed on the device, outside the state_dict; nothing is read on non-logging steps.
 
+    `nm_metrics` (run key `nm_sparsity_metrics`, on by default; with `activation_metrics`)
+    has 2:4 MLPs count what the N:M patterns 4:8 and 8:16 would drop beside 2:4
+    (`sparsity_nm/<N>:<M>/layer_{i}`, `.../mean_across_layers`).
+
     `sequence_length`: the tokens per example of a streamed dataset (the run's `max_length`),
     so the 2:4 GEMM verdicts for its micro-batches and evaluation batches are made at train
     begin too (a map-style dataset says it by itself).
@@ -251,17 +260,20 @@ class SparsityCallback(_FirstCallback):
         weight_metrics: bool = True,
         flip_rate: bool = False,
         sequence_length: int | None = None,
+        nm_metrics: bool = True,
     ):
         self.activation_metrics = activation_metrics
         self.weight_metrics = weight_metrics
         self.flip_rate = flip_rate
         self.sequence_length = sequence_length
+        self.nm_metrics = nm_metrics
 
     def on_train_begin(self, args, state, control, model=None, **kwargs):
         self._move_first(kwargs)
         # Stat tensors exist before the first (possibly compiled) forward, on the device the
         # inputs come on: creating them inside a compiled forward would cost a recompile.
         ensure_activation_stats(model, args.device)
+        set_nm_counting(model, self.activation_metrics and self.nm_metrics)
         auto = auto_switch_config(model)
         if auto is not None:
             # A fresh run starts undecided; a resumed one re-derives the switch from the

@@ -16,6 +16,7 @@ from ... import metric_keys as keys
 from ...model.modeling_sparse_llama import (
     NUM_ACTIVATION_STATS,
     STAT_DROPPED_24,
+    STAT_DROPPED_NM,
     STAT_FORWARDS,
     STAT_L1,
     STAT_TOTAL,
@@ -23,7 +24,7 @@ from ...model.modeling_sparse_llama import (
     WINDOW_STATS,
     sparse_mlps,
 )
-from ...model.select_2to4 import count_nonzero
+from ...model.select_2to4 import NM_PATTERNS, count_nonzero
 
 logger = logging.getLogger(__name__)
 
@@ -223,6 +224,12 @@ def sparsity_metrics(
     up front, which `SparsityCallback(flip_rate=True)` does at train begin, so after a
     resume the first value is measured against the restored weights' masks.
 
+    2:4 MLPs that count N:M (`count_nm_stats`, on by default; `SparsityCallback(nm_metrics=)`)
+    add `sparsity_nm/<N>:<M>/layer_{i}` and `.../mean_across_layers` for each pattern of
+    `NM_PATTERNS` (4:8, 8:16): the fraction of non-zero activations that keeping the N
+    largest of every M consecutive features would drop, on the same forwards as
+    `sparsity_24/*` (so, per layer and window, 8:16 <= 4:8 <= 2:4).
+
     `pooled_drop=True` (with `activations`) adds `activation_auto_switch/drop`: the non-zero
     activations the 2:4 rule dropped (or, during the dense warm-up, would drop) over all
     2:4 layers and ranks, divided by all their non-zero activations — what the auto switch reads.
@@ -232,7 +239,7 @@ def sparsity_metrics(
         return {}
     device = next((p.device for p in model.parameters()), torch.device("cpu"))
     layout = _activation_layout(mlps) if activations else []
-    parts = [_activation_stats(mlp, device) for _, mlp, _ in layout]
+    parts = [_activation_stats(mlp, device) for _, mlp, _, _ in layout]
     # Weight zeros and flip counts: one count per name, then the element counts, on device
     # too so that FSDP shards of different sizes pool correctly across ranks.
     count_names, counts, numels = [], [], []
@@ -264,8 +271,12 @@ def sparsity_metrics(
 
 
 def _activation_layout(mlps) -> list:
-    """(layer_idx, mlp, has_2by4) of the MLPs with a ReLU/ReLU² activation to count."""
-    return [(idx, mlp, mlp.config.activation_2by4) for idx, mlp in mlps if mlp.squ_relu != "silu"]
+    """(layer_idx, mlp, has_2by4, counts_nm) of the MLPs with a ReLU/ReLU² activation to count."""
+    return [
+        (idx, mlp, mlp.config.activation_2by4, mlp.config.activation_2by4 and mlp.count_nm_stats)
+        for idx, mlp in mlps
+        if mlp.squ_relu != "silu"
+    ]
 
 
 def _activation_stats(mlp, device) -> torch.Tensor:
@@ -280,8 +291,9 @@ def _activation_metrics(values: list, layout: list, pooled_drop: bool) -> dict[s
     `NUM_ACTIVATION_STATS` row each."""
     metrics: dict[str, float] = {}
     relu_fracs, drop_fracs, l1_terms = [], [], []
+    nm_fracs = {pattern: [] for pattern in NM_PATTERNS}
     all_dropped = all_nonzeros = 0.0
-    for row, (layer_idx, _, has_2by4) in enumerate(layout):
+    for row, (layer_idx, _, has_2by4, counts_nm) in enumerate(layout):
         stats = values[row * NUM_ACTIVATION_STATS : (row + 1) * NUM_ACTIVATION_STATS]
         zeros, total, dropped = stats[STAT_ZEROS], stats[STAT_TOTAL], stats[STAT_DROPPED_24]
         if stats[STAT_FORWARDS] > 0:
@@ -296,6 +308,9 @@ def _activation_metrics(values: list, layout: list, pooled_drop: bool) -> dict[s
             metrics[keys.layer_key(keys.DROP_24, layer_idx)] = drop_fracs[-1]
             all_dropped += dropped
             all_nonzeros += nonzeros
+        for k, pattern in enumerate(NM_PATTERNS if counts_nm else ()):
+            nm_fracs[pattern].append(stats[STAT_DROPPED_NM + k] / nonzeros if nonzeros > 0 else 0.0)
+            metrics[keys.layer_key(keys.nm_family(*pattern), layer_idx)] = nm_fracs[pattern][-1]
     if l1_terms:
         # What activation_l1 added to the loss per forward (all layers), pooled over ranks.
         metrics[keys.ACTIVATION_L1_LOSS] = sum(l1_terms)
@@ -305,6 +320,9 @@ def _activation_metrics(values: list, layout: list, pooled_drop: bool) -> dict[s
         metrics[keys.mean_key(keys.ACTIVATION_ZEROS)] = sum(relu_fracs) / len(relu_fracs)
     if drop_fracs:
         metrics[keys.mean_key(keys.DROP_24)] = sum(drop_fracs) / len(drop_fracs)
+    for pattern, fracs in nm_fracs.items():
+        if fracs:
+            metrics[keys.mean_key(keys.nm_family(*pattern))] = sum(fracs) / len(fracs)
     return metrics
 
 

@@ -108,6 +108,13 @@ class ScriptArguments:
     """Keys of train_hf.py itself (names follow the original research script)."""
 
     wandb_sparsityrelu: bool = field(default=False, metadata={"help": "Log per-layer activation sparsity."})
+    nm_sparsity_metrics: bool = field(
+        default=True,
+        metadata={
+            "help": "With wandb_sparsityrelu and activation_2by4: also log sparsity_nm/4:8/... and sparsity_nm/8:16/..., "
+            "the fraction of non-zero activations that keeping 4 of 8 (8 of 16) consecutive features would drop."
+        },
+    )
     weight_sparsity_metrics: bool = field(default=True, metadata={"help": "Log per-matrix weight sparsity."})
     optimizer: str = field(default="adamw", metadata={"help": "adamw | loro_adamw"})
     loro_freq: int = field(default=500, metadata={"help": "Exact Riemannian step every N optimizer steps."})
