@@ -8,6 +8,7 @@ eval loss, mean ReLU² sparsity and the last flip rate, like Table 1 of Haziza e
     python benchmarks/recipe_ablation.py [--max_steps 300] [--out outputs/ablation]
     python benchmarks/recipe_ablation.py --variants "dense relu2;weight 2:4 (MLP, S-STE)"
     python benchmarks/recipe_ablation.py --long [--batch_size 8]   # issue 20's grid, 2 seeds
+    python benchmarks/recipe_ablation.py --dense-tail [--batch_size 8]   # issue 28's rows, 2 seeds
 """
 
 import argparse
@@ -67,6 +68,16 @@ LONG_VARIANTS = {
     },
     "weight + activation 2:4": {"activation_2by4": True, "weight_2by4": True, "flip_rate": True},
 }
+# --dense-tail: 2:4 activations throughout against 2:4 with an activation dense tail (a
+# fraction of max_steps, turned into activation_dense_tail_steps), long-grid settings, with
+# what 4:8 and 8:16 would drop logged beside 2:4 (issue 28).
+TAIL_FRACTION = "dense_tail_fraction"
+TAIL_VARIANTS = {
+    "2:4 throughout": {"activation_2by4": True},
+    "2:4, dense tail 10%": {"activation_2by4": True, TAIL_FRACTION: 0.1},
+    "2:4, dense tail 20%": {"activation_2by4": True, TAIL_FRACTION: 0.2},
+    "dense relu2": {"activation_2by4": False},
+}
 # --emulated-cusparselt: the cuSPARSELt path on CPU (tests/cslt_emulator.py, bf16 autocast),
 # the bf16 2:4 recipe against its FP8 mode (activation_2by4_fp8, real float8_e4m3fn rounding).
 EMULATED_VARIANTS = {
@@ -99,13 +110,19 @@ def main() -> None:
         action="store_true",
         help="the long grid (LONG_VARIANTS): default 1000 steps, seeds 42,43, mean and spread per row",
     )
+    parser.add_argument(
+        "--dense-tail", action="store_true",
+        help="2:4 throughout vs a 10%% / 20%% activation dense tail (TAIL_VARIANTS), as --long: 1000 steps, 2 seeds",
+    )  # fmt: skip
     parser.add_argument("--seeds", default=None, help="comma-separated training seeds (default 42; 42,43 with --long)")
     parser.add_argument("--batch_size", type=int, default=None, help="per_device_train_batch_size override")
     args = parser.parse_args()
+    long_settings = args.long or args.dense_tail
     if args.max_steps is None:
-        args.max_steps = 1000 if args.long else 300
-    seeds = [int(x) for x in (args.seeds or ("42,43" if args.long else "42")).split(",")]
-    variants = EMULATED_VARIANTS if args.emulated_cusparselt else LONG_VARIANTS if args.long else VARIANTS
+        args.max_steps = 1000 if long_settings else 300
+    seeds = [int(x) for x in (args.seeds or ("42,43" if long_settings else "42")).split(",")]
+    variants = (EMULATED_VARIANTS if args.emulated_cusparselt else TAIL_VARIANTS if args.dense_tail
+                else LONG_VARIANTS if args.long else VARIANTS)  # fmt: skip
     names = [n.strip() for n in (args.variants or ";".join(variants)).split(";") if n.strip()]
     unknown = [n for n in names if n not in variants]
     if unknown:
@@ -150,6 +167,8 @@ def main() -> None:
             if args.batch_size:
                 argv += ["--per_device_train_batch_size", str(args.batch_size)]
             for key, value in variants[name].items():
+                if key == TAIL_FRACTION:
+                    key, value = "activation_dense_tail_steps", round(value * args.max_steps)
                 argv += [f"--{key}", json.dumps(value)]
             start = time.perf_counter()
             metrics = train_hf.main(argv)
@@ -158,6 +177,10 @@ def main() -> None:
                     "eval_loss": metrics["eval_loss"],
                     "sparsity": last_logged(run_dir, "sparsity_relu/mean_across_layers"),
                     "drop_24": last_logged(run_dir, "sparsity_24/mean_across_layers"),
+                    # what 4:8 / 8:16 would drop on the same forwards (issue 28), last logged
+                    "drop_48": last_logged(run_dir, "sparsity_nm/4:8/mean_across_layers"),
+                    "drop_816": last_logged(run_dir, "sparsity_nm/8:16/mean_across_layers"),
+                    "tail": metrics.get("activation_dense_tail_step"),
                     "flips": last_logged(run_dir, "flip_rate/mean"),
                     "switch": metrics.get("activation_switch_step"),
                     "seconds": time.perf_counter() - start,
@@ -181,23 +204,38 @@ def print_table(results, args, seeds) -> None:
         f"\nmachine: {describe_machine()}, {args.max_steps} steps, warm-up {args.warmup}, seeds {seeds}, "
         f"config {os.path.relpath(args.config, REPO_ROOT)}"
     )
+    # The N:M columns and the tail's step where the rows have them (issue 28's set).
+    nm = any(r.get("drop_48") == r.get("drop_48") for _, runs in results for r in runs)
+    extra = " 4:8 drop | 8:16 drop | dense again from step |" if nm else ""
     print(
-        "| variant | eval loss (mean) | spread | vs first row | mean ReLU² sparsity | 2:4 drop | "
-        "2:4 from step | last flip rate | wall s |"
+        "| variant | eval loss (mean) | spread | vs first row | mean ReLU² sparsity | 2:4 drop |"
+        + extra
+        + " 2:4 from step | last flip rate | wall s |"
     )
-    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+    print("| --- " * (9 + 3 * nm) + "|")
     for name, runs in results:
         losses = [r["eval_loss"] for r in runs]
         loss = _mean(losses)
         spread = max(losses) - min(losses)
         drop, flips = _mean([r["drop_24"] for r in runs]), _mean([r["flips"] for r in runs])
         switches = sorted({r["switch"] for r in runs if r["switch"] is not None})
+        cells = ""
+        if nm:
+            tails = sorted({r["tail"] for r in runs if r.get("tail") is not None})
+            cells = "".join(
+                f" {_cell(_mean([r.get(k, float('nan')) for r in runs]))} |" for k in ("drop_48", "drop_816")
+            )
+            cells += f" {', '.join(map(str, tails)) or '–'} |"
         print(
             f"| {name} | {loss:.4f} | {spread:.4f} | {100 * (loss / dense_loss - 1):+.2f}% | "
-            f"{_mean([r['sparsity'] for r in runs]):.3f} | {'–' if drop != drop else f'{drop:.4f}'} | "
+            f"{_mean([r['sparsity'] for r in runs]):.3f} | {_cell(drop)} |{cells} "
             f"{', '.join(map(str, switches)) or '–'} | {'–' if flips != flips else f'{flips:.2e}'} | "
             f"{_mean([r['seconds'] for r in runs]):.0f} |"
         )
+
+
+def _cell(value: float) -> str:
+    return "–" if value != value else f"{value:.4f}"
 
 
 if __name__ == "__main__":

@@ -8,6 +8,11 @@ every `--log_every` steps, as SparsityCallback does; "off" = neither. Blocks of
 the estimate is the median step plus the logging read spread over its interval.
 
     python benchmarks/telemetry_overhead.py [--layers 2] [--rounds 8] [--two_by_four] [--step_pairs 30]
+    python benchmarks/telemetry_overhead.py --toggle nm [--two_by_four | --dense_warmup]
+
+`--toggle nm`: both sides count the telemetry; what alternates is the N:M would-drop count
+(4:8, 8:16: `count_nm_stats`) on top of it, on a 2:4 model past its warm-up (`--two_by_four`:
+the count inside the 2:4 op) or in it (`--dense_warmup`: the count on the dense activation).
 """
 
 import argparse
@@ -34,6 +39,13 @@ def main():
     parser.add_argument("--log_every", type=int, default=10)
     parser.add_argument("--rounds", type=int, default=6)
     parser.add_argument("--two_by_four", action="store_true", help="2:4 recipe active (past warm-up)")
+    parser.add_argument("--dense_warmup", action="store_true", help="a 2:4 model still in its dense warm-up")
+    parser.add_argument(
+        "--toggle",
+        choices=("telemetry", "nm"),
+        default="telemetry",
+        help="what alternates: all telemetry (default), or only the N:M would-drop count",
+    )
     parser.add_argument(
         "--step_pairs",
         type=int,
@@ -53,9 +65,11 @@ def main():
         vocab_size=args.vocab,
         max_position_embeddings=1024,
         squ_relu="relu2",
-        activation_2by4=args.two_by_four,
-        activation_dense_warmup_steps=0,
+        activation_2by4=args.two_by_four or args.dense_warmup,
+        activation_dense_warmup_steps=10**9 if args.dense_warmup else 0,
     )
+    if args.toggle == "nm" and not config.activation_2by4:
+        parser.error("--toggle nm needs --two_by_four or --dense_warmup (N:M is counted on 2:4 models)")
     model = SparseLlamaForCausalLM(config).to(device=device, dtype=dtype).train()
     set_training_step(model, 1)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
@@ -65,10 +79,16 @@ def main():
         if device == "cuda":
             torch.cuda.synchronize()
 
+    def switch(on: bool) -> None:
+        for _, mlp in sparse_mlps(model):
+            if args.toggle == "nm":
+                mlp.track_activation_stats, mlp.count_nm_stats = True, on
+            else:
+                mlp.track_activation_stats = on
+
     def block(telemetry: bool) -> tuple[list[float], float]:
         """Seconds of each training step of one logging interval, and of its logging read."""
-        for _, mlp in sparse_mlps(model):
-            mlp.track_activation_stats = telemetry
+        switch(telemetry)
         steps = []
         for _ in range(args.log_every):
             sync()
@@ -79,7 +99,7 @@ def main():
             sync()
             steps.append(time.perf_counter() - start)
         start = time.perf_counter()
-        if telemetry:
+        if telemetry or args.toggle == "nm":
             sparsity_metrics(model)  # the logging step's read (and its host sync)
         else:
             torch.ones(1, device=device).tolist()  # same single sync as a plain logging step
@@ -89,8 +109,7 @@ def main():
     if args.step_pairs:
         # Parts only: forward+backward with the counters on vs off, alternating step by step.
         def fwd_bwd(telemetry: bool) -> float:
-            for _, mlp in sparse_mlps(model):
-                mlp.track_activation_stats = telemetry
+            switch(telemetry)
             sync()
             start = time.perf_counter()
             model(ids, labels=ids).loss.backward()
@@ -109,8 +128,8 @@ def main():
         read_ms = (time.perf_counter() - start) / 10 * 1e3
         on_s, off_s = statistics.median(times[True]), statistics.median(times[False])
         print(
-            f"machine: {describe_machine(device)}; 2:4 {'on' if args.two_by_four else 'off'}; "
-            f"{args.step_pairs} forward+backward pairs: counters on {on_s * 1e3:.1f} ms, off {off_s * 1e3:.1f} ms "
+            f"machine: {describe_machine(device)}; {_setting(args)}; "
+            f"{args.step_pairs} forward+backward pairs: {args.toggle} on {on_s * 1e3:.1f} ms, off {off_s * 1e3:.1f} ms "
             f"({100 * (on_s / off_s - 1):+.2f}%); sparsity_metrics() read {read_ms:.1f} ms"
         )
         return
@@ -129,10 +148,10 @@ def main():
     per_step = {t: statistics.median(steps[t]) + statistics.median(reads[t]) / args.log_every for t in (True, False)}
     print(
         f"machine: {describe_machine(device)}; device {device} {dtype}; layers {args.layers}, batch {args.batch}x{args.seq}, "
-        f"2:4 {'on' if args.two_by_four else 'off'}; {args.rounds} rounds of {args.log_every} steps each way"
+        f"{_setting(args)}; {args.rounds} rounds of {args.log_every} steps each way"
     )
     print(
-        f"telemetry off: {1 / per_step[False]:.3f} steps/s   on: {1 / per_step[True]:.3f} steps/s   "
+        f"{args.toggle} off: {1 / per_step[False]:.3f} steps/s   on: {1 / per_step[True]:.3f} steps/s   "
         f"overhead: {100 * (per_step[True] / per_step[False] - 1):+.2f}%"
     )
     print(
@@ -140,6 +159,11 @@ def main():
         f"logging read on {1e3 * statistics.median(reads[True]):.1f} ms, off {1e3 * statistics.median(reads[False]):.1f} ms "
         f"(once per {args.log_every} steps)"
     )
+
+
+def _setting(args) -> str:
+    model = "2:4 in its dense warm-up" if args.dense_warmup else f"2:4 {'on' if args.two_by_four else 'off'}"
+    return model + (", telemetry on both sides, N:M count toggled" if args.toggle == "nm" else "")
 
 
 if __name__ == "__main__":

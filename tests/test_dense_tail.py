@@ -182,3 +182,41 @@ def test_train_hf_records_the_tail_and_the_switch_reason(tmp_path, capsys):
     assert [(row["step"], row["activation_switch_reason"]) for row in switch_rows] == [(2, "threshold")]
     card = (out / "README.md").read_text()
     assert "dense again from step 4" in card and "threshold" in card
+
+
+def test_the_switch_reason_and_the_tail_step_reach_wandb_and_tensorboard(tmp_path, monkeypatch):
+    """The reason is text: wandb keeps it in the row, TensorBoard as a text summary."""
+    import glob
+
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from tests.wandb_offline import wait_for_rows
+
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path))
+    monkeypatch.setenv("WANDB_PROJECT", "hf_sparse_tests")
+    torch.manual_seed(0)
+    model = SparseLlamaForCausalLM(tiny_config(
+        activation_2by4=True, activation_dense_warmup_steps=100, activation_auto_switch=True,
+        activation_auto_switch_max_drop=1.0, activation_auto_switch_window=2, activation_dense_tail_steps=1,
+    ))  # fmt: skip
+    args = tiny_training_args(tmp_path / "run", max_steps=4, report_to=["wandb", "tensorboard"])
+    trainer = Trainer(model=model, args=args, train_dataset=RandomTokens(64))
+    add_callbacks(trainer, SparsityCallback())
+    trainer.train()
+
+    import wandb
+
+    run_dir = os.path.dirname(wandb.run.dir)
+    wandb.finish()
+    rows = wait_for_rows(run_dir, lambda r: "train/loss" in r, expected=4)
+    assert [r.get("train/activation_switch_reason") for r in rows] == [None, "threshold", None, None]
+    assert [r.get(f"train/{TAIL_KEY}") for r in rows] == [None, None, 3, None]
+
+    events = glob.glob(str(tmp_path / "run" / "**" / "events.out.tfevents.*"), recursive=True)
+    board = EventAccumulator(os.path.dirname(events[0]), size_guidance={"tensors": 0})
+    board.Reload()
+    # add_text stores a string tensor under "<tag>/text_summary".
+    texts = board.Tensors("train/activation_switch_reason/text_summary")
+    assert [(e.step, e.tensor_proto.string_val[0].decode()) for e in texts] == [(2, "threshold")]
+    assert [e.step for e in board.Scalars(f"train/{TAIL_KEY}")] == [3]

@@ -177,3 +177,29 @@ def test_the_report_plots_and_summarises_the_patterns(tmp_path):
     assert list(series["drop_nm"]) == ["4:8", "8:16"] and len(series["drop_nm"]["8:16"]) == 4
     result = report.write_report(str(run))
     assert "4:8 would-drop rate: last" in result["summary"] and "8:16 would-drop rate: last" in result["summary"]
+
+
+def test_the_run_key_and_the_metrics_are_documented(tmp_path, monkeypatch, capsys):
+    import os
+
+    from tests.conftest import REPO_ROOT, run_train_hf_script
+
+    assert run_train_hf_script(monkeypatch, "--help") in (None, 0)
+    assert "  nm_sparsity_metrics (bool, default true)" in capsys.readouterr().out
+    with open(os.path.join(REPO_ROOT, "README.md"), encoding="utf-8") as handle:
+        readme = handle.read()
+    assert "`nm_sparsity_metrics`" in readme and "`sparsity_nm/4:8/layer_{i}`, `sparsity_nm/8:16/layer_{i}`" in readme
+
+
+@pytest.mark.parametrize("enabled", [True, False])
+def test_train_hf_passes_the_switch_to_the_callback(tmp_path, enabled):
+    from hf_sparse.training.config.run_config import parse_run_config
+    from hf_sparse.training.run import build_trainer
+    from tests.test_train_hf import _write_config
+
+    run = parse_run_config(
+        [_write_config(tmp_path, squ_relu="relu2", activation_2by4=True, nm_sparsity_metrics=enabled)]
+    )
+    trainer, _ = build_trainer(run, None)
+    callback = next(cb for cb in trainer.callback_handler.callbacks if isinstance(cb, SparsityCallback))
+    assert callback.nm_metrics is enabled
