@@ -182,6 +182,10 @@ def test_train_hf_records_the_tail_and_the_switch_reason(tmp_path, capsys):
     assert [(row["step"], row["activation_switch_reason"]) for row in switch_rows] == [(2, "threshold")]
     card = (out / "README.md").read_text()
     assert "dense again from step 4" in card and "threshold" in card
+    from hf_sparse import report
+
+    summary = report.write_report(str(out))["summary"]
+    assert "dense again from step 4" in summary and "2:4 activations from step 2 (auto switch: threshold)" in summary
 
 
 def test_the_switch_reason_and_the_tail_step_reach_wandb_and_tensorboard(tmp_path, monkeypatch):

@@ -489,7 +489,9 @@ def relu2_2to4_ffn(
     backward: 2:4 groups lie along F and stay on one rank; ``split_gemm`` ranks the
     features of all ranks (one all-gather of F/N counts per call) and keeps
     ``ceil(dense_features · F)`` of the whole width dense, however they fall on the ranks;
-    ``mvue`` hashes each group's global index. ``stats`` then counts this rank's features only.
+    ``mvue`` hashes each group's global index. ``stats`` then counts this rank's features only,
+    and ``nm_stats`` the N:M groups within this rank's slice (the whole width's groups when
+    each slice is a multiple of 16 features).
     """
     if method not in SPARSE_METHODS:
         raise ValueError(f"method must be one of {SPARSE_METHODS}, got {method!r}")
