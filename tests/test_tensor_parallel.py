@@ -141,6 +141,9 @@ def test_tensor_parallel_matches_single_process(two_process_result, mode):
             assert f"model.layers.0.{linear}.weight_out" not in sharded
     if "2by4" in mode:
         assert any(key.startswith("sparsity_24/") for key in result["telemetry"])
+        # N:M groups within each rank's slice: the whole width's where slices are multiples
+        # of 16 features (this FFN: 128 over 2 ranks), so they pool to the unsharded counts.
+        assert any(key.startswith("sparsity_nm/8:16/") for key in result["telemetry"])
 
 
 def test_tensor_parallel_op_matches_single_process_for_every_recipe(two_process_result):
