@@ -149,6 +149,11 @@ def _backend_named_by_flag(use_kernel: bool, device: torch.device) -> GemmBacken
     return CUSPARSELT if use_kernel else PLAIN
 
 
+def _stat_delta_length(count_nm: bool) -> int:
+    """The forward op's telemetry output: zeros, elements, 2:4-dropped [, each N:M's would-drop]."""
+    return 3 + len(NM_PATTERNS) * bool(count_nm)
+
+
 def _ffn_forward_impl(
     x, w_up, w_down, method, backward, n_dense, count, want_feature_counts, fp8, global_features=0, feature_offset=0,
     tp_group="", gemms="", w_down_fp8=None, w_down_scale=None, w_up_fp8=None, w_up_scale=None, count_nm=False,
@@ -198,7 +203,7 @@ def _ffn_forward_impl(
         if count_nm:  # then what each N:M pattern would drop
             stat_delta = torch.cat((stat_delta, nm_dropped))
     else:
-        stat_delta = torch.zeros(3 + len(NM_PATTERNS) * bool(count_nm), dtype=torch.int64, device=x.device)
+        stat_delta = torch.zeros(_stat_delta_length(count_nm), dtype=torch.int64, device=x.device)
     y2s_saved = y2s if method != "naive" else g.new_empty(0)
     if feature_counts is None:
         feature_counts = torch.empty(0, dtype=torch.int64, device=x.device)
@@ -217,7 +222,7 @@ def _ffn_forward_fake(
         x.new_empty(t, f),
         x.new_empty(t, f) if method != "naive" else x.new_empty(0),
         x.new_empty(f if want_feature_counts else 0, dtype=torch.int64),
-        x.new_empty(3 + len(NM_PATTERNS) * bool(count_nm), dtype=torch.int64),
+        x.new_empty(_stat_delta_length(count_nm), dtype=torch.int64),
     )
 
 

@@ -267,6 +267,7 @@ class SparsityCallback(_FirstCallback):
         self.flip_rate = flip_rate
         self.sequence_length = sequence_length
         self.nm_metrics = nm_metrics
+        self._tail = None  # the config of the 2:4 MLPs when they have an activation dense tail
 
     def on_train_begin(self, args, state, control, model=None, **kwargs):
         self._move_first(kwargs)
@@ -274,6 +275,8 @@ class SparsityCallback(_FirstCallback):
         # inputs come on: creating them inside a compiled forward would cost a recompile.
         ensure_activation_stats(model, args.device)
         set_nm_counting(model, self.activation_metrics and self.nm_metrics)
+        # Found once: the step hooks below run every optimizer step.
+        self._tail = dense_tail_config(model)
         auto = auto_switch_config(model)
         if auto is not None:
             # A fresh run starts undecided; a resumed one re-derives the switch from the
@@ -292,13 +295,11 @@ class SparsityCallback(_FirstCallback):
     def on_step_begin(self, args, state, control, model=None, **kwargs):
         self._set_step(model, state)
 
-    @staticmethod
-    def _set_step(model, state) -> None:
+    def _set_step(self, model, state) -> None:
         # global_step = optimizer steps completed; restored by the Trainer on resume.
         set_training_step(model, state.global_step, state.max_steps)
-        tail = dense_tail_config(model)
-        if tail is not None:
-            update_dense_tail(model, tail, state.global_step, state.max_steps)
+        if self._tail is not None:
+            update_dense_tail(model, self._tail, state.global_step, state.max_steps)
 
     def on_optimizer_step(self, args, state, control, model=None, **kwargs):
         # The weights just changed (a fused optimizer does not bump their versions): the
@@ -330,7 +331,7 @@ class SparsityCallback(_FirstCallback):
                 reason = switch_reason(auto, state.log_history)
                 merge_into_log_row(state, logs, {keys.SWITCH_STEP: switched, keys.SWITCH_REASON: reason})
                 set_training_step(model, state.global_step, state.max_steps)
-        tail = dense_tail_config(model)
+        tail = self._tail
         if tail is not None:
             # The row of the step the tail starts after says so (as the switch row does).
             update_dense_tail(model, tail, state.global_step, state.max_steps)
